@@ -1,0 +1,28 @@
+"""The image's ENTRYPOINT: `llm-twin train|serve|<command>`.
+
+SageMaker runs `docker run IMAGE train` for training jobs and `docker run IMAGE serve` for endpoints.
+With no argument it trains: SageMaker SDK v3 local mode (`ModelTrainer(training_mode=LOCAL_CONTAINER)`)
+starts training containers with no command at all, while every serving path passes `serve`.
+Any other first argument runs that command (e.g. `bash`), for debugging inside the image.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+from container.config import nearest
+
+VERBS = ("train", "serve")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        args = ["train"]
+    verb = args[0]
+    if verb not in VERBS and shutil.which(verb) is None:
+        sys.exit(f"llm-twin: unknown verb '{verb}': did you mean '{nearest(verb, VERBS)}'? "
+                 f"(expected train, serve, or a command on PATH)")
+    os.execvp(verb, args)

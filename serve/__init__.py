@@ -1,0 +1,1 @@
+"""Inference: a TGI-compatible SageMaker endpoint over the model directory `train` writes."""

@@ -1,0 +1,30 @@
+"""Errors that carry their HTTP status and TGI's `error_type`; the Flask app turns them into JSON."""
+
+
+class ServeError(Exception):
+    status = 500
+    error_type = "internal"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ServeError):
+    status, error_type = 400, "bad_request"
+
+
+class UnsupportedMediaType(ServeError):
+    status, error_type = 415, "unsupported_media_type"
+
+
+class ValidationError(ServeError):
+    status, error_type = 422, "validation"
+
+
+class GenerationError(ServeError):
+    status, error_type = 424, "generation"
+
+
+class NotReady(ServeError):
+    status, error_type = 503, "healthcheck"

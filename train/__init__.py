@@ -1,0 +1,1 @@
+"""Fine-tuning: hyperparameters → data → TRL trainer → merged model in the model directory."""
