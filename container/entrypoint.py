@@ -25,4 +25,6 @@ def main(argv: list[str] | None = None) -> None:
     if verb not in VERBS and shutil.which(verb) is None:
         sys.exit(f"llm-twin: unknown verb '{verb}': did you mean '{nearest(verb, VERBS)}'? "
                  f"(expected train, serve, or a command on PATH)")
+    if verb in VERBS:  # the same code as the `train`/`serve` executables, found without relying on PATH
+        os.execv(sys.executable, [sys.executable, "-m", verb, *args[1:]])
     os.execvp(verb, args)

@@ -37,8 +37,10 @@ def main(out_dir: Path) -> None:
 
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial.rename(out_dir)
     print(f"prepared {out_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)")
 

@@ -1,8 +1,9 @@
 """The engine: one thread per worker that owns the model, takes requests from a queue and generates.
 
 HTTP threads submit requests and wait on a future; only the engine thread touches the model and the
-tokenizer, so there are no locks around them and /ping never waits behind a generation. Requests run
-one at a time for now; the queue is where batching across requests plugs in.
+tokenizer, so there are no locks around them and /ping never waits behind a generation. The engine
+thread imports torch and loads the model itself, so the HTTP side answers /ping (503) within a second
+of starting. Requests run one at a time for now; the queue is where batching across requests plugs in.
 """
 
 from __future__ import annotations
@@ -10,31 +11,17 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import random
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
-
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from container.model_dir import ServingSpec
 from serve.config import ServeConfig
-from serve.errors import GenerationError, ServeError, ValidationError
-from serve.schemas import GenerateParams, GenerateRequest
+from serve.errors import GenerationError, ServeError
+from serve.schemas import GenerateParams, GenerateRequest, GenerateResult
 
 log = logging.getLogger(__name__)
 
 WORKER_BOOT_ERROR = 3  # gunicorn stops the whole server when a worker exits with this code
-
-
-@dataclass(frozen=True)
-class GenerateResult:
-    text: str
-    finish_reason: str  # "length" | "eos_token" | "stop_sequence"
-    generated_tokens: int
-    input_tokens: int
-    seed: int | None
 
 
 class Engine:
@@ -57,94 +44,25 @@ class Engine:
         self._requests.put((request, future))
         return future.result(timeout=self.config.timeout)
 
-    # --- engine thread -----------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            self._load()
-            self._generate(GenerateRequest("Hello", GenerateParams(max_new_tokens=2)))
+            from serve.generator import Generator  # torch loads here, in the engine thread
+
+            generator = Generator(self.config, self.spec)
+            generator.generate(GenerateRequest("Hello", GenerateParams(max_new_tokens=2)))  # warm-up
         except Exception:
             log.exception("loading the model from %s failed", self.config.model_dir)
             os._exit(WORKER_BOOT_ERROR)
         self._ready.set()
-        log.info("model ready on %s (%s)", self.device, self.dtype)
+        log.info("model ready on %s (%s)", generator.device, generator.dtype)
         while True:
             request, future = self._requests.get()
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(self._generate(request))
+                future.set_result(generator.generate(request))
             except ServeError as e:
                 future.set_exception(e)
             except Exception as e:  # a failed generation fails its request, never the engine
                 log.exception("generation failed")
                 future.set_exception(GenerationError(f"Request failed during generation: {type(e).__name__}: {e}"))
-
-    def _load(self) -> None:
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.dtype = _pick_dtype(self.config.dtype, self.device)
-        model_dir = self.config.model_dir
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype, use_safetensors=True)
-        self.model.to(self.device).eval()
-        eos = self.model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None} or {self.tokenizer.eos_token_id}
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
-
-    def _prompt_ids(self, inputs: str) -> list[int]:
-        if self.spec.chat_template_for_inputs and self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": inputs}], add_generation_prompt=True, tokenize=False
-            )
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(inputs)["input_ids"]
-
-    @torch.inference_mode()
-    def _generate(self, request: GenerateRequest) -> GenerateResult:
-        p = request.params
-        ids = self._prompt_ids(request.inputs)
-        max_new = p.max_new_tokens or self.spec.max_new_tokens
-        if len(ids) > self.spec.max_input_tokens:
-            raise ValidationError(f"inputs must have less than {self.spec.max_input_tokens} tokens. Given: {len(ids)}")
-        if len(ids) + max_new > self.spec.max_total_tokens:
-            raise ValidationError(
-                f"inputs tokens + max_new_tokens must be <= {self.spec.max_total_tokens}. "
-                f"Given: {len(ids)} inputs tokens and {max_new} max_new_tokens"
-            )
-        seed = None
-        kwargs = {"max_new_tokens": max_new, "do_sample": p.sampling, "pad_token_id": self.pad_id,
-                  "eos_token_id": sorted(self.eos_ids)}
-        if p.sampling:
-            seed = p.seed if p.seed is not None else random.randrange(2**63)
-            torch.manual_seed(seed)
-            kwargs.update(temperature=p.temperature or 1.0, top_p=p.top_p or 1.0, top_k=p.top_k or 0)
-        if p.repetition_penalty is not None:
-            kwargs["repetition_penalty"] = p.repetition_penalty
-        if p.stop:
-            kwargs.update(stop_strings=list(p.stop), tokenizer=self.tokenizer)
-
-        input_ids = torch.tensor([ids], device=self.device)
-        output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-        new_ids = output[0, len(ids):].tolist()
-        text, finish_reason = self._finish(new_ids, p.stop, max_new)
-        if p.return_full_text:
-            text = request.inputs + text
-        return GenerateResult(text, finish_reason, len(new_ids), len(ids), seed)
-
-    def _finish(self, new_ids: list[int], stop: tuple[str, ...], max_new: int) -> tuple[str, str]:
-        """Decoded text and TGI's finish_reason. Like TGI, a matched stop sequence stays in the text."""
-        if new_ids and new_ids[-1] in self.eos_ids:
-            return self.tokenizer.decode(new_ids[:-1], skip_special_tokens=True), "eos_token"
-        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-        hits = [(text.find(s) + len(s), s) for s in stop if s in text]
-        if hits:
-            return text[: min(hits)[0]], "stop_sequence"
-        # generate() stopped on a stop string whose text straddles what decode() shows, or on length
-        return text, "length" if len(new_ids) >= max_new else "stop_sequence"
-
-
-def _pick_dtype(name: str, device: str) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16

@@ -65,7 +65,8 @@ def parse_generate(body: object) -> GenerateRequest:
         raise ValidationError("'inputs' cannot be empty")
     if body.get("stream", False) not in (False, None):
         raise ValidationError("'stream': true is not supported by this server version; send stream false or omit it")
-    raw = body.get("parameters") or {}
+    raw = body.get("parameters")
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ValidationError(f"'parameters' must be an object, got {_json_type(raw)}")
     return GenerateRequest(inputs=inputs, params=_parse_params(raw))
@@ -133,3 +134,12 @@ def _stop(stop: object) -> tuple[str, ...]:
 def _json_type(value: object) -> str:
     names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
     return names.get(type(value), "a number")
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    text: str
+    finish_reason: str  # "length" | "eos_token" | "stop_sequence"
+    generated_tokens: int
+    input_tokens: int
+    seed: int | None

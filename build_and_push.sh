@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Build the image and push it to Amazon ECR.
+#
+#   ./build_and_push.sh [--dry-run] [--region REGION] [IMAGE_NAME] [TAG]
+#
+# IMAGE_NAME defaults to llm-twin-sagemaker, TAG to the current git commit. The region comes from
+# --region, then AWS_REGION / AWS_DEFAULT_REGION, then `aws configure get region`. The account comes
+# from STS. The ECR repository is created (scan on push) if it does not exist. --dry-run prints every
+# command instead of running it.
+set -euo pipefail
+
+dry_run=false
+region=""
+positional=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run) dry_run=true; shift ;;
+    --region) region="${2:?--region needs a value}"; shift 2 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -*) echo "build_and_push.sh: unknown option $1 (expected --dry-run, --region)" >&2; exit 2 ;;
+    *) positional+=("$1"); shift ;;
+  esac
+done
+
+image="${positional[0]:-llm-twin-sagemaker}"
+tag="${positional[1]:-$(git -C "$(dirname "$0")" rev-parse --short HEAD 2>/dev/null || echo latest)}"
+region="${region:-${AWS_REGION:-${AWS_DEFAULT_REGION:-$(aws configure get region 2>/dev/null || true)}}}"
+if [[ -z "$region" ]]; then
+  echo "build_and_push.sh: no AWS region: pass --region, set AWS_REGION, or run 'aws configure'" >&2
+  exit 2
+fi
+
+run() {
+  if $dry_run; then
+    printf '+'; printf ' %q' "$@"; printf '\n'
+  else
+    "$@"
+  fi
+}
+
+case "$region" in
+  cn-*) domain="amazonaws.com.cn" ;;
+  *) domain="amazonaws.com" ;;
+esac
+
+if $dry_run; then
+  account="<account>"
+  echo "+ aws sts get-caller-identity --query Account --output text"
+else
+  account="$(aws sts get-caller-identity --query Account --output text)"
+fi
+registry="${account}.dkr.ecr.${region}.${domain}"
+uri="${registry}/${image}:${tag}"
+
+if $dry_run || ! aws ecr describe-repositories --region "$region" --repository-names "$image" >/dev/null 2>&1; then
+  run aws ecr create-repository --region "$region" --repository-name "$image" \
+    --image-scanning-configuration scanOnPush=true
+fi
+
+if $dry_run; then
+  echo "+ aws ecr get-login-password --region $region | docker login --username AWS --password-stdin $registry"
+else
+  aws ecr get-login-password --region "$region" | docker login --username AWS --password-stdin "$registry"
+fi
+
+run docker build --platform linux/amd64 -t "${image}:${tag}" "$(dirname "$0")"
+run docker tag "${image}:${tag}" "$uri"
+run docker push "$uri"
+if $dry_run; then echo "would push $uri"; else echo "pushed $uri"; fi

@@ -1,0 +1,171 @@
+"""Shared fixtures: a tiny random Llama with a real BPE tokenizer, /opt/ml trees, and a live `serve`.
+
+Tests run the real `train` and `serve` entrypoints as subprocesses (the same executables the image's
+ENTRYPOINT runs) against temporary /opt/ml trees selected with SAGEMAKER_BASE_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SAMPLE_DATA = REPO / "local_test" / "test_dir" / "input" / "data" / "train"
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Training rows with short completions, so the tiny model's steps take milliseconds.
+TINY_ROWS = [{"instruction": f"Write a short note about lesson {i}.", "output": f"Lesson {i}: measure before you optimise."} for i in range(8)]
+
+
+def build_tiny_model(out: Path) -> Path:
+    """A 2-layer Llama (hidden 64) with a byte-level BPE tokenizer trained on the sample data."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    texts = [line for path in sorted(SAMPLE_DATA.glob("*.jsonl")) for line in path.read_text().splitlines()]
+    texts += [json.dumps(row) for row in TINY_ROWS]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = CHATML
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_served_model(tiny_model, tmp_path_factory) -> Path:
+    """An /opt/ml tree whose model/ holds the tiny model in the serving format (no training needed)."""
+    from container.model_dir import ServingSpec
+
+    root = tmp_path_factory.mktemp("served")
+    shutil.copytree(tiny_model, root / "model")
+    ServingSpec(base_model="tiny", max_input_tokens=400, max_total_tokens=512, max_new_tokens=16).write(root / "model")
+    return root
+
+
+def make_tree(root: Path, hyperparameters: dict | None = None, files: dict[str, str] | None = None) -> Path:
+    """A SageMaker /opt/ml tree: hyperparameters.json (values as given: strings, as SageMaker sends them)
+    and channel files ({"train/data.jsonl": text})."""
+    (root / "input" / "config").mkdir(parents=True, exist_ok=True)
+    (root / "input" / "config" / "hyperparameters.json").write_text(json.dumps(hyperparameters or {}))
+    for relative, text in (files or {}).items():
+        path = root / "input" / "data" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def link_model_channel(root: Path, model: Path) -> None:
+    channel = root / "input" / "data" / "model"
+    channel.parent.mkdir(parents=True, exist_ok=True)
+    channel.symlink_to(model, target_is_directory=True)
+
+
+def run_train(root: Path, timeout: int = 600, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "train")], env={**os.environ, "SAGEMAKER_BASE_DIR": str(root), **env},
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real `serve` process (gunicorn + Flask) on a free port."""
+
+    def __init__(self, root: Path, **env):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [str(BIN / "serve")],
+            env={**os.environ, "SAGEMAKER_BASE_DIR": str(root), "SAGEMAKER_BIND_TO_PORT": str(self.port), **env},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.ping_codes: list[int] = []
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.process.returncode}:\n{self.process.stdout.read()}")
+            try:
+                code = requests.get(self.url + "/ping", timeout=2).status_code
+            except requests.ConnectionError:
+                time.sleep(0.05)
+                continue
+            self.ping_codes.append(code)
+            if code == 200:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"serve not ready after {timeout} s; /ping codes {self.ping_codes[-5:]}")
+
+    def invoke(self, body, **kwargs) -> requests.Response:
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        headers = kwargs.pop("headers", {"Content-Type": "application/json"})
+        return requests.post(self.url + "/invocations", data=data, headers=headers, timeout=120, **kwargs)
+
+    def stop(self) -> str:
+        self.process.terminate()
+        try:
+            out, _ = self.process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            out, _ = self.process.communicate()
+        return out
+
+
+@pytest.fixture
+def serve_tree():
+    """Start `serve` on a tree; stops every server the test started."""
+    servers: list[Server] = []
+
+    def start(root: Path, **env) -> Server:
+        server = Server(root, **env)
+        servers.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -1,0 +1,96 @@
+"""The real `serve` entrypoint (gunicorn + Flask) over real HTTP."""
+
+import subprocess
+
+import pytest
+import requests
+
+from tests.conftest import BIN, Server
+
+LLM_TWIN_BODY = {"inputs": "\nYou are a content creator. Write what the user asked you to while using the provided context "
+                           "as the primary source of information for the content.\nUser query: Write a post about LoRA\n"
+                           "Context: LoRA trains small adapters.\n            ",
+                 "parameters": {"max_new_tokens": 12, "top_p": 0.9, "temperature": 0.01, "return_full_text": False,
+                                "repetition_penalty": 1.1}}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_served_model):
+    server = Server(tiny_served_model)
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+def test_ping_is_503_while_loading_then_200(tiny_served_model):
+    server = Server(tiny_served_model)
+    try:
+        server.wait_ready()
+        assert 503 in server.ping_codes, server.ping_codes  # answered before the model was ready
+        assert server.ping_codes[-1] == 200
+        body = requests.get(server.url + "/ping", timeout=2)
+        assert body.status_code == 200 and body.text == ""
+    finally:
+        server.stop()
+
+
+def test_llm_twin_request_returns_a_completion_without_the_prompt(server):
+    response = server.invoke(LLM_TWIN_BODY)
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"] == "application/json"
+    answer = response.json()
+    assert isinstance(answer, list) and len(answer) == 1
+    text = answer[0]["generated_text"]
+    assert text.strip() and not text.startswith(LLM_TWIN_BODY["inputs"])
+
+
+def test_return_full_text_prepends_the_inputs_and_details_count_tokens(server):
+    body = {"inputs": "Write about evals", "parameters": {"max_new_tokens": 5, "return_full_text": True, "details": True}}
+    item = server.invoke(body).json()[0]
+    assert item["generated_text"].startswith("Write about evals")
+    details = item["details"]
+    assert details["finish_reason"] in ("length", "eos_token")
+    assert 1 <= details["generated_tokens"] <= 5 and details["input_length"] > 3
+    assert details["seed"] is None  # greedy
+
+
+def test_greedy_is_deterministic_and_seed_makes_sampling_reproducible(server):
+    greedy = {"inputs": "Hello", "parameters": {"max_new_tokens": 8}}
+    assert server.invoke(greedy).json() == server.invoke(greedy).json()
+    sampled = {"inputs": "Hello", "parameters": {"max_new_tokens": 8, "do_sample": True, "seed": 7, "details": True}}
+    first, second = server.invoke(sampled).json(), server.invoke(sampled).json()
+    assert first == second and first[0]["details"]["seed"] == 7
+
+
+@pytest.mark.parametrize("data,headers,status,error_type", [
+    ("{not json", {"Content-Type": "application/json"}, 400, "bad_request"),
+    ('{"parameters": {}}', {"Content-Type": "application/json"}, 422, "validation"),
+    ('{"inputs": 42}', {"Content-Type": "application/json"}, 422, "validation"),
+    ('{"inputs": "x", "parameters": {"max_new_tokens": "ten"}}', {"Content-Type": "application/json"}, 422, "validation"),
+    ('{"inputs": "x", "parameters": {"max_new_tokens": 100000}}', {"Content-Type": "application/json"}, 422, "validation"),
+    ('{"inputs": "x"}', {"Content-Type": "text/csv"}, 415, "unsupported_media_type"),
+    (b"\xff\xfe", {"Content-Type": "application/json"}, 400, "bad_request"),
+])
+def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server, data, headers, status, error_type):
+    response = server.invoke(data, headers=headers)
+    assert response.status_code == status, response.text
+    assert response.json()["error_type"] == error_type and response.json()["error"]
+    assert server.invoke({"inputs": "still there?", "parameters": {"max_new_tokens": 2}}).status_code == 200
+
+
+def test_oversized_body_is_413(server):
+    response = server.invoke('{"inputs": "' + "a" * (6 * 1024 * 1024) + '"}')
+    assert response.status_code == 413 and "error" in response.json()
+
+
+def test_unknown_routes_are_json_errors(server):
+    response = requests.get(server.url + "/nope", timeout=5)
+    assert response.status_code == 404 and response.json()["error_type"] == "not_found"
+    assert requests.get(server.url + "/invocations", timeout=5).status_code == 405
+
+
+def test_serve_refuses_a_missing_model_with_a_clear_message(tmp_path):
+    result = subprocess.run([str(BIN / "serve")], env={"SAGEMAKER_BASE_DIR": str(tmp_path), "PATH": str(BIN)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "holds no model" in result.stderr

@@ -1,0 +1,89 @@
+"""The real `train` entrypoint on temporary /opt/ml trees."""
+
+import json
+
+import pytest
+
+from container.model_dir import SERVING_SPEC_FILE, load_spec
+from tests.conftest import TINY_ROWS, jsonl, link_model_channel, make_tree, run_train
+
+FAST = {"max_steps": "2", "per_device_train_batch_size": "2", "gradient_accumulation_steps": "1", "max_length": "64",
+        "warmup_steps": "0", "logging_steps": "1"}
+
+
+def test_trains_on_instruction_and_messages_data_and_writes_a_loadable_model(tmp_path, tiny_model):
+    messages = [{"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]}] * 3
+    root = make_tree(tmp_path, FAST, {"train/posts.jsonl": jsonl(TINY_ROWS), "train/chat/conversations.jsonl": jsonl(messages)})
+    link_model_channel(root, tiny_model)
+
+    result = run_train(root)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not (root / "output" / "failure").exists()
+    assert "11 training examples" in result.stdout
+    assert "step=2 loss=" in result.stdout  # one regex-friendly metrics line per logging step
+    model_dir = root / "model"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", SERVING_SPEC_FILE} <= {
+        p.name for p in model_dir.iterdir()}
+    assert not (root / "model.partial").exists()
+    spec = load_spec(model_dir)
+    assert spec.training["steps"] == 2 and spec.training["examples"] == 11
+    assert (model_dir / "chat_template.jinja").read_text() == (tiny_model / "chat_template.jinja").read_text()
+    assert not any(p.suffix in (".bin", ".pt", ".pth") for p in model_dir.iterdir())
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert model.config.num_hidden_layers == 2
+    assert not any("lora" in name for name, _ in model.named_parameters())  # the adapter was merged
+    assert tokenizer.chat_template
+
+
+def fails_with(root, *expected) -> str:
+    result = run_train(root)
+    assert result.returncode != 0, result.stdout
+    failure = (root / "output" / "failure").read_text()
+    for text in expected:
+        assert text in failure
+    assert len(failure) <= 1024
+    model_dir = root / "model"
+    assert not model_dir.exists() or not any(model_dir.iterdir()), "model/ must stay empty on failure"
+    assert not (root / "model.partial").exists()
+    return failure
+
+
+def test_bad_hyperparameter_names_key_and_nearest_valid_one(tmp_path):
+    root = make_tree(tmp_path, {"lora_rank": "8"}, {"train/d.jsonl": jsonl(TINY_ROWS)})
+    failure = fails_with(root, "unknown hyperparameter 'lora_rank'", "did you mean 'lora_r'")
+    assert failure.count("\n") == 0  # a user error is one clear line, no traceback
+
+
+def test_missing_channel_is_named(tmp_path):
+    root = make_tree(tmp_path, FAST, {"training/d.jsonl": jsonl(TINY_ROWS)})
+    fails_with(root, "input channel 'train' is missing", "channels present: training")
+
+
+def test_malformed_row_names_file_and_line(tmp_path):
+    text = jsonl(TINY_ROWS[:3]) + '{"instruction": "broken", "output": \n'
+    root = make_tree(tmp_path, FAST, {"train/posts.jsonl": text})
+    fails_with(root, "posts.jsonl:4: invalid JSON")
+
+
+def test_empty_data_file_is_named(tmp_path):
+    root = make_tree(tmp_path, FAST, {"train/posts.jsonl": ""})
+    fails_with(root, "posts.jsonl: the file has no examples")
+
+
+def test_framework_error_reports_type_and_leaves_model_empty(tmp_path):
+    root = make_tree(tmp_path, {**FAST, "model_id": str(tmp_path / "no-such-model")}, {"train/d.jsonl": jsonl(TINY_ROWS)})
+    failure = fails_with(root, "training failed:")
+    assert "Traceback" in failure or "Error" in failure.splitlines()[0]
+
+
+@pytest.mark.smollm2
+def test_embedded_default_model_is_used_when_none_is_named(tmp_path):
+    root = make_tree(tmp_path, {**FAST, "max_steps": "1"}, {"train/d.jsonl": jsonl(TINY_ROWS[:2])})
+    result = run_train(root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SmolLM2-135M-Instruct" in json.loads((root / "model" / SERVING_SPEC_FILE).read_text())["base_model"]

@@ -1,0 +1,71 @@
+import pytest
+
+from container.config import ConfigError, coerce
+from train.config import TrainConfig
+
+# The same hyperparameters as each SageMaker client writes them (reference/sagemaker-contract.md §1.3).
+RAW_API = {"learning_rate": "0.0001", "gradient_checkpointing": "True", "model_id": "my-org/base",
+           "lora_target_modules": "q_proj,v_proj", "max_steps": "5"}
+SDK2_ESTIMATOR = {"learning_rate": "0.0001", "gradient_checkpointing": "True", "model_id": "my-org/base",
+                  "lora_target_modules": "['q_proj', 'v_proj']", "max_steps": "5"}
+SDK2_FRAMEWORK = {"learning_rate": "0.0001", "gradient_checkpointing": "true", "model_id": '"my-org/base"',
+                  "lora_target_modules": '["q_proj", "v_proj"]', "max_steps": "5"}
+SDK3_MODEL_TRAINER = {"learning_rate": "0.0001", "gradient_checkpointing": "true", "model_id": "my-org/base",
+                      "lora_target_modules": '["q_proj", "v_proj"]', "max_steps": "5"}
+
+
+@pytest.mark.parametrize("raw", [RAW_API, SDK2_ESTIMATOR, SDK2_FRAMEWORK, SDK3_MODEL_TRAINER],
+                         ids=["raw-api", "sdk2-estimator", "sdk2-framework", "sdk3"])
+def test_every_sdk_encoding_decodes_to_the_same_config(raw):
+    config = TrainConfig.from_hyperparameters(raw)
+    assert config == TrainConfig(learning_rate=1e-4, gradient_checkpointing=True, model_id="my-org/base",
+                                 lora_target_modules=("q_proj", "v_proj"), max_steps=5)
+
+
+def test_defaults_without_hyperparameters():
+    config = TrainConfig.from_hyperparameters({})
+    assert (config.method, config.adapter, config.lora_r, config.lora_alpha) == ("sft", "lora", 32, 32)
+    assert config.lora_target_modules == ("all-linear",)
+
+
+def test_unknown_key_names_the_nearest_valid_key():
+    with pytest.raises(ConfigError, match="unknown hyperparameter 'learning_rte': did you mean 'learning_rate'"):
+        TrainConfig.from_hyperparameters({"learning_rte": "0.1"})
+
+
+def test_invalid_choice_names_the_nearest_valid_choice():
+    with pytest.raises(ConfigError, match="lr_scheduler_type='cosin' is not valid: did you mean 'cosine'"):
+        TrainConfig.from_hyperparameters({"lr_scheduler_type": "cosin"})
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("lora_r", "eight", "lora_r='eight': expected an integer"),
+    ("lora_r", "0", "lora_r=0 must be greater than 0"),
+    ("learning_rate", "fast", "expected a number"),
+    ("gradient_checkpointing", "maybe", "expected true or false"),
+    ("max_steps", "0", "max_steps=0 must be positive, or -1"),
+    ("lora_dropout", "1.5", r"lora_dropout=1.5 must be in \[0, 1\)"),
+])
+def test_bad_values_say_what_is_expected(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_hyperparameters({key: value})
+
+
+def test_string_fields_keep_numeric_looking_text():
+    assert coerce("model_revision", "1e5", str) == "1e5"
+    assert coerce("model_revision", '"v1.0"', str) == "v1.0"
+
+
+def test_integral_float_is_an_int_but_fraction_is_not():
+    assert coerce("max_steps", "10.0", int) == 10
+    with pytest.raises(ConfigError):
+        coerce("max_steps", "10.5", int)
+
+
+def test_readme_hyperparameter_table_matches_the_config():
+    from pathlib import Path
+
+    from train.config import hyperparameter_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert hyperparameter_table() in readme, "README's table is stale: paste train.config.hyperparameter_table()"

@@ -1,0 +1,35 @@
+"""The Dockerfile and shell scripts lint clean, and the Dockerfile keeps SageMaker's must-haves."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+SHELL_SCRIPTS = [REPO / "build_and_push.sh", REPO / ".ci" / "run", *sorted((REPO / "local_test").glob("*.sh"))]
+
+
+def test_hadolint_dockerfile():
+    result = subprocess.run([str(BIN / "hadolint"), str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_shellcheck_scripts():
+    result = subprocess.run([str(BIN / "shellcheck"), *map(str, SHELL_SCRIPTS)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_has_the_sagemaker_must_haves():
+    text = (REPO / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["llm-twin"]' in text  # exec form: PID 1 gets SIGTERM
+    assert "LABEL com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true" in text
+    assert "/opt/ml" not in text  # reserved for SageMaker
+    assert "-r requirements.txt" in text  # the one source of versions
+
+
+def test_build_and_push_dry_run_prints_the_commands(tmp_path):
+    result = subprocess.run([str(REPO / "build_and_push.sh"), "--dry-run", "--region", "us-gov-west-1", "twin", "v1"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "docker build --platform linux/amd64 -t twin:v1" in result.stdout
+    assert "dkr.ecr.us-gov-west-1.amazonaws.com/twin:v1" in result.stdout
