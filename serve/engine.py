@@ -42,7 +42,11 @@ class Engine:
     def generate(self, request: GenerateRequest) -> GenerateResult:
         future: Future = Future()
         self._requests.put((request, future))
-        return future.result(timeout=self.config.timeout)
+        try:
+            return future.result(timeout=self.config.timeout)
+        except TimeoutError:
+            future.cancel()  # still queued: the engine skips it instead of generating for nobody
+            raise
 
     def _run(self) -> None:
         try:

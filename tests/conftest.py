@@ -123,6 +123,7 @@ class Server:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.ping_codes: list[int] = []
+        self.output: str | None = None
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -146,13 +147,15 @@ class Server:
         return requests.post(self.url + "/invocations", data=data, headers=headers, timeout=120, **kwargs)
 
     def stop(self) -> str:
-        self.process.terminate()
-        try:
-            out, _ = self.process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            out, _ = self.process.communicate()
-        return out
+        """SIGTERM (what SageMaker sends), then the server's whole output. Safe to call twice."""
+        if self.output is None:
+            self.process.terminate()
+            try:
+                self.output, _ = self.process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.output, _ = self.process.communicate()
+        return self.output
 
 
 @pytest.fixture

@@ -28,8 +28,20 @@ EXIT_USER_ERROR = 2
 EXIT_FRAMEWORK_ERROR = 1
 
 
+def check_job_shape(paths: OptML) -> None:
+    """Refuse job shapes this version cannot run correctly, before any work is done."""
+    hosts = paths.read_resource_config().hosts
+    if len(hosts) > 1:
+        raise ContractError(f"this job has {len(hosts)} instances ({', '.join(hosts)}); multi-instance training "
+                            "is not supported by this version: set instance_count=1")
+    mode = paths.read_input_data_config().get("train", {}).get("TrainingInputMode", "File")
+    if mode == "Pipe":
+        raise ContractError("the 'train' channel uses Pipe input mode; use File or FastFile")
+
+
 def run(config: TrainConfig, paths: OptML) -> None:
     log.info("config: %s", json.dumps(config.__dict__, default=list, sort_keys=True))
+    check_job_shape(paths)
     rows = load_sft_rows(paths.require_channel("train"))
     log.info("%d training examples from %s", len(rows), paths.channel("train"))
     base_model = resolve_base_model(config, paths)

@@ -87,3 +87,14 @@ def test_embedded_default_model_is_used_when_none_is_named(tmp_path):
     result = run_train(root)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SmolLM2-135M-Instruct" in json.loads((root / "model" / SERVING_SPEC_FILE).read_text())["base_model"]
+
+
+def test_job_shapes_this_version_cannot_run_fail_clearly(tmp_path):
+    root = make_tree(tmp_path / "a", FAST, {"train/d.jsonl": jsonl(TINY_ROWS)})
+    (root / "input" / "config" / "resourceconfig.json").write_text(
+        json.dumps({"current_host": "algo-1", "hosts": ["algo-1", "algo-2"], "network_interface_name": "eth0"}))
+    fails_with(root, "multi-instance training is not supported", "instance_count=1")
+
+    root = make_tree(tmp_path / "b", FAST, {"train/d.jsonl": jsonl(TINY_ROWS)})
+    (root / "input" / "config" / "inputdataconfig.json").write_text(json.dumps({"train": {"TrainingInputMode": "Pipe"}}))
+    fails_with(root, "Pipe input mode")

@@ -1,0 +1,22 @@
+"""GPU paths: training in bf16 on CUDA and serving on CUDA. Skipped cleanly without a GPU."""
+
+import pytest
+
+from tests.conftest import TINY_ROWS, jsonl, link_model_channel, make_tree, run_train
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_train_in_bf16_on_cuda_then_serve_on_cuda(tmp_path, tiny_model, serve_tree):
+    root = make_tree(tmp_path, {"max_steps": "3", "per_device_train_batch_size": "4", "max_length": "64", "bf16": "auto"},
+                     {"train/posts.jsonl": jsonl(TINY_ROWS)})
+    link_model_channel(root, tiny_model)
+    result = run_train(root)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    server = serve_tree(root)
+    response = server.invoke({"inputs": "Hello", "parameters": {"max_new_tokens": 4, "details": True}})
+    assert response.status_code == 200, response.text
+    assert response.json()[0]["details"]["generated_tokens"] >= 1
+    assert "model ready on cuda" in server.stop()
