@@ -14,6 +14,7 @@ from peft import LoraConfig
 from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from container.config import ConfigError
 from train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ def device_settings(config: TrainConfig) -> dict:
     cuda = torch.cuda.is_available()
     bf16_supported = cuda and torch.cuda.is_bf16_supported()
     if config.bf16 == "true" and not bf16_supported:
-        raise ValueError("bf16=true needs a GPU with bfloat16 support (Ampere or newer); use bf16=auto")
+        raise ConfigError("hyperparameter bf16=true needs a GPU with bfloat16 support (Ampere or newer); use bf16=auto")
     bf16 = bf16_supported if config.bf16 == "auto" else config.bf16 == "true"
     return {"use_cpu": not cuda, "bf16": bf16, "dtype": torch.bfloat16 if bf16 else torch.float32}
 
