@@ -90,6 +90,8 @@ def from_strings(cls: type[T], raw: Mapping[str, str], what: str) -> T:
             raise ConfigError(f"unknown {what} '{key}': did you mean '{nearest(key, fields)}'?")
         value = coerce(key, text, hints[key])
         choices = fields[key].metadata.get("choices")
+        if choices is not None and isinstance(value, str):
+            value = value.strip().lower()  # SDK v2 sends str(True) = "True" for a bool-like choice
         if choices is not None and value not in choices:
             raise ConfigError(
                 f"{what} {key}={value!r} is not valid: did you mean '{nearest(str(value), choices)}'? "

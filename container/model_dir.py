@@ -2,27 +2,40 @@
 
 A model directory (SageMaker's /opt/ml/model, shipped as model.tar.gz) holds:
 
-    config.json, generation_config.json   transformers model config
-    *.safetensors                          merged 16-bit weights (never pickles)
+    config.json, generation_config.json   transformers model config        (weights="merged")
+    *.safetensors                          merged 16-bit weights, never pickles (weights="merged")
+    adapter/                               peft adapter (weights="adapter", or beside merged weights)
     tokenizer.json, tokenizer_config.json  the tokenizer
     chat_template.jinja                    the chat template used in training, used again by serve
+    training_report.json                   resolved config, data counts, metrics, throughput
     serving.json                           ServingSpec below; written last, so its presence means complete
 
-`publish` moves a finished staging directory into place with serving.json last: a crash mid-way leaves
-no serving.json, and `serve` refuses a directory without one unless it is a plain transformers model.
+An adapter-only directory names its base in serving.json: a hub id, or "embedded" for the image's
+default model. `publish` moves a finished staging directory into place with serving.json last: a crash
+mid-way leaves no serving.json, and `serve` refuses such a directory unless it is a plain transformers
+model folder.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Mapping
 
 FORMAT_VERSION = 1
 SERVING_SPEC_FILE = "serving.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-REQUIRED_FILES = ("config.json", "tokenizer_config.json")
+TRAINING_REPORT_FILE = "training_report.json"
+ADAPTER_DIR = "adapter"
+REQUIRED_FILES = {"merged": ("config.json", "tokenizer_config.json"),
+                  "adapter": ("tokenizer_config.json", f"{ADAPTER_DIR}/adapter_config.json")}
+
+# The default base model baked into the image (prepared under .cache/ by `make model` outside it).
+EMBEDDED_MODEL_ENV = "LLM_TWIN_EMBEDDED_MODEL_DIR"
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_BASE = "embedded"  # how serving.json names the embedded model as an adapter's base
 
 
 class ModelDirError(Exception):
@@ -33,15 +46,16 @@ class ModelDirError(Exception):
 class ServingSpec:
     """Serving defaults that travel with the weights, so the endpoint needs no extra configuration."""
 
-    base_model: str
+    base_model: str  # what was fine-tuned; for weights="adapter", what to load the adapter onto
     max_input_tokens: int
     max_total_tokens: int
     max_new_tokens: int = 256
     # Wrap TGI-style raw `inputs` in the chat template as one user turn. The model was fine-tuned on
     # chat-formatted examples, so prompting it the same way is what makes its answers sound right.
     chat_template_for_inputs: bool = True
+    weights: str = "merged"  # "merged": full weights at the top; "adapter": only adapter/ (+ base_model)
+    has_adapter: bool = False  # adapter/ present (weights="adapter", or export=both beside merged weights)
     format_version: int = FORMAT_VERSION
-    training: dict = field(default_factory=dict)
 
     def write(self, model_dir: Path) -> None:
         (model_dir / SERVING_SPEC_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
@@ -63,12 +77,26 @@ class ServingSpec:
 
 def missing_files(model_dir: Path) -> list[str]:
     """What a loadable model directory lacks (empty when complete)."""
-    if not model_dir.is_dir():
-        return [str(model_dir)]
-    missing = [name for name in (*REQUIRED_FILES, SERVING_SPEC_FILE) if not (model_dir / name).is_file()]
-    if not any(model_dir.glob("*.safetensors")):
-        missing.append("*.safetensors")
+    if not (model_dir / SERVING_SPEC_FILE).is_file():
+        return [SERVING_SPEC_FILE]
+    weights = ServingSpec.read(model_dir).weights
+    if weights not in REQUIRED_FILES:
+        raise ModelDirError(f"{model_dir / SERVING_SPEC_FILE}: unknown weights {weights!r}")
+    missing = [name for name in REQUIRED_FILES[weights] if not (model_dir / name).is_file()]
+    weights_dir = model_dir if weights == "merged" else model_dir / ADAPTER_DIR
+    if not any(weights_dir.glob("*.safetensors")):
+        missing.append(f"{'' if weights == 'merged' else ADAPTER_DIR + '/'}*.safetensors")
     return missing
+
+
+def embedded_model_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    default = Path(__file__).resolve().parents[1] / ".cache" / "models" / EMBEDDED_MODEL_NAME
+    return Path(environ.get(EMBEDDED_MODEL_ENV) or default)
+
+
+def resolve_base(reference: str) -> str:
+    """Where to load an adapter's base model from: the embedded model, or a hub id / path as recorded."""
+    return str(embedded_model_dir()) if reference == EMBEDDED_BASE else reference
 
 
 def publish(staging_dir: Path, model_dir: Path) -> None:

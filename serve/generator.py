@@ -10,7 +10,7 @@ import random
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from container.model_dir import ServingSpec
+from container.model_dir import ADAPTER_DIR, ServingSpec, resolve_base
 from serve.config import ServeConfig
 from serve.errors import ValidationError
 from serve.schemas import GenerateRequest, GenerateResult
@@ -27,7 +27,13 @@ class Generator:
         self.dtype = _pick_dtype(self.config.dtype, self.device)
         model_dir = self.config.model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype, use_safetensors=True)
+        if self.spec.weights == "adapter":  # merged once at load: no per-token adapter cost
+            from peft import PeftModel
+
+            base = AutoModelForCausalLM.from_pretrained(resolve_base(self.spec.base_model), dtype=self.dtype, use_safetensors=True)
+            self.model = PeftModel.from_pretrained(base, str(model_dir / ADAPTER_DIR)).merge_and_unload()
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype, use_safetensors=True)
         self.model.to(self.device).eval()
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None} or {self.tokenizer.eos_token_id}

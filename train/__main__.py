@@ -11,21 +11,26 @@ import json
 import logging
 import shutil
 import sys
-import time
 import traceback
 
 from container.config import ConfigError
 from container.model_dir import ModelDirError
 from container.opt_ml import ContractError, OptML
 from train.config import TrainConfig
-from train.data import DataError, load_sft_rows
+from train.data import DataError, load_preference_rows, load_sft_rows, split_rows
+from train.errors import TrainingInterrupted
 from train.model import resolve_base_model
 
 log = logging.getLogger("train")
 
 USER_ERRORS = (ConfigError, ContractError, DataError, ModelDirError)
-EXIT_USER_ERROR = 2
 EXIT_FRAMEWORK_ERROR = 1
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 143  # 128 + SIGTERM, as a process killed by it would report
+
+# stage -> (training channel, validation channel, loader)
+CHANNELS = {"sft": ("train", "validation", load_sft_rows),
+            "dpo": ("preference", "preference_validation", load_preference_rows)}
 
 
 def check_job_shape(paths: OptML) -> None:
@@ -34,56 +39,67 @@ def check_job_shape(paths: OptML) -> None:
     if len(hosts) > 1:
         raise ContractError(f"this job has {len(hosts)} instances ({', '.join(hosts)}); multi-instance training "
                             "is not supported by this version: set instance_count=1")
-    mode = paths.read_input_data_config().get("train", {}).get("TrainingInputMode", "File")
-    if mode == "Pipe":
-        raise ContractError("the 'train' channel uses Pipe input mode; use File or FastFile")
+    for channel, settings in paths.read_input_data_config().items():
+        if settings.get("TrainingInputMode") == "Pipe":
+            raise ContractError(f"the '{channel}' channel uses Pipe input mode; use File or FastFile")
+
+
+def load_data(config: TrainConfig, paths: OptML) -> dict[str, tuple[list, list]]:
+    """Per stage: training rows, and evaluation rows from the validation channel or a held-out split."""
+    data = {}
+    for stage in config.stages:
+        train_channel, eval_channel, load = CHANNELS[stage]
+        rows = load(paths.require_channel(train_channel))
+        if paths.channel(eval_channel).is_dir():
+            train_rows, eval_rows = rows, load(paths.channel(eval_channel))
+            source = f"the '{eval_channel}' channel"
+        else:
+            train_rows, eval_rows = split_rows(rows, config.validation_split, config.seed)
+            source = f"validation_split={config.validation_split}"
+        log.info("%s: %d training examples from '%s', %d for evaluation (%s)",
+                 stage, len(train_rows), train_channel, len(eval_rows), source)
+        data[stage] = (train_rows, eval_rows)
+    return data
 
 
 def run(config: TrainConfig, paths: OptML) -> None:
     log.info("config: %s", json.dumps(config.__dict__, default=list, sort_keys=True))
     check_job_shape(paths)
-    rows = load_sft_rows(paths.require_channel("train"))
-    log.info("%d training examples from %s", len(rows), paths.channel("train"))
-    base_model = resolve_base_model(config, paths)
-    log.info("base model: %s", base_model)
+    data = load_data(config, paths)
+    base = resolve_base_model(config, paths)
+    if config.export == "adapter" and base.reference is None:
+        raise ConfigError("export=adapter needs a base model the endpoint can load by itself (a hub model_id or the "
+                          "embedded model), not a local or channel model: use export=merged or export=both")
+    log.info("base model: %s", base.source)
 
-    from train import export, model, sft  # torch from here on
+    from train.pipeline import fine_tune  # torch from here on
 
-    device = sft.device_settings(config)
-    base, tokenizer = model.load_base_model(base_model, config, device["dtype"])
-    started = time.monotonic()
-    peft_model, result = sft.train_sft(
-        config, base, tokenizer, rows, str(paths.checkpoints_dir), use_cpu=device["use_cpu"], bf16=device["bf16"]
-    )
-    training = {
-        "method": config.method,
-        "adapter": config.adapter,
-        "examples": len(rows),
-        "steps": result.global_step,
-        "train_loss": result.training_loss,
-        "seconds": round(time.monotonic() - started, 1),
-    }
-    export.export_merged(peft_model, tokenizer, config, base_model, paths, training)
+    fine_tune(config, paths, data, base)
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     paths = OptML.from_env()
+    paths.failure_file.unlink(missing_ok=True)  # a local re-run must not show an earlier run's failure
     try:
         config = TrainConfig.from_hyperparameters(paths.read_hyperparameters())
         run(config, paths)
     except USER_ERRORS as e:
-        shutil.rmtree(paths.model_staging_dir, ignore_errors=True)
-        paths.write_failure(str(e))
-        log.error("training failed: %s", e)
-        sys.exit(EXIT_USER_ERROR)
+        _fail(paths, EXIT_USER_ERROR, str(e))
+    except TrainingInterrupted as e:
+        _fail(paths, EXIT_INTERRUPTED, str(e))
     except Exception as e:  # the boundary: anything else is a framework error, reported with its traceback
-        shutil.rmtree(paths.model_staging_dir, ignore_errors=True)
         details = traceback.format_exc()
-        paths.write_failure(f"training failed: {type(e).__name__}: {e}", details[-700:])
-        log.error("training failed:\n%s", details)
-        sys.exit(EXIT_FRAMEWORK_ERROR)
+        log.error("%s", details)
+        _fail(paths, EXIT_FRAMEWORK_ERROR, f"training failed: {type(e).__name__}: {e}", details[-700:])
     log.info("training complete")
+
+
+def _fail(paths: OptML, code: int, message: str, details: str = "") -> None:
+    shutil.rmtree(paths.model_staging_dir, ignore_errors=True)
+    paths.write_failure(message, details)
+    log.error("%s", message)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

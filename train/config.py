@@ -1,7 +1,8 @@
 """The training job's configuration: one frozen dataclass, built strictly from hyperparameters.json.
 
 Field names follow TRL/transformers arguments wherever one exists. Defaults follow the LLM Twin recipe
-(LoRA r=32, alpha=32, dropout 0 on all linear layers) with TRL's recommended LoRA learning rate.
+(LoRA r=32, alpha=32, dropout 0 on all linear layers; DPO beta 0.5) with its bugs fixed, and TRL's
+learning-rate guidance (LoRA takes about 10x the full fine-tuning rate).
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from container.config import ConfigError, describe, from_strings
+
+AUTO_LEARNING_RATES = {("sft", False): 2e-4, ("sft", True): 2e-5, ("dpo", False): 5e-6, ("dpo", True): 5e-7}
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down", "sigmoid_norm")
 
 
 def _f(default, help: str, choices: tuple | None = None):
@@ -21,46 +25,84 @@ def _f(default, help: str, choices: tuple | None = None):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model_id: str = _f("", "Hub id or local path of the base model. Empty: the `model` channel, else the embedded SmolLM2-135M-Instruct.")
+    # what to train
+    model_id: str = _f("", "Hub id or local path of the base model. Empty: the `model` channel (a model folder or model.tar.gz), else the embedded SmolLM2-135M-Instruct.")
     model_revision: str = _f("", "Hub revision (branch, tag or commit) of model_id.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub. Off unless you trust the repository.")
-    method: str = _f("sft", "Fine-tuning method.", choices=("sft",))
-    adapter: str = _f("lora", "What is trained: LoRA adapters, merged into the base at the end.", choices=("lora",))
+    method: str = _f("sft", "sft: the `train` channel; dpo: the `preference` channel; sft+dpo: SFT, then DPO on the SFT model.", choices=("sft", "dpo", "sft+dpo"))
+    adapter: str = _f("lora", "lora; qlora (4-bit nf4 base + LoRA); full (every weight).", choices=("lora", "qlora", "full"))
+    export: str = _f("merged", "What the model dir holds: merged 16-bit weights, the adapter only (served on its base), or both.", choices=("merged", "adapter", "both"))
+    # LoRA
     lora_r: int = _f(32, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA scaling numerator (scale = lora_alpha / lora_r).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
     lora_target_modules: tuple[str, ...] = _f(("all-linear",), "Modules that get LoRA adapters; all-linear = every linear layer but the head.")
-    learning_rate: float = _f(2e-4, "Peak learning rate.")
+    # optimisation (SFT)
+    learning_rate: float = _f(0.0, "SFT peak learning rate; 0 = auto: 2e-4 with adapters, 2e-5 for full.")
+    num_train_epochs: float = _f(3.0, "SFT epochs (ignored when max_steps > 0).")
+    max_steps: int = _f(-1, "SFT optimizer steps; -1 = use num_train_epochs.")
     lr_scheduler_type: str = _f("linear", "Learning-rate schedule.", choices=("linear", "cosine", "constant", "constant_with_warmup"))
     warmup_steps: int = _f(10, "Linear warmup steps.")
     weight_decay: float = _f(0.01, "AdamW weight decay.")
-    num_train_epochs: float = _f(3.0, "Epochs over the training data (ignored when max_steps > 0).")
-    max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 means use num_train_epochs.")
     per_device_train_batch_size: int = _f(2, "Examples per device per forward pass.")
     gradient_accumulation_steps: int = _f(8, "Forward passes per optimizer step.")
-    max_length: int = _f(2048, "Longest tokenized example (prompt + response); longer ones are truncated.")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory, at about 30% more compute.")
+    max_length: int = _f(2048, "Longest tokenized example (prompt + response); longer ones are truncated, and counted in the log.")
+    # DPO
+    dpo_learning_rate: float = _f(0.0, "DPO peak learning rate; 0 = auto: 5e-6 with adapters, 5e-7 for full.")
+    dpo_num_train_epochs: float = _f(1.0, "DPO epochs (ignored when dpo_max_steps > 0).")
+    dpo_max_steps: int = _f(-1, "DPO optimizer steps; -1 = use dpo_num_train_epochs.")
+    beta: float = _f(0.5, "DPO beta: how far the policy may move from the reference (the SFT model).")
+    dpo_loss_type: str = _f("sigmoid", "DPO loss (TRL's loss_type).", choices=DPO_LOSS_TYPES)
+    # evaluation
+    validation_split: float = _f(0.05, "Fraction held out for eval loss when there is no `validation` (SFT) / `preference_validation` (DPO) channel; 0 = none.")
+    eval_steps: int = _f(0, "Evaluate every this many steps; 0 = at the end of each stage.")
+    # efficiency and hardware
+    packing: str = _f("auto", "Padding-free packing (no cross-example attention). auto = on where flash-attention 2 is installed (GPU), else off.", choices=("auto", "true", "false"))
+    group_by_length: bool = _f(True, "Without packing, batch examples of similar length (less padding).")
+    gradient_checkpointing: str = _f("auto", "Recompute activations to save memory (about 30% more compute). auto = on when the GPU would otherwise be tight.", choices=("auto", "true", "false"))
     bf16: str = _f("auto", "bfloat16 mixed precision: auto = on GPUs that support it.", choices=("auto", "true", "false"))
+    # checkpoints, logs, serving
+    save_steps: int = _f(50, "Checkpoint to /opt/ml/checkpoints every this many steps (and on SIGTERM).")
+    save_total_limit: int = _f(2, "Checkpoints kept per stage; older ones are deleted.")
     logging_steps: int = _f(1, "Log metrics every this many optimizer steps.")
-    seed: int = _f(42, "Random seed for data order and LoRA initialisation.")
+    seed: int = _f(42, "Random seed for data order, the validation split and LoRA initialisation.")
     max_new_tokens: int = _f(256, "Default max_new_tokens written to the model's serving defaults.")
 
     def __post_init__(self):
-        positive = ("lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps",
-                    "max_length", "logging_steps", "max_new_tokens")
+        positive = ("lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
+                    "logging_steps", "max_new_tokens", "save_steps", "save_total_limit")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"hyperparameter {name}={getattr(self, name)} must be greater than 0")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"hyperparameter learning_rate={self.learning_rate} must be greater than 0")
+        for name in ("learning_rate", "dpo_learning_rate", "weight_decay", "warmup_steps", "eval_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"hyperparameter {name}={getattr(self, name)} must not be negative")
+        if self.beta <= 0:
+            raise ConfigError(f"hyperparameter beta={self.beta} must be greater than 0")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"hyperparameter lora_dropout={self.lora_dropout} must be in [0, 1)")
-        if self.max_steps <= 0 and self.max_steps != -1:
-            raise ConfigError(f"hyperparameter max_steps={self.max_steps} must be positive, or -1 to use num_train_epochs")
-        if self.max_steps == -1 and self.num_train_epochs <= 0:
-            raise ConfigError(f"hyperparameter num_train_epochs={self.num_train_epochs} must be greater than 0")
+        if not 0.0 <= self.validation_split < 1.0:
+            raise ConfigError(f"hyperparameter validation_split={self.validation_split} must be in [0, 1)")
+        for steps, epochs in (("max_steps", "num_train_epochs"), ("dpo_max_steps", "dpo_num_train_epochs")):
+            if getattr(self, steps) <= 0 and getattr(self, steps) != -1:
+                raise ConfigError(f"hyperparameter {steps}={getattr(self, steps)} must be positive, or -1 to use {epochs}")
+            if getattr(self, steps) == -1 and getattr(self, epochs) <= 0:
+                raise ConfigError(f"hyperparameter {epochs}={getattr(self, epochs)} must be greater than 0")
         if not self.lora_target_modules:
             raise ConfigError("hyperparameter lora_target_modules is empty: name modules or use all-linear")
+        if self.adapter == "full" and self.export != "merged":
+            raise ConfigError(f"export={self.export} needs an adapter, but adapter=full trains every weight: use export=merged")
+        if self.method == "sft+dpo" and self.export == "adapter":
+            raise ConfigError("export=adapter cannot describe sft+dpo (the DPO adapter sits on the SFT model, which "
+                              "exists only inside the job): use export=merged or export=both")
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return tuple(self.method.split("+"))
+
+    def stage_learning_rate(self, stage: str) -> float:
+        chosen = self.learning_rate if stage == "sft" else self.dpo_learning_rate
+        return chosen or AUTO_LEARNING_RATES[(stage, self.adapter == "full")]
 
     @classmethod
     def from_hyperparameters(cls, raw: Mapping[str, str]) -> "TrainConfig":

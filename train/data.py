@@ -1,23 +1,35 @@
-"""Instruction data from a channel folder, validated row by row, as TRL conversational prompt/completion.
+"""Training data from channel folders, validated row by row into TRL's conversational dataset types.
 
-Accepted JSONL rows (one JSON object per line; blank lines are skipped):
+Files: `.jsonl` (one object per line), `.json` (an array of objects, or JSON Lines), `.csv` (a header
+row; list-valued fields as JSON text), `.parquet`. Several files per channel, subfolders included.
 
-    {"instruction": "...", "output": "..."}                 Alpaca; an optional "input" is appended
-    {"messages": [{"role": "user", "content": "..."}, ..., {"role": "assistant", "content": "..."}]}
+SFT rows (all rows of a run must be of one kind: conversations, or plain text):
 
-Every row becomes {"prompt": [messages...], "completion": [assistant message]}: TRL then applies the
-model's chat template and computes the loss on the completion only. For `messages` rows the completion
-is the last assistant turn, which must end the conversation; earlier turns are context.
-No torch here: data errors surface before any model is loaded.
+    {"instruction", "output"[, "input"]}     Alpaca; "input" is appended to the instruction
+    {"prompt", "completion"}                 strings, or lists of messages
+    {"messages": [...]}                      the last message must be the assistant's: it is the completion
+    {"text"}                                 plain language modelling, loss on every token
+
+Preference rows (DPO): {"prompt", "chosen", "rejected"} as strings or message lists, or
+{"chosen", "rejected"} message lists sharing everything but the last message (implicit prompt).
+
+Strings become one user and one assistant message, so every conversation goes through the model's
+chat template in training exactly as `serve` applies it; the loss is on the completion only. A bad row
+is an error naming file and line (or row); nothing is skipped silently. No torch here.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import random
 from pathlib import Path
+from typing import Iterator
 
-DATA_SUFFIXES = (".jsonl",)
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant")
+SFT_FORMATS = '{"instruction", "output"}, {"prompt", "completion"}, {"messages"} or {"text"}'
+PREFERENCE_FORMATS = '{"prompt", "chosen", "rejected"} or {"chosen", "rejected"} message lists'
 
 
 class DataError(ValueError):
@@ -25,68 +37,196 @@ class DataError(ValueError):
 
 
 def load_sft_rows(channel_dir: Path) -> list[dict]:
+    rows, kind = [], None
+    for where, record in read_records(channel_dir):
+        row = to_sft_row(record, where)
+        row_kind = "text" if "text" in row else "conversation"
+        if kind is not None and row_kind != kind:
+            raise DataError(f"{where}: a {row_kind} row among {kind} rows: use one kind per job "
+                            f"(plain text, or instruction/prompt-completion/messages rows)")
+        kind = row_kind
+        rows.append(row)
+    return rows
+
+
+def load_preference_rows(channel_dir: Path) -> list[dict]:
+    return [to_preference_row(record, where) for where, record in read_records(channel_dir)]
+
+
+def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out `fraction` of the rows (at least one when the fraction is > 0 and rows allow)."""
+    if fraction <= 0 or len(rows) < 2:
+        return rows, []
+    shuffled = rows[:]
+    random.Random(seed).shuffle(shuffled)
+    held_out = min(len(rows) - 1, max(1, round(len(rows) * fraction)))
+    return shuffled[held_out:], shuffled[:held_out]
+
+
+# --- files ---------------------------------------------------------------------------------------------
+def read_records(channel_dir: Path) -> Iterator[tuple[str, object]]:
     files = sorted(p for p in channel_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
-    data_files = [p for p in files if p.suffix in DATA_SUFFIXES]
+    data_files = [p for p in files if p.suffix.lower() in SUFFIXES]
     if not data_files:
         found = ", ".join(p.name for p in files[:5]) or "nothing"
-        raise DataError(f"no .jsonl files in {channel_dir} (found: {found})")
-    rows: list[dict] = []
+        raise DataError(f"no data files ({', '.join(SUFFIXES)}) in {channel_dir} (found: {found})")
     for path in data_files:
-        rows.extend(_read_jsonl(path))
-    return rows
+        count = 0
+        for where, record in _READERS[path.suffix.lower()](path):
+            count += 1
+            yield where, record
+        if count == 0:
+            raise DataError(f"{path}: the file has no examples")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
+def _jsonl(path: Path) -> Iterator[tuple[str, object]]:
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            rows.append(to_prompt_completion(record, where))
-    if not rows:
-        raise DataError(f"{path}: the file has no examples")
-    return rows
+            if line.strip():
+                yield f"{path}:{number}", _json_line(line, f"{path}:{number}")
 
 
-def to_prompt_completion(record: object, where: str) -> dict:
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+def _json(path: Path) -> Iterator[tuple[str, object]]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # JSON Lines saved as .json
+            yield from _jsonl(path)
+            return
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(value, list):
+        raise DataError(f"{path}: expected a JSON array of examples (or JSON Lines), got {type(value).__name__}")
+    for index, record in enumerate(value):
+        yield f"{path}: item {index}", record
+
+
+def _csv(path: Path) -> Iterator[tuple[str, object]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        for record in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in record:
+                raise DataError(f"{where}: more fields than the header has columns")
+            yield where, {k: _maybe_json_list(v) for k, v in record.items() if v is not None}
+
+
+def _parquet(path: Path) -> Iterator[tuple[str, object]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    for index, record in enumerate(table.to_pylist()):
+        yield f"{path}: row {index}", record
+
+
+_READERS = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".parquet": _parquet}
+
+
+def _json_line(line: str, where: str) -> object:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _maybe_json_list(value: str) -> object:
+    """CSV cells hold message lists as JSON text."""
+    if value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+# --- rows ----------------------------------------------------------------------------------------------
+def to_sft_row(record: object, where: str) -> dict:
+    record = _object(record, where)
     if "messages" in record:
-        return _from_messages(record["messages"], where)
+        messages = _messages(record["messages"], where, "messages")
+        if len(messages) < 2:
+            raise DataError(f"{where}: 'messages' needs at least a user and an assistant message")
+        _ends_with_assistant(messages, where, "messages")
+        return {"prompt": messages[:-1], "completion": messages[-1:]}
     if "instruction" in record and "output" in record:
-        return _from_instruction(record, where)
-    raise DataError(
-        f"{where}: unrecognised row with keys {sorted(record)}: expected "
-        '{"instruction", "output"[, "input"]} or {"messages": [...]}'
-    )
+        instruction, output = _text(record, "instruction", where), _text(record, "output", where)
+        extra = _text(record, "input", where, required=False)
+        user = f"{instruction}\n\n{extra}" if extra else instruction
+        return {"prompt": [_user(user)], "completion": [_assistant(output)]}
+    if "prompt" in record and "completion" in record:
+        prompt = _turns(record, "prompt", where, _user)
+        completion = _turns(record, "completion", where, _assistant)
+        _ends_with_assistant(completion, where, "completion")
+        return {"prompt": prompt, "completion": completion}
+    if "text" in record:
+        return {"text": _text(record, "text", where)}
+    raise DataError(f"{where}: unrecognised row with keys {sorted(record)}: expected {SFT_FORMATS}")
 
 
-def _from_instruction(record: dict, where: str) -> dict:
-    for key in ("instruction", "output", "input"):
-        if key in record and not isinstance(record[key], str):
-            raise DataError(f"{where}: '{key}' must be a string, got {type(record[key]).__name__}")
-    instruction, output = record["instruction"].strip(), record["output"].strip()
-    if not instruction or not output:
-        raise DataError(f"{where}: 'instruction' and 'output' must not be empty")
-    extra = record.get("input", "").strip()
-    user = f"{instruction}\n\n{extra}" if extra else instruction
-    return {"prompt": [{"role": "user", "content": user}], "completion": [{"role": "assistant", "content": output}]}
+def to_preference_row(record: object, where: str) -> dict:
+    record = _object(record, where)
+    if not ("chosen" in record and "rejected" in record):
+        raise DataError(f"{where}: unrecognised preference row with keys {sorted(record)}: expected {PREFERENCE_FORMATS}")
+    if "prompt" in record:
+        prompt = _turns(record, "prompt", where, _user)
+        chosen = _turns(record, "chosen", where, _assistant)
+        rejected = _turns(record, "rejected", where, _assistant)
+    else:
+        full_chosen = _messages(record["chosen"], where, "chosen")
+        full_rejected = _messages(record["rejected"], where, "rejected")
+        if len(full_chosen) < 2 or full_chosen[:-1] != full_rejected[:-1]:
+            raise DataError(f"{where}: without 'prompt', 'chosen' and 'rejected' must be message lists "
+                            "that differ only in their last (assistant) message")
+        prompt, chosen, rejected = full_chosen[:-1], full_chosen[-1:], full_rejected[-1:]
+    _ends_with_assistant(chosen, where, "chosen")
+    _ends_with_assistant(rejected, where, "rejected")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def _from_messages(messages: object, where: str) -> dict:
-    if not isinstance(messages, list) or len(messages) < 2:
-        raise DataError(f"{where}: 'messages' must be a list of at least a user and an assistant message")
-    for i, message in enumerate(messages):
+def _object(record: object, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected an object (one example), got {type(record).__name__}")
+    return record
+
+
+def _text(record: dict, key: str, where: str, required: bool = True) -> str:
+    value = record.get(key, "" if not required else None)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise DataError(f"{where}: '{key}' must not be empty")
+    return value.strip()
+
+
+def _turns(record: dict, key: str, where: str, as_message) -> list[dict]:
+    """A string field becomes one message; a list field is validated as messages."""
+    if isinstance(record[key], str):
+        return [as_message(_text(record, key, where))]
+    return _messages(record[key], where, key)
+
+
+def _messages(value: object, where: str, key: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: '{key}' must be a non-empty string or list of messages")
+    for i, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise DataError(f"{where}: messages[{i}] must be an object with a string 'content'")
+            raise DataError(f"{where}: {key}[{i}] must be an object with a string 'content'")
         if message.get("role") not in ROLES:
-            raise DataError(f"{where}: messages[{i}] has role {message.get('role')!r}; expected one of {', '.join(ROLES)}")
+            raise DataError(f"{where}: {key}[{i}] has role {message.get('role')!r}; expected one of {', '.join(ROLES)}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _ends_with_assistant(messages: list[dict], where: str, key: str) -> None:
     if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
-        raise DataError(f"{where}: the last message must be a non-empty assistant reply (it is what the model learns)")
-    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return {"prompt": clean[:-1], "completion": clean[-1:]}
+        raise DataError(f"{where}: the last message of '{key}' must be a non-empty assistant reply (it is what the model learns)")
+
+
+def _user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}

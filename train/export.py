@@ -1,42 +1,58 @@
-"""Merge the LoRA adapter and write the model directory (container.model_dir's format), atomically."""
+"""Write the model directory (container.model_dir's format) atomically: merged 16-bit weights, the
+adapter, or both; tokenizer and chat template; serving defaults; training_report.json."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
-from container.model_dir import ServingSpec, publish
+from container.model_dir import ADAPTER_DIR, TRAINING_REPORT_FILE, ServingSpec, publish
 from container.opt_ml import OptML
 from train.config import TrainConfig
+from train.model import BaseModel, merge_adapter
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOTAL_TOKENS = 4096
 
 
-def export_merged(peft_model, tokenizer, config: TrainConfig, base_model: str, paths: OptML, training: dict) -> None:
-    """Merge adapters into the base, save it in bf16 with tokenizer, chat template and serving spec to a
-    staging folder, then move that into the model directory."""
-    merged = peft_model.merge_and_unload().to(torch.bfloat16)
-    merged.generation_config.eos_token_id = tokenizer.eos_token_id
-    merged.generation_config.pad_token_id = tokenizer.pad_token_id
-
-    max_total = int(getattr(merged.config, "max_position_embeddings", 0) or DEFAULT_MAX_TOTAL_TOKENS)
-    spec = ServingSpec(
-        base_model=base_model,
-        max_input_tokens=max(1, max_total - config.max_new_tokens),
-        max_total_tokens=max_total,
-        max_new_tokens=config.max_new_tokens,
-        training=training,
-    )
+def export_model(config: TrainConfig, paths: OptML, tokenizer, base: BaseModel, source: str,
+                 full_model, adapter_dir: Path | None, report: dict) -> None:
+    """`full_model` is the trained model for adapter=full; otherwise `adapter_dir` holds the adapter
+    trained on `source` (the base, or the SFT stage's merged model)."""
     staging = paths.model_staging_dir
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    merged.save_pretrained(staging)
+
+    if config.export in ("merged", "both"):
+        merged = full_model if full_model is not None else merge_adapter(source, adapter_dir, config)
+        merged = merged.to(torch.bfloat16)
+        merged.generation_config.eos_token_id = tokenizer.eos_token_id
+        merged.generation_config.pad_token_id = tokenizer.pad_token_id
+        merged.save_pretrained(staging)
+        model_config = merged.config
+    else:
+        model_config = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+    if config.export in ("adapter", "both"):
+        shutil.copytree(adapter_dir, staging / ADAPTER_DIR)
     tokenizer.save_pretrained(staging)
-    spec.write(staging)
+
+    max_total = int(getattr(model_config, "max_position_embeddings", 0) or DEFAULT_MAX_TOTAL_TOKENS)
+    weights = "adapter" if config.export == "adapter" else "merged"
+    ServingSpec(
+        base_model=base.reference if weights == "adapter" else (base.reference or base.source),
+        max_input_tokens=max(1, max_total - config.max_new_tokens),
+        max_total_tokens=max_total,
+        max_new_tokens=config.max_new_tokens,
+        weights=weights,
+        has_adapter=config.export in ("adapter", "both"),
+    ).write(staging)
+    report["export"] = {"weights": weights, "adapter": config.export in ("adapter", "both")}
+    (staging / TRAINING_REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
     publish(staging, paths.model_dir)
-    log.info("model written to %s: %s", paths.model_dir, ", ".join(sorted(p.name for p in Path(paths.model_dir).iterdir())))
+    log.info("model written to %s: %s", paths.model_dir, ", ".join(sorted(p.name for p in paths.model_dir.iterdir())))

@@ -1,19 +1,20 @@
-"""Which base model to fine-tune, and loading it with its tokenizer and chat template."""
+"""Which base model to fine-tune, loading it for each adapter method, and merging adapters back."""
 
 from __future__ import annotations
 
 import logging
-import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
+from container.model_dir import EMBEDDED_BASE, EMBEDDED_MODEL_ENV, embedded_model_dir
 from container.opt_ml import ContractError, OptML
 from train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_MODEL_ENV = "LLM_TWIN_EMBEDDED_MODEL_DIR"
-EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 MODEL_CHANNEL = "model"
 
 # Used only when a base model has no chat template (e.g. a pretrained, non-instruct checkpoint).
@@ -27,41 +28,100 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
-def embedded_model_dir(environ: Mapping[str, str] = os.environ) -> Path:
-    """The default base model baked into the image (or prepared under .cache/ by `make model`)."""
-    default = Path(__file__).resolve().parents[1] / ".cache" / "models" / EMBEDDED_MODEL_NAME
-    return Path(environ.get(EMBEDDED_MODEL_ENV) or default)
+@dataclass(frozen=True)
+class BaseModel:
+    source: str  # what from_pretrained loads: a hub id or a local folder
+    reference: str | None  # how an endpoint finds it again for an adapter-only export (None: it cannot)
 
 
-def resolve_base_model(config: TrainConfig, paths: OptML) -> str:
-    """model_id if given, else the `model` channel, else the embedded default model."""
+def resolve_base_model(config: TrainConfig, paths: OptML) -> BaseModel:
+    """model_id if given, else the `model` channel (a folder or a model.tar.gz), else the embedded model."""
     if config.model_id:
-        return config.model_id
+        local = Path(config.model_id)
+        return BaseModel(config.model_id, None if local.is_absolute() else config.model_id)
     channel = paths.channel(MODEL_CHANNEL)
     if channel.is_dir():
-        if not (channel / "config.json").is_file():
-            found = ", ".join(sorted(p.name for p in channel.iterdir())[:8]) or "nothing"
-            raise ContractError(f"the '{MODEL_CHANNEL}' channel {channel} holds no model folder: no config.json (found: {found})")
-        return str(channel)
+        return BaseModel(str(_model_folder(channel)), None)
     embedded = embedded_model_dir()
     if not (embedded / "config.json").is_file():
         raise ContractError(
             f"no base model: model_id is not set, there is no '{MODEL_CHANNEL}' channel, and the embedded model "
             f"is missing at {embedded} (run `make model`, or set {EMBEDDED_MODEL_ENV})"
         )
-    return str(embedded)
+    return BaseModel(str(embedded), EMBEDDED_BASE)
 
 
-def load_base_model(source: str, config: TrainConfig, dtype):
-    """The base model and its tokenizer. Weights load from safetensors only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _model_folder(channel: Path) -> Path:
+    """The model in the `model` channel: a transformers folder, or a model.tar.gz (an earlier job's output)."""
+    if (channel / "config.json").is_file():
+        return channel
+    tarballs = sorted(channel.glob("*.tar.gz"))
+    if len(tarballs) == 1:
+        target = Path(tempfile.mkdtemp(prefix="base-model-"))
+        log.info("extracting %s to %s", tarballs[0], target)
+        with tarfile.open(tarballs[0]) as archive:
+            archive.extractall(target, filter="data")
+        found = [p.parent for p in [target / "config.json", *target.glob("*/config.json")] if p.is_file()]
+        if found:
+            return found[0]
+        shutil.rmtree(target, ignore_errors=True)
+        raise ContractError(f"{tarballs[0]} holds no transformers model (no config.json at its top level)")
+    names = ", ".join(sorted(p.name for p in channel.iterdir())[:8]) or "nothing"
+    raise ContractError(
+        f"the '{MODEL_CHANNEL}' channel {channel} must hold a model folder (config.json) or exactly one "
+        f"model.tar.gz (found: {names})"
+    )
 
-    hub = {"revision": config.model_revision or None, "trust_remote_code": config.trust_remote_code}
-    tokenizer = AutoTokenizer.from_pretrained(source, **hub)
+
+def load_tokenizer(source: str, config: TrainConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=config.model_revision or None,
+                                              trust_remote_code=config.trust_remote_code)
     if not tokenizer.chat_template:
         log.info("base model %s has no chat template: using a ChatML template, saved with the model", source)
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **hub)
-    return model, tokenizer
+    return tokenizer
+
+
+def load_for_training(source: str, config: TrainConfig, dtype, attn_implementation: str | None):
+    """The base model as the adapter method needs it: 16-bit (or fp32 on CPU), or 4-bit nf4 for QLoRA."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"dtype": dtype, "use_safetensors": True, "revision": config.model_revision or None,
+              "trust_remote_code": config.trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if config.adapter == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32,
+        )
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if config.adapter == "qlora":
+        from bitsandbytes.nn import Linear4bit
+        from peft import prepare_model_for_kbit_training
+
+        quantized = sum(isinstance(m, Linear4bit) for m in model.modules())
+        log.info("loaded %s in 4-bit nf4 (bitsandbytes): %d Linear4bit layers", source, quantized)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+def merge_adapter(base_source: str, adapter_dir: Path, config: TrainConfig):
+    """The base loaded in bf16 with the adapter merged in. Never merges into 4-bit weights: QLoRA's
+    adapter is applied to the 16-bit base, as the adapter was trained against its dequantized values."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(
+        base_source, dtype=torch.bfloat16, use_safetensors=True, revision=config.model_revision or None,
+        trust_remote_code=config.trust_remote_code,
+    )
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

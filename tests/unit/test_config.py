@@ -18,7 +18,7 @@ SDK3_MODEL_TRAINER = {"learning_rate": "0.0001", "gradient_checkpointing": "true
                          ids=["raw-api", "sdk2-estimator", "sdk2-framework", "sdk3"])
 def test_every_sdk_encoding_decodes_to_the_same_config(raw):
     config = TrainConfig.from_hyperparameters(raw)
-    assert config == TrainConfig(learning_rate=1e-4, gradient_checkpointing=True, model_id="my-org/base",
+    assert config == TrainConfig(learning_rate=1e-4, gradient_checkpointing="true", model_id="my-org/base",
                                  lora_target_modules=("q_proj", "v_proj"), max_steps=5)
 
 
@@ -42,7 +42,7 @@ def test_invalid_choice_names_the_nearest_valid_choice():
     ("lora_r", "eight", "lora_r='eight': expected an integer"),
     ("lora_r", "0", "lora_r=0 must be greater than 0"),
     ("learning_rate", "fast", "expected a number"),
-    ("gradient_checkpointing", "maybe", "expected true or false"),
+    ("trust_remote_code", "maybe", "expected true or false"),
     ("max_steps", "0", "max_steps=0 must be positive, or -1"),
     ("lora_dropout", "1.5", r"lora_dropout=1.5 must be in \[0, 1\)"),
 ])
@@ -69,3 +69,22 @@ def test_readme_hyperparameter_table_matches_the_config():
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert hyperparameter_table() in readme, "README's table is stale: paste train.config.hyperparameter_table()"
+
+
+def test_learning_rates_default_by_stage_and_adapter():
+    assert TrainConfig().stage_learning_rate("sft") == 2e-4
+    assert TrainConfig(adapter="full").stage_learning_rate("sft") == 2e-5
+    assert TrainConfig(method="sft+dpo").stage_learning_rate("dpo") == 5e-6
+    assert TrainConfig(learning_rate=1e-3).stage_learning_rate("sft") == 1e-3
+    assert TrainConfig(method="sft+dpo").stages == ("sft", "dpo")
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"adapter": "full", "export": "both"}, "export=both needs an adapter"),
+    ({"method": "sft+dpo", "export": "adapter"}, "export=adapter cannot describe sft\\+dpo"),
+    ({"method": "ppo"}, "did you mean 'dpo'"),
+    ({"validation_split": "1.0"}, "validation_split=1.0 must be in"),
+])
+def test_combinations_that_cannot_work_are_refused(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_hyperparameters(raw)

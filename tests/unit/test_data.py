@@ -1,8 +1,12 @@
+import csv
 import json
 
 import pytest
 
-from train.data import DataError, load_sft_rows
+from train.data import DataError, load_preference_rows, load_sft_rows, split_rows
+
+USER, ASSISTANT = {"role": "user", "content": "Write a post"}, {"role": "assistant", "content": "Here it is."}
+EXPECTED = {"prompt": [USER], "completion": [ASSISTANT]}
 
 
 def write(path, lines):
@@ -10,32 +14,78 @@ def write(path, lines):
     return path
 
 
-def test_instruction_and_messages_rows_become_prompt_completion(tmp_path):
+@pytest.mark.parametrize("record", [
+    {"instruction": "Write a post", "output": "Here it is."},
+    {"prompt": "Write a post", "completion": "Here it is."},
+    {"prompt": [USER], "completion": [ASSISTANT]},
+    {"messages": [USER, ASSISTANT]},
+], ids=["alpaca", "prompt-completion", "conversational-prompt-completion", "messages"])
+def test_every_sft_format_becomes_the_same_conversation(tmp_path, record):
+    write(tmp_path / "a.jsonl", [json.dumps(record)])
+    assert load_sft_rows(tmp_path) == [EXPECTED]
+
+
+def test_alpaca_input_and_multi_turn_messages(tmp_path):
     write(tmp_path / "a.jsonl", [
-        json.dumps({"instruction": "Write a post", "output": "Here it is."}),
-        "",
         json.dumps({"instruction": "Summarise", "input": "notes", "output": "Short."}),
+        json.dumps({"messages": [{"role": "system", "content": "You are Dana."}, USER, ASSISTANT,
+                                 {"role": "user", "content": "More"}, {"role": "assistant", "content": "Sure."}]}),
     ])
-    write(tmp_path / "b.jsonl", [json.dumps({"messages": [
-        {"role": "system", "content": "You are Dana."}, {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "More"},
-        {"role": "assistant", "content": "Sure."}]})])
     rows = load_sft_rows(tmp_path)
-    assert rows[0] == {"prompt": [{"role": "user", "content": "Write a post"}],
-                       "completion": [{"role": "assistant", "content": "Here it is."}]}
-    assert rows[1]["prompt"][0]["content"] == "Summarise\n\nnotes"
-    assert [m["role"] for m in rows[2]["prompt"]] == ["system", "user", "assistant", "user"]
-    assert rows[2]["completion"] == [{"role": "assistant", "content": "Sure."}]
+    assert rows[0]["prompt"][0]["content"] == "Summarise\n\nnotes"
+    assert [m["role"] for m in rows[1]["prompt"]] == ["system", "user", "assistant", "user"]
+    assert rows[1]["completion"] == [{"role": "assistant", "content": "Sure."}]
+
+
+def test_every_file_type_reads_the_same_rows(tmp_path):
+    records = [{"instruction": "Write a post", "output": "Here it is."}, {"messages": [USER, ASSISTANT]}]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "jsonl").mkdir()
+    write(tmp_path / "jsonl" / "d.jsonl", [json.dumps(r) for r in records])
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "d.json").write_text(json.dumps(records))
+    (tmp_path / "csv").mkdir()
+    with open(tmp_path / "csv" / "d.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["instruction", "output"])
+        writer.writeheader()
+        writer.writerow(records[0])
+    (tmp_path / "parquet").mkdir()
+    pq.write_table(pa.Table.from_pylist([{"messages": [USER, ASSISTANT]}]), tmp_path / "parquet" / "d.parquet")
+
+    assert load_sft_rows(tmp_path / "jsonl") == [EXPECTED, EXPECTED]
+    assert load_sft_rows(tmp_path / "json") == [EXPECTED, EXPECTED]
+    assert load_sft_rows(tmp_path / "csv") == [EXPECTED]
+    assert load_sft_rows(tmp_path / "parquet") == [EXPECTED]
+    assert len(load_sft_rows(tmp_path)) == 6  # subfolders and several files per channel
+
+
+def test_csv_message_lists_are_json_cells_and_errors_name_the_line(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('messages\n"[{""role"": ""user"", ""content"": ""Write a post""}, '
+                    '{""role"": ""assistant"", ""content"": ""Here it is.""}]"\n"[]"\n')
+    with pytest.raises(DataError, match=r"d\.csv:3: 'messages' must be a non-empty"):
+        load_sft_rows(tmp_path)
+
+
+def test_text_rows_and_mixing_kinds(tmp_path):
+    write(tmp_path / "a.jsonl", [json.dumps({"text": "plain text"})])
+    assert load_sft_rows(tmp_path) == [{"text": "plain text"}]
+    write(tmp_path / "b.jsonl", [json.dumps({"instruction": "x", "output": "y"})])
+    with pytest.raises(DataError, match=r"b\.jsonl:1: a conversation row among text rows"):
+        load_sft_rows(tmp_path)
 
 
 @pytest.mark.parametrize("line,message", [
     ('{"instruction": "x", "output": ', "invalid JSON"),
-    ('["a list"]', "expected a JSON object, got list"),
-    ('{"prompt": "x", "answer": "y"}', "unrecognised row with keys \\['answer', 'prompt'\\]"),
+    ('["a list"]', "expected an object \\(one example\\), got list"),
+    ('{"question": "x", "answer": "y"}', "unrecognised row with keys \\['answer', 'question'\\]"),
     ('{"instruction": "x", "output": 3}', "'output' must be a string"),
     ('{"instruction": " ", "output": "y"}', "must not be empty"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}', "messages\\[1\\] has role 'bot'"),
-    ('{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}', "last message must be"),
+    ('{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}', "last message of 'messages'"),
+    ('{"prompt": "x", "completion": [{"role": "user", "content": "y"}]}', "last message of 'completion'"),
 ])
 def test_malformed_rows_name_file_and_line(tmp_path, line, message):
     path = write(tmp_path / "data.jsonl", [json.dumps({"instruction": "ok", "output": "ok"}), line])
@@ -43,10 +93,47 @@ def test_malformed_rows_name_file_and_line(tmp_path, line, message):
         load_sft_rows(tmp_path)
 
 
+def test_json_array_errors_name_the_item(tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "a"}]))
+    with pytest.raises(DataError, match=r"d\.json: item 1: unrecognised row"):
+        load_sft_rows(tmp_path)
+
+
 def test_empty_file_and_empty_channel_are_errors(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(DataError, match=r"no \.jsonl files .*found: notes\.txt"):
+    with pytest.raises(DataError, match=r"no data files .*found: notes\.txt"):
         load_sft_rows(tmp_path)
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(DataError, match="empty.jsonl: the file has no examples"):
         load_sft_rows(tmp_path)
+
+
+def test_preference_rows_standard_conversational_and_implicit_prompt(tmp_path):
+    other = {"role": "assistant", "content": "Meh."}
+    write(tmp_path / "p.jsonl", [
+        json.dumps({"prompt": "Write a post", "chosen": "Here it is.", "rejected": "Meh."}),
+        json.dumps({"prompt": [USER], "chosen": [ASSISTANT], "rejected": [other]}),
+        json.dumps({"chosen": [USER, ASSISTANT], "rejected": [USER, other]}),
+    ])
+    expected = {"prompt": [USER], "chosen": [ASSISTANT], "rejected": [other]}
+    assert load_preference_rows(tmp_path) == [expected] * 3
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"prompt": "x", "chosen": "y"}, "unrecognised preference row"),
+    ({"chosen": [USER, ASSISTANT], "rejected": [{"role": "user", "content": "other"}, ASSISTANT]}, "differ only in their last"),
+    ({"prompt": "x", "chosen": "", "rejected": "z"}, "'chosen' must not be empty"),
+])
+def test_bad_preference_rows(tmp_path, record, message):
+    write(tmp_path / "p.jsonl", [json.dumps(record)])
+    with pytest.raises(DataError, match=f"p.jsonl:1: .*{message}"):
+        load_preference_rows(tmp_path)
+
+
+def test_split_holds_out_a_deterministic_fraction():
+    rows = [{"text": str(i)} for i in range(100)]
+    train, held_out = split_rows(rows, 0.05, seed=1)
+    assert (len(train), len(held_out)) == (95, 5)
+    assert split_rows(rows, 0.05, seed=1) == (train, held_out)
+    assert split_rows(rows[:10], 0.05, seed=1)[1] != []  # at least one row when asked for a fraction
+    assert split_rows(rows, 0.0, seed=1) == (rows, [])

@@ -1,0 +1,73 @@
+"""Spot-safe checkpoints: SIGTERM saves at the next step boundary; restarts resume from the newest
+complete checkpoint. SageMaker syncs /opt/ml/checkpoints to S3 and copies it back before a restart.
+
+A checkpoint counts only once the Trainer has finished writing it: the `on_save` callback, which runs
+after every file is written, drops a marker in it. Checkpoints without the marker (a kill mid-write)
+are never resumed from and are deleted. A finished stage leaves `<stage>/final` with the same marker.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import signal
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = ".complete"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class StopOnSignal(TrainerCallback):
+    """Installs a SIGTERM handler; at the next step boundary asks the Trainer to save and stop."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        if not self.requested:
+            log.warning("SIGTERM received: saving a checkpoint at the next step boundary, then exiting")
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class MarkComplete(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                (folder / COMPLETE_MARKER).touch()
+        return control
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    """The newest complete checkpoint-N under `stage_dir`; incomplete ones are removed."""
+    complete = []
+    for folder in sorted(stage_dir.glob("checkpoint-*")):
+        match = _CHECKPOINT.match(folder.name)
+        if not match or not folder.is_dir():
+            continue
+        if (folder / COMPLETE_MARKER).is_file():
+            complete.append((int(match.group(1)), folder))
+        else:
+            log.warning("removing incomplete checkpoint %s (the job stopped while writing it)", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    return max(complete)[1] if complete else None
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE_MARKER).is_file()
+
+
+def mark_complete(folder: Path) -> None:
+    (folder / COMPLETE_MARKER).touch()

@@ -1,0 +1,92 @@
+"""The job's stages end to end: load the base, run SFT and/or DPO, merge, export. Imports torch.
+
+Between stages the merged 16-bit model is kept in /opt/ml/checkpoints/<stage>/final, marked complete,
+so a restarted sft+dpo job skips a finished SFT stage and resumes inside the DPO stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from container.opt_ml import OptML
+from train.checkpoints import StopOnSignal, is_complete, mark_complete
+from train.errors import TrainingInterrupted
+from train.config import TrainConfig
+from train.export import export_model
+from train.model import BaseModel, load_for_training, load_tokenizer, merge_adapter
+from train.recipes import detect_device, train_stage
+
+log = logging.getLogger(__name__)
+
+STAGE_REPORT_FILE = "stage_report.json"
+
+
+def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, list]], base: BaseModel) -> None:
+    device = detect_device(config)
+    stop = StopOnSignal()
+    tokenizer = load_tokenizer(base.source, config)
+    report = {
+        "config": dataclasses.asdict(config),
+        "base_model": base.source,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "precision": "bf16" if device.bf16 else "fp32",
+        "stages": {},
+    }
+    source = base.source
+    for index, stage in enumerate(config.stages):
+        stage_dir = paths.checkpoints_dir / stage
+        final = stage_dir / "final"
+        last = index == len(config.stages) - 1
+        if not last and is_complete(final):
+            log.info("stage %s finished in an earlier run: continuing from %s", stage, final)
+            report["stages"][stage] = json.loads((final / STAGE_REPORT_FILE).read_text())
+            source = str(final)
+            continue
+        if stop.requested:
+            raise TrainingInterrupted(f"training stopped by SIGTERM before {stage}; start the job again to resume")
+
+        train_rows, eval_rows = data[stage]
+        model = load_for_training(source, config, device.dtype, device.attn_implementation)
+        trained, stage_report = train_stage(stage, config, model, tokenizer, train_rows, eval_rows, stage_dir, device, stop)
+        report["stages"][stage] = stage_report
+
+        adapter_dir = None
+        if config.adapter != "full":
+            adapter_dir = stage_dir / "adapter"
+            trained.save_pretrained(adapter_dir)
+            del model, trained
+            trained = None
+            _free_memory()
+        if last:
+            export_model(config, paths, tokenizer, base, source, trained, adapter_dir, report)
+            return
+        merged = trained if trained is not None else merge_adapter(source, adapter_dir, config)
+        source = str(_save_stage_model(merged, tokenizer, final, stage_report))
+        del merged, trained
+        _free_memory()
+
+
+def _save_stage_model(model, tokenizer, final: Path, stage_report: dict) -> Path:
+    partial = final.with_name("final.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(final, ignore_errors=True)
+    model.to(torch.bfloat16).save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    (partial / STAGE_REPORT_FILE).write_text(json.dumps(stage_report, indent=2))
+    partial.rename(final)
+    mark_complete(final)
+    log.info("stage model saved to %s", final)
+    return final
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

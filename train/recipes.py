@@ -1,0 +1,184 @@
+"""The two training stages, each one TRL trainer: SFTTrainer (loss on completions only) and DPOTrainer
+(the PEFT base, adapter disabled, is the reference: no second model copy). LoRA, QLoRA or full.
+
+Imports torch and TRL: `train.__main__` imports this only after config and data are checked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import PrinterCallback, TrainerCallback
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+from container.config import ConfigError
+from train.checkpoints import MarkComplete, StopOnSignal, latest_checkpoint
+from train.errors import TrainingInterrupted
+from train.config import TrainConfig
+from train.metrics import TokenRate, format_log_line
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Device:
+    use_cpu: bool
+    bf16: bool
+    dtype: torch.dtype
+    attn_implementation: str | None  # flash_attention_2 when installed on a GPU, else the default (sdpa)
+    liger: bool
+
+
+def detect_device(config: TrainConfig) -> Device:
+    cuda = torch.cuda.is_available()
+    bf16_supported = cuda and torch.cuda.is_bf16_supported()
+    if config.bf16 == "true" and not bf16_supported:
+        raise ConfigError("hyperparameter bf16=true needs a GPU with bfloat16 support (Ampere or newer); use bf16=auto")
+    bf16 = bf16_supported if config.bf16 == "auto" else config.bf16 == "true"
+    flash = cuda and importlib.util.find_spec("flash_attn") is not None
+    liger = cuda and importlib.util.find_spec("liger_kernel") is not None
+    return Device(use_cpu=not cuda, bf16=bf16, dtype=torch.bfloat16 if bf16 else torch.float32,
+                  attn_implementation="flash_attention_2" if flash else None, liger=liger)
+
+
+def use_packing(config: TrainConfig, device: Device) -> bool:
+    """Padding-free packing keeps examples apart through position ids; it pays with flash-attention's
+    variable-length kernels. On SDPA (and on the CPU) it is slower than length-grouped batches."""
+    if config.packing == "auto":
+        return device.attn_implementation == "flash_attention_2"
+    return config.packing == "true"
+
+
+def use_gradient_checkpointing(config: TrainConfig, model) -> bool:
+    """auto: on when weights, gradients and optimizer state would take over half the GPU's memory."""
+    if config.gradient_checkpointing != "auto":
+        return config.gradient_checkpointing == "true"
+    if not torch.cuda.is_available():
+        return False
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if config.adapter != "full" else None
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = (trainable if trainable is not None else sum(p.numel() for p in model.parameters())) * 16
+    need = weights + state
+    total = torch.cuda.get_device_properties(0).total_memory
+    on = need > 0.5 * total
+    log.info("gradient_checkpointing=auto: about %.1f GiB of weights and optimizer state on a %.1f GiB GPU -> %s",
+             need / 2**30, total / 2**30, "on" if on else "off")
+    return on
+
+
+def lora_config(config: TrainConfig) -> LoraConfig | None:
+    if config.adapter == "full":
+        return None
+    targets = config.lora_target_modules
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules="all-linear" if targets == ("all-linear",) else list(targets), task_type="CAUSAL_LM")
+
+
+def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: list[dict], eval_rows: list[dict],
+                stage_dir: Path, device: Device, stop: StopOnSignal) -> tuple[object, dict]:
+    """Train one stage (resuming from its newest complete checkpoint) and return the model and a report."""
+    packing = stage == "sft" and use_packing(config, device)
+    checkpointing = use_gradient_checkpointing(config, model)
+    common = dict(
+        output_dir=str(stage_dir),
+        learning_rate=config.stage_learning_rate(stage),
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        num_train_epochs=config.num_train_epochs if stage == "sft" else config.dpo_num_train_epochs,
+        max_steps=config.max_steps if stage == "sft" else config.dpo_max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_length=config.max_length,
+        gradient_checkpointing=checkpointing,
+        bf16=device.bf16,
+        use_cpu=device.use_cpu,
+        use_liger_kernel=device.liger,
+        seed=config.seed,
+        logging_steps=config.logging_steps,
+        eval_strategy="steps" if eval_rows and config.eval_steps else "no",
+        eval_steps=config.eval_steps or None,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        # TRL names the lengths `input_ids` only for SFT; DPO batches pairs, so it keeps random order
+        train_sampling_strategy="group_by_length" if stage == "sft" and config.group_by_length and not packing else "random",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    callbacks = [MetricsLogCallback(stage), stop, MarkComplete()]
+    datasets = {"train_dataset": Dataset.from_list(train_rows),
+                "eval_dataset": Dataset.from_list(eval_rows) if eval_rows else None}
+    if stage == "sft":
+        args = SFTConfig(**common, completion_only_loss=True, packing=packing, padding_free=packing)
+        trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=lora_config(config),
+                             callbacks=callbacks, **datasets)
+    else:
+        args = DPOConfig(**common, beta=config.beta, loss_type=[config.dpo_loss_type])
+        trainer = DPOTrainer(model=model, ref_model=None, args=args, processing_class=tokenizer,
+                             peft_config=lora_config(config), callbacks=callbacks, **datasets)
+    trainer.remove_callback(PrinterCallback)  # MetricsLogCallback prints the same numbers, regex-friendly
+
+    report = {"examples": len(train_rows), "eval_examples": len(eval_rows), "packing": packing,
+              "gradient_checkpointing": checkpointing, "learning_rate": common["learning_rate"]}
+    report.update(_data_losses(stage, trainer, train_rows, config, packing))
+    resume = latest_checkpoint(stage_dir)
+    if resume is not None:
+        log.info("resuming %s from %s (step %s)", stage, resume, resume.name.split("-")[-1])
+        report["resumed_from_step"] = int(resume.name.split("-")[-1])
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stop.requested:
+        raise TrainingInterrupted(
+            f"training stopped by SIGTERM during {stage} at step {trainer.state.global_step} of {trainer.state.max_steps}; "
+            f"a checkpoint was saved in {stage_dir}: start the job again with the same checkpoint location to resume"
+        )
+    metrics = dict(result.metrics)
+    if eval_rows:
+        metrics.update(trainer.evaluate())
+    report.update(steps=trainer.state.global_step, metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                  tokens_per_second=callbacks[0].mean_tokens_per_second())
+    return trainer.model, report
+
+
+def _data_losses(stage: str, trainer, rows: list[dict], config: TrainConfig, packing: bool) -> dict:
+    """Rows TRL dropped (their completion was truncated away) and rows cut at max_length, logged."""
+    kept = len(trainer.train_dataset)
+    counts = {"dropped": 0, "truncated": 0}
+    if stage == "sft" and not packing:
+        counts["dropped"] = len(rows) - kept
+        counts["truncated"] = sum(len(ids) >= config.max_length for ids in trainer.train_dataset["input_ids"])
+    if counts["dropped"]:
+        log.warning("%s: %d of %d examples dropped: their prompt alone reaches max_length=%d (raise max_length)",
+                    stage, counts["dropped"], len(rows), config.max_length)
+    if counts["truncated"]:
+        log.warning("%s: %d examples truncated to max_length=%d tokens", stage, counts["truncated"], config.max_length)
+    return counts
+
+
+class MetricsLogCallback(TrainerCallback):
+    """Prints metrics as `stage=... step=... key=value` lines (see train.metrics), with tokens/s."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.rate = TokenRate()
+        self.rates: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        logs = dict(logs)
+        rate = self.rate.update(logs.get("num_tokens"))
+        if rate is not None and "loss" in logs:
+            logs["tokens_per_second"] = rate
+            self.rates.append(rate)
+        print(format_log_line(self.stage, state.global_step, logs), flush=True)
+
+    def mean_tokens_per_second(self) -> float | None:
+        return sum(self.rates) / len(self.rates) if self.rates else None
