@@ -8,7 +8,7 @@ from container.model_dir import SERVING_SPEC_FILE, load_spec
 from tests.conftest import TINY_ROWS, jsonl, link_model_channel, make_tree, run_train
 
 FAST = {"max_steps": "2", "per_device_train_batch_size": "2", "gradient_accumulation_steps": "1", "max_length": "64",
-        "warmup_steps": "0", "logging_steps": "1"}
+        "warmup_steps": "0", "logging_steps": "1", "validation_split": "0"}
 
 
 def test_trains_on_instruction_and_messages_data_and_writes_a_loadable_model(tmp_path, tiny_model):
@@ -20,14 +20,16 @@ def test_trains_on_instruction_and_messages_data_and_writes_a_loadable_model(tmp
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert not (root / "output" / "failure").exists()
-    assert "11 training examples" in result.stdout
-    assert "step=2 loss=" in result.stdout  # one regex-friendly metrics line per logging step
+    assert "sft: 11 training examples from 'train', 0 for evaluation" in result.stdout
+    assert "stage=sft step=2 train_loss=" in result.stdout  # one regex-friendly metrics line per logging step
     model_dir = root / "model"
-    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", SERVING_SPEC_FILE} <= {
-        p.name for p in model_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", SERVING_SPEC_FILE,
+            "training_report.json"} <= {p.name for p in model_dir.iterdir()}
     assert not (root / "model.partial").exists()
-    spec = load_spec(model_dir)
-    assert spec.training["steps"] == 2 and spec.training["examples"] == 11
+    assert load_spec(model_dir).weights == "merged"
+    report = json.loads((model_dir / "training_report.json").read_text())
+    assert report["stages"]["sft"]["steps"] == 2 and report["stages"]["sft"]["examples"] == 11
+    assert report["config"]["lora_r"] == 32 and report["stages"]["sft"]["metrics"]["train_loss"] > 0
     assert (model_dir / "chat_template.jinja").read_text() == (tiny_model / "chat_template.jinja").read_text()
     assert not any(p.suffix in (".bin", ".pt", ".pth") for p in model_dir.iterdir())
 
@@ -86,7 +88,8 @@ def test_embedded_default_model_is_used_when_none_is_named(tmp_path):
     root = make_tree(tmp_path, {**FAST, "max_steps": "1"}, {"train/d.jsonl": jsonl(TINY_ROWS[:2])})
     result = run_train(root)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SmolLM2-135M-Instruct" in json.loads((root / "model" / SERVING_SPEC_FILE).read_text())["base_model"]
+    assert json.loads((root / "model" / SERVING_SPEC_FILE).read_text())["base_model"] == "embedded"
+    assert "SmolLM2-135M-Instruct" in json.loads((root / "model" / "training_report.json").read_text())["base_model"]
 
 
 def test_job_shapes_this_version_cannot_run_fail_clearly(tmp_path):
