@@ -59,6 +59,9 @@ def load_data(config: TrainConfig, paths: OptML) -> dict[str, tuple[list, list]]
         log.info("%s: %d training examples from '%s', %d for evaluation (%s)",
                  stage, len(train_rows), train_channel, len(eval_rows), source)
         data[stage] = (train_rows, eval_rows)
+    used = {"model"} | {name for stage in config.stages for name in CHANNELS[stage][:2]}
+    for name in sorted(set(paths.channels_present()) - used):
+        log.warning("channel '%s' is present but method=%s does not read it", name, config.method)
     return data
 
 

@@ -1,0 +1,99 @@
+"""Training throughput: our SFT path against a plain TRL SFTTrainer with its defaults, in one run.
+
+    .venv/bin/python bench/train_throughput.py [--steps 6] [--batch-size 8]
+
+Both train LoRA (same rank, all linear layers) on the embedded SmolLM2-135M-Instruct with the sample
+data in local_test/test_dir (variable-length posts and conversations), for the same number of steps
+and the same batch size. A forward pre-hook on the model counts, for every micro-batch, the positions
+it computes and the real ones among them (attention mask set: not padding). Printed for each: real
+tokens per second, padding fraction; then the ratio ours / plain TRL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+from container.model_dir import embedded_model_dir  # noqa: E402
+from train.checkpoints import StopOnSignal  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
+from train.data import load_sft_rows  # noqa: E402
+from train.model import load_for_training, load_tokenizer  # noqa: E402
+from train.recipes import detect_device, train_stage  # noqa: E402
+
+
+class TokenCounter:
+    """Counts computed and real (non-padding) token positions of every forward pass."""
+
+    def __init__(self, model):
+        self.total = self.real = 0
+        model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is None or not module.training:
+            return
+        mask = kwargs.get("attention_mask")
+        self.total += ids.numel()
+        self.real += int(mask.sum()) if mask is not None and mask.dim() == 2 else ids.numel()
+
+
+def plain_trl(model, tokenizer, rows, steps, batch_size, out) -> float:
+    """TRL's defaults (gradient checkpointing on, random order, no packing); only what the CPU needs."""
+    args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size, use_cpu=True, bf16=False,
+                     report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=steps)
+    lora = LoraConfig(r=32, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=lora)
+    started = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - started
+
+
+def ours(model, tokenizer, rows, steps, batch_size, out) -> float:
+    config = TrainConfig(max_steps=steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
+                         max_length=1024, save_steps=10_000, validation_split=0.0, logging_steps=steps)
+    started = time.perf_counter()
+    train_stage("sft", config, model, tokenizer, rows, [], Path(out), detect_device(config), StopOnSignal())
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=8)
+    options = parser.parse_args()
+    torch.manual_seed(0)
+    rows = load_sft_rows(REPO / "local_test" / "test_dir" / "input" / "data" / "train")
+    source = str(embedded_model_dir())
+    config = TrainConfig()
+    results = {}
+    for name, run in (("plain TRL defaults", plain_trl), ("ours", ours)):
+        tokenizer = load_tokenizer(source, config)
+        model = load_for_training(source, config, torch.float32, None)
+        counter = TokenCounter(model)
+        with tempfile.TemporaryDirectory() as out:
+            seconds = run(model, tokenizer, rows, options.steps, options.batch_size, out)
+        results[name] = {"seconds": round(seconds, 1), "real_tokens": counter.real, "positions": counter.total,
+                         "real_tokens_per_second": round(counter.real / seconds, 1),
+                         "padding_fraction": round(1 - counter.real / counter.total, 3)}
+    print(json.dumps(results, indent=2))
+    ratio = results["ours"]["real_tokens_per_second"] / results["plain TRL defaults"]["real_tokens_per_second"]
+    print(f"steps={options.steps} batch_size={options.batch_size} examples={len(rows)} threads={torch.get_num_threads()}")
+    print(f"ratio (ours / plain TRL, real tokens per second): {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
