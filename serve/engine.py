@@ -1,9 +1,12 @@
-"""The engine: one thread per worker that owns the model, takes requests from a queue and generates.
+"""The engine: one thread per worker that owns the model and batches every request it is given.
 
-HTTP threads submit requests and wait on a future; only the engine thread touches the model and the
-tokenizer, so there are no locks around them and /ping never waits behind a generation. The engine
-thread imports torch and loads the model itself, so the HTTP side answers /ping (503) within a second
-of starting. Requests run one at a time for now; the queue is where batching across requests plugs in.
+HTTP threads submit requests and read their events from a per-request queue: "token" events while the
+sequence runs (for streaming), then "done" with the result, or "error". Only the engine thread
+touches the model, so /ping never waits behind a generation. The engine thread imports torch and loads
+the model itself, so the HTTP side answers /ping (503) within a second of starting.
+
+Backpressure: at most `max_concurrent_requests` requests are admitted at once; the next one is refused
+at once (429) rather than queued without bound.
 """
 
 from __future__ import annotations
@@ -12,16 +15,54 @@ import logging
 import os
 import queue
 import threading
-from concurrent.futures import Future
+import time
+from typing import Iterator
 
 from container.model_dir import ServingSpec
 from serve.config import ServeConfig
-from serve.errors import GenerationError, ServeError
+from serve.errors import GenerationError, Overloaded, ServeError
 from serve.schemas import GenerateParams, GenerateRequest, GenerateResult
 
 log = logging.getLogger(__name__)
 
 WORKER_BOOT_ERROR = 3  # gunicorn stops the whole server when a worker exits with this code
+
+
+class Ticket:
+    """One admitted request: its events queue, and a way for the client side to give up on it."""
+
+    def __init__(self, request: GenerateRequest, release):
+        self.request = request
+        self.events: queue.Queue = queue.Queue()
+        self.cancelled = False
+        self._release = release
+
+    def emit(self, kind: str, payload) -> None:
+        self.events.put((kind, payload))
+
+    def stream(self, timeout: float) -> Iterator[tuple[str, object]]:
+        """Events until "done" or "error"; releases the request's admission slot at the end."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    kind, payload = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    raise TimeoutError("generation did not finish within the server timeout") from None
+                yield kind, payload
+                if kind in ("done", "error"):
+                    return
+        finally:
+            self.cancelled = True
+            self._release()
+
+    def result(self, timeout: float) -> GenerateResult:
+        for kind, payload in self.stream(timeout):
+            if kind == "done":
+                return payload
+            if kind == "error":
+                raise payload
+        raise GenerationError("generation ended without a result")
 
 
 class Engine:
@@ -30,6 +71,7 @@ class Engine:
         self.spec = spec
         self._requests: queue.Queue = queue.Queue()
         self._ready = threading.Event()
+        self._slots = threading.BoundedSemaphore(config.max_concurrent_requests)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     @property
@@ -39,34 +81,64 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
-    def generate(self, request: GenerateRequest) -> GenerateResult:
-        future: Future = Future()
-        self._requests.put((request, future))
-        try:
-            return future.result(timeout=self.config.timeout)
-        except TimeoutError:
-            future.cancel()  # still queued: the engine skips it instead of generating for nobody
-            raise
+    def submit(self, request: GenerateRequest) -> Ticket:
+        if not self._slots.acquire(blocking=False):
+            raise Overloaded(f"Model is overloaded: more than {self.config.max_concurrent_requests} requests in flight")
+        ticket = Ticket(request, self._slots.release)
+        self._requests.put(ticket)
+        return ticket
 
+    def generate(self, request: GenerateRequest) -> GenerateResult:
+        return self.submit(request).result(self.config.timeout)
+
+    # --- engine thread -----------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            from serve.generator import Generator  # torch loads here, in the engine thread
+            from serve.batcher import Batcher  # torch loads here, in the engine thread
 
-            generator = Generator(self.config, self.spec)
-            generator.generate(GenerateRequest("Hello", GenerateParams(max_new_tokens=2)))  # warm-up
+            batcher = Batcher(self.config, self.spec)
+            warmup = Ticket(GenerateRequest("Hello", GenerateParams(max_new_tokens=2)), lambda: None)
+            self._serve_batch(batcher, [warmup])
+            while batcher.active:
+                batcher.step()
+            warmup.result(timeout=1)  # raises what the warm-up generation raised
         except Exception:
             log.exception("loading the model from %s failed", self.config.model_dir)
             os._exit(WORKER_BOOT_ERROR)
         self._ready.set()
-        log.info("model ready on %s (%s)", generator.device, generator.dtype)
+        log.info("model ready on %s (%s), batches of up to %d", batcher.device, batcher.dtype, self.config.max_batch_size)
         while True:
-            request, future = self._requests.get()
-            if not future.set_running_or_notify_cancel():
+            joining = [] if batcher.active else [self._requests.get()]
+            while batcher.active + len(joining) < self.config.max_batch_size:
+                try:
+                    joining.append(self._requests.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._serve_batch(batcher, joining)
+                if batcher.active:
+                    batcher.step()
+            except Exception as e:  # a failed forward pass fails the requests in it, never the engine
+                log.exception("generation failed")
+                error = GenerationError(f"Request failed during generation: {type(e).__name__}: {e}")
+                for seq in batcher.fail_all():
+                    seq.emit("error", error)
+
+    def _serve_batch(self, batcher, tickets: list[Ticket]) -> None:
+        joining = []
+        for ticket in tickets:
+            if ticket.cancelled:
                 continue
             try:
-                future.set_result(generator.generate(request))
+                joining.append(batcher.prepare(ticket.request, ticket.emit, lambda t=ticket: t.cancelled))
             except ServeError as e:
-                future.set_exception(e)
-            except Exception as e:  # a failed generation fails its request, never the engine
-                log.exception("generation failed")
-                future.set_exception(GenerationError(f"Request failed during generation: {type(e).__name__}: {e}"))
+                ticket.emit("error", e)
+        if joining:
+            try:
+                batcher.add(joining)
+            except Exception as e:
+                log.exception("prefill failed")
+                error = GenerationError(f"Request failed during generation: {type(e).__name__}: {e}")
+                for seq in joining:
+                    seq.emit("error", error)
+                raise

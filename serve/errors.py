@@ -28,3 +28,7 @@ class GenerationError(ServeError):
 
 class NotReady(ServeError):
     status, error_type = 503, "healthcheck"
+
+
+class Overloaded(ServeError):
+    status, error_type = 429, "overloaded"

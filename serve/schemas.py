@@ -1,4 +1,6 @@
-"""TGI's /invocations request schema, validated into typed requests (reference/serving.md §1.4).
+"""/invocations request schemas, validated into typed requests (reference/serving.md §1.4).
+
+Routed on the body like TGI: `inputs` → TGI generate, `messages` → OpenAI chat completion.
 
 Differences from TGI, on purpose: `top_p: 1.0` is accepted (TGI answers 422), `stop_sequences` is an
 alias of `stop`, `return_full_text` defaults to false (TGI's default is true for local models), and a
@@ -16,8 +18,10 @@ from serve.errors import ValidationError
 MAX_STOP_SEQUENCES = 4
 _PARAMETERS = (
     "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample",
-    "stop", "stop_sequences", "seed", "return_full_text", "details",
+    "stop", "stop_sequences", "seed", "return_full_text", "details", "truncate",
 )
+_CHAT_FIELDS = ("messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
+                "stream", "n", "frequency_penalty", "presence_penalty", "stream_options", "user")
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class GenerateParams:
     seed: int | None = None
     return_full_text: bool = False
     details: bool = False
+    truncate: int | None = None
 
     @property
     def sampling(self) -> bool:
@@ -46,8 +51,17 @@ class GenerateParams:
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    inputs: str
+    inputs: str  # TGI's prompt; for chat requests, the last user message (for logs)
     params: GenerateParams
+    stream: bool = False
+    messages: list[dict] | None = None  # set for OpenAI chat requests: the chat template is applied to them
+
+
+def parse_request(body: object) -> GenerateRequest:
+    """Route on the body's keys, as TGI does: `messages` → chat, otherwise TGI generate."""
+    if isinstance(body, dict) and "messages" in body:
+        return parse_chat(body)
+    return parse_generate(body)
 
 
 def parse_generate(body: object) -> GenerateRequest:
@@ -55,21 +69,52 @@ def parse_generate(body: object) -> GenerateRequest:
         raise ValidationError(f"request body must be a JSON object, got {_json_type(body)}")
     unknown = sorted(set(body) - {"inputs", "parameters", "stream"})
     if unknown:
-        raise ValidationError(f"unknown field '{unknown[0]}': did you mean '{nearest(unknown[0], ('inputs', 'parameters', 'stream'))}'?")
+        raise ValidationError(f"unknown field '{unknown[0]}': did you mean '{nearest(unknown[0], ('inputs', 'parameters', 'stream', 'messages'))}'?")
     if "inputs" not in body:
-        raise ValidationError("missing field 'inputs' (the prompt string)")
+        raise ValidationError("missing field 'inputs' (the prompt string), or 'messages' for a chat completion")
     inputs = body["inputs"]
     if not isinstance(inputs, str):
         raise ValidationError(f"'inputs' must be a string, got {_json_type(inputs)}")
     if not inputs.strip():
         raise ValidationError("'inputs' cannot be empty")
-    if body.get("stream", False) not in (False, None):
-        raise ValidationError("'stream': true is not supported by this server version; send stream false or omit it")
     raw = body.get("parameters")
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ValidationError(f"'parameters' must be an object, got {_json_type(raw)}")
-    return GenerateRequest(inputs=inputs, params=_parse_params(raw))
+    params = _parse_params(raw)
+    stream = _flag(body, "stream")
+    return GenerateRequest(inputs=inputs, params=params, stream=stream)
+
+
+def parse_chat(body: dict) -> GenerateRequest:
+    """OpenAI chat completions. As in OpenAI's API, temperature defaults to 1 (sampling); 0 is greedy."""
+    for key in body:
+        if key not in _CHAT_FIELDS:
+            raise ValidationError(f"unknown field '{key}': did you mean '{nearest(key, _CHAT_FIELDS)}'?")
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ValidationError("'messages' must be a non-empty array of {role, content} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise ValidationError(f"messages[{i}] must be an object with a string 'content'")
+        if message.get("role") not in ("system", "user", "assistant"):
+            raise ValidationError(f"messages[{i}].role must be system, user or assistant, got {message.get('role')!r}")
+    if body.get("n", 1) != 1:
+        raise ValidationError("'n' must be 1: one choice per request")
+    for key in ("frequency_penalty", "presence_penalty"):
+        if body.get(key) not in (None, 0, 0.0):
+            raise ValidationError(f"'{key}' is not supported; use TGI's repetition_penalty through 'inputs' requests")
+    values = {k: v for k, v in body.items() if v is not None}
+    max_tokens = values.get("max_completion_tokens", values.get("max_tokens"))
+    temperature = _number(values, "temperature", float, minimum=0.0, maximum=2.0)
+    raw = {"max_new_tokens": max_tokens, "top_p": values.get("top_p"), "stop": values.get("stop"),
+           "seed": values.get("seed")}
+    if temperature != 0.0:
+        raw.update(do_sample=True, temperature=temperature)
+    params = _parse_params({k: v for k, v in raw.items() if v is not None})
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    return GenerateRequest(inputs=last_user, params=params, stream=_flag(body, "stream"), messages=messages)
 
 
 def _parse_params(raw: dict) -> GenerateParams:
@@ -91,6 +136,7 @@ def _parse_params(raw: dict) -> GenerateParams:
         seed=_number(values, "seed", int, minimum=0, maximum=2**64 - 1),
         return_full_text=_bool(values, "return_full_text"),
         details=_bool(values, "details"),
+        truncate=_number(values, "truncate", int, minimum=1),
     )
     return params
 
@@ -111,6 +157,15 @@ def _number(values: dict, key: str, kind: type, minimum=None, maximum=None, abov
         raise ValidationError(f"parameter '{key}' must be > {above}, got {value}")
     if maximum is not None and value > maximum:
         raise ValidationError(f"parameter '{key}' must be <= {maximum}, got {value}")
+    return value
+
+
+def _flag(body: dict, key: str) -> bool:
+    value = body.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ValidationError(f"'{key}' must be true or false, got {value!r}")
     return value
 
 

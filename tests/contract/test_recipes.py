@@ -54,10 +54,15 @@ def test_every_format_and_file_type_trains_and_serves(tmp_path, tiny_model, serv
     answers(serve_tree, root)
 
 
-def test_plain_text_rows_train(tmp_path, tiny_model):
-    root = make_tree(tmp_path, FAST, {"train/corpus.jsonl": jsonl([{"text": f"Lesson {i}: measure first."} for i in range(6)])})
+def test_plain_text_rows_with_a_validation_channel_and_packing(tmp_path, tiny_model):
+    text = [{"text": f"Lesson {i}: measure first."} for i in range(6)]
+    root = make_tree(tmp_path, {**FAST, "packing": "true"},
+                     {"train/corpus.jsonl": jsonl(text), "validation/held_out.jsonl": jsonl(text[:2])})
     link_model_channel(root, tiny_model)
-    trained(root)
+    result = trained(root)
+    assert "sft: 6 training examples from 'train', 2 for evaluation (the 'validation' channel)" in result.stdout
+    sft = report(root)["stages"]["sft"]
+    assert sft["packing"] is True and "eval_loss" in sft["metrics"]
 
 
 def test_long_rows_are_counted_not_dropped_silently(tmp_path, tiny_model):

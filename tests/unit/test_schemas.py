@@ -1,7 +1,7 @@
 import pytest
 
 from serve.errors import ValidationError
-from serve.schemas import parse_generate
+from serve.schemas import parse_generate, parse_request
 
 LLM_TWIN_BODY = {"inputs": "User query: write about RAG", "parameters": {
     "max_new_tokens": 150, "top_p": 0.9, "temperature": 0.01, "return_full_text": False, "repetition_penalty": 1.1}}
@@ -42,8 +42,22 @@ def test_stop_sequences_is_an_alias_of_stop():
     ({"inputs": "x", "parameters": {"stop": ["a", "b", "c", "d", "e"]}}, "at most 4 sequences"),
     ({"inputs": "x", "parameters": {"stop": [""]}}, "list of non-empty strings"),
     ({"inputs": "x", "parameters": {"seed": -1}}, "'seed' must be >= 0"),
-    ({"inputs": "x", "stream": True}, "'stream': true is not supported"),
+    ({"inputs": "x", "stream": "yes"}, "'stream' must be true or false"),
+    ({"inputs": "x", "parameters": {"truncate": 0}}, "'truncate' must be >= 1"),
+    ({"messages": []}, "'messages' must be a non-empty array"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages\\[0\\].role must be system, user or assistant"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "'n' must be 1"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokenz": 2}, "unknown field 'max_tokenz': did you mean 'max_tokens'"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "'temperature' must be <= 2.0"),
 ])
 def test_invalid_requests_are_validation_errors_naming_the_field(body, message):
     with pytest.raises(ValidationError, match=message):
-        parse_generate(body)
+        parse_request(body)
+
+
+def test_chat_requests_follow_openai_defaults():
+    request = parse_request({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 7, "stream": True})
+    assert request.messages == [{"role": "user", "content": "Hi"}] and request.stream
+    assert request.params.max_new_tokens == 7 and request.params.sampling  # temperature defaults to 1
+    greedy = parse_request({"messages": [{"role": "user", "content": "Hi"}], "temperature": 0})
+    assert not greedy.params.sampling
