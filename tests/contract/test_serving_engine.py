@@ -1,0 +1,153 @@
+"""Batching, streaming, chat, backpressure and shutdown of the real server (tiny model, real HTTP)."""
+
+import json
+import signal
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests.conftest import Server
+
+PROMPTS = [f"Write about lesson {i} of shipping models" + " really" * i for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_served_model):
+    server = Server(tiny_served_model, DTYPE="float32")
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+def sse_events(response) -> list:
+    """Parse an SSE body event by event (`data:` lines separated by blank lines)."""
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    events = []
+    for block in response.text.split("\n\n"):
+        if block.strip():
+            assert block.startswith("data:"), block
+            payload = block[len("data:"):].strip()
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def generate(server, prompt, **parameters):
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": 12, "details": True, **parameters}}
+    response = server.invoke(body)
+    assert response.status_code == 200, response.text
+    return response.json()[0]
+
+
+def test_concurrent_requests_are_batched_and_answer_as_if_alone(server):
+    alone = [generate(server, p, max_new_tokens=6 + i) for i, p in enumerate(PROMPTS)]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(pool.map(lambda ip: generate(server, ip[1], max_new_tokens=6 + ip[0]), enumerate(PROMPTS)))
+    assert together == alone  # per-request lengths and padding do not change what a request gets
+    assert [a["details"]["generated_tokens"] for a in alone] == [6 + i for i in range(8)]
+
+
+def test_tgi_stream_event_by_event(server):
+    body = {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 10, "details": True}, "stream": True}
+    response = server.invoke(body, stream=True)
+    events = sse_events(response)
+    plain = generate(server, PROMPTS[1], max_new_tokens=10)
+    assert len(events) == 10
+    assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
+    assert [e["index"] for e in events] == list(range(1, 11))
+    assert "".join(e["token"]["text"] for e in events) == plain["generated_text"] == events[-1]["generated_text"]
+    assert all(isinstance(e["token"]["id"], int) and e["token"]["logprob"] <= 0 for e in events)
+    assert events[-1]["details"]["generated_tokens"] == 10 and events[-1]["details"]["finish_reason"] == "length"
+
+
+def test_chat_completion_and_its_stream(server):
+    body = {"messages": [{"role": "system", "content": "You are Dana."}, {"role": "user", "content": PROMPTS[2]}],
+            "max_tokens": 8, "temperature": 0}
+    answer = server.invoke(body).json()
+    assert answer["object"] == "chat.completion"
+    choice = answer["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("length", "stop")
+    assert answer["usage"]["completion_tokens"] <= 8
+    assert answer["usage"]["total_tokens"] == answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"]
+
+    events = sse_events(server.invoke({**body, "stream": True}, stream=True))
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == choice["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
+    assert chunks[-1]["usage"] == answer["usage"]
+
+
+def test_stop_sequence_ends_generation_and_stays_in_the_text(server):
+    free = generate(server, PROMPTS[3], max_new_tokens=20)["generated_text"]
+    stop = free[3:6]
+    assert stop.strip(), free
+    stopped = generate(server, PROMPTS[3], max_new_tokens=20, stop=[stop])
+    assert stopped["details"]["finish_reason"] == "stop_sequence"
+    assert stopped["generated_text"].endswith(stop) and free.startswith(stopped["generated_text"])
+
+
+def test_details_counts_match_the_tokens(server):
+    item = generate(server, "Hi", max_new_tokens=5, return_full_text=True)
+    assert item["details"]["generated_tokens"] == 5
+    assert item["generated_text"].startswith("Hi")
+    assert item["details"]["input_length"] > 1
+
+
+def test_jsonlines_batch_is_answered_line_for_line(server):
+    lines = [json.dumps({"inputs": p, "parameters": {"max_new_tokens": 4}}) for p in PROMPTS[:3]]
+    lines.insert(1, '{"inputs": 5}')
+    response = server.invoke("\n".join(lines) + "\n", headers={"Content-Type": "application/jsonlines"})
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("application/jsonlines")
+    answers = [json.loads(line) for line in response.text.splitlines()]
+    assert len(answers) == 4
+    assert answers[1]["error_type"] == "validation" and answers[1]["error"].startswith("line 2:")
+    assert answers[0]["generated_text"] == generate(server, PROMPTS[0], max_new_tokens=4)["generated_text"]
+    parameters = requests.get(server.url + "/execution-parameters", timeout=5).json()
+    assert parameters["BatchStrategy"] == "MULTI_RECORD" and parameters["MaxPayloadInMB"] == 6
+
+
+def test_ping_stays_fast_while_16_clients_stream(server):
+    stop = threading.Event()
+    latencies = []
+
+    def client(i):
+        while not stop.is_set():
+            body = {"inputs": PROMPTS[i % 8], "parameters": {"max_new_tokens": 40}, "stream": True}
+            server.invoke(body, stream=True).content
+
+    with ThreadPoolExecutor(16) as pool:
+        for i in range(16):
+            pool.submit(client, i)
+        time.sleep(1.0)
+        for _ in range(100):
+            started = time.perf_counter()
+            assert requests.get(server.url + "/ping", timeout=2).status_code == 200
+            latencies.append(time.perf_counter() - started)
+            time.sleep(0.02)
+        stop.set()
+    p99 = statistics.quantiles(latencies, n=100)[98]
+    assert p99 < 0.1, f"/ping p99 {p99 * 1000:.1f} ms"
+
+
+def test_overload_is_429_at_once_and_sigterm_drains_in_flight_work(tiny_served_model):
+    server = Server(tiny_served_model, MAX_CONCURRENT_REQUESTS="2", MAX_BATCH_SIZE="2")
+    server.wait_ready()
+    slow = {"inputs": "Write a long post", "parameters": {"max_new_tokens": 300}}
+    with ThreadPoolExecutor(2) as pool:
+        in_flight = [pool.submit(server.invoke, slow) for _ in range(2)]
+        time.sleep(0.3)
+        started = time.perf_counter()
+        refused = server.invoke({"inputs": "one more", "parameters": {"max_new_tokens": 2}})
+        assert refused.status_code == 429 and refused.json()["error_type"] == "overloaded"
+        assert time.perf_counter() - started < 1.0
+        server.process.send_signal(signal.SIGTERM)  # SageMaker scaling in: finish what was accepted
+        results = [f.result(timeout=30) for f in in_flight]
+    assert [r.status_code for r in results] == [200, 200]
+    assert all(r.json()[0]["generated_text"] for r in results)
+    assert server.process.wait(timeout=30) == 0
