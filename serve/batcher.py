@@ -73,7 +73,9 @@ class Batcher:
             self.model = PeftModel.from_pretrained(base, str(model_dir / ADAPTER_DIR)).merge_and_unload()
         else:
             self.model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-        if "quantization_config" not in kwargs:
+        if "quantization_config" in kwargs:
+            log.info("weights loaded in 4-bit nf4 (bitsandbytes)")
+        else:
             self.model.to(self.device)
         self.model.eval()
         eos = self.model.generation_config.eos_token_id
