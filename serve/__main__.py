@@ -7,16 +7,18 @@ import sys
 from pathlib import Path
 
 from container.config import ConfigError
-from container.model_dir import ModelDirError, load_spec
+from container.model_dir import ModelDirError
 from container.opt_ml import ContractError
 from serve.config import ServeConfig
+from serve.custom import CustomCodeError, load_custom_handlers
+from serve.model_dir import serving_spec
 
 
 def main() -> None:
     try:
         config = ServeConfig.from_env()
-        spec = load_spec(config.model_dir)
-    except (ConfigError, ContractError, ModelDirError) as e:
+        spec = serving_spec(config.model_dir, load_custom_handlers(config.model_dir))
+    except (ConfigError, ContractError, ModelDirError, CustomCodeError) as e:
         sys.exit(f"serve: {e}")
     print(f"serve: model {spec.base_model} from {config.model_dir}, port {config.port}, {config.workers} worker(s)", flush=True)
     conf = Path(__file__).with_name("gunicorn_conf.py")

@@ -15,7 +15,7 @@ import uuid
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from serve.errors import BadRequest, NotReady, ServeError, UnsupportedMediaType, ValidationError
+from serve.errors import BadRequest, GenerationError, NotReady, ServeError, UnsupportedMediaType, ValidationError
 from serve.schemas import GenerateRequest, GenerateResult, parse_request
 
 log = logging.getLogger(__name__)
@@ -46,14 +46,16 @@ def create_app(engine) -> Flask:
 
     @app.post("/invocations")
     def invocations():
+        if not engine.ready:
+            raise NotReady("model is loading")
+        if engine.custom is not None:
+            return _custom(engine, timeout)
         if request.mimetype in JSONLINES_TYPES:
             return _jsonlines(engine, request.get_data(cache=False), timeout)
         if request.mimetype not in JSON_TYPES:
             raise UnsupportedMediaType(
                 f"Content-Type {request.mimetype!r} is not supported: send application/json or application/jsonlines")
         generate = parse_request(_parse_json(request.get_data(cache=False)))
-        if not engine.ready:
-            raise NotReady("model is loading")
         ticket = engine.submit(generate)
         if generate.stream:
             return _stream(ticket, generate, timeout)
@@ -170,11 +172,42 @@ def _chat_events(generate, first, events):
     yield "data: [DONE]\n\n"
 
 
+def _custom(engine, timeout: float) -> Response:
+    """code/inference.py's handlers, each replacing the built-in step it names (serve/custom.py)."""
+    custom = engine.custom
+    accept = request.headers.get("Accept", "application/json")
+    accept = "application/json" if accept in ("", "*/*") else accept
+    data = request.get_data(cache=False)
+    if "input_fn" in custom:
+        try:
+            data = custom["input_fn"](data, request.content_type or "application/json")
+        except Exception as e:
+            raise BadRequest(f"input_fn failed: {type(e).__name__}: {e}") from None
+    else:
+        data = _parse_json(data)
+    if "predict_fn" in custom:
+        try:
+            prediction = engine.run_job(lambda model: custom["predict_fn"](data, model))
+        except (ServeError, TimeoutError):
+            raise
+        except Exception as e:
+            raise GenerationError(f"predict_fn failed: {type(e).__name__}: {e}") from None
+    else:
+        generate = parse_request(data)
+        if generate.stream:
+            raise ValidationError("'stream' is not available with custom input_fn/output_fn")
+        prediction = _response(generate, engine.submit(generate).result(timeout))
+    if "output_fn" not in custom:
+        return _json(200, prediction)
+    try:
+        return Response(custom["output_fn"](prediction, accept), status=200, mimetype=accept)
+    except Exception as e:
+        raise GenerationError(f"output_fn failed: {type(e).__name__}: {e}") from None
+
+
 def _jsonlines(engine, data: bytes, timeout: float) -> Response:
     """Batch transform: one request per line, one JSON line per answer, in order. A bad line gets an
     error line; the other lines are still answered."""
-    if not engine.ready:
-        raise NotReady("model is loading")
     lines = [line for line in data.splitlines() if line.strip()]
     if not lines:
         raise ValidationError("the jsonlines body has no lines")

@@ -16,10 +16,12 @@ import os
 import queue
 import threading
 import time
-from typing import Iterator
+from concurrent.futures import Future
+from typing import Callable, Iterator
 
 from container.model_dir import ServingSpec
 from serve.config import ServeConfig
+from serve.custom import CustomHandlers
 from serve.errors import GenerationError, Overloaded, ServeError
 from serve.schemas import GenerateParams, GenerateRequest, GenerateResult
 
@@ -65,10 +67,27 @@ class Ticket:
         raise GenerationError("generation ended without a result")
 
 
+class Job:
+    """A callable run on the engine thread between decode steps (custom predict_fn)."""
+
+    def __init__(self, function: Callable):
+        self.function = function
+        self.future: Future = Future()
+
+    def run(self, model) -> None:
+        if self.future.set_running_or_notify_cancel():
+            try:
+                self.future.set_result(self.function(model))
+            except Exception as e:  # handed to the waiting HTTP thread, which reports it
+                self.future.set_exception(e)
+
+
 class Engine:
-    def __init__(self, config: ServeConfig, spec: ServingSpec):
+    def __init__(self, config: ServeConfig, spec: ServingSpec, custom: CustomHandlers | None = None):
         self.config = config
         self.spec = spec
+        self.custom = custom
+        self.model = None  # what a custom predict_fn receives
         self._requests: queue.Queue = queue.Queue()
         self._ready = threading.Event()
         self._slots = threading.BoundedSemaphore(config.max_concurrent_requests)
@@ -91,29 +110,45 @@ class Engine:
     def generate(self, request: GenerateRequest) -> GenerateResult:
         return self.submit(request).result(self.config.timeout)
 
+    def run_job(self, function: Callable):
+        """Run function(model) on the engine thread and return its result."""
+        if not self._slots.acquire(blocking=False):
+            raise Overloaded(f"Model is overloaded: more than {self.config.max_concurrent_requests} requests in flight")
+        try:
+            job = Job(function)
+            self._requests.put(job)
+            try:
+                return job.future.result(timeout=self.config.timeout)
+            except TimeoutError:
+                job.future.cancel()
+                raise
+        finally:
+            self._slots.release()
+
     # --- engine thread -----------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            from serve.batcher import Batcher  # torch loads here, in the engine thread
-
-            batcher = Batcher(self.config, self.spec)
-            warmup = Ticket(GenerateRequest("Hello", GenerateParams(max_new_tokens=2)), lambda: None)
-            self._serve_batch(batcher, [warmup])
-            while batcher.active:
-                batcher.step()
-            warmup.result(timeout=1)  # raises what the warm-up generation raised
+            batcher = self._load()
         except Exception:
             log.exception("loading the model from %s failed", self.config.model_dir)
             os._exit(WORKER_BOOT_ERROR)
         self._ready.set()
-        log.info("model ready on %s (%s), batches of up to %d", batcher.device, batcher.dtype, self.config.max_batch_size)
         while True:
-            joining = [] if batcher.active else [self._requests.get()]
-            while batcher.active + len(joining) < self.config.max_batch_size:
+            busy = batcher is not None and batcher.active
+            items = [] if busy else [self._requests.get()]
+            while (batcher.active if batcher else 0) + len(items) < self.config.max_batch_size:
                 try:
-                    joining.append(self._requests.get_nowait())
+                    items.append(self._requests.get_nowait())
                 except queue.Empty:
                     break
+            joining = []
+            for item in items:
+                if isinstance(item, Job):
+                    item.run(self.model)
+                else:
+                    joining.append(item)
+            if batcher is None:
+                continue
             try:
                 self._serve_batch(batcher, joining)
                 if batcher.active:
@@ -123,6 +158,24 @@ class Engine:
                 error = GenerationError(f"Request failed during generation: {type(e).__name__}: {e}")
                 for seq in batcher.fail_all():
                     seq.emit("error", error)
+
+    def _load(self):
+        """The built-in model (with batching), or what a custom model_fn returns (no batcher)."""
+        if self.custom is not None and "model_fn" in self.custom:
+            self.model = self.custom["model_fn"](str(self.config.model_dir))
+            log.info("model ready from %s's model_fn", self.custom.path)
+            return None
+        from serve.batcher import Batcher  # torch loads here, in the engine thread
+
+        batcher = Batcher(self.config, self.spec)
+        warmup = Ticket(GenerateRequest("Hello", GenerateParams(max_new_tokens=2)), lambda: None)
+        self._serve_batch(batcher, [warmup])
+        while batcher.active:
+            batcher.step()
+        warmup.result(timeout=1)  # raises what the warm-up generation raised
+        self.model = {"model": batcher.model, "tokenizer": batcher.tokenizer}
+        log.info("model ready on %s (%s), batches of up to %d", batcher.device, batcher.dtype, self.config.max_batch_size)
+        return batcher
 
     def _serve_batch(self, batcher, tickets: list[Ticket]) -> None:
         joining = []
