@@ -60,6 +60,8 @@ class Batcher:
     def _load(self) -> None:
         model_dir = self.config.model_dir
         kwargs = {"dtype": self.dtype, "use_safetensors": True}
+        if self.config.device_map:
+            kwargs["device_map"] = self.config.device_map
         if self.config.quantize == "bitsandbytes":
             from transformers import BitsAndBytesConfig
 
@@ -75,8 +77,9 @@ class Batcher:
             self.model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
         if "quantization_config" in kwargs:
             log.info("weights loaded in 4-bit nf4 (bitsandbytes)")
-        else:
+        if "quantization_config" not in kwargs and "device_map" not in kwargs:
             self.model.to(self.device)
+        self.device = self.model.device  # inputs go where the first layers are
         self.model.eval()
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None} or {self.tokenizer.eos_token_id}

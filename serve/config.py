@@ -31,6 +31,7 @@ class ServeConfig:
     max_total_tokens: int = 0  # 0 = from serving.json
     max_batch_size: int = 32  # sequences decoded together in one forward pass
     max_concurrent_requests: int = 128  # per worker; beyond it requests get 429 at once
+    device_map: str = ""  # "auto": spread the model over all visible GPUs (set by serve/gunicorn_conf.py)
 
     @property
     def threads(self) -> int:
@@ -56,6 +57,7 @@ class ServeConfig:
             max_total_tokens=get(("MAX_TOTAL_TOKENS",), int, cls.max_total_tokens),
             max_batch_size=get(("MAX_BATCH_SIZE",), int, cls.max_batch_size),
             max_concurrent_requests=get(("MAX_CONCURRENT_REQUESTS",), int, cls.max_concurrent_requests),
+            device_map=get(("SERVE_DEVICE_MAP",), str, cls.device_map),
         )
         if config.dtype not in DTYPES:
             raise ConfigError(f"DTYPE={config.dtype!r} is not valid: use one of {', '.join(DTYPES)}")

@@ -1,11 +1,17 @@
-"""gunicorn settings, from ServeConfig. Threaded workers: HTTP threads wait on the engine thread."""
+"""gunicorn settings, from ServeConfig. Threaded workers: HTTP threads wait on the engine thread.
+Worker count and GPU placement come from serve/placement.py."""
+
+import os
 
 from serve.config import ServeConfig
+from serve.placement import free_gpu, gpus_present, model_bytes, plan
 
 _config = ServeConfig.from_env()
+_gpus, _gpu_bytes = gpus_present()
+_placement = plan(_config.workers, _gpus, _gpu_bytes, model_bytes(_config.model_dir))
 
 bind = f"0.0.0.0:{_config.port}"
-workers = _config.workers or 1
+workers = _placement.workers
 worker_class = "gthread"
 threads = _config.threads  # max_concurrent_requests + a few kept free for /ping
 timeout = _config.timeout + 30  # a worker is only killed after its requests could have timed out
@@ -14,3 +20,17 @@ keepalive = 75
 errorlog = "-"
 loglevel = "info"
 control_socket_disable = True  # gunicorn 27's admin socket: unused, and one path per user would clash
+
+
+def pre_fork(server, worker):
+    if _placement.pin_gpus:
+        worker.gpu = free_gpu({getattr(w, "gpu", -1) for w in server.WORKERS.values()}, _gpus)
+
+
+def post_fork(server, worker):
+    if _placement.pin_gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(worker.gpu)
+        server.log.info("worker %s serves GPU %s", worker.pid, worker.gpu)
+    if _placement.span_gpus:
+        os.environ["SERVE_DEVICE_MAP"] = "auto"
+        server.log.info("worker %s spreads the model over %d GPUs", worker.pid, _gpus)

@@ -1,0 +1,64 @@
+"""How many gunicorn workers, and which GPUs each one gets. No torch: this runs in the gunicorn master,
+which must not initialise CUDA before it forks.
+
+One worker per model copy: one per GPU when the model fits on one (each worker sees only its GPU
+through CUDA_VISIBLE_DEVICES), otherwise a single worker whose model spans every GPU
+(device_map="auto"). On the CPU, one worker: threads do the I/O, the engine thread batches.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from container.model_dir import ADAPTER_DIR
+
+FIT_MARGIN = 1.3  # weights plus room for the KV cache and activations of a batch
+
+
+@dataclass(frozen=True)
+class Placement:
+    workers: int
+    pin_gpus: bool  # each worker gets one GPU of its own
+    span_gpus: bool  # the single worker spreads the model over all GPUs
+
+
+def plan(requested_workers: int, gpus: int, gpu_bytes: int, model_bytes: int) -> Placement:
+    if gpus == 0:
+        return Placement(requested_workers or 1, pin_gpus=False, span_gpus=False)
+    fits_one = model_bytes * FIT_MARGIN <= gpu_bytes
+    if requested_workers:
+        return Placement(requested_workers, pin_gpus=fits_one and requested_workers <= gpus,
+                         span_gpus=not fits_one and gpus > 1)
+    if fits_one:
+        return Placement(gpus, pin_gpus=gpus > 1, span_gpus=False)
+    return Placement(1, pin_gpus=False, span_gpus=gpus > 1)
+
+
+def free_gpu(taken: set[int], gpus: int) -> int:
+    """The lowest GPU index no live worker holds (a restarted worker takes its predecessor's GPU)."""
+    return min(set(range(gpus)) - taken) if len(taken) < gpus else 0
+
+
+def gpus_present() -> tuple[int, int]:
+    """(GPU count, memory of the smallest GPU in bytes), from nvidia-smi; (0, 0) without one."""
+    if shutil.which("nvidia-smi") is None:
+        return 0, 0
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return 0, 0
+    sizes = [int(line) * 2**20 for line in out.split() if line.strip().isdigit()]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        sizes = sizes[: len([v for v in visible.split(",") if v.strip()])]
+    return len(sizes), min(sizes, default=0)
+
+
+def model_bytes(model_dir: Path) -> int:
+    files = list(model_dir.glob("*.safetensors")) or list((model_dir / ADAPTER_DIR).glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files)

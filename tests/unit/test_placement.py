@@ -1,0 +1,22 @@
+import pytest
+
+from serve.placement import Placement, free_gpu, plan
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("requested,gpus,gpu_gib,model_gib,expected", [
+    (0, 0, 0, 0.3, Placement(1, False, False)),  # CPU: one worker, threads for I/O
+    (0, 1, 24, 16, Placement(1, False, False)),  # 8B bf16 on one A10G
+    (0, 4, 24, 16, Placement(4, True, False)),  # g5.12xlarge: a copy per GPU
+    (0, 4, 24, 28, Placement(1, False, True)),  # too big for one GPU: one worker across all four
+    (0, 8, 80, 140, Placement(1, False, True)),  # 70B on p4de
+    (2, 4, 24, 16, Placement(2, True, False)),  # SAGEMAKER_MODEL_SERVER_WORKERS wins
+])
+def test_one_worker_per_model_copy(requested, gpus, gpu_gib, model_gib, expected):
+    assert plan(requested, gpus, int(gpu_gib * GIB), int(model_gib * GIB)) == expected
+
+
+def test_a_restarted_worker_takes_the_free_gpu():
+    assert free_gpu(set(), 4) == 0
+    assert free_gpu({0, 1, 3}, 4) == 2
