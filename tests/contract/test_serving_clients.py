@@ -2,6 +2,7 @@
 property-based fuzz of request bodies, and 4-bit loading."""
 
 import json
+import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,6 +20,7 @@ def server(tiny_served_model):
 
 
 def test_sagemaker_sdk_local_runtime_client_gets_an_answer(server):
+    os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
     from sagemaker.local.local_session import LocalSagemakerRuntimeClient
 
     client = LocalSagemakerRuntimeClient(config={"local": {"serving_port": server.port}})

@@ -136,8 +136,13 @@ def test_ping_stays_fast_while_16_clients_stream(server):
 
 
 def test_overload_is_429_at_once_and_sigterm_drains_in_flight_work(tiny_served_model):
-    server = Server(tiny_served_model, MAX_CONCURRENT_REQUESTS="2", MAX_BATCH_SIZE="2")
+    server = Server(tiny_served_model, MAX_CONCURRENT_REQUESTS="2", MAX_BATCH_SIZE="2", MAX_INPUT_LENGTH="30",
+                    MAX_TOTAL_TOKENS="400")
     server.wait_ready()
+    too_long = server.invoke({"inputs": "word " * 40})
+    assert too_long.status_code == 422 and "inputs must have less than 30 tokens" in too_long.json()["error"]
+    too_many = server.invoke({"inputs": "hi", "parameters": {"max_new_tokens": 399}})
+    assert too_many.status_code == 422 and "must be <= 400" in too_many.json()["error"]
     slow = {"inputs": "Write a long post", "parameters": {"max_new_tokens": 300}}
     with ThreadPoolExecutor(2) as pool:
         in_flight = [pool.submit(server.invoke, slow) for _ in range(2)]
