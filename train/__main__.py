@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import traceback
@@ -19,6 +20,7 @@ from container.opt_ml import ContractError, OptML
 from train.config import TrainConfig
 from train.data import DataError, load_preference_rows, load_sft_rows, split_rows
 from train.errors import TrainingInterrupted
+from train.launcher import WORKER_ENV, launch, topology, write_rank_failure
 from train.model import resolve_base_model
 
 log = logging.getLogger("train")
@@ -35,10 +37,6 @@ CHANNELS = {"sft": ("train", "validation", load_sft_rows),
 
 def check_job_shape(paths: OptML) -> None:
     """Refuse job shapes this version cannot run correctly, before any work is done."""
-    hosts = paths.read_resource_config().hosts
-    if len(hosts) > 1:
-        raise ContractError(f"this job has {len(hosts)} instances ({', '.join(hosts)}); multi-instance training "
-                            "is not supported by this version: set instance_count=1")
     for channel, settings in paths.read_input_data_config().items():
         if settings.get("TrainingInputMode") == "Pipe":
             raise ContractError(f"the '{channel}' channel uses Pipe input mode; use File or FastFile")
@@ -65,7 +63,7 @@ def load_data(config: TrainConfig, paths: OptML) -> dict[str, tuple[list, list]]
     return data
 
 
-def run(config: TrainConfig, paths: OptML) -> None:
+def run(config: TrainConfig, paths: OptML, worker: bool) -> None:
     log.info("config: %s", json.dumps(config.__dict__, default=list, sort_keys=True))
     check_job_shape(paths)
     data = load_data(config, paths)
@@ -74,33 +72,53 @@ def run(config: TrainConfig, paths: OptML) -> None:
         raise ConfigError("export=adapter needs a base model the endpoint can load by itself (a hub model_id or the "
                           "embedded model), not a local or channel model: use export=merged or export=both")
     log.info("base model: %s", base.source)
+    top = topology(config, paths)
+    if top.needs_launcher and not worker:  # config and data are fine: start the workers
+        code, failure = launch(config, top)
+        if code != 0:
+            raise WorkersFailed(code, *failure)
+        return
 
     from train.pipeline import fine_tune  # torch from here on
 
     fine_tune(config, paths, data, base)
 
 
+class WorkersFailed(Exception):
+    def __init__(self, code: int, first_line: str, details: str):
+        super().__init__(first_line)
+        self.code, self.first_line, self.details = code, first_line, details
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     paths = OptML.from_env()
-    paths.failure_file.unlink(missing_ok=True)  # a local re-run must not show an earlier run's failure
+    worker = os.environ.get(WORKER_ENV) == "1"  # one of several processes started by the launcher
+    if not worker:
+        paths.failure_file.unlink(missing_ok=True)  # a local re-run must not show an earlier run's failure
     try:
         config = TrainConfig.from_hyperparameters(paths.read_hyperparameters())
-        run(config, paths)
+        run(config, paths, worker)
+    except WorkersFailed as e:
+        _fail(paths, worker, e.code, e.first_line, e.details)
     except USER_ERRORS as e:
-        _fail(paths, EXIT_USER_ERROR, str(e))
+        _fail(paths, worker, EXIT_USER_ERROR, str(e))
     except TrainingInterrupted as e:
-        _fail(paths, EXIT_INTERRUPTED, str(e))
+        _fail(paths, worker, EXIT_INTERRUPTED, str(e))
     except Exception as e:  # the boundary: anything else is a framework error, reported with its traceback
         details = traceback.format_exc()
         log.error("%s", details)
-        _fail(paths, EXIT_FRAMEWORK_ERROR, f"training failed: {type(e).__name__}: {e}", details[-700:])
+        _fail(paths, worker, EXIT_FRAMEWORK_ERROR, f"training failed: {type(e).__name__}: {e}", details[-700:])
     log.info("training complete")
 
 
-def _fail(paths: OptML, code: int, message: str, details: str = "") -> None:
+def _fail(paths: OptML, worker: bool, code: int, message: str, details: str = "") -> None:
+    """A worker reports to its launcher, which writes this host's failure file; otherwise write it."""
     shutil.rmtree(paths.model_staging_dir, ignore_errors=True)
-    paths.write_failure(message, details)
+    if worker:
+        write_rank_failure(f"{message}\n{details}".strip())
+    else:
+        paths.write_failure(message, details)
     log.error("%s", message)
     sys.exit(code)
 

@@ -61,6 +61,12 @@ class TrainConfig:
     group_by_length: bool = _f(True, "Without packing, batch examples of similar length (less padding).")
     gradient_checkpointing: str = _f("auto", "Recompute activations to save memory (about 30% more compute). auto = on when the GPU would otherwise be tight.", choices=("auto", "true", "false"))
     bf16: str = _f("auto", "bfloat16 mixed precision: auto = on GPUs that support it.", choices=("auto", "true", "false"))
+    # distribution (one GPU, many GPUs, many instances)
+    distributed: str = _f("auto", "auto: one process per GPU on every instance, DDP when the model and its optimizer state fit one GPU, else DeepSpeed ZeRO-3; or force ddp, zero2, zero3, fsdp.", choices=("auto", "ddp", "zero2", "zero3", "fsdp"))
+    processes_per_host: int = _f(0, "Training processes per instance; 0 = one per GPU (1 on the CPU).")
+    master_port: int = _f(7777, "TCP port of the rendezvous on the first instance.")
+    ddp_timeout: int = _f(1800, "Seconds a collective may wait for a peer before the job fails.")
+    dns_timeout: int = _f(900, "Seconds to keep retrying the first instance's host name (SageMaker's DNS can be late).")
     # checkpoints, logs, serving
     save_steps: int = _f(50, "Checkpoint to /opt/ml/checkpoints every this many steps (and on SIGTERM).")
     save_total_limit: int = _f(2, "Checkpoints kept per stage; older ones are deleted.")
@@ -92,6 +98,12 @@ class TrainConfig:
             raise ConfigError("hyperparameter lora_target_modules is empty: name modules or use all-linear")
         if self.adapter == "full" and self.export != "merged":
             raise ConfigError(f"export={self.export} needs an adapter, but adapter=full trains every weight: use export=merged")
+        if self.adapter == "qlora" and self.distributed in ("zero3", "fsdp"):
+            raise ConfigError(f"adapter=qlora with distributed={self.distributed} is not supported here (bitsandbytes "
+                              "4-bit weights cannot be sharded by this stack): use distributed=ddp or zero2, or adapter=lora")
+        if self.processes_per_host < 0 or not 0 < self.master_port < 65536 or self.ddp_timeout <= 0 or self.dns_timeout < 0:
+            raise ConfigError("hyperparameters processes_per_host >= 0, 0 < master_port < 65536, ddp_timeout > 0 and "
+                              "dns_timeout >= 0 are required")
         if self.method == "sft+dpo" and self.export == "adapter":
             raise ConfigError("export=adapter cannot describe sft+dpo (the DPO adapter sits on the SFT model, which "
                               "exists only inside the job): use export=merged or export=both")

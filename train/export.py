@@ -14,32 +14,36 @@ from transformers import AutoConfig
 from container.model_dir import ADAPTER_DIR, TRAINING_REPORT_FILE, ServingSpec, publish
 from container.opt_ml import OptML
 from train.config import TrainConfig
-from train.model import BaseModel, merge_adapter
+from train.model import BaseModel, load_trained
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOTAL_TOKENS = 4096
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
 def export_model(config: TrainConfig, paths: OptML, tokenizer, base: BaseModel, source: str,
-                 full_model, adapter_dir: Path | None, report: dict) -> None:
-    """`full_model` is the trained model for adapter=full; otherwise `adapter_dir` holds the adapter
-    trained on `source` (the base, or the SFT stage's merged model)."""
+                 trained: Path, report: dict) -> None:
+    """`trained` holds what the last stage trained on `source` (the base, or the SFT stage's model):
+    the full model for adapter=full, otherwise the adapter."""
     staging = paths.model_staging_dir
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
 
     if config.export in ("merged", "both"):
-        merged = full_model if full_model is not None else merge_adapter(source, adapter_dir, config)
-        merged = merged.to(torch.bfloat16)
+        merged = load_trained(source, trained, config).to(torch.bfloat16)
         merged.generation_config.eos_token_id = tokenizer.eos_token_id
         merged.generation_config.pad_token_id = tokenizer.pad_token_id
         merged.save_pretrained(staging)
         model_config = merged.config
     else:
         model_config = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
-    if config.export in ("adapter", "both"):
-        shutil.copytree(adapter_dir, staging / ADAPTER_DIR)
+    if config.export in ("adapter", "both"):  # the adapter's weights and config only: no pickled trainer state
+        (staging / ADAPTER_DIR).mkdir()
+        for name in ADAPTER_FILES:
+            shutil.copy2(trained / name, staging / ADAPTER_DIR / name)
     tokenizer.save_pretrained(staging)
 
     max_total = int(getattr(model_config, "max_position_embeddings", 0) or DEFAULT_MAX_TOTAL_TOKENS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tarfile
 import tempfile
@@ -101,7 +102,7 @@ def load_for_training(source: str, config: TrainConfig, dtype, attn_implementati
             bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32,
         )
         if torch.cuda.is_available():
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # this process's GPU
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if config.adapter == "qlora":
         from bitsandbytes.nn import Linear4bit
@@ -125,3 +126,13 @@ def merge_adapter(base_source: str, adapter_dir: Path, config: TrainConfig):
         trust_remote_code=config.trust_remote_code,
     )
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+def load_trained(source: str, trained: Path, config: TrainConfig):
+    """A stage's result as one bf16 model: the full model as trained, or its adapter merged onto `source`."""
+    if config.adapter == "full":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(trained, dtype=torch.bfloat16, use_safetensors=True)
+    return merge_adapter(source, trained, config)

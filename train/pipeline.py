@@ -10,6 +10,7 @@ import dataclasses
 import gc
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from train.checkpoints import StopOnSignal, is_complete, mark_complete
 from train.errors import TrainingInterrupted
 from train.config import TrainConfig
 from train.export import export_model
-from train.model import BaseModel, load_for_training, load_tokenizer, merge_adapter
+from train.model import BaseModel, load_for_training, load_tokenizer, load_trained
 from train.recipes import detect_device, train_stage
 
 log = logging.getLogger(__name__)
@@ -56,21 +57,28 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
         model = load_for_training(source, config, device.dtype, device.attn_implementation)
         trained, stage_report = train_stage(stage, config, model, tokenizer, train_rows, eval_rows, stage_dir, device, stop)
         report["stages"][stage] = stage_report
-
-        adapter_dir = None
-        if config.adapter != "full":
-            adapter_dir = stage_dir / "adapter"
-            trained.save_pretrained(adapter_dir)
-            del model, trained
-            trained = None
-            _free_memory()
-        if last:
-            export_model(config, paths, tokenizer, base, source, trained, adapter_dir, report)
-            return
-        merged = trained if trained is not None else merge_adapter(source, adapter_dir, config)
-        source = str(_save_stage_model(merged, tokenizer, final, stage_report))
-        del merged, trained
+        del model
         _free_memory()
+        if last:
+            if _rank("RANK") == 0:  # only the first process of the first instance writes /opt/ml/model
+                export_model(config, paths, tokenizer, base, source, trained, report)
+            return
+        if _rank("LOCAL_RANK") == 0:  # every instance needs the stage model for the next stage
+            merged = load_trained(source, trained, config)
+            _save_stage_model(merged, tokenizer, final, stage_report)
+            del merged
+            _free_memory()
+        _barrier()
+        source = str(final)
+
+
+def _rank(name: str) -> int:
+    return int(os.environ.get(name, "0"))
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def _save_stage_model(model, tokenizer, final: Path, stage_report: dict) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,44 @@ def use_gradient_checkpointing(config: TrainConfig, model) -> bool:
     return on
 
 
+DEEPSPEED_CONFIGS = Path(__file__).with_name("deepspeed")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def strategy(config: TrainConfig, model) -> str:
+    """single, ddp, zero2, zero3 or fsdp. auto: DDP while a full replica (weights, gradients, optimizer
+    state) fits in most of one GPU, else ZeRO-3, which shards all three across every GPU of every host."""
+    if world_size() == 1:
+        return "single"
+    if config.distributed != "auto":
+        return config.distributed
+    if not torch.cuda.is_available():
+        log.info("distributed=auto: DDP over gloo on the CPU (%d processes)", world_size())
+        return "ddp"
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if config.adapter != "full" else params
+    need = params * 2 + trainable * 16  # 16-bit weights; fp32 master weights, gradients and two Adam moments
+    total = torch.cuda.get_device_properties(0).total_memory
+    choice = "ddp" if need < 0.8 * total else "zero3"
+    log.info("distributed=auto: about %.1f GiB per replica on %.1f GiB GPUs -> %s", need / 2**30, total / 2**30,
+             "DDP (a replica fits one GPU)" if choice == "ddp" else "ZeRO-3 (shard weights, gradients and optimizer state)")
+    return choice
+
+
+def distributed_args(config: TrainConfig, choice: str) -> dict:
+    args = {"ddp_timeout": config.ddp_timeout, "save_on_each_node": True}
+    if choice in ("zero2", "zero3"):
+        args["deepspeed"] = str(DEEPSPEED_CONFIGS / f"{choice}.json")
+    elif choice == "fsdp":
+        args.update(fsdp="full_shard auto_wrap", fsdp_config={"use_orig_params": True})
+    elif choice == "ddp":
+        args["ddp_find_unused_parameters"] = False
+    return args
+
+
 def lora_config(config: TrainConfig) -> LoraConfig | None:
     if config.adapter == "full":
         return None
@@ -81,10 +120,12 @@ def lora_config(config: TrainConfig) -> LoraConfig | None:
 
 
 def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: list[dict], eval_rows: list[dict],
-                stage_dir: Path, device: Device, stop: StopOnSignal) -> tuple[object, dict]:
-    """Train one stage (resuming from its newest complete checkpoint) and return the model and a report."""
+                stage_dir: Path, device: Device, stop: StopOnSignal) -> tuple[Path, dict]:
+    """Train one stage (resuming from its newest complete checkpoint). Every rank saves the result (ZeRO-3
+    gathers the weights then) to `stage_dir/trained`: the adapter, or the full model. Returns it and a report."""
     packing = stage == "sft" and use_packing(config, device)
     checkpointing = use_gradient_checkpointing(config, model)
+    choice = strategy(config, model)
     common = dict(
         output_dir=str(stage_dir),
         learning_rate=config.stage_learning_rate(stage),
@@ -112,6 +153,7 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
         train_sampling_strategy="group_by_length" if stage == "sft" and config.group_by_length and not packing else "random",
         report_to="none",
         disable_tqdm=True,
+        **distributed_args(config, choice),
     )
     callbacks = [MetricsLogCallback(stage), stop, MarkComplete()]
     datasets = {"train_dataset": Dataset.from_list(train_rows),
@@ -127,7 +169,8 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
     trainer.remove_callback(PrinterCallback)  # MetricsLogCallback prints the same numbers, regex-friendly
 
     report = {"examples": len(train_rows), "eval_examples": len(eval_rows), "packing": packing,
-              "gradient_checkpointing": checkpointing, "learning_rate": common["learning_rate"]}
+              "gradient_checkpointing": checkpointing, "learning_rate": common["learning_rate"],
+              "distributed": choice, "world_size": world_size()}
     report.update(_data_losses(stage, trainer, train_rows, config, packing))
     resume = latest_checkpoint(stage_dir)
     if resume is not None:
@@ -144,7 +187,13 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
         metrics.update(trainer.evaluate())
     report.update(steps=trainer.state.global_step, metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                   tokens_per_second=callbacks[0].mean_tokens_per_second())
-    return trainer.model, report
+    trained = stage_dir / "trained"
+    trainer.save_model(str(trained))  # on every rank: under ZeRO-3 saving is a collective
+    if choice in ("zero2", "zero3"):  # later loads (merging, the next stage's base) are plain, one-process loads
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    return trained, report
 
 
 def _data_losses(stage: str, trainer, rows: list[dict], config: TrainConfig, packing: bool) -> dict:

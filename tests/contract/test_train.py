@@ -92,12 +92,7 @@ def test_embedded_default_model_is_used_when_none_is_named(tmp_path):
     assert "SmolLM2-135M-Instruct" in json.loads((root / "model" / "training_report.json").read_text())["base_model"]
 
 
-def test_job_shapes_this_version_cannot_run_fail_clearly(tmp_path):
-    root = make_tree(tmp_path / "a", FAST, {"train/d.jsonl": jsonl(TINY_ROWS)})
-    (root / "input" / "config" / "resourceconfig.json").write_text(
-        json.dumps({"current_host": "algo-1", "hosts": ["algo-1", "algo-2"], "network_interface_name": "eth0"}))
-    fails_with(root, "multi-instance training is not supported", "instance_count=1")
-
+def test_pipe_mode_fails_clearly(tmp_path):
     root = make_tree(tmp_path / "b", FAST, {"train/d.jsonl": jsonl(TINY_ROWS)})
     (root / "input" / "config" / "inputdataconfig.json").write_text(json.dumps({"train": {"TrainingInputMode": "Pipe"}}))
     fails_with(root, "Pipe input mode")

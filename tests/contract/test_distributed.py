@@ -1,0 +1,87 @@
+"""Many processes and many instances: the real `train` launching torchrun workers (gloo on the CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import BIN, TINY_ROWS, free_port, jsonl, link_model_channel, make_tree, run_train
+
+FAST = {"max_steps": "3", "per_device_train_batch_size": "2", "gradient_accumulation_steps": "1", "max_length": "64",
+        "warmup_steps": "0", "validation_split": "0"}
+
+
+def report(root):
+    return json.loads((root / "model" / "training_report.json").read_text())
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+def test_two_processes_on_one_host_train_a_model_serve_answers(tmp_path, tiny_model, serve_tree, strategy):
+    root = make_tree(tmp_path, {**FAST, "processes_per_host": "2", "distributed": strategy, "master_port": str(free_port())},
+                     {"train/d.jsonl": jsonl(TINY_ROWS)})
+    link_model_channel(root, tiny_model)
+    result = run_train(root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "world size 2" in result.stdout
+    sft = report(root)["stages"]["sft"]
+    assert (sft["distributed"], sft["world_size"], sft["steps"]) == (strategy, 2, 3)
+    server = serve_tree(root)
+    response = server.invoke({"inputs": "Write about lesson 1.", "parameters": {"max_new_tokens": 3}})
+    assert response.status_code == 200 and response.json()[0]["generated_text"]
+
+
+def two_hosts(tmp_path, tiny_model, hyperparameters):
+    """Two instance trees on loopback: '127.0.0.1' is the first host, 'localhost' the second."""
+    port = str(free_port())
+    roots = []
+    for current in ("127.0.0.1", "localhost"):
+        root = make_tree(tmp_path / current, {**hyperparameters, "processes_per_host": "1", "master_port": port},
+                         {"train/d.jsonl": jsonl(TINY_ROWS)})
+        (root / "input" / "config" / "resourceconfig.json").write_text(json.dumps(
+            {"current_host": current, "hosts": ["127.0.0.1", "localhost"], "network_interface_name": "lo"}))
+        link_model_channel(root, tiny_model)
+        roots.append(root)
+    processes = [subprocess.Popen([str(BIN / "train")], env={**os.environ, "SAGEMAKER_BASE_DIR": str(root)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for root in roots]
+    return roots, processes
+
+
+def test_two_hosts_train_together_and_only_the_first_writes_the_model(tmp_path, tiny_model):
+    roots, processes = two_hosts(tmp_path, tiny_model, FAST)
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "host 127.0.0.1 (rank 0 of 2)" in outputs[0] and "host localhost (rank 1 of 2)" in outputs[1]
+    assert report(roots[0])["stages"]["sft"]["world_size"] == 2
+    assert (roots[0] / "model" / "serving.json").is_file()
+    assert not (roots[1] / "model").exists() or not any((roots[1] / "model").iterdir())
+    assert (roots[1] / "checkpoints" / "sft" / "trained").is_dir()  # every host keeps what it needs to resume
+
+
+def children(pid: int) -> list[int]:
+    result = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in result.stdout.split()]
+
+
+def test_a_failing_rank_fails_every_host_fast_with_a_failure_file_on_each(tmp_path, tiny_model):
+    roots, processes = two_hosts(tmp_path, tiny_model, {**FAST, "max_steps": "100000"})
+    for line in processes[0].stdout:  # the first host logs the steps of the whole job
+        if line.startswith("stage=sft step=2 "):
+            break
+    else:
+        pytest.fail("training never started")
+    torchrun = children(processes[1].pid)[0]
+    worker = children(torchrun)[0]
+    os.kill(worker, signal.SIGKILL)  # as the kernel's OOM killer would
+    started = time.monotonic()
+    for process in processes:
+        process.communicate(timeout=120)
+    assert time.monotonic() - started < 60, "the job must not hang until the collective timeout"
+    assert all(p.returncode != 0 for p in processes)
+    second = (roots[1] / "output" / "failure").read_text()
+    assert second.startswith("training worker exited with code") and "host localhost" in second
+    first = (roots[0] / "output" / "failure").read_text()
+    assert first.startswith("rank 0 on host 127.0.0.1 failed: ")
+    assert not (roots[0] / "model").exists() or not any((roots[0] / "model").iterdir())

@@ -1,0 +1,54 @@
+import sys
+
+import pytest
+
+from container.opt_ml import ContractError
+from train.config import TrainConfig
+from train.launcher import Topology, launch_env, resolve, torchrun_command
+
+CONFIG = TrainConfig(master_port=7777)
+
+
+def topo(hosts, current, per_host, instance_type="ml.g5.48xlarge", interface="eth0"):
+    return Topology(tuple(hosts), current, per_host, interface, instance_type)
+
+
+def test_one_process_on_one_host_needs_no_launcher():
+    assert not topo(["algo-1"], "algo-1", 1).needs_launcher
+
+
+def test_one_host_eight_gpus():
+    top = topo(["algo-1"], "algo-1", 8)
+    assert top.needs_launcher and top.world_size == 8
+    assert torchrun_command(top, CONFIG, "127.0.0.1") == [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "8", "--max_restarts", "0",
+        "--master_addr", "127.0.0.1", "--master_port", "7777", "-m", "train"]
+
+
+def test_two_hosts_eight_gpus_second_host():
+    top = topo(["algo-1", "algo-2"], "algo-2", 8)
+    assert top.world_size == 16 and top.node_rank == 1
+    assert torchrun_command(top, CONFIG, "10.0.0.5") == [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "8", "--max_restarts", "0",
+        "--node_rank", "1", "--master_addr", "10.0.0.5", "--master_port", "7777", "-m", "train"]
+
+
+@pytest.mark.parametrize("instance_type,efa", [("ml.p4d.24xlarge", True), ("ml.p5.48xlarge", True), ("ml.g5.48xlarge", False)])
+def test_network_settings_with_and_without_efa(instance_type, efa):
+    env = launch_env(topo(["algo-1", "algo-2"], "algo-1", 8, instance_type, interface="eth1"))
+    assert env["NCCL_SOCKET_IFNAME"] == "eth1" and env["GLOO_SOCKET_IFNAME"] == "eth1"
+    assert env["LLM_TWIN_WORKER"] == "1"
+    assert (env.get("FI_PROVIDER"), env.get("FI_EFA_USE_DEVICE_RDMA")) == (("efa", "1") if efa else (None, None))
+
+
+def test_first_host_is_resolved_with_retries_then_a_clear_error():
+    assert resolve("localhost", timeout=1) == "127.0.0.1"
+    with pytest.raises(ContractError, match="cannot resolve the first instance 'algo-404.invalid' after 0 s"):
+        resolve("algo-404.invalid", timeout=0)
+
+
+def test_qlora_cannot_be_sharded():
+    from container.config import ConfigError
+
+    with pytest.raises(ConfigError, match="adapter=qlora with distributed=zero3 is not supported"):
+        TrainConfig(adapter="qlora", distributed="zero3")

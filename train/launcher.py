@@ -1,0 +1,145 @@
+"""Multi-process and multi-instance launch, driven by resourceconfig.json. No torch.
+
+Every instance runs the same `train`. When the job has more than one instance or more than one process
+per instance, `train` becomes a launcher: it starts `torchrun` with this instance's rank and the first
+instance as rendezvous (static, over TCP: no SSH, the same wiring DeepSpeed's `standard` multi-node
+launcher uses), waits, and turns the workers' failures into this instance's failure file.
+
+    1 instance x 1 GPU    no launcher: training runs in this process
+    1 x 8                 torchrun --nnodes 1 --nproc_per_node 8 ...
+    2 x 8                 torchrun --nnodes 2 --node_rank <index of current_host> --nproc_per_node 8
+                                   --master_addr <first host, resolved> --master_port 7777 ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from container.opt_ml import ContractError, OptML
+from train.config import TrainConfig
+
+WORKER_ENV = "LLM_TWIN_WORKER"  # set in workers, so they train instead of launching again
+RANK_FAILURES_ENV = "LLM_TWIN_RANK_FAILURES"  # folder where each failing rank leaves its message
+# Instance types with Elastic Fabric Adapter networking (NCCL over libfabric's EFA provider).
+EFA_INSTANCE_TYPES = ("ml.p4d.24xlarge", "ml.p4de.24xlarge", "ml.p5.48xlarge", "ml.p5e.48xlarge", "ml.p5en.48xlarge",
+                      "ml.p6-b200.48xlarge", "ml.trn1.32xlarge", "ml.trn1n.32xlarge")
+
+
+@dataclass(frozen=True)
+class Topology:
+    hosts: tuple[str, ...]
+    current_host: str
+    processes_per_host: int
+    network_interface: str | None
+    instance_type: str | None
+
+    @property
+    def node_rank(self) -> int:
+        return self.hosts.index(self.current_host)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.hosts) * self.processes_per_host
+
+    @property
+    def needs_launcher(self) -> bool:
+        return self.world_size > 1
+
+
+def topology(config: TrainConfig, paths: OptML, environ: Mapping[str, str] = os.environ) -> Topology:
+    resources = paths.read_resource_config()
+    raw = json.loads(paths.resource_config_file.read_text()) if paths.resource_config_file.is_file() else {}
+    per_host = config.processes_per_host or max(1, gpu_count(environ))
+    return Topology(resources.hosts, resources.current_host, per_host, resources.network_interface_name,
+                    raw.get("current_instance_type") or environ.get("SM_CURRENT_INSTANCE_TYPE"))
+
+
+def gpu_count(environ: Mapping[str, str] = os.environ) -> int:
+    """SM_NUM_GPUS when SageMaker sets it, else what nvidia-smi lists (no CUDA init in the launcher)."""
+    if environ.get("SM_NUM_GPUS", "").isdigit():
+        return int(environ["SM_NUM_GPUS"])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    result = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return sum(line.startswith("GPU ") for line in result.stdout.splitlines()) if result.returncode == 0 else 0
+
+
+def torchrun_command(top: Topology, config: TrainConfig, master_addr: str) -> list[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(top.hosts)),
+               "--nproc_per_node", str(top.processes_per_host), "--max_restarts", "0"]
+    if len(top.hosts) > 1:
+        command += ["--node_rank", str(top.node_rank), "--master_addr", master_addr, "--master_port", str(config.master_port)]
+    else:
+        command += ["--master_addr", "127.0.0.1", "--master_port", str(config.master_port)]
+    return command + ["-m", "train"]
+
+
+def launch_env(top: Topology) -> dict[str, str]:
+    env = {WORKER_ENV: "1"}
+    if top.network_interface:
+        env["NCCL_SOCKET_IFNAME"] = top.network_interface
+        env["GLOO_SOCKET_IFNAME"] = top.network_interface
+    if top.instance_type in EFA_INSTANCE_TYPES or Path("/dev/infiniband/uverbs0").exists():
+        env.update(FI_PROVIDER="efa", FI_EFA_USE_DEVICE_RDMA="1")
+    return env
+
+
+def resolve(host: str, timeout: float) -> str:
+    """The first host's address, retried: SageMaker's DNS entries for peers can appear late."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.gethostbyname(host)
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ContractError(f"cannot resolve the first instance {host!r} after {timeout:.0f} s: {e}") from e
+            time.sleep(2)
+
+
+def launch(config: TrainConfig, top: Topology) -> tuple[int, tuple[str, str] | None]:
+    """Run the workers; return their exit code and, on failure, (first line, details) for the failure file."""
+    master = resolve(top.hosts[0], config.dns_timeout) if len(top.hosts) > 1 else "127.0.0.1"
+    failures = Path(tempfile.mkdtemp(prefix="rank-failures-"))
+    command = torchrun_command(top, config, master)
+    print(f"launcher: host {top.current_host} (rank {top.node_rank} of {len(top.hosts)}), "
+          f"{top.processes_per_host} process(es) here, world size {top.world_size}: {' '.join(command)}", flush=True)
+    process = subprocess.Popen(command, env={**os.environ, **launch_env(top), RANK_FAILURES_ENV: str(failures)})
+    signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM))  # spot: workers checkpoint
+    code = process.wait()
+    message = None if code == 0 else failure_summary(failures, top, code)
+    shutil.rmtree(failures, ignore_errors=True)
+    return code, message
+
+
+def write_rank_failure(message: str, environ: Mapping[str, str] = os.environ) -> None:
+    """Called by a failing worker: leave its message for this host's launcher."""
+    folder = environ.get(RANK_FAILURES_ENV)
+    if folder:
+        Path(folder, f"rank-{environ.get('RANK', '0')}").write_text(f"{time.time()}\n{message}", encoding="utf-8")
+
+
+def failure_summary(folder: Path, top: Topology, code: int) -> tuple[str, str]:
+    """The earliest failing rank first: it is the likeliest cause, the others often fail because of it."""
+    reports = []
+    for path in folder.glob("rank-*"):
+        stamp, _, message = path.read_text(encoding="utf-8").partition("\n")
+        reports.append((float(stamp), int(path.name.split("-")[1]), message.strip()))
+    if not reports:
+        return (f"training worker exited with code {code} on host {top.current_host} without a report "
+                "(killed, e.g. out of memory, or a peer instance failed first: check its failure file)", "")
+    reports.sort()
+    _, rank, message = reports[0]
+    first = f"rank {rank} on host {top.current_host} failed: {message.splitlines()[0]}"
+    details = "\n".join(f"rank {r}: {m}" for _, r, m in reports)
+    return first, details
