@@ -85,3 +85,24 @@ def test_a_failing_rank_fails_every_host_fast_with_a_failure_file_on_each(tmp_pa
     first = (roots[0] / "output" / "failure").read_text()
     assert first.startswith("rank 0 on host 127.0.0.1 failed: ")
     assert not (roots[0] / "model").exists() or not any((roots[0] / "model").iterdir())
+
+
+def test_sft_then_dpo_across_processes_and_full_fine_tuning_under_zero3(tmp_path, tiny_model, serve_tree):
+    preferences = [{"prompt": f"Write about lesson {i}.", "chosen": f"Lesson {i}: measure first.",
+                    "rejected": f"Great question! Lesson {i} is crucial."} for i in range(6)]
+    root = make_tree(tmp_path / "dpo", {**FAST, "method": "sft+dpo", "dpo_max_steps": "2", "processes_per_host": "2",
+                                        "master_port": str(free_port())},
+                     {"train/d.jsonl": jsonl(TINY_ROWS), "preference/p.jsonl": jsonl(preferences)})
+    link_model_channel(root, tiny_model)
+    result = run_train(root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stages = report(root)["stages"]
+    assert stages["sft"]["world_size"] == stages["dpo"]["world_size"] == 2
+
+    full = make_tree(tmp_path / "full", {**FAST, "adapter": "full", "distributed": "zero3", "processes_per_host": "2",
+                                         "master_port": str(free_port())}, {"train/d.jsonl": jsonl(TINY_ROWS)})
+    link_model_channel(full, tiny_model)
+    result = run_train(full)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    server = serve_tree(full)
+    assert server.invoke({"inputs": "Hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
