@@ -14,6 +14,7 @@ import shutil
 import signal
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,21 @@ class StopOnSignal(TrainerCallback):
         self.requested = True
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
+        if self._anyone_requested():
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def _anyone_requested(self) -> bool:
+        """Every rank stops at the same step: a rank stopping alone would leave the others blocked in a
+        collective (and under ZeRO-3 the checkpoint itself is a collective)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self.requested
+        device = torch.cuda.current_device() if torch.distributed.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([1 if self.requested else 0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.requested = bool(flag.item())
+        return self.requested
 
 
 class MarkComplete(TrainerCallback):

@@ -18,7 +18,7 @@ def report(root):
     return json.loads((root / "model" / "training_report.json").read_text())
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "fsdp"])
 def test_two_processes_on_one_host_train_a_model_serve_answers(tmp_path, tiny_model, serve_tree, strategy):
     root = make_tree(tmp_path, {**FAST, "processes_per_host": "2", "distributed": strategy, "master_port": str(free_port())},
                      {"train/d.jsonl": jsonl(TINY_ROWS)})
@@ -106,3 +106,26 @@ def test_sft_then_dpo_across_processes_and_full_fine_tuning_under_zero3(tmp_path
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     server = serve_tree(full)
     assert server.invoke({"inputs": "Hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
+
+
+def test_sigterm_to_the_launcher_checkpoints_every_rank_and_the_job_resumes(tmp_path, tiny_model):
+    root = make_tree(tmp_path, {**FAST, "max_steps": "300", "save_steps": "1000", "processes_per_host": "2",
+                                "master_port": str(free_port())}, {"train/d.jsonl": jsonl(TINY_ROWS)})
+    link_model_channel(root, tiny_model)
+    process = subprocess.Popen([str(BIN / "train")], env={**os.environ, "SAGEMAKER_BASE_DIR": str(root)},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith("stage=sft step=3 "):
+            process.send_signal(signal.SIGTERM)  # SageMaker signals the container's main process only
+            break
+    process.communicate(timeout=120)
+    assert process.returncode != 0
+    failure = (root / "output" / "failure").read_text()
+    assert "training stopped by SIGTERM during sft at step " in failure.splitlines()[0]
+    step = int(failure.split(" at step ")[1].split()[0])
+    assert (root / "checkpoints" / "sft" / f"checkpoint-{step}" / ".complete").is_file()
+
+    result = run_train(root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"(step {step})" in result.stdout and "stage=sft step=300 " in result.stdout
+    assert report(root)["stages"]["sft"]["resumed_from_step"] == step
