@@ -20,3 +20,26 @@ def test_train_in_bf16_on_cuda_then_serve_on_cuda(tmp_path, tiny_model, serve_tr
     assert response.status_code == 200, response.text
     assert response.json()[0]["details"]["generated_tokens"] >= 1
     assert "model ready on cuda" in server.stop()
+
+
+def test_qlora_4bit_on_cuda(tmp_path, tiny_model):
+    root = make_tree(tmp_path, {"max_steps": "3", "per_device_train_batch_size": "4", "max_length": "64", "adapter": "qlora"},
+                     {"train/posts.jsonl": jsonl(TINY_ROWS)})
+    link_model_channel(root, tiny_model)
+    result = run_train(root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Linear4bit layers" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+def test_two_gpus_over_nccl(tmp_path, tiny_model, strategy):
+    from tests.conftest import free_port
+
+    root = make_tree(tmp_path, {"max_steps": "3", "per_device_train_batch_size": "4", "max_length": "64",
+                                "distributed": strategy, "master_port": str(free_port())},
+                     {"train/posts.jsonl": jsonl(TINY_ROWS)})
+    link_model_channel(root, tiny_model)
+    result = run_train(root)  # processes_per_host defaults to the GPU count
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "world size 2" in result.stdout
