@@ -1,4 +1,4 @@
-"""Multi-process and multi-instance launch, driven by resourceconfig.json. No torch.
+"""Multi-process and multi-instance launch, driven by resourceconfig.json.
 
 Every instance runs the same `train`. When the job has more than one instance or more than one process
 per instance, `train` becomes a launcher: it starts `torchrun` with this instance's rank and the first
@@ -66,13 +66,13 @@ def topology(config: TrainConfig, paths: OptML, environ: Mapping[str, str] = os.
 
 
 def gpu_count(environ: Mapping[str, str] = os.environ) -> int:
-    """SM_NUM_GPUS when SageMaker sets it, else what nvidia-smi lists (no CUDA init in the launcher)."""
+    """SM_NUM_GPUS when SageMaker sets it, else the devices torch sees (honouring CUDA_VISIBLE_DEVICES).
+    The workers are separate processes started by torchrun, so this process touching CUDA is harmless."""
     if environ.get("SM_NUM_GPUS", "").isdigit():
         return int(environ["SM_NUM_GPUS"])
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    result = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
-    return sum(line.startswith("GPU ") for line in result.stdout.splitlines()) if result.returncode == 0 else 0
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def torchrun_command(top: Topology, config: TrainConfig, master_addr: str) -> list[str]:

@@ -52,3 +52,12 @@ def test_qlora_cannot_be_sharded():
 
     with pytest.raises(ConfigError, match="adapter=qlora with distributed=zero3 is not supported"):
         TrainConfig(adapter="qlora", distributed="zero3")
+
+
+def test_gpu_count_prefers_sagemakers_figure():
+    from train.launcher import gpu_count
+
+    assert gpu_count({"SM_NUM_GPUS": "8"}) == 8
+    import torch
+
+    assert gpu_count({}) == torch.cuda.device_count()
