@@ -1,0 +1,88 @@
+"""The SageMaker API requests, built as plain dicts (so tests can check them exactly) and sent with boto3.
+
+boto3's API is used rather than the SDK's ModelTrainer/ModelBuilder: every field this image needs
+(spot with checkpoints, metric definitions, the startup health-check timeout, response streaming) maps
+one to one, and the requests stay visible.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable, Iterator
+
+from train.metrics import METRIC_DEFINITIONS
+
+SECRET_ENV = ("HF_TOKEN",)
+
+
+def training_job_request(*, name: str, image: str, role: str, channels: dict[str, str], output: str,
+                         hyperparameters: dict, instance_type: str, instance_count: int = 1, volume_gb: int = 100,
+                         max_run: int = 86400, spot: bool = False, max_wait: int | None = None,
+                         checkpoint_s3: str | None = None, environment: dict[str, str] | None = None) -> dict:
+    if spot and not checkpoint_s3:
+        raise ValueError("spot training needs a checkpoint S3 URI, or an interruption loses the work")
+    request = {
+        "TrainingJobName": name,
+        "AlgorithmSpecification": {"TrainingImage": image, "TrainingInputMode": "File",
+                                   "MetricDefinitions": METRIC_DEFINITIONS},
+        "RoleArn": role,
+        # SageMaker takes strings; JSON-encoding them is one of the encodings `train` decodes.
+        "HyperParameters": {k: v if isinstance(v, str) else json.dumps(v) for k, v in hyperparameters.items()},
+        "InputDataConfig": [
+            {"ChannelName": channel, "DataSource": {"S3DataSource": {
+                "S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}}}
+            for channel, uri in sorted(channels.items())],
+        "OutputDataConfig": {"S3OutputPath": output},
+        "ResourceConfig": {"InstanceType": instance_type, "InstanceCount": instance_count, "VolumeSizeInGB": volume_gb},
+        "StoppingCondition": {"MaxRuntimeInSeconds": max_run},
+        "Environment": dict(environment or {}),
+    }
+    if spot:
+        request["EnableManagedSpotTraining"] = True
+        request["StoppingCondition"]["MaxWaitTimeInSeconds"] = max(max_wait or 0, max_run)
+    if checkpoint_s3:
+        request["CheckpointConfig"] = {"S3Uri": checkpoint_s3, "LocalPath": "/opt/ml/checkpoints"}
+    return request
+
+
+def endpoint_requests(*, name: str, image: str, role: str, model_data: str, instance_type: str,
+                      environment: dict[str, str] | None = None, startup_timeout: int = 900) -> dict[str, dict]:
+    """CreateModel, CreateEndpointConfig and CreateEndpoint for one real-time endpoint."""
+    return {
+        "model": {"ModelName": name, "ExecutionRoleArn": role,
+                  "PrimaryContainer": {"Image": image, "ModelDataUrl": model_data, "Environment": dict(environment or {})}},
+        "config": {"EndpointConfigName": name, "ProductionVariants": [{
+            "VariantName": "AllTraffic", "ModelName": name, "InstanceType": instance_type, "InitialInstanceCount": 1,
+            "ContainerStartupHealthCheckTimeoutInSeconds": startup_timeout}]},
+        "endpoint": {"EndpointName": name, "EndpointConfigName": name},
+    }
+
+
+def redacted(request: dict) -> dict:
+    """The request as it may be printed: secrets in Environment masked."""
+    def mask(env: dict) -> dict:
+        return {k: ("****" if k in SECRET_ENV else v) for k, v in env.items()}
+
+    copy = json.loads(json.dumps(request))
+    if "Environment" in copy:
+        copy["Environment"] = mask(copy["Environment"])
+    if "PrimaryContainer" in copy:
+        copy["PrimaryContainer"]["Environment"] = mask(copy["PrimaryContainer"]["Environment"])
+    return copy
+
+
+def sse_events(parts: Iterable[dict]) -> Iterator[dict]:
+    """Server-sent events from InvokeEndpointWithResponseStream's PayloadPart chunks. SageMaker cuts the
+    byte stream anywhere (inside a line, inside a UTF-8 character), so bytes are buffered until an event
+    is complete (a blank line) and only then decoded."""
+    buffer = b""
+    for part in parts:
+        if "PayloadPart" not in part:
+            error = next(iter(part.values()), {})
+            raise RuntimeError(f"stream failed: {error}")
+        buffer += part["PayloadPart"]["Bytes"]
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            data = "\n".join(line[5:].lstrip() for line in event.decode("utf-8").splitlines() if line.startswith("data:"))
+            if data and data != "[DONE]":
+                yield json.loads(data)

@@ -1,0 +1,111 @@
+"""launch/: the exact SageMaker API requests (botocore Stubber), and streamed answers re-assembled."""
+
+import io
+import json
+
+import boto3
+import pytest
+from botocore.response import StreamingBody
+from botocore.stub import Stubber
+
+from launch.__main__ import main
+from launch.api import sse_events
+from train.metrics import METRIC_DEFINITIONS
+
+IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/llm-twin-sagemaker:abc123"
+ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
+
+
+def client(name):
+    return boto3.client(name, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test")
+
+
+def test_train_sends_the_exact_request_with_spot_metrics_and_a_secret_never_printed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps({"method": "sft+dpo", "num_train_epochs": 3}))
+    sm = client("sagemaker")
+    expected = {
+        "TrainingJobName": "twin-1",
+        "AlgorithmSpecification": {"TrainingImage": IMAGE, "TrainingInputMode": "File", "MetricDefinitions": METRIC_DEFINITIONS},
+        "RoleArn": ROLE,
+        "HyperParameters": {"method": "sft+dpo", "num_train_epochs": "3", "model_id": "meta-llama/Llama-3.1-8B"},
+        "InputDataConfig": [
+            {"ChannelName": name, "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri,
+                                                                  "S3DataDistributionType": "FullyReplicated"}}}
+            for name, uri in [("preference", "s3://b/pref/"), ("train", "s3://b/train/")]],
+        "OutputDataConfig": {"S3OutputPath": "s3://b/out/"},
+        "ResourceConfig": {"InstanceType": "ml.g5.2xlarge", "InstanceCount": 1, "VolumeSizeInGB": 100},
+        "StoppingCondition": {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 7200},
+        "Environment": {"HF_TOKEN": "hf_secret_value"},
+        "EnableManagedSpotTraining": True,
+        "CheckpointConfig": {"S3Uri": "s3://b/ckpt/", "LocalPath": "/opt/ml/checkpoints"},
+    }
+    with Stubber(sm) as stub:
+        stub.add_response("create_training_job", {"TrainingJobArn": "arn:aws:sagemaker:us-east-1:1:training-job/twin-1"}, expected)
+        code = main(["train", "--image", IMAGE, "--role", ROLE, "--train", "s3://b/train/", "--preference", "s3://b/pref/",
+                     "--output", "s3://b/out/", "--hyperparameters", str(hp), "--hp", "model_id=meta-llama/Llama-3.1-8B",
+                     "--max-run", "3600", "--spot", "--max-wait", "7200", "--checkpoints", "s3://b/ckpt/", "--name", "twin-1"],
+                    clients={"sagemaker": sm})
+        stub.assert_no_pending_responses()
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "hf_secret_value" not in out and '"HF_TOKEN": "****"' in out
+
+
+def test_spot_without_checkpoints_is_refused():
+    with pytest.raises(ValueError, match="spot training needs a checkpoint S3 URI"):
+        main(["train", "--image", IMAGE, "--role", ROLE, "--train", "s3://b/t/", "--output", "s3://b/o/", "--spot"],
+             clients={"sagemaker": client("sagemaker")})
+
+
+def test_deploy_and_delete_send_the_exact_requests():
+    sm = client("sagemaker")
+    with Stubber(sm) as stub:
+        stub.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:us-east-1:123456789012:model/twin"}, {
+            "ModelName": "twin", "ExecutionRoleArn": ROLE,
+            "PrimaryContainer": {"Image": IMAGE, "ModelDataUrl": "s3://b/out/model.tar.gz",
+                                 "Environment": {"MAX_BATCH_SIZE": "16"}}})
+        stub.add_response("create_endpoint_config", {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint-config/twin"}, {
+            "EndpointConfigName": "twin", "ProductionVariants": [{
+                "VariantName": "AllTraffic", "ModelName": "twin", "InstanceType": "ml.g5.xlarge", "InitialInstanceCount": 1,
+                "ContainerStartupHealthCheckTimeoutInSeconds": 600}]})
+        stub.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/twin"}, {"EndpointName": "twin", "EndpointConfigName": "twin"})
+        stub.add_response("delete_endpoint", {}, {"EndpointName": "twin"})
+        stub.add_response("delete_endpoint_config", {}, {"EndpointConfigName": "twin"})
+        stub.add_response("delete_model", {}, {"ModelName": "twin"})
+        assert main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/out/model.tar.gz", "--name", "twin",
+                     "--instance-type", "ml.g5.xlarge", "--startup-timeout", "600", "--env", "MAX_BATCH_SIZE=16"],
+                    clients={"sagemaker": sm}) == 0
+        assert main(["delete", "--name", "twin"], clients={"sagemaker": sm}) == 0
+        stub.assert_no_pending_responses()
+
+
+def test_invoke_sends_the_llm_twin_request(capsys):
+    runtime = client("sagemaker-runtime")
+    answer = json.dumps([{"generated_text": "Measure first."}]).encode()
+    body = {"inputs": "Write a post", "parameters": {"max_new_tokens": 150, "return_full_text": False}, "stream": False}
+    with Stubber(runtime) as stub:
+        stub.add_response("invoke_endpoint", {"Body": StreamingBody(io.BytesIO(answer), len(answer))},
+                          {"EndpointName": "twin", "ContentType": "application/json", "Body": json.dumps(body)})
+        assert main(["invoke", "--name", "twin", "--inputs", "Write a post"], clients={"sagemaker-runtime": runtime}) == 0
+    assert capsys.readouterr().out.strip() == "Measure first."
+
+
+STREAM = ("data:" + json.dumps({"index": 1, "token": {"id": 5, "text": "Caf\u00e9 ", "special": False}}) + "\n\n"
+          + "data:" + json.dumps({"index": 2, "token": {"id": 6, "text": "\u2713 done", "special": False}}, ensure_ascii=False)
+          + "\n\n" + "data:" + json.dumps({"index": 3, "token": {"id": 2, "text": "", "special": True},
+                                           "generated_text": "Caf\u00e9 \u2713 done"}, ensure_ascii=False) + "\n\n").encode()
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, len(STREAM)])
+def test_streamed_events_survive_any_chunk_boundary(size):
+    parts = [{"PayloadPart": {"Bytes": STREAM[i:i + size]}} for i in range(0, len(STREAM), size)]
+    events = list(sse_events(parts))
+    assert [e["index"] for e in events] == [1, 2, 3]
+    assert events[-1]["generated_text"] == "Caf\u00e9 \u2713 done"  # multi-byte characters split across parts
+
+
+def test_a_stream_error_part_is_raised():
+    with pytest.raises(RuntimeError, match="ModelStreamError"):
+        list(sse_events([{"ModelStreamError": {"Message": "ModelStreamError: StreamBroken"}}]))
