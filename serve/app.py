@@ -79,8 +79,8 @@ def create_app(engine) -> Flask:
 def _parse_json(data: bytes):
     try:
         return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"request body is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, too many digits, too deep
+        raise BadRequest(f"request body is not valid JSON: {type(e).__name__}: {e}") from None
 
 
 def _response(generate: GenerateRequest, result: GenerateResult):
@@ -112,6 +112,7 @@ def _stream(ticket, generate: GenerateRequest, timeout: float) -> Response:
     events = ticket.stream(timeout)
     first = next(events)
     if first[0] == "error":  # nothing sent yet: a proper 4xx/424 instead of an error event
+        events.close()
         raise first[1]
     chat = generate.messages is not None
 
@@ -215,22 +216,32 @@ def _jsonlines(engine, data: bytes, timeout: float) -> Response:
     wave = engine.config.max_batch_size
     for start in range(0, len(lines), wave):
         tickets = {}
-        for number in range(start, min(start + wave, len(lines))):
-            try:
-                generate = parse_request(_parse_json(lines[number]))
-                if generate.stream:
-                    raise ValidationError("'stream' is not available in a jsonlines batch")
-                tickets[number] = (generate, engine.submit(generate))
-            except ServeError as e:
-                answers[number] = {"error": f"line {number + 1}: {e.message}", "error_type": e.error_type}
-        for number, (generate, ticket) in tickets.items():
-            try:
-                answer = _response(generate, ticket.result(timeout))
-                answers[number] = answer[0] if isinstance(answer, list) else answer
-            except ServeError as e:
-                answers[number] = {"error": f"line {number + 1}: {e.message}", "error_type": e.error_type}
+        try:
+            for number in range(start, min(start + wave, len(lines))):
+                try:
+                    generate = parse_request(_parse_json(lines[number]))
+                    if generate.stream:
+                        raise ValidationError("'stream' is not available in a jsonlines batch")
+                    tickets[number] = (generate, engine.submit(generate))
+                except ServeError as e:
+                    answers[number] = _line_error(number, e.message, e.error_type)
+            for number, (generate, ticket) in tickets.items():
+                try:
+                    answer = _response(generate, ticket.result(timeout))
+                    answers[number] = answer[0] if isinstance(answer, list) else answer
+                except ServeError as e:
+                    answers[number] = _line_error(number, e.message, e.error_type)
+                except TimeoutError as e:
+                    answers[number] = _line_error(number, str(e), "generation")
+        finally:
+            for _, ticket in tickets.values():  # frees the slots of any ticket not read to its end
+                ticket.close()
     body = "".join(json.dumps(answer) + "\n" for answer in answers)
     return Response(body, status=200, mimetype="application/jsonlines")
+
+
+def _line_error(number: int, message: str, error_type: str) -> dict:
+    return {"error": f"line {number + 1}: {message}", "error_type": error_type}
 
 
 def _chain(first, events):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from container.model_dir import ADAPTER_DIR, ServingSpec, resolve_base
 from serve.config import ServeConfig
@@ -46,11 +47,17 @@ class Batcher:
     def __init__(self, config: ServeConfig, spec: ServingSpec):
         self.config = config
         self.spec = spec
-        self.max_input_tokens = min(config.max_input_tokens or spec.max_input_tokens, spec.max_total_tokens - 1)
         self.max_total_tokens = min(config.max_total_tokens or spec.max_total_tokens, spec.max_total_tokens)
+        self.max_input_tokens = min(config.max_input_tokens or spec.max_input_tokens, self.max_total_tokens - 1)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.dtype = _pick_dtype(config.dtype, self.device)
         self._load()
+        # Merging and trimming caches needs plain per-layer key/value tensors; sliding-window or other
+        # layer types (Gemma 2/3, Mistral v0.1) are served one request at a time instead.
+        layers = DynamicCache(config=self.model.config).layers
+        self.max_batch_size = config.max_batch_size if all(type(layer) is DynamicLayer for layer in layers) else 1
+        if self.max_batch_size != config.max_batch_size:
+            log.warning("this model's KV cache is not plain per-layer tensors: serving one request at a time")
         self.seqs: list[Sequence] = []
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [batch, cached length]: 1 real, 0 left padding
@@ -137,14 +144,17 @@ class Batcher:
         if not self.seqs:
             self.cache, self.mask, self.seqs = out.past_key_values, mask, list(new)
             self.last = tokens
-        else:
+        else:  # build the merged tensors first, then swap them in: a failure leaves the running batch intact
             length = max(self.mask.shape[1], width)
-            for running, joining in zip(self.cache.layers, out.past_key_values.layers):
-                running.keys = torch.cat([_pad_left(running.keys, length), _pad_left(joining.keys, length)])
-                running.values = torch.cat([_pad_left(running.values, length), _pad_left(joining.values, length)])
-            self.mask = torch.cat([_pad_left(self.mask, length, dim=1), _pad_left(mask, length, dim=1)])
+            merged = [(torch.cat([_pad_left(running.keys, length), _pad_left(joining.keys, length)]),
+                       torch.cat([_pad_left(running.values, length), _pad_left(joining.values, length)]))
+                      for running, joining in zip(self.cache.layers, out.past_key_values.layers)]
+            mask = torch.cat([_pad_left(self.mask, length, dim=1), _pad_left(mask, length, dim=1)])
+            last = torch.cat([self.last, tokens])
+            for layer, (keys, values) in zip(self.cache.layers, merged):
+                layer.keys, layer.values = keys, values
+            self.mask, self.last = mask, last
             self.seqs += new
-            self.last = torch.cat([self.last, tokens])
         self._accept(tokens[-len(new):], logprobs[-len(new):], new)
         self._drop_finished()
 
@@ -215,7 +225,7 @@ class Batcher:
         if not keep:
             self.fail_all()
             return
-        index = torch.tensor(keep, device=self.mask.device)
+        index = torch.tensor(keep)  # on the CPU: it indexes cache layers on every GPU a model spans
         self.cache.batch_select_indices(index)
         self.mask, self.last = self.mask[index], self.last[index]
         self.seqs = [self.seqs[i] for i in keep]

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 from container.model_dir import ServingSpec
 from serve.config import ServeConfig
 from serve.custom import CustomHandlers
-from serve.errors import GenerationError, Overloaded, ServeError
+from serve.errors import GenerationError, Overloaded, ServeError, ValidationError
 from serve.schemas import GenerateParams, GenerateRequest, GenerateResult
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,13 @@ class Ticket:
         self.events: queue.Queue = queue.Queue()
         self.cancelled = False
         self._release = release
+        self._closed = threading.Lock()
+
+    def close(self) -> None:
+        """Give the request up (if still running) and free its admission slot, exactly once."""
+        self.cancelled = True
+        if self._closed.acquire(blocking=False):
+            self._release()
 
     def emit(self, kind: str, payload) -> None:
         self.events.put((kind, payload))
@@ -55,8 +62,7 @@ class Ticket:
                 if kind in ("done", "error"):
                     return
         finally:
-            self.cancelled = True
-            self._release()
+            self.close()
 
     def result(self, timeout: float) -> GenerateResult:
         for kind, payload in self.stream(timeout):
@@ -136,7 +142,7 @@ class Engine:
         while True:
             busy = batcher is not None and batcher.active
             items = [] if busy else [self._requests.get()]
-            while (batcher.active if batcher else 0) + len(items) < self.config.max_batch_size:
+            while (batcher.active if batcher else 0) + len(items) < (batcher.max_batch_size if batcher else 1):
                 try:
                     items.append(self._requests.get_nowait())
                 except queue.Empty:
@@ -149,15 +155,15 @@ class Engine:
                     joining.append(item)
             if batcher is None:
                 continue
+            self._serve_batch(batcher, joining)
+            if not batcher.active:
+                continue
             try:
-                self._serve_batch(batcher, joining)
-                if batcher.active:
-                    batcher.step()
+                batcher.step()
             except Exception as e:  # a failed forward pass fails the requests in it, never the engine
                 log.exception("generation failed")
-                error = GenerationError(f"Request failed during generation: {type(e).__name__}: {e}")
                 for seq in batcher.fail_all():
-                    seq.emit("error", error)
+                    seq.emit("error", GenerationError(f"Request failed during generation: {type(e).__name__}: {e}"))
 
     def _load(self):
         """The built-in model (with batching), or what a custom model_fn returns (no batcher)."""
@@ -178,6 +184,8 @@ class Engine:
         return batcher
 
     def _serve_batch(self, batcher, tickets: list[Ticket]) -> None:
+        """Admit tickets into the running batch. A request that cannot be tokenized (a chat template may
+        refuse its messages) or prefilled fails alone; the running batch is untouched by either."""
         joining = []
         for ticket in tickets:
             if ticket.cancelled:
@@ -186,12 +194,13 @@ class Engine:
                 joining.append(batcher.prepare(ticket.request, ticket.emit, lambda t=ticket: t.cancelled))
             except ServeError as e:
                 ticket.emit("error", e)
-        if joining:
-            try:
-                batcher.add(joining)
-            except Exception as e:
-                log.exception("prefill failed")
-                error = GenerationError(f"Request failed during generation: {type(e).__name__}: {e}")
-                for seq in joining:
-                    seq.emit("error", error)
-                raise
+            except Exception as e:  # e.g. jinja's TemplateError: "roles must alternate"
+                ticket.emit("error", ValidationError(f"the prompt could not be built: {type(e).__name__}: {e}"))
+        if not joining:
+            return
+        try:
+            batcher.add(joining)
+        except Exception as e:
+            log.exception("prefill failed")
+            for seq in joining:
+                seq.emit("error", GenerationError(f"Request failed during generation: {type(e).__name__}: {e}"))

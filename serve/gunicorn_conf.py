@@ -28,8 +28,9 @@ def pre_fork(server, worker):
 
 
 def post_fork(server, worker):
-    if _placement.pin_gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(worker.gpu)
+    if _placement.pin_gpus:  # the device id among those this container may use
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[worker.gpu] if worker.gpu < len(visible) else str(worker.gpu)
         server.log.info("worker %s serves GPU %s", worker.pid, worker.gpu)
     if _placement.span_gpus:
         os.environ["SERVE_DEVICE_MAP"] = "auto"

@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from container.model_dir import ADAPTER_DIR
+from container.model_dir import ModelDirError, ServingSpec, resolve_base
 
 FIT_MARGIN = 1.3  # weights plus room for the KV cache and activations of a batch
 
@@ -26,10 +26,11 @@ class Placement:
     span_gpus: bool  # the single worker spreads the model over all GPUs
 
 
-def plan(requested_workers: int, gpus: int, gpu_bytes: int, model_bytes: int) -> Placement:
+def plan(requested_workers: int, gpus: int, gpu_bytes: int, model_bytes: int | None) -> Placement:
+    """`model_bytes` None means unknown (a hub base not yet downloaded): plan as if it does not fit one GPU."""
     if gpus == 0:
         return Placement(requested_workers or 1, pin_gpus=False, span_gpus=False)
-    fits_one = model_bytes * FIT_MARGIN <= gpu_bytes
+    fits_one = model_bytes is not None and model_bytes * FIT_MARGIN <= gpu_bytes
     if requested_workers:
         return Placement(requested_workers, pin_gpus=fits_one and requested_workers <= gpus,
                          span_gpus=not fits_one and gpus > 1)
@@ -59,6 +60,16 @@ def gpus_present() -> tuple[int, int]:
     return len(sizes), min(sizes, default=0)
 
 
-def model_bytes(model_dir: Path) -> int:
-    files = list(model_dir.glob("*.safetensors")) or list((model_dir / ADAPTER_DIR).glob("*.safetensors"))
-    return sum(f.stat().st_size for f in files)
+def model_bytes(model_dir: Path) -> int | None:
+    """Size of the weights a worker will hold: for an adapter-only directory, its base model's; None when
+    that base is a hub id, unknown until downloaded."""
+    weights_dir = model_dir
+    try:
+        spec = ServingSpec.read(model_dir)
+        if spec.weights == "adapter":
+            weights_dir = Path(resolve_base(spec.base_model))
+    except ModelDirError:
+        pass  # no serving.json: a plain transformers folder
+    if not weights_dir.is_dir():
+        return None
+    return sum(f.stat().st_size for f in weights_dir.glob("*.safetensors"))

@@ -148,7 +148,10 @@ def _number(values: dict, key: str, kind: type, minimum=None, maximum=None, abov
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not is_number or (kind is int and not (isinstance(value, int) or float(value).is_integer())):
         raise ValidationError(f"parameter '{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    value = kind(value)
+    try:
+        value = kind(value)
+    except OverflowError:
+        raise ValidationError(f"parameter '{key}' is out of range: {value!r}") from None
     if value != value or value in (float("inf"), float("-inf")):
         raise ValidationError(f"parameter '{key}' must be finite, got {value!r}")
     if minimum is not None and value < minimum:

@@ -55,7 +55,7 @@ class StopOnSignal(TrainerCallback):
 
 class MarkComplete(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if state.is_local_process_zero:  # every instance writes (and resumes from) its own checkpoints
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
                 (folder / COMPLETE_MARKER).touch()

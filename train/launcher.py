@@ -29,6 +29,8 @@ from typing import Mapping
 from container.opt_ml import ContractError, OptML
 from train.config import TrainConfig
 
+SHUTDOWN_TIMEOUT = 110  # after SIGTERM, workers get this long to checkpoint (SageMaker kills at 120 s)
+INTERRUPTED = "training stopped by SIGTERM"  # how an interrupted rank's report begins
 WORKER_ENV = "LLM_TWIN_WORKER"  # set in workers, so they train instead of launching again
 RANK_FAILURES_ENV = "LLM_TWIN_RANK_FAILURES"  # folder where each failing rank leaves its message
 # Instance types with Elastic Fabric Adapter networking (NCCL over libfabric's EFA provider).
@@ -77,7 +79,8 @@ def gpu_count(environ: Mapping[str, str] = os.environ) -> int:
 
 def torchrun_command(top: Topology, config: TrainConfig, master_addr: str) -> list[str]:
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(top.hosts)),
-               "--nproc_per_node", str(top.processes_per_host), "--max_restarts", "0"]
+               "--nproc_per_node", str(top.processes_per_host), "--max_restarts", "0",
+               "--shutdown_timeout", str(SHUTDOWN_TIMEOUT)]
     if len(top.hosts) > 1:
         command += ["--node_rank", str(top.node_rank), "--master_addr", master_addr, "--master_port", str(config.master_port)]
     else:
@@ -119,6 +122,8 @@ def launch(config: TrainConfig, top: Topology) -> tuple[int, tuple[str, str] | N
     code = process.wait()
     message = None if code == 0 else failure_summary(failures, top, code)
     shutil.rmtree(failures, ignore_errors=True)
+    if message and INTERRUPTED in message[0]:
+        code = 143  # stopped, not failed: as a single-process job reports it
     return code, message
 
 

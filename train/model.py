@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -58,20 +59,37 @@ def _model_folder(channel: Path) -> Path:
         return channel
     tarballs = sorted(channel.glob("*.tar.gz"))
     if len(tarballs) == 1:
-        target = Path(tempfile.mkdtemp(prefix="base-model-"))
-        log.info("extracting %s to %s", tarballs[0], target)
-        with tarfile.open(tarballs[0]) as archive:
-            archive.extractall(target, filter="data")
+        target = _extract_once(tarballs[0])
         found = [p.parent for p in [target / "config.json", *target.glob("*/config.json")] if p.is_file()]
         if found:
             return found[0]
-        shutil.rmtree(target, ignore_errors=True)
         raise ContractError(f"{tarballs[0]} holds no transformers model (no config.json at its top level)")
     names = ", ".join(sorted(p.name for p in channel.iterdir())[:8]) or "nothing"
     raise ContractError(
         f"the '{MODEL_CHANNEL}' channel {channel} must hold a model folder (config.json) or exactly one "
         f"model.tar.gz (found: {names})"
     )
+
+
+def _extract_once(tarball: Path) -> Path:
+    """Extract to a folder named after the tarball's path and size: the launcher extracts it, the
+    workers it starts on the same instance find it complete and reuse it."""
+    stat = tarball.stat()
+    key = hashlib.sha256(f"{tarball.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = Path(tempfile.gettempdir()) / f"llm-twin-base-{key}"
+    marker = target / ".extracted"
+    if marker.is_file():
+        return target
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    log.info("extracting %s to %s", tarball, target)
+    with tarfile.open(tarball) as archive:
+        archive.extractall(partial, filter="data")
+    (partial / ".extracted").touch()
+    try:
+        partial.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
 
 
 def load_tokenizer(source: str, config: TrainConfig):

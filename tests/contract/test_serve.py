@@ -70,6 +70,9 @@ def test_greedy_is_deterministic_and_seed_makes_sampling_reproducible(server):
     ('{"inputs": "x", "parameters": {"max_new_tokens": 100000}}', {"Content-Type": "application/json"}, 422, "validation"),
     ('{"inputs": "x"}', {"Content-Type": "text/csv"}, 415, "unsupported_media_type"),
     (b"\xff\xfe", {"Content-Type": "application/json"}, 400, "bad_request"),
+    ("[" * 100000 + "]" * 100000, {"Content-Type": "application/json"}, 400, "bad_request"),
+    ('{"inputs": "x", "parameters": {"seed": 1' + "0" * 5000 + "}}", {"Content-Type": "application/json"}, 400, "bad_request"),
+    ('{"inputs": "x", "parameters": {"temperature": 1' + "0" * 400 + "}}", {"Content-Type": "application/json"}, 422, "validation"),
 ])
 def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server, data, headers, status, error_type):
     response = server.invoke(data, headers=headers)

@@ -22,7 +22,7 @@ def test_one_host_eight_gpus():
     assert top.needs_launcher and top.world_size == 8
     assert torchrun_command(top, CONFIG, "127.0.0.1") == [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "8", "--max_restarts", "0",
-        "--master_addr", "127.0.0.1", "--master_port", "7777", "-m", "train"]
+        "--shutdown_timeout", "110", "--master_addr", "127.0.0.1", "--master_port", "7777", "-m", "train"]
 
 
 def test_two_hosts_eight_gpus_second_host():
@@ -30,7 +30,7 @@ def test_two_hosts_eight_gpus_second_host():
     assert top.world_size == 16 and top.node_rank == 1
     assert torchrun_command(top, CONFIG, "10.0.0.5") == [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "8", "--max_restarts", "0",
-        "--node_rank", "1", "--master_addr", "10.0.0.5", "--master_port", "7777", "-m", "train"]
+        "--shutdown_timeout", "110", "--node_rank", "1", "--master_addr", "10.0.0.5", "--master_port", "7777", "-m", "train"]
 
 
 @pytest.mark.parametrize("instance_type,efa", [("ml.p4d.24xlarge", True), ("ml.p5.48xlarge", True), ("ml.g5.48xlarge", False)])

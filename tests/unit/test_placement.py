@@ -12,9 +12,11 @@ GIB = 2**30
     (0, 4, 24, 28, Placement(1, False, True)),  # too big for one GPU: one worker across all four
     (0, 8, 80, 140, Placement(1, False, True)),  # 70B on p4de
     (2, 4, 24, 16, Placement(2, True, False)),  # SAGEMAKER_MODEL_SERVER_WORKERS wins
+    (0, 4, 24, None, Placement(1, False, True)),  # an adapter on a hub base of unknown size: the safe choice
 ])
 def test_one_worker_per_model_copy(requested, gpus, gpu_gib, model_gib, expected):
-    assert plan(requested, gpus, int(gpu_gib * GIB), int(model_gib * GIB)) == expected
+    size = None if model_gib is None else int(model_gib * GIB)
+    assert plan(requested, gpus, int(gpu_gib * GIB), size) == expected
 
 
 def test_a_restarted_worker_takes_the_free_gpu():
