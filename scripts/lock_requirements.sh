@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Regenerate requirements.lock: install requirements.txt into a clean venv and freeze it, leaving out
+# torch (each platform installs its own build of the pinned version) and torch's CUDA dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="$(mktemp -d)/venv"
+python3 -m venv "$venv"
+"$venv/bin/pip" install --quiet --disable-pip-version-check -r requirements.txt
+{
+  echo "# Every package the image and \`make\` install, with its exact version: \`make lock\` regenerates it from"
+  echo "# requirements.txt in a clean venv. Used as constraints (-c), next to requirements.txt. torch is left out: each"
+  echo "# platform installs its own build (CUDA in the image, CPU here) of the version requirements.txt pins, and"
+  echo "# torch's own CUDA dependencies come pinned by torch."
+  "$venv/bin/pip" freeze --exclude-editable | grep -v -E '^(torch==|nvidia-|triton==)'
+} > requirements.lock
+rm -rf "$(dirname "$venv")"
+echo "wrote requirements.lock ($(grep -vc '^#' requirements.lock) packages)"
