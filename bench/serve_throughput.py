@@ -108,6 +108,18 @@ def single_latency(url: str, new_tokens: int, n: int = 3) -> float:
     return round(statistics.median(times), 3)
 
 
+def measure(command: list[str], env: dict, port: int, options, rounds: int) -> dict:
+    """Start a server, measure its concurrency-1 latency and its throughput under load, stop it."""
+    server = start(command, env, port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        return {"concurrency_1_latency_s": single_latency(url, options.new_tokens),
+                **load(url, options.clients, options.new_tokens, rounds)}
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def static_batch_ceiling(model_dir: Path, clients: int, new_tokens: int) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -138,26 +150,12 @@ def main() -> None:
         results = {}
 
         port = free_port()
-        server = start([str(BIN / "serve")], {"SAGEMAKER_BASE_DIR": str(root), "SAGEMAKER_BIND_TO_PORT": str(port),
-                                              "MAX_BATCH_SIZE": str(options.clients)}, port)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            results["ours"] = {"concurrency_1_latency_s": single_latency(url, options.new_tokens),
-                               **load(url, options.clients, options.new_tokens, rounds=2)}
-        finally:
-            server.terminate()
-            server.wait()
-
+        results["ours"] = measure([str(BIN / "serve")], {"SAGEMAKER_BASE_DIR": str(root), "SAGEMAKER_BIND_TO_PORT": str(port),
+                                                         "MAX_BATCH_SIZE": str(options.clients)}, port, options, rounds=2)
         port = free_port()
-        naive = start([str(BIN / "gunicorn"), "-w", "1", "--threads", "1", "--timeout", "600", "-b", f"127.0.0.1:{port}",
-                       f"bench.naive_server:build('{model_dir}')"], {}, port)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            results["naive"] = {"concurrency_1_latency_s": single_latency(url, options.new_tokens),
-                                **load(url, options.clients, options.new_tokens, rounds=1)}
-        finally:
-            naive.terminate()
-            naive.wait()
+        naive = [str(BIN / "gunicorn"), "-w", "1", "--threads", "1", "--timeout", "600", "-b", f"127.0.0.1:{port}",
+                 f"bench.naive_server:build('{model_dir}')"]
+        results["naive"] = measure(naive, {}, port, options, rounds=1)
 
         results["static_batch_ceiling_tokens_per_second"] = static_batch_ceiling(model_dir, options.clients, options.new_tokens)
     print(json.dumps(results, indent=2))

@@ -75,11 +75,11 @@ class ServingSpec:
         return spec
 
 
-def missing_files(model_dir: Path) -> list[str]:
+def missing_files(model_dir: Path, spec: ServingSpec | None = None) -> list[str]:
     """What a loadable model directory lacks (empty when complete)."""
-    if not (model_dir / SERVING_SPEC_FILE).is_file():
+    if spec is None and not (model_dir / SERVING_SPEC_FILE).is_file():
         return [SERVING_SPEC_FILE]
-    weights = ServingSpec.read(model_dir).weights
+    weights = (spec or ServingSpec.read(model_dir)).weights
     if weights not in REQUIRED_FILES:
         raise ModelDirError(f"{model_dir / SERVING_SPEC_FILE}: unknown weights {weights!r}")
     missing = [name for name in REQUIRED_FILES[weights] if not (model_dir / name).is_file()]
@@ -132,10 +132,11 @@ def load_spec(model_dir: Path) -> ServingSpec:
     A directory without serving.json but with a transformers config.json (any Hugging Face model, e.g.
     one packed into model.tar.gz by hand) is served with TGI's semantics: raw inputs, no chat template."""
     if (model_dir / SERVING_SPEC_FILE).is_file():
-        missing = missing_files(model_dir)
+        spec = ServingSpec.read(model_dir)
+        missing = missing_files(model_dir, spec)
         if missing:
             raise ModelDirError(f"model directory {model_dir} is incomplete: missing {', '.join(missing)}")
-        return ServingSpec.read(model_dir)
+        return spec
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         found = ", ".join(sorted(p.name for p in model_dir.iterdir())[:10]) if model_dir.is_dir() else "no such folder"

@@ -85,10 +85,6 @@ class OptML:
         return self.root / "output"
 
     @property
-    def output_data_dir(self) -> Path:
-        return self.output_dir / "data"
-
-    @property
     def failure_file(self) -> Path:
         return self.output_dir / "failure"
 

@@ -113,9 +113,6 @@ class Engine:
         self._requests.put(ticket)
         return ticket
 
-    def generate(self, request: GenerateRequest) -> GenerateResult:
-        return self.submit(request).result(self.config.timeout)
-
     def run_job(self, function: Callable):
         """Run function(model) on the engine thread and return its result."""
         if not self._slots.acquire(blocking=False):

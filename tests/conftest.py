@@ -158,6 +158,15 @@ class Server:
         return self.output
 
 
+@pytest.fixture(scope="session")
+def server(tiny_served_model):
+    """One real server on the tiny model, shared by the tests that only send it requests."""
+    server = Server(tiny_served_model)
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def serve_tree():
     """Start `serve` on a tree; stops every server the test started."""

@@ -63,6 +63,14 @@ def load_data(config: TrainConfig, paths: OptML) -> dict[str, tuple[list, list]]
     return data
 
 
+class WorkersFailed(Exception):
+    """Launched workers failed; their launcher reports them as this instance's failure."""
+
+    def __init__(self, code: int, first_line: str, details: str):
+        super().__init__(first_line)
+        self.code, self.first_line, self.details = code, first_line, details
+
+
 def run(config: TrainConfig, paths: OptML, worker: bool) -> None:
     log.info("config: %s", json.dumps(config.__dict__, default=list, sort_keys=True))
     check_job_shape(paths)
@@ -82,12 +90,6 @@ def run(config: TrainConfig, paths: OptML, worker: bool) -> None:
     from train.pipeline import fine_tune  # torch from here on
 
     fine_tune(config, paths, data, base)
-
-
-class WorkersFailed(Exception):
-    def __init__(self, code: int, first_line: str, details: str):
-        super().__init__(first_line)
-        self.code, self.first_line, self.details = code, first_line, details
 
 
 def main() -> None:

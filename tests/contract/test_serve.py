@@ -14,14 +14,6 @@ LLM_TWIN_BODY = {"inputs": "\nYou are a content creator. Write what the user ask
                                 "repetition_penalty": 1.1}}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_served_model):
-    server = Server(tiny_served_model)
-    server.wait_ready()
-    yield server
-    server.stop()
-
-
 def test_ping_is_503_while_loading_then_200(tiny_served_model):
     server = Server(tiny_served_model)
     try:

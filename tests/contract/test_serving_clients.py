@@ -4,19 +4,8 @@ property-based fuzz of request bodies, and 4-bit loading."""
 import json
 import os
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from tests.conftest import Server
-
-
-@pytest.fixture(scope="module")
-def server(tiny_served_model):
-    server = Server(tiny_served_model)
-    server.wait_ready()
-    yield server
-    server.stop()
 
 
 def test_sagemaker_sdk_local_runtime_client_gets_an_answer(server):
