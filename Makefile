@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL_DIR := .cache/models/SmolLM2-135M-Instruct
 
-.PHONY: demo test test-fast model venv lint lock clean
+.PHONY: demo test test-fast model venv lint lock image-test clean
 
 demo: model ## train on local_test/test_dir with the embedded model, serve it, ask it something
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash local_test/demo.sh
@@ -19,6 +19,9 @@ test-fast: venv ## everything but the tests that use the embedded SmolLM2 model
 lint: venv
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/shellcheck build_and_push.sh local_test/*.sh scripts/*.sh .ci/run
+
+image-test: ## build the image with podman (no Docker daemon) and run its train and serve (root; minutes)
+	scripts/image_test.sh
 
 lock: ## regenerate requirements.lock from requirements.txt
 	scripts/lock_requirements.sh
