@@ -9,13 +9,13 @@
 #      not work here): `train` must publish a model, `serve` must answer /ping and /invocations.
 #
 # Needs root; installs podman and debootstrap with apt-get when they are missing. About 15 minutes on 2
-# cores the first time (vfs storage copies every layer); the base is kept in IMAGE_TEST_DIR for the next run.
+# cores the first time; the base image and the layer cache stay in IMAGE_TEST_DIR for the next run.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 work="${IMAGE_TEST_DIR:-/tmp/llm-twin-image-test}"
 port="${PORT:-8093}"
 image=localhost/llm-twin:image-test
-podman=(podman --root "$work/storage" --runroot "$work/run" --storage-driver vfs)
+podman=(podman --root "$work/storage" --runroot "$work/run")
 started=$SECONDS
 step() { echo "== [$((SECONDS - started)) s] $*"; }
 
@@ -25,6 +25,12 @@ if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null || ! co
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman debootstrap curl >/dev/null
 fi
 mkdir -p "$work"
+# overlay stores each layer as a diff. vfs, where the kernel has no overlay, copies whole layers at every
+# step: it needs tens of GB.
+driver="${STORAGE_DRIVER:-overlay}"
+if ! "${podman[@]}" --storage-driver "$driver" info >/dev/null 2>&1; then driver=vfs; fi
+podman+=(--storage-driver "$driver")
+step "podman storage: $driver in $work"
 
 step "base image: Debian 12 from debootstrap"
 if ! "${podman[@]}" image exists localhost/debbase:bookworm; then

@@ -34,3 +34,11 @@ def test_build_and_push_dry_run_prints_the_commands(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "docker build --platform linux/amd64 -t twin:v1" in result.stdout
     assert "dkr.ecr.us-gov-west-1.amazonaws.com/twin:v1" in result.stdout
+
+
+def test_dockerfile_bases_are_pinned_and_args_do_not_shadow_deepspeed():
+    args = dict(line.removeprefix("ARG ").split("=", 1) for line in (REPO / "Dockerfile").read_text().splitlines()
+                if line.startswith("ARG ") and "=" in line)
+    assert "@sha256:" in args["BUILD_BASE"] and "@sha256:" in args["RUNTIME_BASE"]
+    # An ARG is in the environment of every RUN after it; DeepSpeed's setup.py reads DS_BUILD_* itself.
+    assert not [name for name in args if name.startswith("DS_")]
