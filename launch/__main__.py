@@ -56,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
     deploy.add_argument("--name", required=True)
     deploy.add_argument("--instance-type", default="ml.g5.2xlarge")
     deploy.add_argument("--startup-timeout", type=int, default=900)
+    deploy.add_argument("--inference-ami-version", metavar="AMI",
+                        help="the host image, which sets the NVIDIA driver (e.g. al2-ami-sagemaker-inference-gpu-3-1: "
+                             "driver 550); without it SageMaker picks its default for the instance type")
     deploy.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="a serving variable (repeatable)")
     deploy.set_defaults(run=run_deploy)
 
@@ -93,7 +96,7 @@ def run_train(args, clients) -> int:
 def run_deploy(args, clients) -> int:
     requests = endpoint_requests(name=args.name, image=args.image, role=args.role, model_data=args.model_data,
                                  instance_type=args.instance_type, environment=_pairs(args.env),
-                                 startup_timeout=args.startup_timeout)
+                                 startup_timeout=args.startup_timeout, ami_version=args.inference_ami_version)
     sm = clients["sagemaker"]
     sm.create_model(**requests["model"])
     sm.create_endpoint_config(**requests["config"])

@@ -46,9 +46,10 @@ def training_job_request(*, name: str, image: str, role: str, channels: dict[str
 
 
 def endpoint_requests(*, name: str, image: str, role: str, model_data: str, instance_type: str,
-                      environment: dict[str, str] | None = None, startup_timeout: int = 900) -> dict[str, dict]:
+                      environment: dict[str, str] | None = None, startup_timeout: int = 900,
+                      ami_version: str | None = None) -> dict[str, dict]:
     """CreateModel, CreateEndpointConfig and CreateEndpoint for one real-time endpoint."""
-    return {
+    requests = {
         "model": {"ModelName": name, "ExecutionRoleArn": role,
                   "PrimaryContainer": {"Image": image, "ModelDataUrl": model_data, "Environment": dict(environment or {})}},
         "config": {"EndpointConfigName": name, "ProductionVariants": [{
@@ -56,6 +57,9 @@ def endpoint_requests(*, name: str, image: str, role: str, model_data: str, inst
             "ContainerStartupHealthCheckTimeoutInSeconds": startup_timeout}]},
         "endpoint": {"EndpointName": name, "EndpointConfigName": name},
     }
+    if ami_version:
+        requests["config"]["ProductionVariants"][0]["InferenceAmiVersion"] = ami_version
+    return requests
 
 
 def redacted(request: dict) -> dict:

@@ -69,13 +69,15 @@ def test_deploy_and_delete_send_the_exact_requests():
         stub.add_response("create_endpoint_config", {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint-config/twin"}, {
             "EndpointConfigName": "twin", "ProductionVariants": [{
                 "VariantName": "AllTraffic", "ModelName": "twin", "InstanceType": "ml.g5.xlarge", "InitialInstanceCount": 1,
-                "ContainerStartupHealthCheckTimeoutInSeconds": 600}]})
+                "ContainerStartupHealthCheckTimeoutInSeconds": 600,
+                "InferenceAmiVersion": "al2-ami-sagemaker-inference-gpu-3-1"}]})
         stub.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/twin"}, {"EndpointName": "twin", "EndpointConfigName": "twin"})
         stub.add_response("delete_endpoint", {}, {"EndpointName": "twin"})
         stub.add_response("delete_endpoint_config", {}, {"EndpointConfigName": "twin"})
         stub.add_response("delete_model", {}, {"ModelName": "twin"})
         assert main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/out/model.tar.gz", "--name", "twin",
-                     "--instance-type", "ml.g5.xlarge", "--startup-timeout", "600", "--env", "MAX_BATCH_SIZE=16"],
+                     "--instance-type", "ml.g5.xlarge", "--startup-timeout", "600", "--env", "MAX_BATCH_SIZE=16",
+                     "--inference-ami-version", "al2-ami-sagemaker-inference-gpu-3-1"],
                     clients={"sagemaker": sm}) == 0
         assert main(["delete", "--name", "twin"], clients={"sagemaker": sm}) == 0
         stub.assert_no_pending_responses()

@@ -1,0 +1,60 @@
+"""CUDA forward compatibility: run this image's CUDA on a host whose NVIDIA driver is older.
+
+SageMaker hosts often run an older driver than the image's CUDA 12.8 needs (570+): by default, inference
+runs driver 470 on g4dn/g5/p4d and 535 on g6/p5. Since NVIDIA Container Toolkit 1.17.4 the host no longer
+mounts the CUDA compatibility libraries for the container; the image must choose them itself. The CUDA
+base image ships them in /usr/local/cuda/compat (a libcuda.so.<driver version> built for newer CUDA on
+older data-center drivers). The dynamic loader reads LD_LIBRARY_PATH only when a process starts, so the
+entrypoint decides before it execs `train` or `serve`: compat libraries first when the host's driver is
+older than theirs, untouched otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+COMPAT_DIR = Path(os.environ.get("LLM_TWIN_CUDA_COMPAT_DIR", "/usr/local/cuda/compat"))
+DRIVER_VERSION_FILE = Path(os.environ.get("LLM_TWIN_NVIDIA_VERSION_FILE", "/proc/driver/nvidia/version"))
+
+# "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.183.01  Sun May 12 19:39:15 UTC 2024" or, for the
+# open kernel modules, "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.133.20  Release Build ..."
+_DRIVER_LINE = re.compile(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)")
+_COMPAT_LIB = re.compile(r"libcuda\.so\.(\d+(?:\.\d+)+)$")
+
+Version = tuple[int, ...]
+
+
+def host_driver_version(version_file: Path = DRIVER_VERSION_FILE) -> Version | None:
+    """The loaded NVIDIA kernel driver's version, or None on a host without one (CPU, or no GPU mounted)."""
+    try:
+        match = _DRIVER_LINE.search(version_file.read_text())
+    except OSError:
+        return None
+    return tuple(int(part) for part in match.group(1).split(".")) if match else None
+
+
+def compat_driver_version(compat_dir: Path = COMPAT_DIR) -> Version | None:
+    """The driver version the image's compatibility libcuda was built as, or None when there is none."""
+    if not compat_dir.is_dir():
+        return None
+    versions = [tuple(int(part) for part in match.group(1).split("."))
+                for match in (_COMPAT_LIB.match(path.name) for path in compat_dir.iterdir()) if match]
+    return max(versions) if versions else None
+
+
+def compat_library_path(env: dict[str, str], compat_dir: Path = COMPAT_DIR,
+                        version_file: Path = DRIVER_VERSION_FILE) -> str | None:
+    """The LD_LIBRARY_PATH to run with, or None to leave the environment as it is."""
+    host, compat = host_driver_version(version_file), compat_driver_version(compat_dir)
+    if host is None or compat is None or host >= compat:
+        return None
+    current = [part for part in env.get("LD_LIBRARY_PATH", "").split(":") if part]
+    if str(compat_dir) in current:
+        return None
+    return ":".join([str(compat_dir), *current])
+
+
+def describe(version: Version) -> str:
+    return ".".join(map(str, version))
