@@ -39,6 +39,8 @@ class Sequence:
     rng: torch.Generator | None = None
     generated: list[int] = field(default_factory=list)
     text: str = ""
+    prefix_offset: int = 0  # incremental detokenization: see _new_text
+    read_offset: int = 0
     finish_reason: str | None = None
     cancelled: object = None  # callable() -> bool: the client went away
 
@@ -202,14 +204,12 @@ class Batcher:
                 s.emit("token", {"id": token, "text": "", "logprob": logprob, "special": True})
                 self._finish(s, "eos_token")
                 continue
-            decoded = self.tokenizer.decode(s.generated, skip_special_tokens=True)
-            delta = ""
-            if not decoded.endswith("\ufffd"):  # a multi-byte character is complete: emit it
-                delta, s.text = decoded[len(s.text):], decoded
+            delta = _new_text(self.tokenizer, s)
+            s.text += delta
             s.emit("token", {"id": token, "text": delta, "logprob": logprob, "special": False})
-            hits = [s.text.find(stop) + len(stop) for stop in s.request.params.stop if stop in s.text]
-            if hits:
-                s.text = s.text[: min(hits)]  # like TGI, the stop sequence stays in the text
+            stop_end = _first_stop_end(s.text, len(delta), s.request.params.stop)
+            if stop_end is not None:
+                s.text = s.text[:stop_end]  # like TGI, the stop sequence stays in the text
                 self._finish(s, "stop_sequence")
             elif len(s.generated) >= s.max_new_tokens:
                 self._finish(s, "length")
@@ -234,6 +234,35 @@ class Batcher:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, padding:], layer.values[:, :, padding:]
             self.mask = self.mask[:, padding:]
+
+
+def _new_text(tokenizer, s: Sequence) -> str:
+    """The text the newest token completes, decoding only a short window of recent tokens.
+
+    Decoding the whole output at every step would cost O(length) per token. Instead two decodes start
+    at the same token (prefix_offset), so a tokenizer's quirks at the start of a decode (a dropped
+    leading space) cancel out: the new text is what the longer one adds. A trailing U+FFFD means a
+    multi-byte character is still incomplete: wait for the next token.
+    """
+    decode = tokenizer.decode
+    before = decode(s.generated[s.prefix_offset:s.read_offset], skip_special_tokens=True)
+    after = decode(s.generated[s.prefix_offset:], skip_special_tokens=True)
+    if len(after) <= len(before) or after.endswith("\ufffd"):
+        return ""
+    s.prefix_offset, s.read_offset = s.read_offset, len(s.generated)
+    return after[len(before):]
+
+
+def _first_stop_end(text: str, new: int, stops: tuple[str, ...]) -> int | None:
+    """Where the earliest stop sequence ends in text, looking only where the last `new` characters could
+    have completed one (earlier text was searched on earlier steps)."""
+    ends = []
+    for stop in stops:
+        start = max(0, len(text) - new - len(stop) + 1)
+        found = text.find(stop, start)
+        if found >= 0:
+            ends.append(found + len(stop))
+    return min(ends) if ends else None
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, rng) -> torch.Tensor:
