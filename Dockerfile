@@ -5,12 +5,13 @@
 #   --build-arg TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 #   --build-arg "DEEPSPEED_OPS=DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1"
 # Behind a TLS-intercepting proxy, pass its CA bundle as a build secret: --secret id=pipca,src=/path/ca.pem
+# The CUDA bases, pinned by tag and by digest (change both together: the digest is what is pulled).
 ARG BUILD_BASE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04@sha256:24c8e3581ea6330038b0d374920721983312627f8adbfcf390bdb4b399d280ed
 ARG RUNTIME_BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04@sha256:ac55d124da4882b497f732d8dfd9a702d5447a5f29d08d56da6f64f0a1eb34bc
 
-# --- the Python environment, with the DeepSpeed ops prebuilt (the devel base has nvcc) ----------------
+# --- the Python environment, with the DeepSpeed ops prebuilt (the devel base has nvcc) for T4 (7.5) to B200 (10.0)
 FROM ${BUILD_BASE} AS python-env
-ENV TORCH_CUDA_ARCH_LIST="8.0 8.6 8.9 9.0" PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV TORCH_CUDA_ARCH_LIST="7.5 8.0 8.6 8.9 9.0 10.0" PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential ca-certificates \
