@@ -59,8 +59,8 @@ step "podman build (CPU build arguments)"
 container="$("${podman[@]}" create "$image")"
 root="$("${podman[@]}" mount "$container")"
 server=""
-cleanup() {
-  if [[ -n "$server" ]]; then kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; fi
+cleanup() {  # serve runs in its own process group: stop all of it (gunicorn's master and workers)
+  if [[ -n "$server" ]]; then kill -TERM -- "-$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; fi
   umount "$root/proc" "$root/dev" 2>/dev/null || true
   "${podman[@]}" umount "$container" >/dev/null || true
   "${podman[@]}" rm "$container" >/dev/null || true
@@ -74,28 +74,27 @@ inspect() { "${podman[@]}" image inspect --format "$1" "$image"; }
 mapfile -t entrypoint < <(inspect '{{range .Config.Entrypoint}}{{println .}}{{end}}' | grep .)
 mapfile -t image_env < <(inspect '{{range .Config.Env}}{{println .}}{{end}}' | grep .)
 workdir="$(inspect '{{.Config.WorkingDir}}')"
-run_image() { chroot "$root" /usr/bin/env -i -C "$workdir" "${image_env[@]}" HOME=/root "$@" "${entrypoint[@]}" "${args[@]}"; }
+in_image=(chroot "$root" /usr/bin/env -i -C "$workdir" "${image_env[@]}" HOME=/root SAGEMAKER_BIND_TO_PORT="$port"
+  "${entrypoint[@]}")
 label="$(inspect '{{index .Config.Labels "com.amazonaws.sagemaker.capabilities.accept-bind-to-port"}}')"
 [[ "$label" == "true" ]] || { echo "the accept-bind-to-port label is missing" >&2; exit 1; }
 [[ ! -e "$root/opt/ml" ]] || { echo "the image has files under /opt/ml" >&2; exit 1; }
 
 step "the DeepSpeed op the build asked for is prebuilt"
-args=(python -c "from deepspeed.git_version_info import installed_ops as ops; assert ops['cpu_adam'], ops; print(ops)")
-run_image
+"${in_image[@]}" python -c "from deepspeed.git_version_info import installed_ops as ops; assert ops['cpu_adam'], ops; print(ops)"
 
 step "train, inside the image, on local_test/test_dir"
 mkdir -p "$root/opt/ml"
 cp -r "$repo/local_test/test_dir/input" "$root/opt/ml/"
 printf '{"max_steps": "2", "per_device_train_batch_size": "2", "max_length": "128", "validation_split": "0"}\n' \
   > "$root/opt/ml/input/config/hyperparameters.json"
-args=(train)
-run_image
+"${in_image[@]}" train
 ls -l "$root/opt/ml/model"
 [[ -f "$root/opt/ml/model/serving.json" ]] || { echo "train did not publish a model" >&2; exit 1; }
 
 step "serve, inside the image, on port $port"
-args=(serve)
-run_image env SAGEMAKER_BIND_TO_PORT="$port" &
+if curl -s -o /dev/null "http://127.0.0.1:$port/"; then echo "port $port is already in use: set PORT" >&2; exit 1; fi
+setsid "${in_image[@]}" serve &
 server=$!
 for _ in $(seq 1 180); do
   [[ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/ping")" == 200 ]] && break
@@ -107,4 +106,14 @@ answer="$(curl -sS --fail-with-body -H "Content-Type: application/json" \
   --data-binary "@$repo/local_test/payloads/llm_twin_request.json" "http://127.0.0.1:$port/invocations")"
 echo "POST /invocations: $answer"
 [[ "$answer" == *generated_text* ]] || { echo "no generated_text in the answer" >&2; exit 1; }
+
+step "SIGTERM stops serve, as SageMaker stops an endpoint"
+kill -TERM -- "-$server"
+for _ in $(seq 1 60); do kill -0 "$server" 2>/dev/null || break; sleep 1; done
+if kill -0 "$server" 2>/dev/null; then echo "serve did not stop within 60 s of SIGTERM" >&2; exit 1; fi
+code=0
+wait "$server" || code=$?
+server=""
+[[ $code -eq 0 ]] || { echo "serve exited with $code on SIGTERM (expected 0)" >&2; exit 1; }
+if curl -s -o /dev/null "http://127.0.0.1:$port/"; then echo "something still answers on port $port" >&2; exit 1; fi
 step "image-test passed"
