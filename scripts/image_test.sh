@@ -3,12 +3,11 @@
 # image's own `train` and `serve` inside its filesystem against a copy of local_test/test_dir.
 #
 #   1. debootstrap Debian 12 (Python 3.11) and `podman import` it as the base of every stage;
-#   2. `podman build --isolation chroot` with the CPU build arguments; torch is this machine's CPU wheel
-#      (TORCH_WHEEL) when there is one, else PyTorch's CPU index;
+#   2. `podman build --isolation chroot` with the CPU build arguments; torch is a wheel put in the context;
 #   3. mount the image and chroot into it with the image's ENTRYPOINT, WORKDIR and ENV (`podman run` does
 #      not work here): `train` must publish a model, `serve` must answer /ping and /invocations.
 #
-# Needs root; installs podman and debootstrap with apt-get when they are missing. About 15 minutes on 2
+# Needs root; installs podman and debootstrap with apt-get when they are missing. About 6 minutes on 2
 # cores the first time; the base image and the layer cache stay in IMAGE_TEST_DIR for the next run.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -39,13 +38,24 @@ if ! "${podman[@]}" image exists localhost/debbase:bookworm; then
   tar -C "$work/rootfs" -c . | "${podman[@]}" import - localhost/debbase:bookworm
 fi
 
-# The build context: the repository's tracked files, plus the CPU torch wheel when this machine has one.
+# The build context: the repository's tracked files, plus a torch wheel of the pinned version for the
+# image's Python 3.11: TORCH_WHEEL, else a CPU wheel in pip's find-links folders (this machine keeps one in
+# /opt/wheels), else whatever the host's pip downloads (PyPI's CUDA build: it works, several GB slower).
 context="$work/context"
 rm -rf "$context" && mkdir -p "$context/.wheels"
 git -C "$repo" ls-files -z | (cd "$repo" && xargs -0 cp --parents -t "$context")
-wheel="${TORCH_WHEEL:-$(find /opt/wheels -name 'torch-*+cpu-cp311-*.whl' 2>/dev/null | head -1)}"
-torch_args="--index-url https://download.pytorch.org/whl/cpu"
-if [[ -n "$wheel" ]]; then cp "$wheel" "$context/.wheels/" && torch_args="--find-links /context/.wheels"; fi
+torch_version="$(sed -n 's/^torch==//p' "$repo/requirements.txt")"
+wheel="${TORCH_WHEEL:-}"
+for folder in ${PIP_FIND_LINKS:-} /opt/wheels; do
+  [[ -n "$wheel" ]] || wheel="$(find "$folder" -maxdepth 1 -name "torch-$torch_version+cpu-cp311-*.whl" 2>/dev/null | head -1)"
+done
+if [[ -n "$wheel" ]]; then
+  cp "$wheel" "$context/.wheels/"
+else
+  step "no local CPU wheel of torch $torch_version: downloading one with the host's pip"
+  python3 -m pip download --quiet --no-deps --only-binary :all: --python-version 3.11 \
+    --platform manylinux_2_28_x86_64 -d "$context/.wheels" "torch==$torch_version"
+fi
 # A TLS-intercepting proxy's CA (this machine has one) reaches pip as a build secret, never a layer.
 secret=()
 ca=/etc/ssl/certs/ca-certificates.crt
@@ -54,7 +64,7 @@ if [[ -f "$ca" ]]; then secret=(--secret "id=pipca,src=$ca"); fi
 step "podman build (CPU build arguments)"
 "${podman[@]}" build --isolation chroot "${secret[@]}" -t "$image" \
   --build-arg BUILD_BASE=localhost/debbase:bookworm --build-arg RUNTIME_BASE=localhost/debbase:bookworm \
-  --build-arg "TORCH_PIP_ARGS=$torch_args" --build-arg "DEEPSPEED_OPS=DS_BUILD_CPU_ADAM=1" "$context"
+  --build-arg "TORCH_PIP_ARGS=--find-links /context/.wheels" --build-arg "DEEPSPEED_OPS=DS_BUILD_CPU_ADAM=1" "$context"
 
 container="$("${podman[@]}" create "$image")"
 root="$("${podman[@]}" mount "$container")"
