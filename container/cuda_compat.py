@@ -44,13 +44,12 @@ def compat_driver_version(compat_dir: Path = COMPAT_DIR) -> Version | None:
     return max(versions) if versions else None
 
 
-def compat_library_path(env: dict[str, str], compat_dir: Path = COMPAT_DIR,
-                        version_file: Path = DRIVER_VERSION_FILE) -> str | None:
-    """The LD_LIBRARY_PATH to run with, or None to leave the environment as it is."""
-    host, compat = host_driver_version(version_file), compat_driver_version(compat_dir)
+def compat_library_path(library_path: str, host: Version | None, compat: Version | None,
+                        compat_dir: Path = COMPAT_DIR) -> str | None:
+    """The LD_LIBRARY_PATH to run with, or None to leave it as it is."""
     if host is None or compat is None or host >= compat:
         return None
-    current = [part for part in env.get("LD_LIBRARY_PATH", "").split(":") if part]
+    current = [part for part in library_path.split(":") if part]
     if str(compat_dir) in current:
         return None
     return ":".join([str(compat_dir), *current])

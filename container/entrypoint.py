@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def use_cuda_compat() -> None:
     """Put the CUDA compatibility libraries first when the host's driver is older than the image's CUDA."""
-    library_path = cuda_compat.compat_library_path(dict(os.environ))
+    host, compat = cuda_compat.host_driver_version(), cuda_compat.compat_driver_version()
+    library_path = cuda_compat.compat_library_path(os.environ.get("LD_LIBRARY_PATH", ""), host, compat)
     if library_path is None:
         return
-    host, compat = cuda_compat.host_driver_version(), cuda_compat.compat_driver_version()
     print(f"llm-twin: host NVIDIA driver {cuda_compat.describe(host)} is older than this image's CUDA "
           f"(driver {cuda_compat.describe(compat)}): using the compatibility libraries in {cuda_compat.COMPAT_DIR}",
           file=sys.stderr, flush=True)

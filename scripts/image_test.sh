@@ -111,7 +111,8 @@ for _ in $(seq 1 180); do
   kill -0 "$server" 2>/dev/null || { echo "serve exited before answering /ping" >&2; exit 1; }
   sleep 1
 done
-curl -sS --fail-with-body "http://127.0.0.1:$port/ping" >/dev/null && echo "GET /ping: 200"
+curl -sS --fail-with-body "http://127.0.0.1:$port/ping" >/dev/null  # its own statement: set -e stops on failure
+echo "GET /ping: 200"
 answer="$(curl -sS --fail-with-body -H "Content-Type: application/json" \
   --data-binary "@$repo/local_test/payloads/llm_twin_request.json" "http://127.0.0.1:$port/invocations")"
 echo "POST /invocations: $answer"
