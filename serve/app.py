@@ -1,4 +1,9 @@
-"""The Flask app: routes parse and validate, call the engine, serialize. Nothing here knows torch.
+"""The Flask app: routes parse and validate, call the engine, serialize. Nothing here knows vLLM or torch.
+
+SageMaker routes only `GET /ping` and `POST /invocations`; `/invocations` speaks TGI's schema (and
+OpenAI's chat, routed on `messages`). For `docker run` users the same handlers also answer TGI's own
+routes: `/generate`, `/generate_stream`, `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
+`/info`, `/health`, `/metrics` (Prometheus text), and `POST /` (what TGI's Python client calls).
 
 This is the serving side's one exception boundary: every error becomes `{"error", "error_type"}` JSON
 with its status (TGI's body), so no client mistake is ever a 500. Once a stream has started, an error
@@ -9,14 +14,16 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-import uuid
+import threading
+from collections import Counter
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from serve import openai
 from serve.errors import BadRequest, GenerationError, NotReady, ServeError, UnsupportedMediaType, ValidationError
-from serve.schemas import GenerateRequest, GenerateResult, parse_request
+from serve.schemas import (MAX_BEST_OF, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS, GenerateRequest, GenerateResult,
+                           Sequence, parse_chat, parse_completion, parse_generate, parse_request)
 
 log = logging.getLogger(__name__)
 
@@ -24,45 +31,86 @@ MAX_BODY_BYTES = 6 * 1024 * 1024  # InvokeEndpoint's payload limit
 JSON_TYPES = ("application/json", "")
 JSONLINES_TYPES = ("application/jsonlines", "application/x-jsonlines", "application/jsonl")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-OPENAI_FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
+ADAPTER_HEADER = "X-Amzn-SageMaker-Adapter-Identifier"  # inference components' adapter (LoRA) selection
 
 
 def create_app(engine) -> Flask:
     app = Flask("serve")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.extensions["engine"] = engine  # gunicorn's worker_exit hook shuts it down
     timeout = engine.config.timeout
+    metrics = Metrics()
 
     @app.get("/ping")
     def ping():
         if not engine.ready:
             return _error(503, "healthcheck", "model is loading")
+        if not engine.healthy:
+            return _error(500, "healthcheck", "the engine has failed")
         return Response(status=200)
+
+    @app.get("/health")
+    def health():
+        return ping()
 
     @app.get("/execution-parameters")
     def execution_parameters():
         """Batch transform asks this once: several records per request, answered line for line."""
-        return _json(200, {"MaxConcurrentTransforms": engine.config.max_batch_size, "BatchStrategy": "MULTI_RECORD",
+        return _json(200, {"MaxConcurrentTransforms": engine.config.max_batch_size or 32, "BatchStrategy": "MULTI_RECORD",
                            "MaxPayloadInMB": MAX_BODY_BYTES // 2**20})
 
+    @app.get("/info")
+    def info():
+        """TGI's /info, with the values this server enforces."""
+        return _json(200, {"model_id": engine.spec.base_model, "model_dtype": engine.config.dtype,
+                           "model_device_type": "vllm", "max_input_tokens": engine.max_input_tokens,
+                           "max_total_tokens": engine.max_total_tokens, "max_best_of": MAX_BEST_OF,
+                           "max_stop_sequences": MAX_STOP_SEQUENCES, "max_top_n_tokens": MAX_TOP_N_TOKENS,
+                           "max_concurrent_requests": engine.config.max_concurrent_requests,
+                           "adapters": sorted(engine.adapters), "router": "llm-twin", "version": "0.1.0"})
+
+    @app.get("/v1/models")
+    def models():
+        return _json(200, openai.models(sorted(engine.adapters)))
+
+    @app.get("/metrics")
+    def prometheus():
+        return Response(metrics.text(), mimetype="text/plain; version=0.0.4")
+
     @app.post("/invocations")
+    @app.post("/")
     def invocations():
-        if not engine.ready:
-            raise NotReady("model is loading")
+        _check_ready(engine)
         if engine.custom is not None:
             return _custom(engine, timeout)
         if request.mimetype in JSONLINES_TYPES:
             return _jsonlines(engine, request.get_data(cache=False), timeout)
-        if request.mimetype not in JSON_TYPES:
-            raise UnsupportedMediaType(
-                f"Content-Type {request.mimetype!r} is not supported: send application/json or application/jsonlines")
-        generate = parse_request(_parse_json(request.get_data(cache=False)))
-        ticket = engine.submit(generate)
-        if generate.stream:
-            return _stream(ticket, generate, timeout)
-        return _json(200, _response(generate, ticket.result(timeout)))
+        return _generate(engine, parse_request(_body(), request.headers.get(ADAPTER_HEADER)), timeout, metrics)
+
+    @app.post("/generate")
+    def generate():
+        _check_ready(engine)
+        generate = parse_generate({**_object(_body()), "stream": False})
+        return _generate(engine, generate, timeout, metrics, tgi_list=False)
+
+    @app.post("/generate_stream")
+    def generate_stream():
+        _check_ready(engine)
+        return _generate(engine, parse_generate({**_object(_body()), "stream": True}), timeout, metrics)
+
+    @app.post("/v1/chat/completions")
+    def chat_completions():
+        _check_ready(engine)
+        return _generate(engine, parse_chat(_object(_body())), timeout, metrics)
+
+    @app.post("/v1/completions")
+    def completions():
+        _check_ready(engine)
+        return _generate(engine, parse_completion(_body()), timeout, metrics)
 
     @app.errorhandler(ServeError)
     def serve_error(e: ServeError):
+        metrics.count(e.status)
         return _error(e.status, e.error_type, e.message)
 
     @app.errorhandler(HTTPException)
@@ -71,9 +119,54 @@ def create_app(engine) -> Flask:
 
     @app.errorhandler(TimeoutError)
     def timeout_error(e):
+        metrics.count(424)
         return _error(424, "generation", "generation did not finish within the server timeout")
 
     return app
+
+
+class Metrics:
+    """Request counts for /metrics, in TGI's metric names where TGI has one."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._statuses: Counter = Counter()
+        self._generated_tokens = 0
+
+    def count(self, status: int, generated_tokens: int = 0) -> None:
+        with self._lock:
+            self._statuses[status] += 1
+            self._generated_tokens += generated_tokens
+
+    def text(self) -> str:
+        with self._lock:
+            statuses, tokens = dict(self._statuses), self._generated_tokens
+        success = sum(n for status, n in statuses.items() if status < 400)
+        lines = ["# TYPE tgi_request_count counter", f"tgi_request_count {sum(statuses.values())}",
+                 "# TYPE tgi_request_success counter", f"tgi_request_success {success}",
+                 "# TYPE tgi_request_failure counter", f"tgi_request_failure {sum(statuses.values()) - success}",
+                 "# TYPE tgi_request_generated_tokens_total counter", f"tgi_request_generated_tokens_total {tokens}",
+                 "# TYPE llm_twin_responses_total counter"]
+        lines += [f'llm_twin_responses_total{{status="{status}"}} {n}' for status, n in sorted(statuses.items())]
+        return "\n".join(lines) + "\n"
+
+
+def _check_ready(engine) -> None:
+    if not engine.ready:
+        raise NotReady("model is loading")
+
+
+def _body():
+    if request.mimetype not in JSON_TYPES:
+        raise UnsupportedMediaType(
+            f"Content-Type {request.mimetype!r} is not supported: send application/json or application/jsonlines")
+    return _parse_json(request.get_data(cache=False))
+
+
+def _object(body) -> dict:
+    if not isinstance(body, dict):
+        raise ValidationError("request body must be a JSON object")
+    return body
 
 
 def _parse_json(data: bytes):
@@ -83,42 +176,54 @@ def _parse_json(data: bytes):
         raise BadRequest(f"request body is not valid JSON: {type(e).__name__}: {e}") from None
 
 
+def _generate(engine, generate: GenerateRequest, timeout: float, metrics: Metrics, tgi_list: bool = True) -> Response:
+    ticket = engine.submit(generate)
+    if generate.stream:
+        return _stream(ticket, generate, timeout, metrics)
+    result = ticket.result(timeout)
+    metrics.count(200, result.generated_tokens)
+    answer = _response(generate, result)
+    return _json(200, answer if tgi_list or generate.messages is not None or generate.completion else answer[0])
+
+
 def _response(generate: GenerateRequest, result: GenerateResult):
-    if generate.messages is not None:
-        return _chat_completion(result)
+    if generate.messages is not None or generate.completion:
+        return openai.response(generate, result)
     text = generate.inputs + result.text if generate.params.return_full_text else result.text
     item = {"generated_text": text}
     if generate.params.details:
-        item["details"] = _details(result)
+        item["details"] = _details(generate, result)
     return [item]
 
 
-def _details(result: GenerateResult) -> dict:
-    return {"finish_reason": result.finish_reason, "generated_tokens": result.generated_tokens,
-            "input_length": result.input_tokens, "seed": result.seed}
+def _details(generate: GenerateRequest, result: GenerateResult) -> dict:
+    details = {**_sequence_details(result.best, result.seed), "input_length": result.input_tokens,
+               "prefill": result.prefill}
+    if result.others:
+        details["best_of_sequences"] = [{"generated_text": s.text, **_sequence_details(s, None), "prefill": result.prefill}
+                                        for s in result.others]
+    return details
 
 
-def _chat_completion(result: GenerateResult) -> dict:
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": "llm-twin",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                     "finish_reason": OPENAI_FINISH[result.finish_reason]}],
-        "usage": {"prompt_tokens": result.input_tokens, "completion_tokens": result.generated_tokens,
-                  "total_tokens": result.input_tokens + result.generated_tokens},
-    }
+def _sequence_details(sequence: Sequence, seed) -> dict:
+    details = {"finish_reason": sequence.finish_reason, "generated_tokens": sequence.generated_tokens, "seed": seed,
+               "tokens": sequence.tokens}
+    if sequence.top_tokens is not None:
+        details["top_tokens"] = sequence.top_tokens
+    return details
 
 
-def _stream(ticket, generate: GenerateRequest, timeout: float) -> Response:
+def _stream(ticket, generate: GenerateRequest, timeout: float, metrics: Metrics) -> Response:
     events = ticket.stream(timeout)
     first = next(events)
     if first[0] == "error":  # nothing sent yet: a proper 4xx/424 instead of an error event
         events.close()
         raise first[1]
-    chat = generate.messages is not None
+    openai_shaped = generate.messages is not None or generate.completion
 
     def body():
         try:
-            yield from (_chat_events if chat else _tgi_events)(generate, first, events)
+            yield from (_openai_events if openai_shaped else _tgi_events)(generate, _chain(first, events), metrics)
         except ServeError as e:
             yield _sse({"error": e.message, "error_type": e.error_type})
         except TimeoutError as e:
@@ -129,47 +234,44 @@ def _stream(ticket, generate: GenerateRequest, timeout: float) -> Response:
     return Response(body(), mimetype="text/event-stream", headers=SSE_HEADERS)
 
 
-def _tgi_events(generate, first, events):
+def _tgi_events(generate, events, metrics):
     """TGI's stream: one event per token; the last also carries generated_text (and details if asked)."""
     held, index = None, 0
-    for kind, payload in _chain(first, events):
+    for kind, payload in events:
         if kind == "error":
             raise payload
         if kind == "token":
             if held is not None:
                 yield _sse(held)
             index += 1
-            held = {"index": index, "token": payload, "generated_text": None, "details": None}
+            held = {"index": index, "token": payload, "top_tokens": None, "generated_text": None, "details": None}
         elif kind == "done":
+            metrics.count(200, payload.generated_tokens)
             text = generate.inputs + payload.text if generate.params.return_full_text else payload.text
             final = held or {"index": index, "token": None, "generated_text": None, "details": None}
             final["generated_text"] = text
             if generate.params.details:
-                final["details"] = _details(payload)
+                final["details"] = {"finish_reason": payload.finish_reason, "generated_tokens": payload.generated_tokens,
+                                    "input_length": payload.input_tokens, "seed": payload.seed}
             yield _sse(final)
 
 
-def _chat_events(generate, first, events):
-    """OpenAI's stream: chat.completion.chunk deltas, a last chunk with finish_reason and usage, [DONE]."""
-    ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-    def chunk(delta: dict, finish=None, usage=None):
-        body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": "llm-twin",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        if usage is not None:
-            body["usage"] = usage
-        return _sse(body)
-
-    yield chunk({"role": "assistant", "content": ""})
-    for kind, payload in _chain(first, events):
+def _openai_events(generate, events, metrics):
+    """OpenAI's stream: chunks with deltas, a last chunk with finish_reason and usage, then [DONE]."""
+    chunks = openai.Chunks(generate)
+    first = chunks.first()
+    if first is not None:
+        yield _sse(first)
+    for kind, payload in events:
         if kind == "error":
             raise payload
-        if kind == "token" and payload["text"]:
-            yield chunk({"content": payload["text"]})
+        if kind == "token":
+            chunk = chunks.token(payload)
+            if chunk is not None:
+                yield _sse(chunk)
         elif kind == "done":
-            usage = {"prompt_tokens": payload.input_tokens, "completion_tokens": payload.generated_tokens,
-                     "total_tokens": payload.input_tokens + payload.generated_tokens}
-            yield chunk({}, OPENAI_FINISH[payload.finish_reason], usage)
+            metrics.count(200, payload.generated_tokens)
+            yield _sse(chunks.last(payload))
     yield "data: [DONE]\n\n"
 
 
@@ -208,12 +310,12 @@ def _custom(engine, timeout: float) -> Response:
 
 def _jsonlines(engine, data: bytes, timeout: float) -> Response:
     """Batch transform: one request per line, one JSON line per answer, in order. A bad line gets an
-    error line; the other lines are still answered."""
+    error line; the other lines are still answered. Lines go to the engine in waves of its batch size."""
     lines = [line for line in data.splitlines() if line.strip()]
     if not lines:
         raise ValidationError("the jsonlines body has no lines")
     answers: list = [None] * len(lines)
-    wave = engine.config.max_batch_size
+    wave = engine.config.max_batch_size or 32
     for start in range(0, len(lines), wave):
         tickets = {}
         try:

@@ -1,7 +1,10 @@
 """The endpoint's configuration: one frozen dataclass, built from the environment.
 
-Names follow TGI's launcher (`MAX_INPUT_TOKENS`, `MAX_TOTAL_TOKENS`, `MAX_BATCH_SIZE`,
-`MAX_CONCURRENT_REQUESTS`, `DTYPE`, `QUANTIZE`) and SageMaker's model-server conventions.
+Names follow TGI's launcher (`MAX_INPUT_TOKENS`, `MAX_TOTAL_TOKENS`, `MAX_BATCH_PREFILL_TOKENS`,
+`MAX_BATCH_TOTAL_TOKENS`, `MAX_BATCH_SIZE`, `MAX_CONCURRENT_REQUESTS`, `NUM_SHARD`, `DTYPE`, `QUANTIZE`,
+`CUDA_MEMORY_FRACTION`, `CUDA_GRAPHS`, `PREFIX_CACHING`, `LORA_ADAPTERS`) and SageMaker's model-server
+conventions, so a TGI deployment's environment carries over unchanged. serve/engine.py turns them into
+vLLM's engine arguments.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from container.config import ConfigError, coerce
 from container.opt_ml import MODEL_SERVER_TIMEOUT_ENV, MODEL_SERVER_WORKERS_ENV, OptML, serving_port
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-QUANTIZE = ("", "bitsandbytes")
+# TGI's values. `bitsandbytes` is TGI's 8-bit: vLLM quantizes in flight only to 4-bit, so it is refused
+# by name rather than silently given another precision.
+QUANTIZE = ("", "bitsandbytes-nf4", "awq", "gptq", "fp8")
 PING_THREADS = 4  # HTTP threads kept free of generation work, so /ping always finds one
 
 
@@ -25,17 +30,32 @@ class ServeConfig:
     port: int = 8080
     workers: int = 0  # 0 = auto: one per GPU when the model fits on one, else one (spanning all GPUs)
     timeout: int = 120  # seconds a request may wait for its generation
-    dtype: str = "auto"  # auto: bf16 on GPUs that have it (else fp16), bf16 on the CPU (faster there)
-    quantize: str = ""  # "bitsandbytes": load the weights in 4-bit nf4
+    dtype: str = "auto"  # auto: the checkpoint's own 16-bit type on GPUs, bf16 on the CPU
+    quantize: str = ""
     max_input_tokens: int = 0  # 0 = from serving.json
-    max_total_tokens: int = 0  # 0 = from serving.json
-    max_batch_size: int = 32  # sequences decoded together in one forward pass
+    max_total_tokens: int = 0  # 0 = from serving.json: the engine's max model length
+    max_batch_size: int = 0  # sequences the engine runs at once; 0 = vLLM's default
+    max_batch_prefill_tokens: int = 0  # tokens the engine schedules per step; 0 = vLLM's default
+    max_batch_total_tokens: int = 0  # KV cache size in tokens; 0 = from memory (GPU fraction, or host RAM)
     max_concurrent_requests: int = 128  # per worker; beyond it requests get 429 at once
-    device_map: str = ""  # "auto": spread the model over all visible GPUs (set by serve/gunicorn_conf.py)
+    num_shard: int = 0  # tensor-parallel GPUs per model copy; 0 = 1, or all when the model needs them
+    cuda_memory_fraction: float = 0.9  # of each GPU, for weights, activations and the KV cache
+    cuda_graphs: bool = True  # TGI's CUDA_GRAPHS=0 turns them off (faster start, slower decode)
+    prefix_caching: bool = True  # every request of a twin starts with the same template header
+    lora_adapters: str = ""  # TGI's LORA_ADAPTERS: "name=/path,other=/path" served beside the model
 
     @property
     def threads(self) -> int:
         return self.max_concurrent_requests + PING_THREADS
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        """LORA_ADAPTERS as {name: path}; an entry without `name=` is named after its folder."""
+        adapters = {}
+        for entry in filter(None, (e.strip() for e in self.lora_adapters.split(","))):
+            name, _, path = entry.rpartition("=")
+            adapters[name or Path(path).name] = path
+        return adapters
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "ServeConfig":
@@ -56,17 +76,33 @@ class ServeConfig:
             max_input_tokens=get(("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), int, cls.max_input_tokens),
             max_total_tokens=get(("MAX_TOTAL_TOKENS",), int, cls.max_total_tokens),
             max_batch_size=get(("MAX_BATCH_SIZE",), int, cls.max_batch_size),
+            max_batch_prefill_tokens=get(("MAX_BATCH_PREFILL_TOKENS",), int, cls.max_batch_prefill_tokens),
+            max_batch_total_tokens=get(("MAX_BATCH_TOTAL_TOKENS",), int, cls.max_batch_total_tokens),
             max_concurrent_requests=get(("MAX_CONCURRENT_REQUESTS",), int, cls.max_concurrent_requests),
-            device_map=get(("SERVE_DEVICE_MAP",), str, cls.device_map),
+            num_shard=get(("NUM_SHARD",), int, cls.num_shard),
+            cuda_memory_fraction=get(("CUDA_MEMORY_FRACTION",), float, cls.cuda_memory_fraction),
+            cuda_graphs=environ.get("CUDA_GRAPHS", "").strip() not in ("0", "false", "False"),
+            prefix_caching=get(("PREFIX_CACHING",), bool, cls.prefix_caching),
+            lora_adapters=get(("LORA_ADAPTERS",), str, cls.lora_adapters),
         )
         if config.dtype not in DTYPES:
             raise ConfigError(f"DTYPE={config.dtype!r} is not valid: use one of {', '.join(DTYPES)}")
+        if config.quantize == "bitsandbytes":
+            raise ConfigError("QUANTIZE=bitsandbytes is TGI's 8-bit, which vLLM cannot quantize to in flight: "
+                              "use bitsandbytes-nf4 (4-bit), or serve a pre-quantized awq/gptq/fp8 model")
         if config.quantize not in QUANTIZE:
-            raise ConfigError(f"QUANTIZE={config.quantize!r} is not valid: use bitsandbytes, or leave it unset")
-        for name in ("timeout", "max_batch_size", "max_concurrent_requests"):
+            raise ConfigError(f"QUANTIZE={config.quantize!r} is not valid: use one of {', '.join(QUANTIZE[1:])}, or leave it unset")
+        for name in ("timeout", "max_concurrent_requests"):
             if getattr(config, name) < 1:
                 raise ConfigError(f"{name.upper()} must be at least 1, got {getattr(config, name)}")
-        for name in ("workers", "max_input_tokens", "max_total_tokens"):
+        for name in ("workers", "max_input_tokens", "max_total_tokens", "max_batch_size", "max_batch_prefill_tokens",
+                     "max_batch_total_tokens", "num_shard"):
             if getattr(config, name) < 0:
                 raise ConfigError(f"{name.upper()} must not be negative, got {getattr(config, name)}")
+        if not 0.05 <= config.cuda_memory_fraction <= 1.0:
+            raise ConfigError(f"CUDA_MEMORY_FRACTION must be between 0.05 and 1.0, got {config.cuda_memory_fraction}")
+        for name, path in config.adapters.items():
+            if not Path(path).is_dir():
+                raise ConfigError(f"LORA_ADAPTERS: adapter {name!r} is not a folder: {path} (hub ids are not "
+                                  "downloaded at serve time; put the adapter in the model directory or the image)")
         return config

@@ -1,33 +1,47 @@
-"""The engine: one thread per worker that owns the model and batches every request it is given.
+"""The engine: vLLM's AsyncLLM inside the gunicorn worker. Nothing here knows HTTP.
 
-HTTP threads submit requests and read their events from a per-request queue: "token" events while the
-sequence runs (for streaming), then "done" with the result, or "error". Only the engine thread
-touches the model, so /ping never waits behind a generation. The engine thread imports torch and loads
-the model itself, so the HTTP side answers /ping (503) within a second of starting.
+One thread of the worker runs an asyncio loop that owns the AsyncLLM; vLLM's EngineCore runs in its own
+process and does the scheduling, continuous batching, paged KV cache and prefix caching. HTTP threads
+turn a request into token ids and SamplingParams here (so a bad prompt is a 422 before any engine work),
+hand a coroutine to the loop, and read events from the request's queue: "token" events while it runs
+(streams only), then "done" with the result, or "error". The engine thread imports vLLM and starts the
+engine itself, so the HTTP side answers /ping (503) within a second of starting.
+
+TGI's semantics are the edge's, applied on vLLM's SamplingParams: stop sequences stay in the text, and
+the streamed token texts are the engine's text deltas, so they always add up to the final text.
 
 Backpressure: at most `max_concurrent_requests` requests are admitted at once; the next one is refused
 at once (429) rather than queued without bound.
+
+With custom code (serve/custom.py) that brings its own predict_fn, no vLLM engine starts: the engine
+holds what model_fn returns (or a plain transformers model and tokenizer) and runs predict_fn on it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
 import queue
+import random
 import threading
 import time
-from concurrent.futures import Future
+import uuid
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from container.model_dir import ServingSpec
+from container.model_dir import ADAPTER_DIR, ServingSpec, resolve_base
 from serve.config import ServeConfig
 from serve.custom import CustomHandlers
 from serve.errors import GenerationError, Overloaded, ServeError, ValidationError
-from serve.schemas import GenerateParams, GenerateRequest, GenerateResult
+from serve.schemas import GenerateParams, GenerateRequest, GenerateResult, Sequence
 
 log = logging.getLogger(__name__)
 
 WORKER_BOOT_ERROR = 3  # gunicorn stops the whole server when a worker exits with this code
+MODEL_ADAPTER = "model"  # the name of an adapter-only model directory's own adapter
+CPU_KV_CACHE_SHARE = 0.25  # of the host's available memory, at most, when MAX_BATCH_TOTAL_TOKENS is unset
 
 
 class Ticket:
@@ -36,13 +50,14 @@ class Ticket:
     def __init__(self, request: GenerateRequest, release):
         self.request = request
         self.events: queue.Queue = queue.Queue()
-        self.cancelled = False
+        self.future = None  # the engine loop's task for this request
         self._release = release
         self._closed = threading.Lock()
 
     def close(self) -> None:
-        """Give the request up (if still running) and free its admission slot, exactly once."""
-        self.cancelled = True
+        """Give the request up (vLLM aborts it if still running) and free its admission slot, exactly once."""
+        if self.future is not None:
+            self.future.cancel()
         if self._closed.acquire(blocking=False):
             self._release()
 
@@ -73,19 +88,26 @@ class Ticket:
         raise GenerationError("generation ended without a result")
 
 
-class Job:
-    """A callable run on the engine thread between decode steps (custom predict_fn)."""
+@dataclass
+class _Job:
+    """A request made ready for vLLM: prompt token ids, sampling parameters, adapter."""
 
-    def __init__(self, function: Callable):
-        self.function = function
-        self.future: Future = Future()
+    prompt_ids: list[int]
+    sampling: object  # vllm.SamplingParams
+    lora: object  # vllm LoRARequest or None
+    seed: int | None
+    pick_best: bool  # TGI best_of: answer the most likely of n; OpenAI n: answer all
 
-    def run(self, model) -> None:
-        if self.future.set_running_or_notify_cancel():
-            try:
-                self.future.set_result(self.function(model))
-            except Exception as e:  # handed to the waiting HTTP thread, which reports it
-                self.future.set_exception(e)
+
+@dataclass
+class _Accumulator:
+    """One sequence's output, gathered from vLLM's deltas (or its one final output)."""
+
+    text: str = ""
+    tokens: list = field(default_factory=list)
+    top_tokens: list = field(default_factory=list)
+    logprob_sum: float = 0.0
+    finish_reason: str | None = None
 
 
 class Engine:
@@ -94,110 +116,371 @@ class Engine:
         self.spec = spec
         self.custom = custom
         self.model = None  # what a custom predict_fn receives
-        self._requests: queue.Queue = queue.Queue()
+        self.tokenizer = None
+        self.adapters: dict[str, object] = {}  # name -> LoRARequest
+        self.llm = None
+        self.max_total_tokens = min(config.max_total_tokens or spec.max_total_tokens, spec.max_total_tokens) \
+            if spec.max_total_tokens else config.max_total_tokens
+        self.max_input_tokens = min(config.max_input_tokens or spec.max_input_tokens, self.max_total_tokens - 1)
+        self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._slots = threading.BoundedSemaphore(config.max_concurrent_requests)
+        self._predict_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
 
+    @property
+    def healthy(self) -> bool:
+        """False once vLLM's engine process has died: /ping fails so SageMaker replaces the instance."""
+        return self.llm is None or not self.llm.errored
+
     def start(self) -> None:
         self._thread.start()
 
+    def shutdown(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+
+    # --- HTTP threads ------------------------------------------------------------------------------
     def submit(self, request: GenerateRequest) -> Ticket:
         if not self._slots.acquire(blocking=False):
             raise Overloaded(f"Model is overloaded: more than {self.config.max_concurrent_requests} requests in flight")
         ticket = Ticket(request, self._slots.release)
-        self._requests.put(ticket)
+        try:
+            job = self._prepare(request)
+        except BaseException:
+            ticket.close()
+            raise
+        ticket.future = asyncio.run_coroutine_threadsafe(self._generate(ticket, job), self._loop)
         return ticket
 
     def run_job(self, function: Callable):
-        """Run function(model) on the engine thread and return its result."""
+        """Run a custom predict_fn on the custom model, one call at a time."""
         if not self._slots.acquire(blocking=False):
             raise Overloaded(f"Model is overloaded: more than {self.config.max_concurrent_requests} requests in flight")
         try:
-            job = Job(function)
-            self._requests.put(job)
+            if not self._predict_lock.acquire(timeout=self.config.timeout):
+                raise TimeoutError("predict_fn did not get the model within the server timeout")
             try:
-                return job.future.result(timeout=self.config.timeout)
-            except TimeoutError:
-                job.future.cancel()
-                raise
+                return function(self.model)
+            finally:
+                self._predict_lock.release()
         finally:
             self._slots.release()
 
-    # --- engine thread -----------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _prepare(self, request: GenerateRequest) -> _Job:
+        """Tokenize and check one request against the limits; ValidationError names what is wrong."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        p = request.params
         try:
-            batcher = self._load()
+            ids = self._prompt_ids(request)
+        except ServeError:
+            raise
+        except Exception as e:  # e.g. jinja's TemplateError: "roles must alternate"
+            raise ValidationError(f"the prompt could not be built: {type(e).__name__}: {e}") from None
+        max_new = p.max_new_tokens or min(self.spec.max_new_tokens, self.max_total_tokens - len(ids))
+        if len(ids) > self.max_input_tokens:
+            raise ValidationError(f"inputs must have less than {self.max_input_tokens} tokens. Given: {len(ids)}")
+        if len(ids) + max_new > self.max_total_tokens:
+            raise ValidationError(
+                f"inputs tokens + max_new_tokens must be <= {self.max_total_tokens}. "
+                f"Given: {len(ids)} inputs tokens and {max_new} max_new_tokens")
+        sampling = p.sampling
+        seed = (p.seed if p.seed is not None else random.randrange(2**63)) if sampling and p.best_of == 1 else p.seed
+        wants_logprobs = request.stream or p.details or p.best_of > 1 or p.logprobs
+        grammar = None
+        if p.grammar is not None:
+            grammar = StructuredOutputsParams(regex=p.grammar.value) if p.grammar.kind == "regex" else (
+                StructuredOutputsParams(json=p.grammar.value) if p.grammar.value is not None
+                else StructuredOutputsParams(json_object=True))
+        params = SamplingParams(
+            n=p.best_of,
+            temperature=(p.temperature or 1.0) if sampling else 0.0,
+            top_p=(p.top_p or 1.0) if sampling else 1.0,
+            top_k=(p.top_k or 0) if sampling else 0,
+            repetition_penalty=p.repetition_penalty or 1.0,
+            frequency_penalty=p.frequency_penalty or 0.0,
+            presence_penalty=p.presence_penalty or 0.0,
+            seed=seed,
+            stop=list(p.stop) or None,
+            include_stop_str_in_output=True,  # TGI keeps the stop sequence in the text
+            max_tokens=max_new,
+            logprobs=p.top_n_tokens if p.top_n_tokens else (0 if wants_logprobs else None),
+            prompt_logprobs=0 if p.decoder_input_details else None,
+            structured_outputs=grammar,
+            output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
+        )
+        return _Job(ids, params, self._adapter(request), seed if p.best_of == 1 else None,
+                    pick_best=p.best_of > 1 and request.messages is None)
+
+    def _prompt_ids(self, request: GenerateRequest) -> list[int]:
+        tokenizer = self.tokenizer
+        if request.messages is not None:
+            text = tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+        inputs = request.inputs
+        truncate = request.params.truncate
+        if truncate is not None:  # TGI: keep the last `truncate` tokens of the inputs, before any template
+            ids = tokenizer(inputs, add_special_tokens=False)["input_ids"]
+            if len(ids) > truncate:
+                inputs = tokenizer.decode(ids[-truncate:])
+        if self.spec.chat_template_for_inputs and tokenizer.chat_template and not request.completion:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": inputs}], add_generation_prompt=True,
+                                                 tokenize=False)
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer(inputs)["input_ids"]
+
+    def _adapter(self, request: GenerateRequest):
+        """The LoRA adapter a request asks for (TGI's adapter_id, OpenAI's model, SageMaker's adapter
+        header), or the model directory's own adapter, or none."""
+        name = request.params.adapter_id
+        if name is None and request.model and request.model in self.adapters:
+            name = request.model
+        if name is None:
+            return self.adapters.get(MODEL_ADAPTER)
+        if name not in self.adapters:
+            known = ", ".join(sorted(self.adapters)) or "none: this endpoint serves no adapters"
+            raise ValidationError(f"unknown adapter {name!r}; known adapters: {known}")
+        return self.adapters[name]
+
+    # --- the engine loop ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._load())
         except Exception:
             log.exception("loading the model from %s failed", self.config.model_dir)
             os._exit(WORKER_BOOT_ERROR)
         self._ready.set()
-        while True:
-            busy = batcher is not None and batcher.active
-            items = [] if busy else [self._requests.get()]
-            while (batcher.active if batcher else 0) + len(items) < (batcher.max_batch_size if batcher else 1):
-                try:
-                    items.append(self._requests.get_nowait())
-                except queue.Empty:
-                    break
-            joining = []
-            for item in items:
-                if isinstance(item, Job):
-                    item.run(self.model)
-                else:
-                    joining.append(item)
-            if batcher is None:
-                continue
-            self._serve_batch(batcher, joining)
-            if not batcher.active:
-                continue
-            try:
-                batcher.step()
-            except Exception as e:  # a failed forward pass fails the requests in it, never the engine
-                log.exception("generation failed")
-                for seq in batcher.fail_all():
-                    seq.emit("error", GenerationError(f"Request failed during generation: {type(e).__name__}: {e}"))
+        self._loop.run_forever()
 
-    def _load(self):
-        """The built-in model (with batching), or what a custom model_fn returns (no batcher)."""
-        if self.custom is not None and "model_fn" in self.custom:
-            self.model = self.custom["model_fn"](str(self.config.model_dir))
-            log.info("model ready from %s's model_fn", self.custom.path)
-            return None
-        from serve.batcher import Batcher  # torch loads here, in the engine thread
-
-        batcher = Batcher(self.config, self.spec)
-        warmup = Ticket(GenerateRequest("Hello", GenerateParams(max_new_tokens=2)), lambda: None)
-        self._serve_batch(batcher, [warmup])
-        while batcher.active:
-            batcher.step()
-        warmup.result(timeout=1)  # raises what the warm-up generation raised
-        self.model = {"model": batcher.model, "tokenizer": batcher.tokenizer}
-        log.info("model ready on %s (%s), batches of up to %d", batcher.device, batcher.dtype, self.config.max_batch_size)
-        return batcher
-
-    def _serve_batch(self, batcher, tickets: list[Ticket]) -> None:
-        """Admit tickets into the running batch. A request that cannot be tokenized (a chat template may
-        refuse its messages) or prefilled fails alone; the running batch is untouched by either."""
-        joining = []
-        for ticket in tickets:
-            if ticket.cancelled:
-                continue
-            try:
-                joining.append(batcher.prepare(ticket.request, ticket.emit, lambda t=ticket: t.cancelled))
-            except ServeError as e:
-                ticket.emit("error", e)
-            except Exception as e:  # e.g. jinja's TemplateError: "roles must alternate"
-                ticket.emit("error", ValidationError(f"the prompt could not be built: {type(e).__name__}: {e}"))
-        if not joining:
+    async def _load(self) -> None:
+        if self.custom is not None and "predict_fn" in self.custom:
+            self.model = self._load_custom_model()
             return
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.config.model_dir)
+        self.special_ids = set(self.tokenizer.all_special_ids)
+        arguments, environment = engine_arguments(self.config, self.spec)
+        os.environ.update(environment)  # read by vLLM's engine processes, which inherit it
+        log.info("starting vLLM: %s", json.dumps(arguments, default=str))
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**arguments))
+        self.adapters = self._lora_requests(arguments.get("enable_lora", False))
+        warmup = Ticket(GenerateRequest("Hello", GenerateParams(max_new_tokens=2)), lambda: None)
+        await self._generate(warmup, self._prepare(warmup.request))
+        warmup.result(timeout=1)  # raises what the warm-up generation raised
+        log.info("model ready: vLLM engine on %s, max length %d, adapters: %s", arguments["model"],
+                 self.max_total_tokens, ", ".join(self.adapters) or "none")
+
+    def _lora_requests(self, enabled: bool) -> dict:
+        if not enabled:
+            return {}
+        from vllm.lora.request import LoRARequest
+
+        paths = dict(self.config.adapters)
+        if self.spec.weights == "adapter":
+            paths[MODEL_ADAPTER] = str(self.config.model_dir / ADAPTER_DIR)
+        return {name: LoRARequest(name, number, path) for number, (name, path) in enumerate(sorted(paths.items()), 1)}
+
+    def _load_custom_model(self):
+        if "model_fn" in self.custom:
+            model = self.custom["model_fn"](str(self.config.model_dir))
+            log.info("model ready from %s's model_fn", self.custom.path)
+            return model
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # plain transformers, for predict_fn only
+
+        tokenizer = AutoTokenizer.from_pretrained(self.config.model_dir)
+        source = resolve_base(self.spec.base_model) if self.spec.weights == "adapter" else self.config.model_dir
+        model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", use_safetensors=True)
+        if self.spec.weights == "adapter":
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(self.config.model_dir / ADAPTER_DIR)).merge_and_unload()
+        log.info("model ready for %s's predict_fn (transformers)", self.custom.path)
+        return {"model": model.eval(), "tokenizer": tokenizer}
+
+    async def _generate(self, ticket: Ticket, job: _Job) -> None:
+        from vllm.inputs import TokensPrompt
+
+        stream = ticket.request.stream
+        sequences: dict[int, _Accumulator] = {}
+        prefill: list = []
         try:
-            batcher.add(joining)
+            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=job.prompt_ids), job.sampling,
+                                               uuid.uuid4().hex, lora_request=job.lora):
+                if out.prompt_logprobs is not None and not prefill:
+                    prefill = self._prefill(job.prompt_ids, out.prompt_logprobs)
+                for output in out.outputs:
+                    new = self._accumulate(sequences.setdefault(output.index, _Accumulator()), output, stream,
+                                           ticket.request.params.top_n_tokens)
+                    if stream:
+                        for token in new:
+                            ticket.emit("token", token)
+        except asyncio.CancelledError:
+            raise
         except Exception as e:
-            log.exception("prefill failed")
-            for seq in joining:
-                seq.emit("error", GenerationError(f"Request failed during generation: {type(e).__name__}: {e}"))
+            ticket.emit("error", GenerationError(f"Request failed during generation: {type(e).__name__}: {e}"))
+            return
+        done = [sequences[i] for i in sorted(sequences)]
+        if any(s.finish_reason is None for s in done):
+            ticket.emit("error", GenerationError("the engine aborted the request"))
+            return
+        if job.pick_best:
+            done.sort(key=lambda s: s.logprob_sum, reverse=True)
+        results = [Sequence(s.text, s.finish_reason, len(s.tokens), s.tokens, s.top_tokens or None) for s in done]
+        ticket.emit("done", GenerateResult(results[0], len(job.prompt_ids), job.seed, prefill, results[1:]))
+
+    def _accumulate(self, seq: _Accumulator, output, stream: bool, top_n: int) -> list[dict]:
+        """Add one vLLM output (a delta when streaming, everything otherwise) and return its new tokens.
+        A delta can carry several tokens but one text: the text goes on its last token, so the streamed
+        texts add up to the final text exactly, stop sequence included."""
+        ids = list(output.token_ids)
+        logprobs = output.logprobs or [None] * len(ids)
+        new = []
+        for position, (token_id, entry) in enumerate(zip(ids, logprobs)):
+            chosen = entry.get(token_id) if entry else None
+            special = token_id in self.special_ids
+            if special:
+                text = ""
+            else:  # the whole text on the last token; when not streaming, split over the tokens below
+                text = output.text if position == len(ids) - 1 else ""
+            new.append({"id": token_id, "text": text, "logprob": chosen.logprob if chosen is not None else None,
+                        "special": special})
+            if chosen is not None:
+                seq.logprob_sum += chosen.logprob
+            if top_n and entry:
+                top = sorted((lp.rank, i, lp) for i, lp in entry.items() if lp.rank <= top_n)
+                seq.top_tokens.append([{"id": i, "text": lp.decoded_token or "", "logprob": lp.logprob,
+                                        "special": i in self.special_ids} for _, i, lp in top])
+        seq.text += output.text
+        seq.tokens += new
+        if output.finish_reason is not None:
+            seq.finish_reason = _finish_reason(output.finish_reason, output.stop_reason)
+            if not stream and seq.tokens:
+                texts = token_texts(self.tokenizer.decode, [t["id"] for t in seq.tokens], seq.text)
+                for token, text in zip(seq.tokens, texts):
+                    token["text"] = text
+        return new
+
+    def _prefill(self, prompt_ids: list[int], prompt_logprobs) -> list[dict]:
+        """TGI's details.prefill: every prompt token with its logprob (the first has none)."""
+        prefill = []
+        for token_id, entry in zip(prompt_ids, prompt_logprobs):
+            chosen = entry.get(token_id) if entry else None
+            prefill.append({"id": token_id, "text": self.tokenizer.decode([token_id]),
+                            "logprob": chosen.logprob if chosen is not None else None})
+        return prefill
+
+
+def token_texts(decode, ids: list[int], final: str) -> list[str]:
+    """Each token's text, such that the texts add up to `final` (the engine's text, cut after a stop
+    sequence). Incremental: two short decodes per token starting at the same token, so a tokenizer's
+    quirks at the start of a decode cancel out; a trailing U+FFFD (a character still incomplete) waits
+    for the next token."""
+    texts, prefix, read = [], 0, 0
+    for end in range(1, len(ids) + 1):
+        before = decode(ids[prefix:read], skip_special_tokens=True)
+        after = decode(ids[prefix:end], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            texts.append(after[len(before):])
+            prefix, read = read, end
+        else:
+            texts.append("")
+    clipped, used = [], 0
+    for text in texts:  # a stop sequence can end inside a token: cut the texts where `final` ends
+        clipped.append(final[used:used + len(text)] if used < len(final) else "")
+        used += len(clipped[-1])
+    if used < len(final):
+        clipped[-1] += final[used:]
+    return clipped
+
+
+def _finish_reason(reason: str, stop_reason) -> str:
+    """vLLM's finish reason in TGI's words: a stop string is TGI's stop_sequence; EOS or a stop token id is eos_token."""
+    if reason == "length":
+        return "length"
+    if reason == "stop":
+        return "stop_sequence" if isinstance(stop_reason, str) else "eos_token"
+    raise GenerationError(f"the engine ended the request: {reason}")
+
+
+def engine_arguments(config: ServeConfig, spec: ServingSpec) -> tuple[dict, dict]:
+    """vLLM's AsyncEngineArgs from TGI's variables, and the environment its CPU engine reads."""
+    cpu = not _cuda_available()
+    adapter_only = spec.weights == "adapter"
+    max_total = min(config.max_total_tokens or spec.max_total_tokens, spec.max_total_tokens) \
+        if spec.max_total_tokens else config.max_total_tokens
+    arguments = {
+        "model": resolve_base(spec.base_model) if adapter_only else str(config.model_dir),
+        "tokenizer": str(config.model_dir),
+        "served_model_name": "llm-twin",
+        "dtype": ("bfloat16" if cpu else "auto") if config.dtype == "auto" else config.dtype,
+        "max_model_len": max_total or None,
+        "enable_prefix_caching": config.prefix_caching,
+        "enforce_eager": cpu or not config.cuda_graphs,  # no CUDA graphs on the CPU; and a 25 s start, not 2 min
+        "trust_remote_code": False,
+        "load_format": "safetensors",
+        "disable_log_stats": True,
+        "seed": 0,
+    }
+    if not cpu:
+        arguments["gpu_memory_utilization"] = config.cuda_memory_fraction
+        arguments["tensor_parallel_size"] = config.num_shard or 1
+    if config.max_batch_size:
+        arguments["max_num_seqs"] = config.max_batch_size
+    if config.max_batch_prefill_tokens:
+        arguments["max_num_batched_tokens"] = config.max_batch_prefill_tokens
+    model_config = os.path.join(arguments["model"], "config.json")
+    if (config.max_batch_total_tokens or cpu) and os.path.isfile(model_config):  # else vLLM sizes it from GPU memory
+        arguments["kv_cache_memory_bytes"] = kv_cache_bytes(model_config, config.max_batch_total_tokens, max_total,
+                                                            config.max_batch_size)
+    if config.quantize:
+        arguments["quantization"] = "bitsandbytes" if config.quantize.startswith("bitsandbytes") else config.quantize
+    if adapter_only or config.adapters:
+        arguments.update(enable_lora=True, max_loras=max(1, len(config.adapters) + adapter_only),
+                         max_lora_rank=_max_lora_rank(config, spec))
+    environment = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}  # never fork a threaded gunicorn worker
+    if cpu:  # vLLM's CPU engine keeps a core for the frontend by default: on 2 cores that cost 35% of its throughput
+        environment["VLLM_CPU_NUM_OF_RESERVED_CPU"] = os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    return arguments, environment
+
+
+def _max_lora_rank(config: ServeConfig, spec: ServingSpec) -> int:
+    folders = list(config.adapters.values()) + ([str(config.model_dir / ADAPTER_DIR)] if spec.weights == "adapter" else [])
+    ranks = []
+    for folder in folders:
+        with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as f:
+            ranks.append(json.load(f).get("r", 16))
+    return next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= max(ranks))  # the sizes vLLM accepts
+
+
+def kv_cache_bytes(model_config: str, total_tokens: int, max_total: int, max_seqs: int) -> int:
+    """KV cache size: MAX_BATCH_TOTAL_TOKENS when set (TGI's meaning: tokens the whole batch may hold);
+    else, on the CPU, what a full batch of full-length sequences needs, capped at a share of the host's
+    available memory."""
+    with open(model_config, encoding="utf-8") as f:
+        model_config = json.load(f)
+    layers = model_config.get("num_hidden_layers", 32)
+    heads = model_config.get("num_attention_heads", 32)
+    kv_heads = model_config.get("num_key_value_heads") or heads
+    head_dim = model_config.get("head_dim") or model_config.get("hidden_size", 4096) // heads
+    bytes_per_token = 2 * layers * kv_heads * head_dim * 2  # keys and values, 16-bit
+    if total_tokens:
+        return total_tokens * bytes_per_token
+    wanted = (max_total or 4096) * (max_seqs or 256) * bytes_per_token
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(2**28, int(min(wanted, available * CPU_KV_CACHE_SHARE)))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

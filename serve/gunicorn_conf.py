@@ -1,14 +1,16 @@
-"""gunicorn settings, from ServeConfig. Threaded workers: HTTP threads wait on the engine thread.
+"""gunicorn settings, from ServeConfig. Threaded workers: HTTP threads wait on the engine loop's thread.
 Worker count and GPU placement come from serve/placement.py."""
 
 import os
 
 from serve.config import ServeConfig
-from serve.placement import free_gpu, gpus_present, model_bytes, plan
+from serve.placement import Placement, free_gpu, gpus_present, model_bytes, plan
 
 _config = ServeConfig.from_env()
 _gpus, _gpu_bytes = gpus_present()
 _placement = plan(_config.workers, _gpus, _gpu_bytes, model_bytes(_config.model_dir))
+if _config.num_shard:  # NUM_SHARD set: one engine sharded over that many GPUs, as TGI does
+    _placement = Placement(_config.workers or 1, pin_gpus=False, span_gpus=False)
 
 bind = f"0.0.0.0:{_config.port}"
 workers = _placement.workers
@@ -32,6 +34,13 @@ def post_fork(server, worker):
         visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
         os.environ["CUDA_VISIBLE_DEVICES"] = visible[worker.gpu] if worker.gpu < len(visible) else str(worker.gpu)
         server.log.info("worker %s serves GPU %s", worker.pid, worker.gpu)
-    if _placement.span_gpus:
-        os.environ["SERVE_DEVICE_MAP"] = "auto"
-        server.log.info("worker %s spreads the model over %d GPUs", worker.pid, _gpus)
+    if _placement.span_gpus and not _config.num_shard:  # vLLM's tensor parallelism over every GPU
+        os.environ["NUM_SHARD"] = str(_gpus)
+        server.log.info("worker %s shards the model over %d GPUs", worker.pid, _gpus)
+
+
+def worker_exit(server, worker):
+    """Stop vLLM's engine processes with the worker (SIGTERM drain, or a worker gunicorn replaces)."""
+    engine = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("engine")
+    if engine is not None:
+        engine.shutdown()

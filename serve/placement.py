@@ -3,7 +3,7 @@ which must not initialise CUDA before it forks.
 
 One worker per model copy: one per GPU when the model fits on one (each worker sees only its GPU
 through CUDA_VISIBLE_DEVICES), otherwise a single worker whose model spans every GPU
-(device_map="auto"). On the CPU, one worker: threads do the I/O, the engine thread batches.
+(vLLM tensor parallelism, NUM_SHARD). On the CPU, one worker: threads do the I/O, the engine thread batches.
 """
 
 from __future__ import annotations

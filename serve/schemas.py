@@ -2,26 +2,47 @@
 
 Routed on the body like TGI: `inputs` → TGI generate, `messages` → OpenAI chat completion.
 
+Every parameter TGI's own clients send is accepted: `text-generation` sends all of them, most as null
+or false. A parameter at its neutral value (null, false, 1.0) is accepted; a non-neutral value of one
+this server does not implement (`typical_p`, `watermark`; OpenAI `tools`, `logit_bias`) is a 422 that
+names it; an unknown name is a 422 with the nearest valid one, never silently ignored.
+
 Differences from TGI, on purpose: `top_p: 1.0` is accepted (TGI answers 422), `stop_sequences` is an
 alias of `stop`, `return_full_text` defaults to false (TGI's default is true for local models), and a
 request without `parameters` decodes greedily like one with them (TGI samples in that one case).
-Unknown parameters are rejected with the nearest valid name instead of being ignored.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field, replace
 
 from container.config import nearest
 from serve.errors import ValidationError
 
 MAX_STOP_SEQUENCES = 4
+MAX_TOP_N_TOKENS = 5  # TGI's default limit
+MAX_BEST_OF = 4  # TGI's default limit
 _PARAMETERS = (
-    "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample",
-    "stop", "stop_sequences", "seed", "return_full_text", "details", "truncate",
+    "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty", "do_sample",
+    "stop", "stop_sequences", "seed", "return_full_text", "details", "decoder_input_details", "truncate",
+    "best_of", "top_n_tokens", "grammar", "adapter_id", "typical_p", "watermark",
 )
 _CHAT_FIELDS = ("messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
-                "stream", "n", "frequency_penalty", "presence_penalty", "stream_options", "user")
+                "stream", "n", "frequency_penalty", "presence_penalty", "repetition_penalty", "stream_options", "user",
+                "response_format", "logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice", "tool_prompt")
+_COMPLETION_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "n",
+                      "frequency_penalty", "presence_penalty", "stream_options", "user", "suffix", "logit_bias",
+                      "logprobs", "echo")
+_CHAT_UNSUPPORTED = ("logit_bias", "tools", "tool_choice", "tool_prompt")
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """TGI's `grammar` / OpenAI's `response_format`: constrained decoding through vLLM's structured outputs."""
+
+    kind: str  # "json" (value: a JSON schema, or None for any JSON object) | "regex" (value: a pattern)
+    value: object = None
 
 
 @dataclass(frozen=True)
@@ -31,12 +52,20 @@ class GenerateParams:
     top_p: float | None = None
     top_k: int | None = None
     repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
     do_sample: bool = False
     stop: tuple[str, ...] = ()
     seed: int | None = None
     return_full_text: bool = False
     details: bool = False
+    decoder_input_details: bool = False
     truncate: int | None = None
+    best_of: int = 1  # TGI: generate this many and answer the most likely; OpenAI `n`: answer them all
+    top_n_tokens: int = 0
+    logprobs: bool = False  # OpenAI chat: per-token logprobs in the answer
+    grammar: Grammar | None = None
+    adapter_id: str | None = None
 
     @property
     def sampling(self) -> bool:
@@ -55,13 +84,20 @@ class GenerateRequest:
     params: GenerateParams
     stream: bool = False
     messages: list[dict] | None = None  # set for OpenAI chat requests: the chat template is applied to them
+    model: str | None = None  # OpenAI's `model`: an adapter name, or the served model's own name
+    completion: bool = False  # OpenAI's /v1/completions: the prompt is used as it is, with no chat template
 
 
-def parse_request(body: object) -> GenerateRequest:
-    """Route on the body's keys, as TGI does: `messages` → chat, otherwise TGI generate."""
+def parse_request(body: object, adapter_header: str | None = None) -> GenerateRequest:
+    """Route on the body's keys, as TGI does: `messages` → chat, otherwise TGI generate. SageMaker's
+    adapter header (inference components) picks the adapter when the body does not."""
     if isinstance(body, dict) and "messages" in body:
-        return parse_chat(body)
-    return parse_generate(body)
+        request = parse_chat(body)
+    else:
+        request = parse_generate(body)
+    if adapter_header and request.params.adapter_id is None:
+        request = _with_adapter(request, adapter_header)
+    return request
 
 
 def parse_generate(body: object) -> GenerateRequest:
@@ -83,6 +119,13 @@ def parse_generate(body: object) -> GenerateRequest:
         raise ValidationError(f"'parameters' must be an object, got {_json_type(raw)}")
     params = _parse_params(raw)
     stream = _flag(body, "stream")
+    if params.best_of > 1:  # TGI's rules
+        if not params.sampling:
+            raise ValidationError("'best_of' > 1 needs sampling: set do_sample, temperature, top_k or top_p")
+        if params.seed is not None:
+            raise ValidationError("'seed' must not be set when 'best_of' > 1")
+        if stream:
+            raise ValidationError("'best_of' > 1 is not supported when 'stream' is true")
     return GenerateRequest(inputs=inputs, params=params, stream=stream)
 
 
@@ -99,31 +142,67 @@ def parse_chat(body: dict) -> GenerateRequest:
             raise ValidationError(f"messages[{i}] must be an object with a string 'content'")
         if message.get("role") not in ("system", "user", "assistant"):
             raise ValidationError(f"messages[{i}].role must be system, user or assistant, got {message.get('role')!r}")
-    if body.get("n", 1) != 1:
-        raise ValidationError("'n' must be 1: one choice per request")
-    for key in ("frequency_penalty", "presence_penalty"):
-        if body.get(key) not in (None, 0, 0.0):
-            raise ValidationError(f"'{key}' is not supported; use TGI's repetition_penalty through 'inputs' requests")
+    for key in _CHAT_UNSUPPORTED:
+        if body.get(key) not in (None, [], {}, "none", ""):
+            raise ValidationError(f"'{key}' is not supported by this server")
     values = {k: v for k, v in body.items() if v is not None}
-    max_tokens = values.get("max_completion_tokens", values.get("max_tokens"))
+    stream = _flag(body, "stream")
+    n = _number(values, "n", int, minimum=1, maximum=MAX_BEST_OF) or 1
+    if stream and n > 1:
+        raise ValidationError("'n' > 1 is not supported when 'stream' is true")
+    logprobs = _bool(values, "logprobs")
+    top_logprobs = _number(values, "top_logprobs", int, minimum=0, maximum=MAX_TOP_N_TOKENS) or 0
+    if top_logprobs and not logprobs:
+        raise ValidationError("'top_logprobs' needs 'logprobs': true")
     temperature = _number(values, "temperature", float, minimum=0.0, maximum=2.0)
-    raw = {"max_new_tokens": max_tokens, "top_p": values.get("top_p"), "stop": values.get("stop"),
-           "seed": values.get("seed")}
+    raw = {"max_new_tokens": values.get("max_completion_tokens", values.get("max_tokens")), "top_p": values.get("top_p"),
+           "stop": values.get("stop"), "seed": values.get("seed"), "repetition_penalty": values.get("repetition_penalty"),
+           "frequency_penalty": values.get("frequency_penalty"), "top_n_tokens": top_logprobs or None,
+           "grammar": _response_format(values.get("response_format"))}
     if temperature != 0.0:
         raw.update(do_sample=True, temperature=temperature)
-    params = _parse_params({k: v for k, v in raw.items() if v is not None})
+    params = _parse_params({k: v for k, v in raw.items() if v is not None}, grammar_parsed=True)
+    presence = _number(values, "presence_penalty", float, minimum=-2.0, maximum=2.0)
+    params = _replace(params, best_of=n, logprobs=logprobs, presence_penalty=presence)
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-    return GenerateRequest(inputs=last_user, params=params, stream=_flag(body, "stream"), messages=messages)
+    model = values.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ValidationError(f"'model' must be a string, got {_json_type(model)}")
+    return GenerateRequest(inputs=last_user, params=params, stream=stream, messages=messages, model=model)
 
 
-def _parse_params(raw: dict) -> GenerateParams:
+def parse_completion(body: object) -> GenerateRequest:
+    """OpenAI completions (`/v1/completions`): a raw prompt, no chat template; temperature defaults to 1."""
+    if not isinstance(body, dict):
+        raise ValidationError(f"request body must be a JSON object, got {_json_type(body)}")
+    for key in body:
+        if key not in _COMPLETION_FIELDS:
+            raise ValidationError(f"unknown field '{key}': did you mean '{nearest(key, _COMPLETION_FIELDS)}'?")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValidationError("'prompt' must be a non-empty string")
+    for key in ("suffix", "logit_bias", "logprobs"):
+        if body.get(key) not in (None, {}, 0):
+            raise ValidationError(f"'{key}' is not supported by this server")
+    if body.get("echo") not in (None, False):
+        raise ValidationError("'echo' is not supported by this server")
+    chat_like = {k: v for k, v in body.items() if k in _CHAT_FIELDS}
+    request = parse_chat({**chat_like, "messages": [{"role": "user", "content": prompt}]})
+    return GenerateRequest(prompt, request.params, request.stream, None, request.model, completion=True)
+
+
+def _parse_params(raw: dict, grammar_parsed: bool = False) -> GenerateParams:
     for key in raw:
         if key not in _PARAMETERS:
             raise ValidationError(f"unknown parameter '{key}': did you mean '{nearest(key, _PARAMETERS)}'?")
     values = {key: value for key, value in raw.items() if value is not None}
     if "stop" in values and "stop_sequences" in values:
         raise ValidationError("give 'stop' or its alias 'stop_sequences', not both")
+    if values.get("typical_p", 1.0) != 1.0:
+        raise ValidationError("parameter 'typical_p' is not supported by this server's engine (vLLM); leave it unset")
+    if values.get("watermark", False) is not False:
+        raise ValidationError("parameter 'watermark' is not supported by this server; leave it unset or false")
     stop = values.pop("stop", values.pop("stop_sequences", []))
     params = GenerateParams(
         max_new_tokens=_number(values, "max_new_tokens", int, minimum=1),
@@ -131,14 +210,71 @@ def _parse_params(raw: dict) -> GenerateParams:
         top_p=_number(values, "top_p", float, above=0.0, maximum=1.0),
         top_k=_number(values, "top_k", int, minimum=1),
         repetition_penalty=_number(values, "repetition_penalty", float, above=0.0),
+        frequency_penalty=_number(values, "frequency_penalty", float, minimum=-2.0, maximum=2.0),
         do_sample=_bool(values, "do_sample"),
         stop=_stop(stop),
-        seed=_number(values, "seed", int, minimum=0, maximum=2**64 - 1),
+        seed=_number(values, "seed", int, minimum=0, maximum=2**63 - 1),
         return_full_text=_bool(values, "return_full_text"),
         details=_bool(values, "details"),
+        decoder_input_details=_bool(values, "decoder_input_details"),
         truncate=_number(values, "truncate", int, minimum=1),
+        best_of=_number(values, "best_of", int, minimum=1, maximum=MAX_BEST_OF) or 1,
+        top_n_tokens=_number(values, "top_n_tokens", int, minimum=0, maximum=MAX_TOP_N_TOKENS) or 0,
+        grammar=values.get("grammar") if grammar_parsed else _grammar(values.get("grammar")),
+        adapter_id=_string(values, "adapter_id"),
     )
     return params
+
+
+def _grammar(raw: object) -> Grammar | None:
+    """TGI's grammar: {"type": "json", "value": <JSON schema>} or {"type": "regex", "value": "<pattern>"}."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or raw.get("type") not in ("json", "json_object", "regex") or set(raw) - {"type", "value"}:
+        raise ValidationError("parameter 'grammar' must be {\"type\": \"json\" | \"regex\", \"value\": ...}")
+    value = raw.get("value")
+    if raw["type"] == "regex":
+        if not isinstance(value, str) or not value:
+            raise ValidationError("a 'regex' grammar needs a non-empty pattern string as its 'value'")
+        return Grammar("regex", value)
+    return Grammar("json", _schema(value))
+
+
+def _response_format(raw: object) -> Grammar | None:
+    """OpenAI's response_format: {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}."""
+    if raw is None:
+        return None
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Grammar("json", None)
+    if kind == "json_schema" and isinstance(raw.get("json_schema"), dict):
+        return Grammar("json", _schema(raw["json_schema"].get("schema")))
+    raise ValidationError("'response_format' must be {\"type\": \"text\" | \"json_object\"} or "
+                          "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}")
+
+
+def _schema(value: object):
+    if value is None or value == {}:
+        return None  # any JSON object
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ValidationError(f"the JSON schema of 'grammar' is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValidationError("a 'json' grammar's value must be a JSON schema object")
+    return value
+
+
+def _with_adapter(request: GenerateRequest, adapter: str) -> GenerateRequest:
+    return GenerateRequest(request.inputs, _replace(request.params, adapter_id=adapter), request.stream,
+                           request.messages, request.model)
+
+
+def _replace(params: GenerateParams, **changes) -> GenerateParams:
+    return replace(params, **{k: v for k, v in changes.items() if v is not None})
 
 
 def _number(values: dict, key: str, kind: type, minimum=None, maximum=None, above=None):
@@ -179,6 +315,13 @@ def _bool(values: dict, key: str) -> bool:
     return value
 
 
+def _string(values: dict, key: str) -> str | None:
+    value = values.get(key)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValidationError(f"parameter '{key}' must be a non-empty string, got {value!r}")
+    return value
+
+
 def _stop(stop: object) -> tuple[str, ...]:
     if isinstance(stop, str):
         stop = [stop]
@@ -195,9 +338,34 @@ def _json_type(value: object) -> str:
 
 
 @dataclass(frozen=True)
-class GenerateResult:
+class Sequence:
+    """One generated sequence, as TGI's details describe it."""
+
     text: str
     finish_reason: str  # "length" | "eos_token" | "stop_sequence"
     generated_tokens: int
+    tokens: list = field(default_factory=list)  # [{"id", "text", "logprob", "special"}] when asked for
+    top_tokens: list | None = None  # per position, the top_n_tokens most likely
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """What the engine answers: the chosen sequence, the others (best_of / n), and the prompt's details."""
+
+    best: Sequence
     input_tokens: int
     seed: int | None
+    prefill: list = field(default_factory=list)  # [{"id", "text", "logprob"}] for decoder_input_details
+    others: list[Sequence] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return self.best.text
+
+    @property
+    def finish_reason(self) -> str:
+        return self.best.finish_reason
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.best.generated_tokens

@@ -16,5 +16,5 @@ def build():
     config = ServeConfig.from_env()
     custom = load_custom_handlers(config.model_dir)
     engine = Engine(config, serving_spec(config.model_dir, custom), custom)
-    engine.start()  # loads and warms the model in the engine thread; /ping says 503 until it is done
+    engine.start()  # starts vLLM and warms it in the engine thread; /ping says 503 until it is done
     return create_app(engine)

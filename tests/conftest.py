@@ -49,8 +49,8 @@ def build_tiny_model(out: Path) -> Path:
     )
     tokenizer.chat_template = CHATML
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
@@ -158,10 +158,28 @@ class Server:
         return self.output
 
 
+def loads_and_generates(root: Path) -> None:
+    """The model directory `train` published is complete and generates, checked with plain transformers:
+    for tests about training, where starting a real server (vLLM: about 20 s here) would add nothing."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from container.model_dir import load_spec
+
+    assert load_spec(root / "model").weights == "merged"
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    model = AutoModelForCausalLM.from_pretrained(root / "model", use_safetensors=True)
+    with torch.inference_mode():
+        out = model.generate(**tokenizer("Write about lesson 1.", return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > 3
+
+
 @pytest.fixture(scope="session")
 def server(tiny_served_model):
-    """One real server on the tiny model, shared by the tests that only send it requests."""
-    server = Server(tiny_served_model)
+    """One real server on the tiny model, shared by the tests that only send it requests. float32, so that
+    a request's answer does not depend on what it was batched with; its /ping codes while it loaded are
+    kept in server.ping_codes."""
+    server = Server(tiny_served_model, DTYPE="float32")
     server.wait_ready()
     yield server
     server.stop()

@@ -1,4 +1,5 @@
-"""The fine-tuning recipes through the real `train` entrypoint, each model dir then served for real."""
+"""The fine-tuning recipes through the real `train` entrypoint; the model directories they publish load and
+generate, and the kinds `serve` treats differently (a DPO model from a tarball, adapter exports) are served for real."""
 
 import json
 import os
@@ -10,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import BIN, TINY_ROWS, jsonl, link_model_channel, make_tree, run_train
+from tests.conftest import BIN, TINY_ROWS, jsonl, link_model_channel, loads_and_generates, make_tree, run_train
 
 FAST = {"max_steps": "3", "dpo_max_steps": "2", "per_device_train_batch_size": "2", "gradient_accumulation_steps": "1",
         "max_length": "64", "warmup_steps": "0", "validation_split": "0"}
@@ -36,7 +37,7 @@ def answers(serve_tree, root, **env):
     server.stop()
 
 
-def test_every_format_and_file_type_trains_and_serves(tmp_path, tiny_model, serve_tree):
+def test_every_format_and_file_type_trains(tmp_path, tiny_model):
     user, assistant = {"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi there"}
     root = make_tree(tmp_path, {**FAST, "validation_split": "0.2"}, {
         "train/alpaca.jsonl": jsonl(TINY_ROWS[:4]),
@@ -51,7 +52,7 @@ def test_every_format_and_file_type_trains_and_serves(tmp_path, tiny_model, serv
     assert "eval_loss=" in result.stdout
     sft = report(root)["stages"]["sft"]
     assert sft["examples"] == 7 and sft["eval_examples"] == 2 and "eval_loss" in sft["metrics"]
-    answers(serve_tree, root)
+    loads_and_generates(root)
 
 
 def test_plain_text_rows_with_a_validation_channel_and_packing(tmp_path, tiny_model):
@@ -82,7 +83,7 @@ def test_sft_then_dpo_and_dpo_alone_from_a_model_tarball(tmp_path, tiny_model, s
     assert "stage=sft step=3 " in result.stdout and "stage=dpo step=2 " in result.stdout
     assert "rewards_margins=" in result.stdout
     assert set(report(first)["stages"]) == {"sft", "dpo"}
-    answers(serve_tree, first)
+    loads_and_generates(first)
 
     # An earlier job's model.tar.gz as the `model` channel: DPO continues from it.
     second = make_tree(tmp_path / "second", {**FAST, "method": "dpo", "beta": "0.1", "dpo_loss_type": "ipo"},
@@ -97,7 +98,7 @@ def test_sft_then_dpo_and_dpo_alone_from_a_model_tarball(tmp_path, tiny_model, s
     answers(serve_tree, second)
 
 
-def test_qlora_loads_4bit_and_merges_onto_the_16bit_base(tmp_path, tiny_model, serve_tree):
+def test_qlora_loads_4bit_and_merges_onto_the_16bit_base(tmp_path, tiny_model):
     root = make_tree(tmp_path, {**FAST, "adapter": "qlora"}, {"train/d.jsonl": jsonl(TINY_ROWS)})
     link_model_channel(root, tiny_model)
     result = trained(root)
@@ -110,15 +111,15 @@ def test_qlora_loads_4bit_and_merges_onto_the_16bit_base(tmp_path, tiny_model, s
         names = list(weights.keys())
         assert all(weights.get_tensor(n).dtype.is_floating_point for n in names)
     assert not any("lora" in n or "absmax" in n or "quant" in n for n in names)
-    answers(serve_tree, root)
+    loads_and_generates(root)
 
 
-def test_full_fine_tuning(tmp_path, tiny_model, serve_tree):
+def test_full_fine_tuning(tmp_path, tiny_model):
     root = make_tree(tmp_path, {**FAST, "adapter": "full"}, {"train/d.jsonl": jsonl(TINY_ROWS)})
     link_model_channel(root, tiny_model)
     trained(root)
     assert report(root)["stages"]["sft"]["learning_rate"] == 2e-5
-    answers(serve_tree, root)
+    loads_and_generates(root)
 
 
 def test_adapter_and_both_exports_are_served(tmp_path, tiny_model, serve_tree):

@@ -5,7 +5,7 @@ import subprocess
 import pytest
 import requests
 
-from tests.conftest import BIN, Server
+from tests.conftest import BIN
 
 LLM_TWIN_BODY = {"inputs": "\nYou are a content creator. Write what the user asked you to while using the provided context "
                            "as the primary source of information for the content.\nUser query: Write a post about LoRA\n"
@@ -14,16 +14,11 @@ LLM_TWIN_BODY = {"inputs": "\nYou are a content creator. Write what the user ask
                                 "repetition_penalty": 1.1}}
 
 
-def test_ping_is_503_while_loading_then_200(tiny_served_model):
-    server = Server(tiny_served_model)
-    try:
-        server.wait_ready()
-        assert 503 in server.ping_codes, server.ping_codes  # answered before the model was ready
-        assert server.ping_codes[-1] == 200
-        body = requests.get(server.url + "/ping", timeout=2)
-        assert body.status_code == 200 and body.text == ""
-    finally:
-        server.stop()
+def test_ping_is_503_while_loading_then_200(server):
+    assert 503 in server.ping_codes, server.ping_codes  # answered while vLLM was starting
+    assert server.ping_codes[-1] == 200
+    body = requests.get(server.url + "/ping", timeout=2)
+    assert body.status_code == 200 and body.text == ""
 
 
 def test_llm_twin_request_returns_a_completion_without_the_prompt(server):

@@ -1,11 +1,15 @@
-"""Clients and hostile input against the real server: the SageMaker SDK's local runtime client, a
-property-based fuzz of request bodies, and 4-bit loading."""
+"""Clients and hostile input against the real server: the SageMaker SDK's local runtime client, TGI's and
+Hugging Face's and OpenAI's Python clients, a property-based fuzz of request bodies, and quantization settings."""
 
 import json
 import os
+import subprocess
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from tests.conftest import BIN
 
 
 def test_sagemaker_sdk_local_runtime_client_gets_an_answer(server):
@@ -57,9 +61,84 @@ def test_fuzzed_bodies_get_2xx_or_4xx_json_and_the_server_keeps_serving(server, 
     assert good.status_code == 200
 
 
-def test_quantize_bitsandbytes_loads_4bit_and_answers(tiny_served_model, serve_tree):
-    server = serve_tree(tiny_served_model, QUANTIZE="bitsandbytes")
-    response = server.invoke({"inputs": "Hello", "parameters": {"max_new_tokens": 3, "details": True}})
-    assert response.status_code == 200, response.text
-    assert response.json()[0]["details"]["generated_tokens"] >= 1
-    assert "weights loaded in 4-bit nf4" in server.stop()
+@pytest.mark.parametrize("quantize,message", [
+    ("bitsandbytes", "QUANTIZE=bitsandbytes is TGI's 8-bit, which vLLM cannot quantize to in flight: use bitsandbytes-nf4"),
+    ("bitsandbytes-nf4", "QUANTIZE=bitsandbytes-nf4 needs a GPU: vLLM's CPU engine has no bitsandbytes kernels"),
+    ("int3", "QUANTIZE='int3' is not valid: use one of bitsandbytes-nf4, awq, gptq, fp8"),
+])
+def test_quantize_values_that_cannot_run_here_are_refused_at_start(tiny_served_model, quantize, message):
+    result = subprocess.run([str(BIN / "serve")], env={**os.environ, "SAGEMAKER_BASE_DIR": str(tiny_served_model),
+                                                       "QUANTIZE": quantize}, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+# --- public clients, unchanged, against the real server -------------------------------------------------
+
+def _stop_inside_a_token(server) -> tuple[str, list[dict]]:
+    """A stop sequence that ends inside a generated token: the free text up to one character before the
+    end of the first token that is two or more characters long."""
+    free = server.invoke({"inputs": "Write about evals", "parameters": {"max_new_tokens": 12, "details": True}}).json()[0]
+    text = ""
+    for token in free["details"]["tokens"]:
+        if len(token["text"]) >= 2:
+            return text + token["text"][:-1], free["details"]["tokens"]
+        text += token["text"]
+    raise AssertionError(f"no token of two characters in {free}")
+
+
+def test_text_generation_client_generate_and_stream_with_a_stop_inside_a_token(server):
+    from text_generation import Client
+
+    client = Client(server.url + "/invocations", timeout=60)
+    answer = client.generate("Write about evals", max_new_tokens=6, decoder_input_details=True, top_n_tokens=2)
+    assert answer.details.generated_tokens == 6 and len(answer.details.tokens) == 6
+    assert answer.details.prefill and answer.details.prefill[0].logprob is None
+    assert all(len(top) >= 1 for top in answer.details.top_tokens)
+    assert answer.generated_text == "".join(t.text for t in answer.details.tokens)
+
+    stop, _ = _stop_inside_a_token(server)
+    events = list(client.generate_stream("Write about evals", max_new_tokens=12, stop_sequences=[stop]))
+    final = events[-1]
+    assert final.details.finish_reason == "stop_sequence"
+    assert final.generated_text.endswith(stop) and final.generated_text == stop
+    assert "".join(e.token.text for e in events) == final.generated_text  # the stream adds up to the answer
+    assert client.generate("Write about evals", max_new_tokens=12, stop_sequences=[stop]).generated_text == stop
+
+    sampled = client.generate("Write about evals", max_new_tokens=4, do_sample=True, best_of=2, temperature=0.9)
+    assert len(sampled.details.best_of_sequences) == 1
+
+
+def test_huggingface_hub_inference_client_text_generation_and_chat(server):
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(model=server.url + "/invocations")
+    text = client.text_generation("Write about evals", max_new_tokens=5)
+    details = client.text_generation("Write about evals", max_new_tokens=5, details=True)
+    assert text == details.generated_text and details.details.generated_tokens == 5
+    streamed = list(client.text_generation("Write about evals", max_new_tokens=5, stream=True, details=True))
+    assert "".join(e.token.text for e in streamed) == text == streamed[-1].generated_text
+
+    chat = InferenceClient(base_url=server.url)
+    messages = [{"role": "user", "content": "Write about evals"}]
+    whole = chat.chat_completion(messages, max_tokens=5, temperature=0)
+    parts = list(chat.chat_completion(messages, max_tokens=5, temperature=0, stream=True))
+    assert whole.choices[0].message.content == "".join(p.choices[0].delta.content or "" for p in parts)
+    assert whole.usage.completion_tokens == 5
+
+
+def test_openai_sdk_chat_and_completions(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="not-needed")
+    messages = [{"role": "user", "content": "Write about evals"}]
+    whole = client.chat.completions.create(model="llm-twin", messages=messages, max_tokens=6, temperature=0, seed=1)
+    stream = client.chat.completions.create(model="llm-twin", messages=messages, max_tokens=6, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert whole.choices[0].message.content == "".join(pieces) and whole.choices[0].finish_reason in ("length", "stop")
+    two = client.chat.completions.create(model="llm-twin", messages=messages, max_tokens=3, n=2, logprobs=True,
+                                         top_logprobs=2)
+    assert len(two.choices) == 2 and two.choices[0].logprobs.content[0].top_logprobs
+    completion = client.completions.create(model="llm-twin", prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert completion.choices[0].text and completion.usage.completion_tokens == 5
+    assert [m.id for m in client.models.list()] == ["llm-twin"]

@@ -15,14 +15,6 @@ from tests.conftest import Server
 PROMPTS = [f"Write about lesson {i} of shipping models" + " really" * i for i in range(8)]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_served_model):
-    server = Server(tiny_served_model, DTYPE="float32")
-    server.wait_ready()
-    yield server
-    server.stop()
-
-
 def sse_events(response) -> list:
     """Parse an SSE body event by event (`data:` lines separated by blank lines)."""
     assert response.headers["Content-Type"].startswith("text/event-stream")

@@ -1,4 +1,4 @@
-"""GPU paths: training in bf16 on CUDA and serving on CUDA. Skipped cleanly without a GPU."""
+"""GPU paths: training in bf16 on CUDA and serving on CUDA (vLLM), 4-bit too. Skipped cleanly without a GPU."""
 
 import pytest
 
@@ -19,7 +19,14 @@ def test_train_in_bf16_on_cuda_then_serve_on_cuda(tmp_path, tiny_model, serve_tr
     response = server.invoke({"inputs": "Hello", "parameters": {"max_new_tokens": 4, "details": True}})
     assert response.status_code == 200, response.text
     assert response.json()[0]["details"]["generated_tokens"] >= 1
-    assert "model ready on cuda" in server.stop()
+    assert "model ready: vLLM engine" in server.stop()
+
+
+def test_serve_bitsandbytes_nf4_on_cuda(tiny_served_model, serve_tree):
+    server = serve_tree(tiny_served_model, QUANTIZE="bitsandbytes-nf4")
+    response = server.invoke({"inputs": "Hello", "parameters": {"max_new_tokens": 4, "details": True}})
+    assert response.status_code == 200, response.text
+    assert '"quantization": "bitsandbytes"' in server.stop()
 
 
 def test_qlora_4bit_on_cuda(tmp_path, tiny_model):

@@ -1,6 +1,6 @@
-"""Streaming text is decoded incrementally (a window of recent tokens, not the whole output each step):
-its pieces must join to exactly what one decode of the whole output gives, multi-byte characters split
-across tokens included, and stop sequences must be found wherever the new text completes them."""
+"""details.tokens texts are decoded incrementally (a window of recent tokens, not the whole output for each
+token): they must join to exactly the engine's text, multi-byte characters split across tokens
+included, and a stop sequence that ends inside a token cuts the texts where the engine's text ends."""
 
 from pathlib import Path
 
@@ -9,29 +9,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from serve.batcher import Sequence, _first_stop_end, _new_text
+from serve.engine import token_texts
 
 SMOLLM2 = Path(__file__).resolve().parents[2] / ".cache" / "models" / "SmolLM2-135M-Instruct"
 texts = st.lists(st.sampled_from(["a", "b", " ", ".", ",", "\n", "é", "ß", "✓", "日本", "😀", "  ", "Dana's"]),
                  max_size=30).map("".join)
 
 
-def streamed(tokenizer, ids):
-    s = Sequence(request=None, prompt_ids=[], max_new_tokens=len(ids), emit=None)
-    pieces = []
-    for token in ids:
-        s.generated.append(token)
-        pieces.append(_new_text(tokenizer, s))
-    return pieces
-
-
 def check_joins_to_the_whole_decode(tokenizer, ids):
     whole = tokenizer.decode(ids, skip_special_tokens=True)
-    joined = "".join(streamed(tokenizer, ids))
-    if whole.endswith("\ufffd"):  # the output stops inside a character: that character is never emitted
-        assert whole.startswith(joined)
-    else:
-        assert joined == whole
+    pieces = token_texts(tokenizer.decode, ids, whole)
+    assert len(pieces) == len(ids) and "".join(pieces) == whole
 
 
 @pytest.fixture(scope="module")
@@ -60,17 +48,13 @@ def test_pieces_join_to_the_whole_decode_with_smollm2(text):
     check_joins_to_the_whole_decode(tokenizer, tokenizer.encode(text, add_special_tokens=False))
 
 
-def test_a_character_split_across_tokens_is_emitted_once_complete(tiny_tokenizer):
+def test_a_character_split_across_tokens_is_given_to_the_token_that_completes_it(tiny_tokenizer):
     ids = tiny_tokenizer.encode("a😀b", add_special_tokens=False)
-    pieces = streamed(tiny_tokenizer, ids)
+    pieces = token_texts(tiny_tokenizer.decode, ids, "a😀b")
     assert "".join(pieces) == "a😀b" and "😀" in pieces and not any("\ufffd" in piece for piece in pieces)
 
 
-@pytest.mark.parametrize(("text", "new", "stops", "end"), [
-    ("hello END", 2, ("END",), 9),          # completed by the last two characters
-    ("hello END more", 5, ("END",), None),  # already searched on an earlier step
-    ("xxSTOPxxEND", 11, ("END", "STOP"), 6),  # the earliest of several
-    ("abc", 0, ("c",), None),               # nothing new, nothing to find
-])
-def test_stop_sequences_are_found_where_the_new_text_completes_them(text, new, stops, end):
-    assert _first_stop_end(text, new, stops) == end
+def test_a_stop_sequence_inside_a_token_cuts_the_texts_where_the_answer_ends(tiny_tokenizer):
+    ids = tiny_tokenizer.encode("hello world again", add_special_tokens=False)
+    pieces = token_texts(tiny_tokenizer.decode, ids, "hello wor")  # the engine stopped at "wor"
+    assert "".join(pieces) == "hello wor" and pieces[-1] == ""

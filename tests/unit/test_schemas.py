@@ -1,7 +1,7 @@
 import pytest
 
 from serve.errors import ValidationError
-from serve.schemas import parse_generate, parse_request
+from serve.schemas import parse_completion, parse_generate, parse_request
 
 LLM_TWIN_BODY = {"inputs": "User query: write about RAG", "parameters": {
     "max_new_tokens": 150, "top_p": 0.9, "temperature": 0.01, "return_full_text": False, "repetition_penalty": 1.1}}
@@ -46,7 +46,19 @@ def test_stop_sequences_is_an_alias_of_stop():
     ({"inputs": "x", "parameters": {"truncate": 0}}, "'truncate' must be >= 1"),
     ({"messages": []}, "'messages' must be a non-empty array"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages\\[0\\].role must be system, user or assistant"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "'n' must be 1"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 9}, "'n' must be <= 4"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2, "stream": True}, "'n' > 1 is not supported when 'stream'"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "'tools' is not supported"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}}, "'response_format' must be"),
+    ({"inputs": "x", "parameters": {"typical_p": 0.5}}, "'typical_p' is not supported"),
+    ({"inputs": "x", "parameters": {"watermark": True}}, "'watermark' is not supported"),
+    ({"inputs": "x", "parameters": {"best_of": 2}}, "'best_of' > 1 needs sampling"),
+    ({"inputs": "x", "parameters": {"best_of": 2, "do_sample": True, "seed": 1}}, "'seed' must not be set"),
+    ({"inputs": "x", "parameters": {"best_of": 2, "do_sample": True}, "stream": True}, "not supported when 'stream'"),
+    ({"inputs": "x", "parameters": {"top_n_tokens": 6}}, "'top_n_tokens' must be <= 5"),
+    ({"inputs": "x", "parameters": {"grammar": {"type": "xml", "value": "x"}}}, "'grammar' must be"),
+    ({"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": ""}}}, "non-empty pattern"),
+    ({"inputs": "x", "parameters": {"adapter_id": 3}}, "'adapter_id' must be a non-empty string"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokenz": 2}, "unknown field 'max_tokenz': did you mean 'max_tokens'"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "'temperature' must be <= 2.0"),
 ])
@@ -61,3 +73,39 @@ def test_chat_requests_follow_openai_defaults():
     assert request.params.max_new_tokens == 7 and request.params.sampling  # temperature defaults to 1
     greedy = parse_request({"messages": [{"role": "user", "content": "Hi"}], "temperature": 0})
     assert not greedy.params.sampling
+
+
+# What TGI's own Python client (`text-generation` 0.7) sends for a plain generate call: every parameter.
+TGI_CLIENT_PARAMETERS = {"best_of": None, "decoder_input_details": False, "details": True, "do_sample": False,
+                         "frequency_penalty": None, "grammar": None, "max_new_tokens": 20, "repetition_penalty": None,
+                         "return_full_text": False, "seed": None, "stop": [], "temperature": None, "top_k": None,
+                         "top_n_tokens": None, "top_p": None, "truncate": None, "typical_p": None, "watermark": False}
+
+
+def test_neutral_values_of_every_tgi_parameter_are_accepted():
+    request = parse_generate({"inputs": "x", "parameters": TGI_CLIENT_PARAMETERS, "stream": False})
+    assert request.params.max_new_tokens == 20 and not request.params.sampling and request.params.best_of == 1
+    assert parse_generate({"inputs": "x", "parameters": {"typical_p": 1.0, "watermark": False}}).params.best_of == 1
+
+
+def test_grammar_best_of_and_top_n_tokens_parse():
+    p = parse_generate({"inputs": "x", "parameters": {"grammar": {"type": "json", "value": {"type": "object"}},
+                                                      "best_of": 2, "do_sample": True, "top_n_tokens": 3}}).params
+    assert (p.grammar.kind, p.grammar.value, p.best_of, p.top_n_tokens) == ("json", {"type": "object"}, 2, 3)
+    assert parse_generate({"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": "[0-9]+"}}}).params.grammar.value == "[0-9]+"
+
+
+def test_openai_chat_fields_map_onto_the_same_parameters():
+    request = parse_request({"messages": [{"role": "user", "content": "Hi"}], "n": 2, "temperature": 0.5, "logprobs": True,
+                             "top_logprobs": 2, "response_format": {"type": "json_object"}, "tools": None,
+                             "frequency_penalty": 0.5, "presence_penalty": 0.1, "model": "dana"})
+    p = request.params
+    assert (p.best_of, p.logprobs, p.top_n_tokens, p.grammar.kind, p.grammar.value) == (2, True, 2, "json", None)
+    assert (p.frequency_penalty, p.presence_penalty, request.model) == (0.5, 0.1, "dana")
+
+
+def test_completions_use_the_raw_prompt_and_the_adapter_header_picks_an_adapter():
+    request = parse_completion({"model": "x", "prompt": "Once upon", "max_tokens": 5, "temperature": 0})
+    assert request.completion and request.inputs == "Once upon" and request.params.max_new_tokens == 5
+    assert parse_request({"inputs": "x"}, adapter_header="dana").params.adapter_id == "dana"
+    assert parse_request({"inputs": "x", "parameters": {"adapter_id": "sam"}}, adapter_header="dana").params.adapter_id == "sam"

@@ -1,0 +1,94 @@
+"""OpenAI's response shapes: chat completions and completions, whole and as stream chunks.
+
+Every field that OpenAI's SDK, `huggingface_hub.InferenceClient` and TGI's own `text-generation`
+client read is present (the last one requires `system_fingerprint`, `logprobs` and, in every delta,
+`role`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from serve.schemas import GenerateRequest, GenerateResult, Sequence
+
+MODEL_NAME = "llm-twin"
+FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
+FINGERPRINT = "llm-twin-vllm"
+
+
+def usage(result: GenerateResult) -> dict:
+    completion = sum(s.generated_tokens for s in [result.best, *result.others])
+    return {"prompt_tokens": result.input_tokens, "completion_tokens": completion,
+            "total_tokens": result.input_tokens + completion}
+
+
+def response(request: GenerateRequest, result: GenerateResult) -> dict:
+    """The whole answer: one choice per sequence (OpenAI's `n`)."""
+    sequences = [result.best, *result.others]
+    if request.completion:
+        choices = [{"index": i, "text": s.text, "logprobs": None, "finish_reason": FINISH[s.finish_reason]}
+                   for i, s in enumerate(sequences)]
+        return _envelope("cmpl", "text_completion", request, choices, usage=usage(result))
+    choices = [{"index": i, "message": {"role": "assistant", "content": s.text},
+                "logprobs": _logprobs(s) if request.params.logprobs else None,
+                "finish_reason": FINISH[s.finish_reason]} for i, s in enumerate(sequences)]
+    return _envelope("chatcmpl", "chat.completion", request, choices, usage=usage(result))
+
+
+class Chunks:
+    """A stream's chunks: the first (the role), one per token text, the last (finish_reason and usage)."""
+
+    def __init__(self, request: GenerateRequest):
+        self.request = request
+        self.ident = f"{'cmpl' if request.completion else 'chatcmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def first(self) -> dict | None:
+        return None if self.request.completion else self._chunk({"role": "assistant", "content": ""})
+
+    def token(self, token: dict) -> dict | None:
+        if not token["text"]:
+            return None
+        if self.request.completion:
+            return self._chunk({"text": token["text"]})
+        return self._chunk({"role": "assistant", "content": token["text"]},
+                           logprobs=_logprobs_of([token]) if self.request.params.logprobs else None)
+
+    def last(self, result: GenerateResult) -> dict:
+        finish = FINISH[result.finish_reason]
+        body = self._chunk({"text": ""} if self.request.completion else {"role": "assistant"}, finish)
+        body["usage"] = usage(result)
+        return body
+
+    def _chunk(self, delta: dict, finish: str | None = None, logprobs=None) -> dict:
+        kind = "text_completion" if self.request.completion else "chat.completion.chunk"
+        choice = {"index": 0, **delta, "finish_reason": finish, "logprobs": logprobs} if self.request.completion \
+            else {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"id": self.ident, "object": kind, "created": self.created, "model": self.request.model or MODEL_NAME,
+                "system_fingerprint": FINGERPRINT, "choices": [choice]}
+
+
+def models(adapters: list[str]) -> dict:
+    created = int(time.time())
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": MODEL_NAME}
+                                       for name in [MODEL_NAME, *adapters]]}
+
+
+def _envelope(prefix: str, kind: str, request: GenerateRequest, choices: list, usage: dict) -> dict:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+            "model": request.model or MODEL_NAME, "system_fingerprint": FINGERPRINT, "choices": choices, "usage": usage}
+
+
+def _logprobs(sequence: Sequence) -> dict:
+    tops = sequence.top_tokens or [[] for _ in sequence.tokens]
+    return {"content": [_entry(token, top) for token, top in zip(sequence.tokens, tops)]}
+
+
+def _logprobs_of(tokens: list[dict]) -> dict:
+    return {"content": [_entry(token, []) for token in tokens]}
+
+
+def _entry(token: dict, top: list[dict]) -> dict:
+    return {"token": token["text"], "logprob": token["logprob"], "bytes": list(token["text"].encode()),
+            "top_logprobs": [{"token": t["text"], "logprob": t["logprob"], "bytes": list(t["text"].encode())} for t in top]}

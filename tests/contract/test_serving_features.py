@@ -1,0 +1,112 @@
+"""What vLLM brings behind the edge, through the real server: adapters per request, structured output,
+TGI's own routes, truncate and seeds."""
+
+import json
+import re
+import shutil
+
+import pytest
+import requests
+
+from tests.conftest import Server
+
+
+def make_adapter(base, out, seed: int):
+    """A LoRA adapter on the tiny model with random (non-zero) weights, so it changes the answers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter_server(tiny_served_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    shutil.copytree(tiny_served_model / "model", root / "model")
+    dana = make_adapter(root / "model", root / "dana", seed=1)
+    sam = make_adapter(root / "model", root / "sam", seed=2)
+    server = Server(root, LORA_ADAPTERS=f"dana={dana},sam={sam}")
+    server.wait_ready(timeout=180)
+    yield server
+    server.stop()
+
+
+def answer(server, **parameters) -> str:
+    body = {"inputs": "Write about lesson 3", "parameters": {"max_new_tokens": 8, **parameters}}
+    response = server.invoke(body)
+    assert response.status_code == 200, response.text
+    return response.json()[0]["generated_text"]
+
+
+def test_adapters_are_chosen_per_request_by_adapter_id_model_or_sagemaker_header(adapter_server):
+    base, dana, sam = answer(adapter_server), answer(adapter_server, adapter_id="dana"), answer(adapter_server, adapter_id="sam")
+    assert len({base, dana, sam}) == 3, (base, dana, sam)  # each adapter changes the answer
+    header = adapter_server.invoke({"inputs": "Write about lesson 3", "parameters": {"max_new_tokens": 8}},
+                                   headers={"Content-Type": "application/json", "X-Amzn-SageMaker-Adapter-Identifier": "sam"})
+    assert header.json()[0]["generated_text"] == sam
+    chat = {"messages": [{"role": "user", "content": "Write about lesson 3"}], "max_tokens": 8, "temperature": 0}
+    by_model = requests.post(adapter_server.url + "/v1/chat/completions", json={**chat, "model": "dana"}, timeout=60).json()
+    assert by_model["choices"][0]["message"]["content"] == dana and by_model["model"] == "dana"
+    models = requests.get(adapter_server.url + "/v1/models", timeout=5).json()
+    assert [m["id"] for m in models["data"]] == ["llm-twin", "dana", "sam"]
+
+
+def test_an_unknown_adapter_is_a_422_naming_the_known_ones(adapter_server):
+    response = adapter_server.invoke({"inputs": "x", "parameters": {"adapter_id": "dan"}})
+    assert response.status_code == 422
+    assert response.json()["error"] == "unknown adapter 'dan'; known adapters: dana, sam"
+
+
+def test_regex_and_json_schema_grammars_constrain_the_output(server):
+    digits = answer(server, grammar={"type": "regex", "value": "[0-9]{3}-[a-c]{2}"}, max_new_tokens=12)
+    assert re.fullmatch("[0-9]{3}-[a-c]{2}", digits), digits
+    schema = {"type": "object", "properties": {"level": {"type": "integer", "minimum": 1, "maximum": 5},
+                                               "tone": {"enum": ["warm", "dry"]}},
+              "required": ["level", "tone"], "additionalProperties": False}
+    body = {"messages": [{"role": "user", "content": "Rate it"}], "max_tokens": 60, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "rating", "schema": schema}}}
+    content = server.invoke(body).json()["choices"][0]["message"]["content"]
+    parsed = json.loads(content)
+    assert set(parsed) == {"level", "tone"} and 1 <= parsed["level"] <= 5 and parsed["tone"] in ("warm", "dry")
+
+
+def test_tgi_routes_answer_with_the_same_handlers(server):
+    body = {"inputs": "Write about evals", "parameters": {"max_new_tokens": 4, "details": True}}
+    via_invocations = server.invoke(body).json()[0]
+    generate = requests.post(server.url + "/generate", json=body, timeout=60).json()
+    assert generate == via_invocations  # TGI's /generate answers one object, not a list
+    stream = requests.post(server.url + "/generate_stream", json=body, timeout=60)
+    last = json.loads(stream.text.strip().split("\n\n")[-1].removeprefix("data:"))
+    assert stream.headers["Content-Type"].startswith("text/event-stream")
+    assert last["generated_text"] == via_invocations["generated_text"]
+    info = requests.get(server.url + "/info", timeout=5).json()
+    assert info["max_total_tokens"] == 512 and info["max_input_tokens"] == 400 and info["max_best_of"] >= 2
+    assert requests.get(server.url + "/health", timeout=5).status_code == 200
+    metrics = requests.get(server.url + "/metrics", timeout=5)
+    assert metrics.headers["Content-Type"].startswith("text/plain")
+    assert re.search(r"^tgi_request_success \d+$", metrics.text, re.M) and "tgi_request_count" in metrics.text
+
+
+def test_truncate_keeps_the_last_input_tokens_inside_the_chat_template(server):
+    long = "one two three four five six seven eight nine ten " * 5
+    body = {"inputs": long, "parameters": {"max_new_tokens": 1, "details": True, "decoder_input_details": True}}
+    full = server.invoke(body).json()[0]["details"]
+    cut = server.invoke({**body, "parameters": {**body["parameters"], "truncate": 4}}).json()[0]["details"]
+    assert cut["input_length"] < full["input_length"]
+    prompt = "".join(token["text"] for token in cut["prefill"])
+    assert prompt.startswith("<|im_start|>user\n")  # the template's header is kept, the inputs' head is cut
+    kept = prompt.removeprefix("<|im_start|>user\n").split("<|im_end|>")[0]
+    assert kept and long.endswith(kept) and len(kept) < 20, kept
+
+
+def test_sampling_without_a_seed_reports_the_seed_that_reproduces_it(server):
+    first = server.invoke({"inputs": "Hello", "parameters": {"max_new_tokens": 8, "do_sample": True, "details": True}}).json()[0]
+    seed = first["details"]["seed"]
+    assert isinstance(seed, int)
+    again = server.invoke({"inputs": "Hello", "parameters": {"max_new_tokens": 8, "do_sample": True, "seed": seed}}).json()[0]
+    assert again["generated_text"] == first["generated_text"]
