@@ -176,12 +176,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-naive", action="store_true", help="the naive server takes minutes at 32 clients")
-    parser.add_argument("--offline-only", metavar="MODEL_DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--offline-only", nargs=2, metavar=("MODEL_DIR", "OUT"), help=argparse.SUPPRESS)
     options = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # both engines get every core
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    if options.offline_only:
-        print(json.dumps(offline(options.offline_only, options.clients, options.new_tokens)))
+    if options.offline_only:  # vLLM logs to stdout: the result goes to a file
+        model_dir, out = options.offline_only
+        Path(out).write_text(json.dumps(offline(model_dir, options.clients, options.new_tokens)))
         return
 
     from transformers import AutoTokenizer
@@ -201,9 +202,11 @@ def main() -> None:
         results["ours"] = measure_server([str(BIN / "serve")], {"SAGEMAKER_BASE_DIR": str(root),
                                                                 "SAGEMAKER_BIND_TO_PORT": str(port)},
                                          port, options, count, {"greedy": GREEDY, "twin_sampling": TWIN_SAMPLING})
-        out = subprocess.run([sys.executable, __file__, "--offline-only", str(model_dir), "--clients", str(options.clients),
-                              "--new-tokens", str(options.new_tokens)], capture_output=True, text=True, check=True)
-        results["vllm_offline"] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(json.dumps({"ours": results["ours"]}), flush=True)
+        out = root / "offline.json"
+        subprocess.run([sys.executable, __file__, "--offline-only", str(model_dir), str(out), "--clients",
+                        str(options.clients), "--new-tokens", str(options.new_tokens)], capture_output=True, check=True)
+        results["vllm_offline"] = json.loads(out.read_text())
         if not options.skip_naive:
             port = free_port()
             naive = [str(BIN / "gunicorn"), "-w", "1", "--threads", "1", "--timeout", "600", "-b", f"127.0.0.1:{port}",

@@ -244,7 +244,8 @@ def _tgi_events(generate, events, metrics):
             if held is not None:
                 yield _sse(held)
             index += 1
-            held = {"index": index, "token": payload, "top_tokens": None, "generated_text": None, "details": None}
+            held = {"index": index, "token": payload["token"], "top_tokens": payload["top_tokens"],
+                    "generated_text": None, "details": None}
         elif kind == "done":
             metrics.count(200, payload.generated_tokens)
             text = generate.inputs + payload.text if generate.params.return_full_text else payload.text
@@ -266,7 +267,7 @@ def _openai_events(generate, events, metrics):
         if kind == "error":
             raise payload
         if kind == "token":
-            chunk = chunks.token(payload)
+            chunk = chunks.token(payload["token"])
             if chunk is not None:
                 yield _sse(chunk)
         elif kind == "done":

@@ -34,6 +34,7 @@ from typing import Callable, Iterator
 from container.model_dir import ADAPTER_DIR, ServingSpec, resolve_base
 from serve.config import ServeConfig
 from serve.custom import CustomHandlers
+from serve.engine_args import engine_arguments, model_length
 from serve.errors import GenerationError, Overloaded, ServeError, ValidationError
 from serve.schemas import GenerateParams, GenerateRequest, GenerateResult, Sequence
 
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 
 WORKER_BOOT_ERROR = 3  # gunicorn stops the whole server when a worker exits with this code
 MODEL_ADAPTER = "model"  # the name of an adapter-only model directory's own adapter
-CPU_KV_CACHE_SHARE = 0.25  # of the host's available memory, at most, when MAX_BATCH_TOTAL_TOKENS is unset
 
 
 class Ticket:
@@ -81,11 +81,10 @@ class Ticket:
 
     def result(self, timeout: float) -> GenerateResult:
         for kind, payload in self.stream(timeout):
-            if kind == "done":
-                return payload
             if kind == "error":
                 raise payload
-        raise GenerationError("generation ended without a result")
+            if kind == "done":
+                return payload
 
 
 @dataclass
@@ -97,6 +96,8 @@ class _Job:
     lora: object  # vllm LoRARequest or None
     seed: int | None
     pick_best: bool  # TGI best_of: answer the most likely of n; OpenAI n: answer all
+    wants_tokens: bool  # per-token texts are computed only when the answer shows them
+    stream: bool
 
 
 @dataclass
@@ -106,7 +107,7 @@ class _Accumulator:
     text: str = ""
     tokens: list = field(default_factory=list)
     top_tokens: list = field(default_factory=list)
-    logprob_sum: float = 0.0
+    cumulative_logprob: float = 0.0
     finish_reason: str | None = None
 
 
@@ -118,9 +119,9 @@ class Engine:
         self.model = None  # what a custom predict_fn receives
         self.tokenizer = None
         self.adapters: dict[str, object] = {}  # name -> LoRARequest
+        self.special_ids: set[int] = set()
         self.llm = None
-        self.max_total_tokens = min(config.max_total_tokens or spec.max_total_tokens, spec.max_total_tokens) \
-            if spec.max_total_tokens else config.max_total_tokens
+        self.max_total_tokens = model_length(config, spec)
         self.max_input_tokens = min(config.max_input_tokens or spec.max_input_tokens, self.max_total_tokens - 1)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -173,8 +174,7 @@ class Engine:
 
     def _prepare(self, request: GenerateRequest) -> _Job:
         """Tokenize and check one request against the limits; ValidationError names what is wrong."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+        from vllm.exceptions import VLLMClientError
 
         p = request.params
         try:
@@ -190,33 +190,14 @@ class Engine:
             raise ValidationError(
                 f"inputs tokens + max_new_tokens must be <= {self.max_total_tokens}. "
                 f"Given: {len(ids)} inputs tokens and {max_new} max_new_tokens")
-        sampling = p.sampling
-        seed = (p.seed if p.seed is not None else random.randrange(2**63)) if sampling and p.best_of == 1 else p.seed
-        wants_logprobs = request.stream or p.details or p.best_of > 1 or p.logprobs
-        grammar = None
-        if p.grammar is not None:
-            grammar = StructuredOutputsParams(regex=p.grammar.value) if p.grammar.kind == "regex" else (
-                StructuredOutputsParams(json=p.grammar.value) if p.grammar.value is not None
-                else StructuredOutputsParams(json_object=True))
-        params = SamplingParams(
-            n=p.best_of,
-            temperature=(p.temperature or 1.0) if sampling else 0.0,
-            top_p=(p.top_p or 1.0) if sampling else 1.0,
-            top_k=(p.top_k or 0) if sampling else 0,
-            repetition_penalty=p.repetition_penalty or 1.0,
-            frequency_penalty=p.frequency_penalty or 0.0,
-            presence_penalty=p.presence_penalty or 0.0,
-            seed=seed,
-            stop=list(p.stop) or None,
-            include_stop_str_in_output=True,  # TGI keeps the stop sequence in the text
-            max_tokens=max_new,
-            logprobs=p.top_n_tokens if p.top_n_tokens else (0 if wants_logprobs else None),
-            prompt_logprobs=0 if p.decoder_input_details else None,
-            structured_outputs=grammar,
-            output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
-        )
+        seed = (p.seed if p.seed is not None else random.randrange(2**63)) if p.sampling and p.best_of == 1 else p.seed
+        try:
+            params = _sampling_params(request, max_new, seed)
+        except VLLMClientError as e:  # what vLLM itself refuses, e.g. n > 1 with greedy decoding
+            raise ValidationError(str(e)) from None
         return _Job(ids, params, self._adapter(request), seed if p.best_of == 1 else None,
-                    pick_best=p.best_of > 1 and request.messages is None)
+                    pick_best=p.best_of > 1 and request.messages is None and not request.completion,
+                    wants_tokens=p.details or p.logprobs, stream=request.stream)
 
     def _prompt_ids(self, request: GenerateRequest) -> list[int]:
         tokenizer = self.tokenizer
@@ -308,6 +289,7 @@ class Engine:
         return {"model": model.eval(), "tokenizer": tokenizer}
 
     async def _generate(self, ticket: Ticket, job: _Job) -> None:
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
 
         stream = ticket.request.stream
@@ -319,13 +301,13 @@ class Engine:
                 if out.prompt_logprobs is not None and not prefill:
                     prefill = self._prefill(job.prompt_ids, out.prompt_logprobs)
                 for output in out.outputs:
-                    new = self._accumulate(sequences.setdefault(output.index, _Accumulator()), output, stream,
-                                           ticket.request.params.top_n_tokens)
+                    new = self._accumulate(sequences.setdefault(output.index, _Accumulator()), output, job)
                     if stream:
-                        for token in new:
-                            ticket.emit("token", token)
-        except asyncio.CancelledError:
-            raise
+                        for event in new:
+                            ticket.emit("token", event)
+        except VLLMClientError as e:  # e.g. a grammar vLLM cannot compile
+            ticket.emit("error", ValidationError(str(e)))
+            return
         except Exception as e:
             ticket.emit("error", GenerationError(f"Request failed during generation: {type(e).__name__}: {e}"))
             return
@@ -334,41 +316,41 @@ class Engine:
             ticket.emit("error", GenerationError("the engine aborted the request"))
             return
         if job.pick_best:
-            done.sort(key=lambda s: s.logprob_sum, reverse=True)
+            done.sort(key=lambda s: s.cumulative_logprob, reverse=True)
         results = [Sequence(s.text, s.finish_reason, len(s.tokens), s.tokens, s.top_tokens or None) for s in done]
         ticket.emit("done", GenerateResult(results[0], len(job.prompt_ids), job.seed, prefill, results[1:]))
 
-    def _accumulate(self, seq: _Accumulator, output, stream: bool, top_n: int) -> list[dict]:
-        """Add one vLLM output (a delta when streaming, everything otherwise) and return its new tokens.
-        A delta can carry several tokens but one text: the text goes on its last token, so the streamed
-        texts add up to the final text exactly, stop sequence included."""
+    def _accumulate(self, seq: _Accumulator, output, job: _Job) -> list[dict]:
+        """Add one vLLM output (a delta when streaming, everything otherwise) and return its new tokens as
+        stream events. A delta can carry several tokens but one text: the text goes on its last token that
+        is not special, so the streamed texts add up to the final text exactly, stop sequence included."""
         ids = list(output.token_ids)
         logprobs = output.logprobs or [None] * len(ids)
-        new = []
+        top_n = job.sampling.logprobs or 0  # 0: only the chosen token's logprob was asked for
+        carrier = max((i for i, token_id in enumerate(ids) if token_id not in self.special_ids), default=len(ids) - 1)
+        events = []
         for position, (token_id, entry) in enumerate(zip(ids, logprobs)):
             chosen = entry.get(token_id) if entry else None
             special = token_id in self.special_ids
-            if special:
-                text = ""
-            else:  # the whole text on the last token; when not streaming, split over the tokens below
-                text = output.text if position == len(ids) - 1 else ""
-            new.append({"id": token_id, "text": text, "logprob": chosen.logprob if chosen is not None else None,
-                        "special": special})
-            if chosen is not None:
-                seq.logprob_sum += chosen.logprob
+            token = {"id": token_id, "text": output.text if position == carrier else "",
+                     "logprob": chosen.logprob if chosen is not None else None, "special": special}
+            top = None
             if top_n and entry:
-                top = sorted((lp.rank, i, lp) for i, lp in entry.items() if lp.rank <= top_n)
-                seq.top_tokens.append([{"id": i, "text": lp.decoded_token or "", "logprob": lp.logprob,
-                                        "special": i in self.special_ids} for _, i, lp in top])
+                top = [{"id": i, "text": lp.decoded_token or "", "logprob": lp.logprob, "special": i in self.special_ids}
+                       for _, i, lp in sorted((lp.rank, i, lp) for i, lp in entry.items() if lp.rank <= top_n)]
+                seq.top_tokens.append(top)
+            seq.tokens.append(token)
+            events.append({"token": token, "top_tokens": top})
         seq.text += output.text
-        seq.tokens += new
+        if output.cumulative_logprob is not None:
+            seq.cumulative_logprob = output.cumulative_logprob
         if output.finish_reason is not None:
             seq.finish_reason = _finish_reason(output.finish_reason, output.stop_reason)
-            if not stream and seq.tokens:
-                texts = token_texts(self.tokenizer.decode, [t["id"] for t in seq.tokens], seq.text)
-                for token, text in zip(seq.tokens, texts):
+            if job.wants_tokens and not job.stream:
+                ids = [t["id"] for t in seq.tokens]
+                for token, text in zip(seq.tokens, token_texts(self.tokenizer.decode, ids, seq.text, job.prompt_ids[-4:])):
                     token["text"] = text
-        return new
+        return events
 
     def _prefill(self, prompt_ids: list[int], prompt_logprobs) -> list[dict]:
         """TGI's details.prefill: every prompt token with its logprob (the first has none)."""
@@ -380,13 +362,16 @@ class Engine:
         return prefill
 
 
-def token_texts(decode, ids: list[int], final: str) -> list[str]:
+def token_texts(decode, ids: list[int], final: str, context: list[int] = ()) -> list[str]:
     """Each token's text, such that the texts add up to `final` (the engine's text, cut after a stop
     sequence). Incremental: two short decodes per token starting at the same token, so a tokenizer's
-    quirks at the start of a decode cancel out; a trailing U+FFFD (a character still incomplete) waits
-    for the next token."""
-    texts, prefix, read = [], 0, 0
-    for end in range(1, len(ids) + 1):
+    quirks at the start of a decode cancel out; the last prompt tokens (`context`) start the first
+    window, so a tokenizer that drops a leading space at the start of a decode (SentencePiece) keeps
+    it, as the engine's text does. A trailing U+FFFD (a character still incomplete) waits for the next
+    token."""
+    ids = list(context) + list(ids)
+    texts, prefix, read = [], 0, len(context)
+    for end in range(len(context) + 1, len(ids) + 1):
         before = decode(ids[prefix:read], skip_special_tokens=True)
         after = decode(ids[prefix:end], skip_special_tokens=True)
         if len(after) > len(before) and not after.endswith("\ufffd"):
@@ -403,6 +388,39 @@ def token_texts(decode, ids: list[int], final: str) -> list[str]:
     return clipped
 
 
+def _sampling_params(request: GenerateRequest, max_new: int, seed: int | None):
+    """TGI's (and OpenAI's) parameters as vLLM's SamplingParams."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    p = request.params
+    sampling = p.sampling
+    grammar = None
+    if p.grammar is not None and p.grammar.kind == "regex":
+        grammar = StructuredOutputsParams(regex=p.grammar.value)
+    elif p.grammar is not None:
+        grammar = StructuredOutputsParams(json=p.grammar.value) if p.grammar.value is not None \
+            else StructuredOutputsParams(json_object=True)
+    wants_logprobs = request.stream or p.details or p.best_of > 1 or p.logprobs
+    return SamplingParams(
+        n=p.best_of,
+        temperature=(p.temperature or 1.0) if sampling else 0.0,
+        top_p=(p.top_p or 1.0) if sampling else 1.0,
+        top_k=(p.top_k or 0) if sampling else 0,
+        repetition_penalty=p.repetition_penalty or 1.0,
+        frequency_penalty=p.frequency_penalty or 0.0,
+        presence_penalty=p.presence_penalty or 0.0,
+        seed=seed,
+        stop=list(p.stop) or None,
+        include_stop_str_in_output=True,  # TGI keeps the stop sequence in the text
+        max_tokens=max_new,
+        logprobs=p.top_n_tokens if p.top_n_tokens else (0 if wants_logprobs else None),
+        prompt_logprobs=0 if p.decoder_input_details else None,
+        structured_outputs=grammar,
+        output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
+    )
+
+
 def _finish_reason(reason: str, stop_reason) -> str:
     """vLLM's finish reason in TGI's words: a stop string is TGI's stop_sequence; EOS or a stop token id is eos_token."""
     if reason == "length":
@@ -410,77 +428,3 @@ def _finish_reason(reason: str, stop_reason) -> str:
     if reason == "stop":
         return "stop_sequence" if isinstance(stop_reason, str) else "eos_token"
     raise GenerationError(f"the engine ended the request: {reason}")
-
-
-def engine_arguments(config: ServeConfig, spec: ServingSpec) -> tuple[dict, dict]:
-    """vLLM's AsyncEngineArgs from TGI's variables, and the environment its CPU engine reads."""
-    cpu = not _cuda_available()
-    adapter_only = spec.weights == "adapter"
-    max_total = min(config.max_total_tokens or spec.max_total_tokens, spec.max_total_tokens) \
-        if spec.max_total_tokens else config.max_total_tokens
-    arguments = {
-        "model": resolve_base(spec.base_model) if adapter_only else str(config.model_dir),
-        "tokenizer": str(config.model_dir),
-        "served_model_name": "llm-twin",
-        "dtype": ("bfloat16" if cpu else "auto") if config.dtype == "auto" else config.dtype,
-        "max_model_len": max_total or None,
-        "enable_prefix_caching": config.prefix_caching,
-        "enforce_eager": cpu or not config.cuda_graphs,  # no CUDA graphs on the CPU; and a 25 s start, not 2 min
-        "trust_remote_code": False,
-        "load_format": "safetensors",
-        "disable_log_stats": True,
-        "seed": 0,
-    }
-    if not cpu:
-        arguments["gpu_memory_utilization"] = config.cuda_memory_fraction
-        arguments["tensor_parallel_size"] = config.num_shard or 1
-    if config.max_batch_size:
-        arguments["max_num_seqs"] = config.max_batch_size
-    if config.max_batch_prefill_tokens:
-        arguments["max_num_batched_tokens"] = config.max_batch_prefill_tokens
-    model_config = os.path.join(arguments["model"], "config.json")
-    if (config.max_batch_total_tokens or cpu) and os.path.isfile(model_config):  # else vLLM sizes it from GPU memory
-        arguments["kv_cache_memory_bytes"] = kv_cache_bytes(model_config, config.max_batch_total_tokens, max_total,
-                                                            config.max_batch_size)
-    if config.quantize:
-        arguments["quantization"] = "bitsandbytes" if config.quantize.startswith("bitsandbytes") else config.quantize
-    if adapter_only or config.adapters:
-        arguments.update(enable_lora=True, max_loras=max(1, len(config.adapters) + adapter_only),
-                         max_lora_rank=_max_lora_rank(config, spec))
-    environment = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}  # never fork a threaded gunicorn worker
-    if cpu:  # vLLM's CPU engine keeps a core for the frontend by default: on 2 cores that cost 35% of its throughput
-        environment["VLLM_CPU_NUM_OF_RESERVED_CPU"] = os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    return arguments, environment
-
-
-def _max_lora_rank(config: ServeConfig, spec: ServingSpec) -> int:
-    folders = list(config.adapters.values()) + ([str(config.model_dir / ADAPTER_DIR)] if spec.weights == "adapter" else [])
-    ranks = []
-    for folder in folders:
-        with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as f:
-            ranks.append(json.load(f).get("r", 16))
-    return next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= max(ranks))  # the sizes vLLM accepts
-
-
-def kv_cache_bytes(model_config: str, total_tokens: int, max_total: int, max_seqs: int) -> int:
-    """KV cache size: MAX_BATCH_TOTAL_TOKENS when set (TGI's meaning: tokens the whole batch may hold);
-    else, on the CPU, what a full batch of full-length sequences needs, capped at a share of the host's
-    available memory."""
-    with open(model_config, encoding="utf-8") as f:
-        model_config = json.load(f)
-    layers = model_config.get("num_hidden_layers", 32)
-    heads = model_config.get("num_attention_heads", 32)
-    kv_heads = model_config.get("num_key_value_heads") or heads
-    head_dim = model_config.get("head_dim") or model_config.get("hidden_size", 4096) // heads
-    bytes_per_token = 2 * layers * kv_heads * head_dim * 2  # keys and values, 16-bit
-    if total_tokens:
-        return total_tokens * bytes_per_token
-    wanted = (max_total or 4096) * (max_seqs or 256) * bytes_per_token
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return max(2**28, int(min(wanted, available * CPU_KV_CACHE_SHARE)))
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

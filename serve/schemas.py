@@ -126,6 +126,8 @@ def parse_generate(body: object) -> GenerateRequest:
             raise ValidationError("'seed' must not be set when 'best_of' > 1")
         if stream:
             raise ValidationError("'best_of' > 1 is not supported when 'stream' is true")
+    if stream and params.decoder_input_details:
+        raise ValidationError("'decoder_input_details' is not supported when 'stream' is true")
     return GenerateRequest(inputs=inputs, params=params, stream=stream)
 
 
@@ -134,7 +136,7 @@ def parse_chat(body: dict) -> GenerateRequest:
     for key in body:
         if key not in _CHAT_FIELDS:
             raise ValidationError(f"unknown field '{key}': did you mean '{nearest(key, _CHAT_FIELDS)}'?")
-    messages = body["messages"]
+    messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ValidationError("'messages' must be a non-empty array of {role, content} objects")
     for i, message in enumerate(messages):
@@ -155,11 +157,12 @@ def parse_chat(body: dict) -> GenerateRequest:
     if top_logprobs and not logprobs:
         raise ValidationError("'top_logprobs' needs 'logprobs': true")
     temperature = _number(values, "temperature", float, minimum=0.0, maximum=2.0)
-    raw = {"max_new_tokens": values.get("max_completion_tokens", values.get("max_tokens")), "top_p": values.get("top_p"),
-           "stop": values.get("stop"), "seed": values.get("seed"), "repetition_penalty": values.get("repetition_penalty"),
+    greedy = temperature == 0.0  # OpenAI: temperature 0 is greedy, whatever top_p says
+    raw = {"max_new_tokens": values.get("max_completion_tokens", values.get("max_tokens")),
+           "top_p": None if greedy else values.get("top_p"), "stop": values.get("stop"), "seed": values.get("seed"), "repetition_penalty": values.get("repetition_penalty"),
            "frequency_penalty": values.get("frequency_penalty"), "top_n_tokens": top_logprobs or None,
            "grammar": _response_format(values.get("response_format"))}
-    if temperature != 0.0:
+    if not greedy:
         raw.update(do_sample=True, temperature=temperature)
     params = _parse_params({k: v for k, v in raw.items() if v is not None}, grammar_parsed=True)
     presence = _number(values, "presence_penalty", float, minimum=-2.0, maximum=2.0)
@@ -269,8 +272,7 @@ def _schema(value: object):
 
 
 def _with_adapter(request: GenerateRequest, adapter: str) -> GenerateRequest:
-    return GenerateRequest(request.inputs, _replace(request.params, adapter_id=adapter), request.stream,
-                           request.messages, request.model)
+    return replace(request, params=_replace(request.params, adapter_id=adapter))
 
 
 def _replace(params: GenerateParams, **changes) -> GenerateParams:

@@ -110,3 +110,21 @@ def test_sampling_without_a_seed_reports_the_seed_that_reproduces_it(server):
     assert isinstance(seed, int)
     again = server.invoke({"inputs": "Hello", "parameters": {"max_new_tokens": 8, "do_sample": True, "seed": seed}}).json()[0]
     assert again["generated_text"] == first["generated_text"]
+
+
+@pytest.mark.parametrize("route,body,message", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "n": 2, "temperature": 0}, "greedy"),
+    ("/invocations", {"inputs": "Hi", "parameters": {"temperature": 5.0}}, "temperature"),
+    ("/v1/chat/completions", {"model": "llm-twin"}, "'messages' must be a non-empty array"),
+    ("/invocations", {"inputs": "Hi", "parameters": {"grammar": {"type": "regex", "value": "(["}}}, "regex"),
+])
+def test_what_vllm_refuses_is_a_422_naming_it_never_a_500(server, route, body, message):
+    response = requests.post(server.url + route, json=body, timeout=60)
+    assert response.status_code == 422, response.text
+    assert message in response.json()["error"].lower() or message in response.json()["error"]
+
+
+def test_streamed_events_carry_top_tokens_when_asked(server):
+    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 3, "top_n_tokens": 2}, "stream": True}
+    events = [json.loads(block.removeprefix("data:")) for block in server.invoke(body).text.strip().split("\n\n")]
+    assert len(events) == 3 and all(len(e["top_tokens"]) == 2 for e in events)

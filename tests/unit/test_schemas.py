@@ -71,8 +71,8 @@ def test_chat_requests_follow_openai_defaults():
     request = parse_request({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 7, "stream": True})
     assert request.messages == [{"role": "user", "content": "Hi"}] and request.stream
     assert request.params.max_new_tokens == 7 and request.params.sampling  # temperature defaults to 1
-    greedy = parse_request({"messages": [{"role": "user", "content": "Hi"}], "temperature": 0})
-    assert not greedy.params.sampling
+    greedy = parse_request({"messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "top_p": 0.9})
+    assert not greedy.params.sampling  # temperature 0 is greedy, whatever top_p says
 
 
 # What TGI's own Python client (`text-generation` 0.7) sends for a plain generate call: every parameter.

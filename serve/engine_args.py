@@ -1,0 +1,96 @@
+"""vLLM's engine arguments from TGI's variables (serve/config.py), and the environment its CPU engine reads.
+
+TGI's names mean what they mean in TGI: MAX_TOTAL_TOKENS is the model length, MAX_BATCH_PREFILL_TOKENS the
+tokens scheduled per step, MAX_BATCH_TOTAL_TOKENS the KV cache (in tokens), MAX_BATCH_SIZE the sequences
+run at once, NUM_SHARD the tensor-parallel GPUs, CUDA_MEMORY_FRACTION vLLM's GPU memory utilisation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from container.model_dir import ADAPTER_DIR, ServingSpec, resolve_base
+from serve.config import ServeConfig
+
+CPU_KV_CACHE_SHARE = 0.25  # of the host's available memory, at most, when MAX_BATCH_TOTAL_TOKENS is unset
+
+
+def model_length(config: ServeConfig, spec: ServingSpec) -> int:
+    """MAX_TOTAL_TOKENS, never beyond what serving.json allows (0: neither says; vLLM takes the model's own)."""
+    if not spec.max_total_tokens:
+        return config.max_total_tokens
+    return min(config.max_total_tokens or spec.max_total_tokens, spec.max_total_tokens)
+
+
+def engine_arguments(config: ServeConfig, spec: ServingSpec) -> tuple[dict, dict]:
+    """vLLM's AsyncEngineArgs from TGI's variables, and the environment its CPU engine reads."""
+    cpu = not _cuda_available()
+    adapter_only = spec.weights == "adapter"
+    max_total = model_length(config, spec)
+    arguments = {
+        "model": resolve_base(spec.base_model) if adapter_only else str(config.model_dir),
+        "tokenizer": str(config.model_dir),
+        "served_model_name": "llm-twin",
+        "dtype": ("bfloat16" if cpu else "auto") if config.dtype == "auto" else config.dtype,
+        "max_model_len": max_total or None,
+        "enable_prefix_caching": config.prefix_caching,
+        "enforce_eager": cpu or not config.cuda_graphs,  # no CUDA graphs on the CPU; and a 25 s start, not 2 min
+        "trust_remote_code": False,
+        "load_format": "safetensors",
+        "disable_log_stats": True,
+        "seed": 0,
+    }
+    if not cpu:
+        arguments["gpu_memory_utilization"] = config.cuda_memory_fraction
+        arguments["tensor_parallel_size"] = config.num_shard or 1
+    if config.max_batch_size:
+        arguments["max_num_seqs"] = config.max_batch_size
+    if config.max_batch_prefill_tokens:
+        arguments["max_num_batched_tokens"] = config.max_batch_prefill_tokens
+    model_config = os.path.join(arguments["model"], "config.json")
+    if (config.max_batch_total_tokens or cpu) and os.path.isfile(model_config):  # else vLLM sizes it from GPU memory
+        arguments["kv_cache_memory_bytes"] = kv_cache_bytes(model_config, config.max_batch_total_tokens, max_total,
+                                                            config.max_batch_size)
+    if config.quantize:
+        arguments["quantization"] = "bitsandbytes" if config.quantize.startswith("bitsandbytes") else config.quantize
+    if adapter_only or config.adapters:
+        arguments.update(enable_lora=True, max_loras=max(1, len(config.adapters) + adapter_only),
+                         max_lora_rank=_max_lora_rank(config, spec))
+    environment = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}  # never fork a threaded gunicorn worker
+    if cpu:  # vLLM's CPU engine keeps a core for the frontend by default: on 2 cores that cost 35% of its throughput
+        environment["VLLM_CPU_NUM_OF_RESERVED_CPU"] = os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    return arguments, environment
+
+
+def _max_lora_rank(config: ServeConfig, spec: ServingSpec) -> int:
+    folders = list(config.adapters.values()) + ([str(config.model_dir / ADAPTER_DIR)] if spec.weights == "adapter" else [])
+    ranks = []
+    for folder in folders:
+        with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as f:
+            ranks.append(json.load(f).get("r", 16))
+    return next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= max(ranks))  # the sizes vLLM accepts
+
+
+def kv_cache_bytes(model_config: str, total_tokens: int, max_total: int, max_seqs: int) -> int:
+    """KV cache size: MAX_BATCH_TOTAL_TOKENS when set (TGI's meaning: tokens the whole batch may hold);
+    else, on the CPU, what a full batch of full-length sequences needs, capped at a share of the host's
+    available memory."""
+    with open(model_config, encoding="utf-8") as f:
+        model_config = json.load(f)
+    layers = model_config.get("num_hidden_layers", 32)
+    heads = model_config.get("num_attention_heads", 32)
+    kv_heads = model_config.get("num_key_value_heads") or heads
+    head_dim = model_config.get("head_dim") or model_config.get("hidden_size", 4096) // heads
+    bytes_per_token = 2 * layers * kv_heads * head_dim * 2  # keys and values, 16-bit
+    if total_tokens:
+        return total_tokens * bytes_per_token
+    wanted = (max_total or 4096) * (max_seqs or 256) * bytes_per_token
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(2**28, int(min(wanted, available * CPU_KV_CACHE_SHARE)))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

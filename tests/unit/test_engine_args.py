@@ -1,0 +1,62 @@
+"""TGI's serving variables become vLLM's engine arguments (no engine is started here)."""
+
+import json
+
+import pytest
+
+from container.config import ConfigError
+from container.model_dir import ServingSpec
+from serve.config import ServeConfig
+from serve.engine_args import engine_arguments
+
+SPEC = ServingSpec(base_model="tiny", max_input_tokens=400, max_total_tokens=512)
+
+
+def arguments(model_dir, spec=SPEC, **env):
+    """Engine arguments for a model directory that sits at $SAGEMAKER_BASE_DIR/model."""
+    assert model_dir.name == "model"
+    config = ServeConfig.from_env({"SAGEMAKER_BASE_DIR": str(model_dir.parent), **env})
+    return engine_arguments(config, spec)
+
+
+@pytest.fixture
+def served(tmp_path, tiny_model):
+    (tmp_path / "model").symlink_to(tiny_model, target_is_directory=True)
+    return tmp_path / "model"
+
+
+def test_cpu_defaults_use_every_core_bf16_prefix_caching_and_a_sized_kv_cache(served):
+    args, environment = arguments(served)
+    assert (args["model"], args["dtype"], args["max_model_len"]) == (str(served), "bfloat16", 512)
+    assert args["enable_prefix_caching"] and args["enforce_eager"] and not args["trust_remote_code"]
+    assert args["load_format"] == "safetensors" and 2**28 <= args["kv_cache_memory_bytes"]
+    assert environment["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+
+
+def test_tgi_variables_map_onto_the_scheduler_and_the_kv_cache(served):
+    args, _ = arguments(served, MAX_BATCH_SIZE="8", MAX_BATCH_PREFILL_TOKENS="1024", MAX_BATCH_TOTAL_TOKENS="1000",
+                        MAX_TOTAL_TOKENS="256", PREFIX_CACHING="false", DTYPE="float32")
+    config = json.loads((served / "config.json").read_text())
+    per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * (config["hidden_size"] // config["num_attention_heads"]) * 2
+    assert (args["max_num_seqs"], args["max_num_batched_tokens"], args["max_model_len"]) == (8, 1024, 256)
+    assert args["kv_cache_memory_bytes"] == 1000 * per_token
+    assert not args["enable_prefix_caching"] and args["dtype"] == "float32"
+
+
+def test_an_adapter_only_model_is_served_as_lora_on_its_base(tmp_path, tiny_model):
+    model = tmp_path / "model"
+    (model / "adapter").mkdir(parents=True)
+    (model / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 24}))
+    spec = ServingSpec(base_model=str(tiny_model), max_input_tokens=400, max_total_tokens=512, weights="adapter")
+    args, _ = arguments(model, spec)
+    assert (args["model"], args["tokenizer"]) == (str(tiny_model), str(model))
+    assert args["enable_lora"] and args["max_loras"] == 1 and args["max_lora_rank"] == 32  # the next size vLLM accepts
+
+
+def test_quantize_takes_tgis_names_and_refuses_8_bit(served):
+    assert arguments(served, QUANTIZE="awq")[0]["quantization"] == "awq"
+    assert arguments(served, HF_MODEL_QUANTIZE="bitsandbytes-nf4")[0]["quantization"] == "bitsandbytes"
+    with pytest.raises(ConfigError, match="QUANTIZE=bitsandbytes is TGI's 8-bit"):
+        arguments(served, QUANTIZE="bitsandbytes")
+    with pytest.raises(ConfigError, match="LORA_ADAPTERS: adapter 'x' is not a folder"):
+        arguments(served, LORA_ADAPTERS="x=/nowhere")
