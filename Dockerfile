@@ -54,9 +54,10 @@ ENV PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
     HF_HUB_DISABLE_TELEMETRY=1 \
     LLM_TWIN_EMBEDDED_MODEL_DIR=/opt/models/SmolLM2-135M-Instruct
+# libnuma1: vLLM's CPU kernels link against it (the CUDA build does not mind it).
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 ca-certificates \
+ && apt-get install -y --no-install-recommends python3 ca-certificates libnuma1 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=python-env /opt/venv /opt/venv
 COPY --from=default-model /build/SmolLM2-135M-Instruct /opt/models/SmolLM2-135M-Instruct

@@ -72,13 +72,14 @@ root="$("${podman[@]}" mount "$container")"
 server=""
 cleanup() {  # serve runs in its own process group: stop all of it (gunicorn's master and workers)
   if [[ -n "$server" ]]; then kill -TERM -- "-$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; fi
-  umount "$root/proc" "$root/dev" 2>/dev/null || true
+  umount "$root/proc" "$root/dev" "$root/sys" 2>/dev/null || true
   "${podman[@]}" umount "$container" >/dev/null || true
   "${podman[@]}" rm "$container" >/dev/null || true
 }
 trap cleanup EXIT
 mount --bind /proc "$root/proc"
 mount --bind /dev "$root/dev"
+mount --bind /sys "$root/sys"  # as docker run mounts it: vLLM's CPU engine reads the CPU topology (lscpu)
 
 # What `docker run IMAGE ARGS` would run: the image's ENTRYPOINT, in its WORKDIR, with only its ENV.
 inspect() { "${podman[@]}" image inspect --format "$1" "$image"; }
