@@ -63,7 +63,9 @@ else
   aws ecr get-login-password --region "$region" | docker login --username AWS --password-stdin "$registry"
 fi
 
-run docker build --platform linux/amd64 -t "${image}:${tag}" "$(dirname "$0")"
+# One linux/amd64 image manifest: SageMaker's CreateModel and CreateTrainingJob refuse an OCI image index,
+# which BuildKit makes when it attaches provenance or SBOM attestations ("Unsupported manifest media type").
+run docker build --platform linux/amd64 --provenance=false --sbom=false -t "${image}:${tag}" "$(dirname "$0")"
 run docker tag "${image}:${tag}" "$uri"
 run docker push "$uri"
 if $dry_run; then echo "would push $uri"; else echo "pushed $uri"; fi

@@ -32,7 +32,7 @@ def test_build_and_push_dry_run_prints_the_commands(tmp_path):
     result = subprocess.run([str(REPO / "build_and_push.sh"), "--dry-run", "--region", "us-gov-west-1", "twin", "v1"],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "docker build --platform linux/amd64 -t twin:v1" in result.stdout
+    assert "docker build --platform linux/amd64 --provenance=false --sbom=false -t twin:v1" in result.stdout
     assert "dkr.ecr.us-gov-west-1.amazonaws.com/twin:v1" in result.stdout
 
 
