@@ -1,10 +1,11 @@
 """Training throughput: our SFT path against a plain TRL SFTTrainer with its defaults, in one run.
 
-    .venv/bin/python bench/train_throughput.py [--steps 6] [--batch-size 8]
+    .venv/bin/python bench/train_throughput.py [--steps 6] [--batch-size 8] [--model-dir DIR] [--adapter lora|full]
 
-Both train LoRA (same rank, all linear layers) on the embedded SmolLM2-135M-Instruct with the sample
-data in local_test/test_dir (variable-length posts and conversations), for the same number of steps
-and the same batch size. A forward pre-hook on the model counts, for every micro-batch, the positions
+Both train LoRA (same rank, all linear layers), or every weight with --adapter full, on the embedded
+SmolLM2-135M-Instruct (or --model-dir) with the sample data in local_test/test_dir (variable-length posts
+and conversations), for the same number of steps and the same batch size: fp32 on the CPU, each side's
+own precision on a GPU (bf16 where the GPU has it: TRL's default, and ours). A forward pre-hook on the model counts, for every micro-batch, the positions
 it computes and the real ones among them (attention mask set: not padding). Printed for each: real
 tokens per second, padding fraction; then the ratio ours / plain TRL.
 """
@@ -50,11 +51,12 @@ class TokenCounter:
         self.real += int(mask.sum()) if mask is not None and mask.dim() == 2 else ids.numel()
 
 
-def plain_trl(model, tokenizer, rows, steps, batch_size, out) -> float:
-    """TRL's defaults (gradient checkpointing on, random order, no packing); only what the CPU needs."""
-    args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size, use_cpu=True, bf16=False,
-                     report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=steps)
-    lora = LoraConfig(r=32, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+def plain_trl(model, tokenizer, rows, steps, batch_size, out, adapter: str = "lora") -> float:
+    """TRL's defaults (gradient checkpointing on, random order, no packing); on the CPU only what it needs."""
+    cpu = {} if torch.cuda.is_available() else {"use_cpu": True, "bf16": False}
+    args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size, report_to="none",
+                     save_strategy="no", disable_tqdm=True, logging_steps=steps, **cpu)
+    lora = LoraConfig(r=32, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if adapter == "lora" else None
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=lora)
     started = time.perf_counter()
@@ -62,33 +64,44 @@ def plain_trl(model, tokenizer, rows, steps, batch_size, out) -> float:
     return time.perf_counter() - started
 
 
-def ours(model, tokenizer, rows, steps, batch_size, out) -> float:
+def ours(model, tokenizer, rows, steps, batch_size, out, adapter: str = "lora") -> float:
     config = TrainConfig(max_steps=steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
-                         max_length=1024, save_steps=10_000, validation_split=0.0, logging_steps=steps)
+                         max_length=1024, save_steps=10_000, validation_split=0.0, logging_steps=steps, adapter=adapter)
     started = time.perf_counter()
     train_stage("sft", config, model, tokenizer, rows, [], Path(out), detect_device(config), StopOnSignal())
     return time.perf_counter() - started
+
+
+def compare(source: str, rows: list[dict], steps: int, batch_size: int, adapter: str = "lora") -> dict:
+    """Both sides on the same model, rows, steps and batch size: real tokens/s and padding of each."""
+    config = TrainConfig(adapter=adapter)
+    dtype = detect_device(config).dtype
+    results = {}
+    for name, run in (("plain TRL defaults", plain_trl), ("ours", ours)):
+        torch.manual_seed(0)
+        tokenizer = load_tokenizer(source, config)
+        model = load_for_training(source, config, dtype, None)
+        counter = TokenCounter(model)
+        with tempfile.TemporaryDirectory() as out:
+            seconds = run(model, tokenizer, rows, steps, batch_size, out, adapter)
+        results[name] = {"seconds": round(seconds, 1), "real_tokens": counter.real, "positions": counter.total,
+                         "real_tokens_per_second": round(counter.real / seconds, 1),
+                         "padding_fraction": round(1 - counter.real / counter.total, 3)}
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--model-dir", default=str(embedded_model_dir()))
+    parser.add_argument("--adapter", choices=("lora", "full"), default="lora")
     options = parser.parse_args()
-    torch.manual_seed(0)
     rows = load_sft_rows(REPO / "local_test" / "test_dir" / "input" / "data" / "train")
-    source = str(embedded_model_dir())
-    config = TrainConfig()
-    results = {}
-    for name, run in (("plain TRL defaults", plain_trl), ("ours", ours)):
-        tokenizer = load_tokenizer(source, config)
-        model = load_for_training(source, config, torch.float32, None)
-        counter = TokenCounter(model)
-        with tempfile.TemporaryDirectory() as out:
-            seconds = run(model, tokenizer, rows, options.steps, options.batch_size, out)
-        results[name] = {"seconds": round(seconds, 1), "real_tokens": counter.real, "positions": counter.total,
-                         "real_tokens_per_second": round(counter.real / seconds, 1),
-                         "padding_fraction": round(1 - counter.real / counter.total, 3)}
+    results = compare(options.model_dir, rows, options.steps, options.batch_size, options.adapter)
     print(json.dumps(results, indent=2))
     ratio = results["ours"]["real_tokens_per_second"] / results["plain TRL defaults"]["real_tokens_per_second"]
     print(f"steps={options.steps} batch_size={options.batch_size} examples={len(rows)} threads={torch.get_num_threads()}")

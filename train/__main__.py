@@ -81,7 +81,8 @@ def run(config: TrainConfig, paths: OptML, worker: bool) -> None:
                           "embedded model), not a local or channel model: use export=merged or export=both")
     log.info("base model: %s", base.source)
     top = topology(config, paths)
-    if top.needs_launcher and not worker:  # config and data are fine: start the workers
+    # config and data are fine: start the workers (DeepSpeed wants torchrun's rendezvous even for one process)
+    if (top.needs_launcher or config.distributed in ("zero2", "zero3")) and not worker:
         code, failure = launch(config, top)
         if code != 0:
             raise WorkersFailed(code, *failure)

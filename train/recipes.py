@@ -83,7 +83,7 @@ def world_size() -> int:
 def strategy(config: TrainConfig, model) -> str:
     """single, ddp, zero2, zero3 or fsdp. auto: DDP while a full replica (weights, gradients, optimizer
     state) fits in most of one GPU, else ZeRO-3, which shards all three across every GPU of every host."""
-    if world_size() == 1:
+    if world_size() == 1 and config.distributed not in ("zero2", "zero3"):  # DeepSpeed runs alone when asked
         return "single"
     if config.distributed != "auto":
         return config.distributed

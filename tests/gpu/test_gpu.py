@@ -9,6 +9,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_train_in_bf16_on_cuda_then_serve_on_cuda(tmp_path, tiny_model, serve_tree):
+    pytest.importorskip("vllm", reason="serving needs vLLM (the GPU check machine cannot carry its CUDA wheel)")
     root = make_tree(tmp_path, {"max_steps": "3", "per_device_train_batch_size": "4", "max_length": "64", "bf16": "auto"},
                      {"train/posts.jsonl": jsonl(TINY_ROWS)})
     link_model_channel(root, tiny_model)
@@ -23,6 +24,7 @@ def test_train_in_bf16_on_cuda_then_serve_on_cuda(tmp_path, tiny_model, serve_tr
 
 
 def test_serve_bitsandbytes_nf4_on_cuda(tiny_served_model, serve_tree):
+    pytest.importorskip("vllm", reason="serving needs vLLM")
     server = serve_tree(tiny_served_model, QUANTIZE="bitsandbytes-nf4")
     response = server.invoke({"inputs": "Hello", "parameters": {"max_new_tokens": 4, "details": True}})
     assert response.status_code == 200, response.text

@@ -1,0 +1,21 @@
+"""`make gpu-check`'s script, dry-run on the CPU with tiny sizes: it must work before GPU minutes are spent."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_gpu_check_dry_run_passes_every_row(tmp_path):
+    out = tmp_path / "table.json"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--dry-run", "--out", str(out)],
+                            capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["check"].split(",")[0] for row in rows] == [
+        "gpu-marked tests", "bf16 LoRA SFT → merged → reload + generate", "QLoRA 4-bit nf4 train + merge",
+        "DeepSpeed ZeRO-3 on one device", "padding-free packing", "throughput", "throughput"]
+    assert all(row["status"] == "ok" for row in rows), rows
+    assert '"distributed": "zero3"' in rows[3]["result"] and '"packing": true' in rows[4]["result"]
+    assert "| check | status | seconds | result |" in result.stdout
