@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# make image-test: build the image from this Dockerfile without a Docker daemon or a registry, then run the
-# image's own `train` and `serve` inside its filesystem against a copy of local_test/test_dir.
+# make image-test: build the image from this Dockerfile without a Docker daemon or a registry, then run it
+# as `docker run` would against a copy of local_test/test_dir.
 #
 #   1. debootstrap Debian 12 (Python 3.11) and `podman import` it as the base of every stage;
 #   2. `podman build --isolation chroot` with the CPU build arguments; torch is a wheel put in the context;
-#   3. mount the image and chroot into it with the image's ENTRYPOINT, WORKDIR and ENV (`podman run` does
-#      not work here): `train` must publish a model, `serve` must answer /ping and /invocations.
+#   3. `podman run IMAGE train` with the /opt/ml tree mounted must publish a model; `podman run` of serve
+#      with docker's default 64 MiB /dev/shm must refuse to start, saying to pass --shm-size; `podman run
+#      --shm-size=1g -p PORT:8080 IMAGE serve` with the model mounted read-only must answer /ping and
+#      /invocations; `podman stop` (SIGTERM) must end it with exit 0.
+#
+# podman's default runtime (crun) cannot start containers on this machine (setrlimit is not permitted,
+# and it refuses the hybrid cgroup layout): containers run under Debian's runc through a wrapper that
+# drops `process.rlimits` from the bundle's config.json, registered in a containers.conf of this test's.
 #
 # Needs root; installs podman and debootstrap with apt-get when they are missing. About 6 minutes on 2
 # cores the first time; the base image and the layer cache stay in IMAGE_TEST_DIR for the next run.
@@ -19,11 +25,29 @@ started=$SECONDS
 step() { echo "== [$((SECONDS - started)) s] $*"; }
 
 if [[ $EUID -ne 0 ]]; then echo "image-test needs root (debootstrap, podman storage, chroot)" >&2; exit 2; fi
-if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null || ! command -v curl >/dev/null; then
-  step "installing podman, debootstrap and curl"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman debootstrap curl >/dev/null
+if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null || ! command -v curl >/dev/null \
+   || [[ ! -x /usr/sbin/runc ]]; then
+  step "installing podman, runc, debootstrap and curl"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap curl >/dev/null
 fi
 mkdir -p "$work"
+cat > "$work/runc-without-rlimits" <<'WRAPPER'
+#!/usr/bin/env python3
+import json, os, sys
+args = sys.argv[1:]
+if "--bundle" in args:
+    config = os.path.join(args[args.index("--bundle") + 1], "config.json")
+    with open(config) as f:
+        spec = json.load(f)
+    spec.get("process", {}).pop("rlimits", None)
+    with open(config, "w") as f:
+        json.dump(spec, f)
+os.execv("/usr/sbin/runc", ["runc", *args])
+WRAPPER
+chmod +x "$work/runc-without-rlimits"
+printf '[engine]\nruntime = "runc-without-rlimits"\n[engine.runtimes]\nrunc-without-rlimits = ["%s"]\n' \
+  "$work/runc-without-rlimits" > "$work/containers.conf"
+export CONTAINERS_CONF="$work/containers.conf"
 # overlay stores each layer as a diff. vfs, where the kernel has no overlay, copies whole layers at every
 # step: it needs tens of GB.
 driver="${STORAGE_DRIVER:-overlay}"
@@ -67,50 +91,44 @@ step "podman build (CPU build arguments)"
   --build-arg "TORCH_PIP_ARGS=--find-links /context/.wheels" --build-arg "DEEPSPEED_OPS=DS_BUILD_CPU_ADAM=1" \
   --build-arg ENGINE=cpu "$context"
 
-container="$("${podman[@]}" create "$image")"
-root="$("${podman[@]}" mount "$container")"
-server=""
-cleanup() {  # serve runs in its own process group: stop all of it (gunicorn's master and workers)
-  if [[ -n "$server" ]]; then kill -TERM -- "-$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; fi
-  umount "$root/proc" "$root/dev" "$root/sys" 2>/dev/null || true
-  "${podman[@]}" umount "$container" >/dev/null || true
-  "${podman[@]}" rm "$container" >/dev/null || true
-}
+name=llm-twin-image-test-serve
+tree="$work/opt_ml"
+cleanup() { "${podman[@]}" rm -f "$name" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
-mount --bind /proc "$root/proc"
-mount --bind /dev "$root/dev"
-mount --bind /sys "$root/sys"  # as docker run mounts it: vLLM's CPU engine reads the CPU topology (lscpu)
+cleanup
+run=("${podman[@]}" run --rm)
 
-# What `docker run IMAGE ARGS` would run: the image's ENTRYPOINT, in its WORKDIR, with only its ENV.
-inspect() { "${podman[@]}" image inspect --format "$1" "$image"; }
-mapfile -t entrypoint < <(inspect '{{range .Config.Entrypoint}}{{println .}}{{end}}' | grep .)
-mapfile -t image_env < <(inspect '{{range .Config.Env}}{{println .}}{{end}}' | grep .)
-workdir="$(inspect '{{.Config.WorkingDir}}')"
-in_image=(chroot "$root" /usr/bin/env -i -C "$workdir" "${image_env[@]}" HOME=/root SAGEMAKER_BIND_TO_PORT="$port"
-  "${entrypoint[@]}")
-label="$(inspect '{{index .Config.Labels "com.amazonaws.sagemaker.capabilities.accept-bind-to-port"}}')"
+label="$("${podman[@]}" image inspect --format '{{index .Config.Labels "com.amazonaws.sagemaker.capabilities.accept-bind-to-port"}}' "$image")"
 [[ "$label" == "true" ]] || { echo "the accept-bind-to-port label is missing" >&2; exit 1; }
-[[ ! -e "$root/opt/ml" ]] || { echo "the image has files under /opt/ml" >&2; exit 1; }
+"${run[@]}" "$image" test ! -e /opt/ml || { echo "the image has files under /opt/ml" >&2; exit 1; }
 
 step "the DeepSpeed op the build asked for is prebuilt"
-"${in_image[@]}" python -c "from deepspeed.git_version_info import installed_ops as ops; assert ops['cpu_adam'], ops; print(ops)"
+"${run[@]}" "$image" python -c "from deepspeed.git_version_info import installed_ops as ops; assert ops['cpu_adam'], ops; print(ops)"
 
-step "train, inside the image, on local_test/test_dir"
-mkdir -p "$root/opt/ml"
-cp -r "$repo/local_test/test_dir/input" "$root/opt/ml/"
+step "podman run IMAGE train, on local_test/test_dir mounted at /opt/ml"
+rm -rf "$tree" && mkdir -p "$tree"
+cp -r "$repo/local_test/test_dir/input" "$tree/"
 printf '{"max_steps": "2", "per_device_train_batch_size": "2", "max_length": "128", "validation_split": "0"}\n' \
-  > "$root/opt/ml/input/config/hyperparameters.json"
-"${in_image[@]}" train
-ls -l "$root/opt/ml/model"
-[[ -f "$root/opt/ml/model/serving.json" ]] || { echo "train did not publish a model" >&2; exit 1; }
+  > "$tree/input/config/hyperparameters.json"
+"${run[@]}" -v "$tree:/opt/ml" "$image" train
+ls -l "$tree/model"
+[[ -f "$tree/model/serving.json" ]] || { echo "train did not publish a model" >&2; exit 1; }
 
-step "serve, inside the image, on port $port"
+step "serve with docker run's 64 MiB /dev/shm: refused at once, naming the fix (vLLM needs about 400 MiB there)"
+if refusal="$("${run[@]}" -v "$tree/model:/opt/ml/model:ro" "$image" serve 2>&1)"; then
+  echo "serve started with a 64 MiB /dev/shm" >&2; exit 1
+fi
+echo "$refusal" | tail -1
+[[ "$refusal" == *"--shm-size=1g"* ]] || { echo "serve did not name --shm-size" >&2; exit 1; }
+
+step "podman run --shm-size=1g -p $port:8080 IMAGE serve, the model mounted read-only"
 if curl -s -o /dev/null "http://127.0.0.1:$port/"; then echo "port $port is already in use: set PORT" >&2; exit 1; fi
-setsid "${in_image[@]}" serve &
-server=$!
+"${podman[@]}" run -d --name "$name" --shm-size=1g -p "127.0.0.1:$port:8080" -v "$tree/model:/opt/ml/model:ro" \
+  "$image" serve >/dev/null
 for _ in $(seq 1 180); do
   [[ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/ping")" == 200 ]] && break
-  kill -0 "$server" 2>/dev/null || { echo "serve exited before answering /ping" >&2; exit 1; }
+  [[ "$("${podman[@]}" inspect --format '{{.State.Running}}' "$name")" == true ]] || {
+    "${podman[@]}" logs "$name" 2>&1 | tail -40; echo "serve exited before answering /ping" >&2; exit 1; }
   sleep 1
 done
 curl -sS --fail-with-body "http://127.0.0.1:$port/ping" >/dev/null  # its own statement: set -e stops on failure
@@ -120,13 +138,9 @@ answer="$(curl -sS --fail-with-body -H "Content-Type: application/json" \
 echo "POST /invocations: $answer"
 [[ "$answer" == *generated_text* ]] || { echo "no generated_text in the answer" >&2; exit 1; }
 
-step "SIGTERM stops serve, as SageMaker stops an endpoint"
-kill -TERM -- "-$server"
-for _ in $(seq 1 60); do kill -0 "$server" 2>/dev/null || break; sleep 1; done
-if kill -0 "$server" 2>/dev/null; then echo "serve did not stop within 60 s of SIGTERM" >&2; exit 1; fi
-code=0
-wait "$server" || code=$?
-server=""
-[[ $code -eq 0 ]] || { echo "serve exited with $code on SIGTERM (expected 0)" >&2; exit 1; }
+step "podman stop (SIGTERM, as SageMaker stops an endpoint)"
+"${podman[@]}" stop -t 60 "$name" >/dev/null
+code="$("${podman[@]}" inspect --format '{{.State.ExitCode}}' "$name")"
+[[ $code -eq 0 ]] || { "${podman[@]}" logs "$name" 2>&1 | tail -20; echo "serve exited with $code on SIGTERM (expected 0)" >&2; exit 1; }
 if curl -s -o /dev/null "http://127.0.0.1:$port/"; then echo "something still answers on port $port" >&2; exit 1; fi
 step "image-test passed"

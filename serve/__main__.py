@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,16 +13,32 @@ from container.opt_ml import ContractError
 from serve.config import ServeConfig
 from serve.custom import CustomCodeError, load_custom_handlers
 from serve.model_dir import serving_spec
-from serve.placement import gpus_present
+from serve.placement import gpus_present, model_bytes, plan
+
+SHM_NEEDED = 400 * 2**20  # vLLM's multiprocess executor keeps two message queues there (160 + 240 MiB)
+
+
+def check_shared_memory(copies: int = 1, path: str = "/dev/shm") -> None:
+    """vLLM's engine runs its model in worker processes on the CPU (and across GPUs) that talk through
+    /dev/shm; with too little there it fails deep in its start. Say so first, with the fix."""
+    free = shutil.disk_usage(path).free if os.path.isdir(path) else copies * SHM_NEEDED
+    if free < copies * SHM_NEEDED:
+        raise ConfigError(f"{path} has {free // 2**20} MiB free; vLLM's engine needs about {copies * SHM_NEEDED // 2**20} "
+                          "MiB there: run the container with --shm-size=1g (docker run's default is 64 MiB)")
 
 
 def main() -> None:
     try:
         config = ServeConfig.from_env()
-        spec = serving_spec(config.model_dir, load_custom_handlers(config.model_dir))
-        if config.quantize.startswith("bitsandbytes") and not gpus_present()[0]:
+        custom = load_custom_handlers(config.model_dir)
+        spec = serving_spec(config.model_dir, custom)
+        gpus, gpu_bytes = gpus_present()
+        if config.quantize.startswith("bitsandbytes") and not gpus:
             raise ConfigError(f"QUANTIZE={config.quantize} needs a GPU: vLLM's CPU engine has no bitsandbytes kernels "
                               "(serve the 16-bit model on the CPU)")
+        sharded = config.num_shard > 1 or plan(config.workers, gpus, gpu_bytes, model_bytes(config.model_dir)).span_gpus
+        if (custom is None or "predict_fn" not in custom) and (not gpus or sharded):  # vLLM's worker processes
+            check_shared_memory(copies=max(1, config.workers) if not gpus else 1)
     except (ConfigError, ContractError, ModelDirError, CustomCodeError) as e:
         sys.exit(f"serve: {e}")
     print(f"serve: model {spec.base_model} from {config.model_dir}, port {config.port}, {config.workers} worker(s)", flush=True)
