@@ -148,7 +148,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         tiny = build_tiny_model(tmp / "tiny")
-        check("gpu-marked tests", lambda: _pytest_gpu(options.dry_run))
+        check("gpu-marked tests", _pytest_gpu)
         check("bf16 LoRA SFT → merged → reload + generate", lambda: trained_and_served(tmp, "lora", tiny, {}, {}))
         check("QLoRA 4-bit nf4 train + merge", lambda: trained_and_served(tmp, "qlora", tiny, {"adapter": "qlora"}, {}))
         check("DeepSpeed ZeRO-3 on one device", lambda: trained_and_served(
@@ -167,11 +167,11 @@ def main() -> int:
     return sum(row["status"] == "FAIL" for row in rows)
 
 
-def _pytest_gpu(dry_run: bool) -> str:
+def _pytest_gpu() -> str:
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(REPO / "tests" / "gpu"), "-p",
                              "no:cacheprovider"], capture_output=True, text=True, timeout=900, cwd=REPO)
     summary = (result.stdout.strip().splitlines() or ["no output"])[-1]
-    if result.returncode not in (0, 5) or ("failed" in summary and not dry_run):
+    if result.returncode not in (0, 5):  # 5: nothing collected
         raise RuntimeError(summary)
     return summary
 

@@ -91,7 +91,7 @@ def create_app(engine) -> Flask:
     def generate():
         _check_ready(engine)
         generate = parse_generate({**_object(_body()), "stream": False})
-        return _generate(engine, generate, timeout, metrics, tgi_list=False)
+        return _generate(engine, generate, timeout, metrics, one_object=True)
 
     @app.post("/generate_stream")
     def generate_stream():
@@ -176,14 +176,15 @@ def _parse_json(data: bytes):
         raise BadRequest(f"request body is not valid JSON: {type(e).__name__}: {e}") from None
 
 
-def _generate(engine, generate: GenerateRequest, timeout: float, metrics: Metrics, tgi_list: bool = True) -> Response:
+def _generate(engine, generate: GenerateRequest, timeout: float, metrics: Metrics, one_object: bool = False) -> Response:
+    """one_object: TGI's /generate answers the item itself, not a list of one."""
     ticket = engine.submit(generate)
     if generate.stream:
         return _stream(ticket, generate, timeout, metrics)
     result = ticket.result(timeout)
     metrics.count(200, result.generated_tokens)
     answer = _response(generate, result)
-    return _json(200, answer if tgi_list or generate.messages is not None or generate.completion else answer[0])
+    return _json(200, answer[0] if one_object else answer)
 
 
 def _response(generate: GenerateRequest, result: GenerateResult):

@@ -292,7 +292,6 @@ class Engine:
         from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
 
-        stream = ticket.request.stream
         sequences: dict[int, _Accumulator] = {}
         prefill: list = []
         try:
@@ -302,7 +301,7 @@ class Engine:
                     prefill = self._prefill(job.prompt_ids, out.prompt_logprobs)
                 for output in out.outputs:
                     new = self._accumulate(sequences.setdefault(output.index, _Accumulator()), output, job)
-                    if stream:
+                    if job.stream:
                         for event in new:
                             ticket.emit("token", event)
         except VLLMClientError as e:  # e.g. a grammar vLLM cannot compile

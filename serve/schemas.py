@@ -160,13 +160,13 @@ def parse_chat(body: dict) -> GenerateRequest:
     greedy = temperature == 0.0  # OpenAI: temperature 0 is greedy, whatever top_p says
     raw = {"max_new_tokens": values.get("max_completion_tokens", values.get("max_tokens")),
            "top_p": None if greedy else values.get("top_p"), "stop": values.get("stop"), "seed": values.get("seed"), "repetition_penalty": values.get("repetition_penalty"),
-           "frequency_penalty": values.get("frequency_penalty"), "top_n_tokens": top_logprobs or None,
-           "grammar": _response_format(values.get("response_format"))}
+           "frequency_penalty": values.get("frequency_penalty"), "top_n_tokens": top_logprobs or None}
     if not greedy:
         raw.update(do_sample=True, temperature=temperature)
-    params = _parse_params({k: v for k, v in raw.items() if v is not None}, grammar_parsed=True)
+    params = _parse_params({k: v for k, v in raw.items() if v is not None})
     presence = _number(values, "presence_penalty", float, minimum=-2.0, maximum=2.0)
-    params = _replace(params, best_of=n, logprobs=logprobs, presence_penalty=presence)
+    params = _replace(params, best_of=n, logprobs=logprobs, presence_penalty=presence,
+                      grammar=_response_format(values.get("response_format")))
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     model = values.get("model")
@@ -195,7 +195,7 @@ def parse_completion(body: object) -> GenerateRequest:
     return GenerateRequest(prompt, request.params, request.stream, None, request.model, completion=True)
 
 
-def _parse_params(raw: dict, grammar_parsed: bool = False) -> GenerateParams:
+def _parse_params(raw: dict) -> GenerateParams:
     for key in raw:
         if key not in _PARAMETERS:
             raise ValidationError(f"unknown parameter '{key}': did you mean '{nearest(key, _PARAMETERS)}'?")
@@ -223,7 +223,7 @@ def _parse_params(raw: dict, grammar_parsed: bool = False) -> GenerateParams:
         truncate=_number(values, "truncate", int, minimum=1),
         best_of=_number(values, "best_of", int, minimum=1, maximum=MAX_BEST_OF) or 1,
         top_n_tokens=_number(values, "top_n_tokens", int, minimum=0, maximum=MAX_TOP_N_TOKENS) or 0,
-        grammar=values.get("grammar") if grammar_parsed else _grammar(values.get("grammar")),
+        grammar=_grammar(values.get("grammar")),
         adapter_id=_string(values, "adapter_id"),
     )
     return params
