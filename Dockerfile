@@ -1,15 +1,20 @@
 # One image, two SageMaker contracts: `docker run IMAGE train` and `docker run IMAGE serve`.
-# Versions come from requirements.txt + requirements.lock (shared with `make`); torch is the build of the
-# pinned version that TORCH_PIP_ARGS points at. A CPU image for local tests (see scripts/image_test.sh):
+# Versions come from requirements.txt + requirements-${ENGINE}.lock (the CPU lock is shared with `make`).
+# The default build is the CUDA image: PyPI's torch is its CUDA 13.0 build, which vllm's CUDA wheel is built
+# against, on CUDA 13.0 bases; `python scripts/cuda_install_set.py check` (CI) resolves this install set for
+# the image's Python 3.12 and fails when any pin has no wheel. A CPU image for local tests (scripts/image_test.sh):
 #   --build-arg BUILD_BASE=debian:bookworm --build-arg RUNTIME_BASE=debian:bookworm
 #   --build-arg TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 #   --build-arg "DEEPSPEED_OPS=DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1" --build-arg ENGINE=cpu
 # Behind a TLS-intercepting proxy, pass its CA bundle as a build secret: --secret id=pipca,src=/path/ca.pem
-# The CUDA bases, pinned by tag and by digest (change both together: the digest is what is pulled).
-ARG BUILD_BASE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04@sha256:24c8e3581ea6330038b0d374920721983312627f8adbfcf390bdb4b399d280ed
-ARG RUNTIME_BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04@sha256:ac55d124da4882b497f732d8dfd9a702d5447a5f29d08d56da6f64f0a1eb34bc
+# The CUDA bases, pinned by tag and by digest (change both together: the digest is what is pulled). The runtime
+# is the smallest CUDA flavour, `base`: torch's wheels bring their own CUDA libraries; it keeps what they
+# cannot, the forward-compatibility libcuda in /usr/local/cuda/compat (container/cuda_compat.py).
+ARG BUILD_BASE=nvidia/cuda:13.0.3-cudnn-devel-ubuntu24.04@sha256:0230b7f243483cb15969fa3cc724a9459599604427052fc2a0d4291c7c0647dd
+ARG RUNTIME_BASE=nvidia/cuda:13.0.3-base-ubuntu24.04@sha256:7c7413a56200486f71f181cad9310f6fd31b6bb21816ade15fc9c1e1e927a5c1
 
-# --- the Python environment, with the DeepSpeed ops prebuilt (the devel base has nvcc) for T4 (7.5) to B200 (10.0)
+# --- the Python environment, with the DeepSpeed ops prebuilt (the devel base has nvcc 13.0, torch's CUDA) for
+# T4 (7.5) to B200 (10.0): CUDA 13 builds nothing older than Turing (no V100/P100).
 FROM ${BUILD_BASE} AS python-env
 ENV TORCH_CUDA_ARCH_LIST="7.5 8.0 8.6 8.9 9.0 10.0" PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # hadolint ignore=DL3008
@@ -19,9 +24,10 @@ RUN apt-get update \
  && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /build
-COPY requirements.txt requirements-cuda.txt requirements-cpu.txt requirements.lock requirements-model.txt ./
+COPY requirements.txt requirements-cuda.txt requirements-cpu.txt requirements-cuda.lock requirements-cpu.lock requirements-model.txt ./
 # Declared here, not above, so that changing them does not re-run apt.
-ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128"
+# Empty: torch from PyPI, the CUDA 13.0 build (the one vllm==X on PyPI is built against).
+ARG TORCH_PIP_ARGS=""
 # Not named DS_BUILD_OPS: an ARG is in the environment of RUN, and DeepSpeed reads DS_BUILD_OPS as 0/1.
 ARG DEEPSPEED_OPS="DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1"
 # The serving engine: vLLM for CUDA (requirements-cuda.txt), or its CPU build (requirements-cpu.txt), whose
@@ -36,7 +42,7 @@ RUN --mount=type=bind,target=/context --mount=type=secret,id=pipca \
     if [ -f /run/secrets/pipca ]; then export PIP_CERT=/run/secrets/pipca; fi; \
     pip install pip==26.3 setuptools==84.2.1 \
  && pip install ${TORCH_PIP_ARGS} "$(grep '^torch==' requirements.txt)" \
- && env ${DEEPSPEED_OPS} pip install --no-build-isolation -r requirements.txt -r "requirements-${ENGINE}.txt" -c requirements.lock \
+ && env ${DEEPSPEED_OPS} pip install --no-build-isolation -r requirements.txt -r "requirements-${ENGINE}.txt" -c "requirements-${ENGINE}.lock" \
  && if [ "${ENGINE}" = cpu ]; then pip uninstall --yes torchvision torchaudio torchcodec; fi
 
 # --- the embedded default model: SmolLM2-135M-Instruct, converted once from its GGUF to safetensors ---

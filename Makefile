@@ -26,14 +26,14 @@ image-test: ## build the image with podman (no Docker daemon) and run its train 
 gpu-check: ## on a CUDA machine: the GPU training paths and throughput, one table (scripts/gpu_check.py; --dry-run on CPU)
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,python3) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
-lock: ## regenerate requirements.lock from requirements.txt
+lock: ## regenerate requirements-cpu.lock from requirements.txt
 	scripts/lock_requirements.sh
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-cpu.txt requirements.lock requirements-dev.txt requirements-model.txt requirements-clients.txt pyproject.toml
+$(STAMP): requirements.txt requirements-cpu.txt requirements-cpu.lock requirements-dev.txt requirements-model.txt requirements-clients.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-cpu.txt -c requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-cpu.txt -c requirements-cpu.lock
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec  # CUDA builds vLLM pulls; unused, and they break a CPU torch
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-clients.txt

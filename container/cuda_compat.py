@@ -1,12 +1,17 @@
 """CUDA forward compatibility: run this image's CUDA on a host whose NVIDIA driver is older.
 
-SageMaker hosts often run an older driver than the image's CUDA 12.8 needs (570+): by default, inference
-runs driver 470 on g4dn/g5/p4d and 535 on g6/p5. Since NVIDIA Container Toolkit 1.17.4 the host no longer
+SageMaker hosts often run an older driver than the image's CUDA 13.0 needs (580+): by default, inference
+runs driver 470 on g4dn/g5/p4d, 535 on g6/p5 and 550 on p5e, and batch transform 470 unless
+TransformAmiVersion picks 535. Since NVIDIA Container Toolkit 1.17.4 the host no longer
 mounts the CUDA compatibility libraries for the container; the image must choose them itself. The CUDA
 base image ships them in /usr/local/cuda/compat (a libcuda.so.<driver version> built for newer CUDA on
 older data-center drivers). The dynamic loader reads LD_LIBRARY_PATH only when a process starts, so the
 entrypoint decides before it execs `train` or `serve`: compat libraries first when the host's driver is
 older than theirs, untouched otherwise.
+
+Forward compatibility only reaches back to driver branches NVIDIA still supported when the CUDA release
+came out: for CUDA 13.0, R535 (long-term) and newer. An older driver (R470) cannot run this image at
+all, so the entrypoint refuses it with the setting that fixes it instead of letting CUDA fail later.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ _DRIVER_LINE = re.compile(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)")
 _COMPAT_LIB = re.compile(r"libcuda\.so\.(\d+(?:\.\d+)+)$")
 
 Version = tuple[int, ...]
+
+OLDEST_FORWARD_COMPATIBLE_DRIVER: Version = (535,)
+# The SageMaker host images with a driver new enough to run CUDA 13.0 without forward compatibility.
+NEW_DRIVER_SETTINGS = ("InferenceAmiVersion=al2023-ami-sagemaker-inference-gpu-4-1 (driver 580) for an endpoint, "
+                       "TransformAmiVersion=al2-ami-sagemaker-batch-gpu-535 for batch transform")
 
 
 def host_driver_version(version_file: Path = DRIVER_VERSION_FILE) -> Version | None:
@@ -53,6 +63,15 @@ def compat_library_path(library_path: str, host: Version | None, compat: Version
     if str(compat_dir) in current:
         return None
     return ":".join([str(compat_dir), *current])
+
+
+def too_old(host: Version | None, compat: Version | None) -> str | None:
+    """Why this image cannot use the host's driver even with the compatibility libraries, or None."""
+    if host is None or compat is None or host >= compat or host >= OLDEST_FORWARD_COMPATIBLE_DRIVER:
+        return None
+    return (f"the host's NVIDIA driver {describe(host)} is too old for this image's CUDA (driver "
+            f"{describe(compat)}, or {describe(OLDEST_FORWARD_COMPATIBLE_DRIVER)}+ with forward compatibility): "
+            f"choose a host image with a newer driver: {NEW_DRIVER_SETTINGS}")
 
 
 def describe(version: Version) -> str:

@@ -5,7 +5,8 @@ With no argument it trains: SageMaker SDK v3 local mode (`ModelTrainer(training_
 starts training containers with no command at all, while every serving path passes `serve`.
 Any other first argument runs that command (e.g. `bash`), for debugging inside the image.
 Before it execs any of them it turns on CUDA forward compatibility where the host driver is too old
-(`container/cuda_compat.py`).
+(`container/cuda_compat.py`), and refuses, naming the SageMaker setting, where even that cannot help.
+For `train` and `serve` it puts caches and temporary files on SageMaker's storage volume (`scratch_environment`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ import os
 import shutil
 import sys
 
+from pathlib import Path
+from typing import Mapping
+
 from container import cuda_compat
 from container.config import nearest
+from container.opt_ml import OptML
 
 VERBS = ("train", "serve")
 
@@ -28,19 +33,56 @@ def main(argv: list[str] | None = None) -> None:
     if verb not in VERBS and shutil.which(verb) is None:
         sys.exit(f"llm-twin: unknown verb '{verb}': did you mean '{nearest(verb, VERBS)}'? "
                  f"(expected train, serve, or a command on PATH)")
-    use_cuda_compat()
+    refusal = use_cuda_compat()
+    if refusal:
+        if verb == "train":
+            OptML.from_env().write_failure(refusal)
+        sys.exit(f"llm-twin: {refusal}")
     if verb in VERBS:  # the same code as the `train`/`serve` executables, found without relying on PATH
+        os.environ.update(scratch_environment(verb, os.environ))
         os.execv(sys.executable, [sys.executable, "-m", verb, *args[1:]])
     os.execvp(verb, args)
 
 
-def use_cuda_compat() -> None:
-    """Put the CUDA compatibility libraries first when the host's driver is older than the image's CUDA."""
+def use_cuda_compat() -> str | None:
+    """Put the CUDA compatibility libraries first when the host's driver is older than the image's CUDA.
+    Returns why the image cannot run on this host's driver at all, or None."""
     host, compat = cuda_compat.host_driver_version(), cuda_compat.compat_driver_version()
+    refusal = cuda_compat.too_old(host, compat)
+    if refusal:
+        return refusal
     library_path = cuda_compat.compat_library_path(os.environ.get("LD_LIBRARY_PATH", ""), host, compat)
     if library_path is None:
-        return
+        return None
     print(f"llm-twin: host NVIDIA driver {cuda_compat.describe(host)} is older than this image's CUDA "
           f"(driver {cuda_compat.describe(compat)}): using the compatibility libraries in {cuda_compat.COMPAT_DIR}",
           file=sys.stderr, flush=True)
     os.environ["LD_LIBRARY_PATH"] = library_path
+    return None
+
+
+# Caches that default to the home directory or /tmp: Hugging Face downloads, vLLM's and Triton's compiled
+# kernels, every other XDG cache, and temporary files (a base model's tarball is extracted there).
+SCRATCH_VARIABLES = {"HF_HOME": "huggingface", "XDG_CACHE_HOME": "cache", "TRITON_CACHE_DIR": "triton",
+                     "TMPDIR": "tmp"}
+
+
+def scratch_environment(verb: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """The cache and temporary-file variables the user left unset, pointed at SageMaker's storage volume.
+
+    The container's own root layer is small; the volume is what VolumeSizeInGB (or the instance's NVMe)
+    sizes. A training job gets it under /opt/ml (input/scratch: never uploaded, unlike model/, output/ and
+    checkpoints/); an endpoint gets it mounted at /tmp, where temporary files already go (its /opt/ml/model
+    is read-only). Each directory is created here; one that cannot be is left to the library's default.
+    """
+    root = OptML.from_env(environ).root / "input" / "scratch" if verb == "train" else Path("/tmp")
+    chosen = {}
+    for variable, name in SCRATCH_VARIABLES.items():
+        if environ.get(variable) or (verb == "serve" and variable == "TMPDIR"):
+            continue
+        try:
+            (root / name).mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        chosen[variable] = str(root / name)
+    return chosen

