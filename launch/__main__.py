@@ -56,9 +56,10 @@ def parser() -> argparse.ArgumentParser:
     deploy.add_argument("--name", required=True)
     deploy.add_argument("--instance-type", default="ml.g5.2xlarge")
     deploy.add_argument("--startup-timeout", type=int, default=900)
-    deploy.add_argument("--inference-ami-version", metavar="AMI",
-                        help="the host image, which sets the NVIDIA driver (e.g. al2-ami-sagemaker-inference-gpu-3-1: "
-                             "driver 550); without it SageMaker picks its default for the instance type")
+    deploy.add_argument("--inference-ami-version", metavar="AMI", default="auto",
+                        help="the host image, which sets the NVIDIA driver: 'auto' (default) is "
+                             "al2023-ami-sagemaker-inference-gpu-4-1 (driver 580, this image's CUDA 13.0) on GPU "
+                             "instances; 'default' leaves SageMaker's choice (driver 470 on g4dn/g5/p4d: too old)")
     deploy.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="a serving variable (repeatable)")
     deploy.set_defaults(run=run_deploy)
 
@@ -96,7 +97,8 @@ def run_train(args, clients) -> int:
 def run_deploy(args, clients) -> int:
     requests = endpoint_requests(name=args.name, image=args.image, role=args.role, model_data=args.model_data,
                                  instance_type=args.instance_type, environment=_pairs(args.env),
-                                 startup_timeout=args.startup_timeout, ami_version=args.inference_ami_version)
+                                 startup_timeout=args.startup_timeout,
+                                 ami_version=None if args.inference_ami_version == "default" else args.inference_ami_version)
     sm = clients["sagemaker"]
     sm.create_model(**requests["model"])
     sm.create_endpoint_config(**requests["config"])

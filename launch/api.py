@@ -14,6 +14,17 @@ from train.metrics import METRIC_DEFINITIONS
 
 SECRET_ENV = ("HF_TOKEN",)
 
+# The image is CUDA 13.0 (driver 580+, or 535+ with forward compatibility). SageMaker's default host
+# image runs driver 470 on g4dn/g5/p4d endpoints (too old for either) and 535/550 on g6/p5/p5e: the host
+# image with driver 580 runs it natively on every GPU instance family, so GPU endpoints get it by default.
+GPU_INFERENCE_AMI = "al2023-ami-sagemaker-inference-gpu-4-1"
+GPU_FAMILIES = ("ml.g", "ml.p")
+
+
+def default_inference_ami(instance_type: str) -> str | None:
+    """The InferenceAmiVersion this image needs on instance_type: the driver-580 host image on GPUs, else none."""
+    return GPU_INFERENCE_AMI if instance_type.startswith(GPU_FAMILIES) else None
+
 
 def training_job_request(*, name: str, image: str, role: str, channels: dict[str, str], output: str,
                          hyperparameters: dict, instance_type: str, instance_count: int = 1, volume_gb: int = 100,
@@ -47,8 +58,11 @@ def training_job_request(*, name: str, image: str, role: str, channels: dict[str
 
 def endpoint_requests(*, name: str, image: str, role: str, model_data: str, instance_type: str,
                       environment: dict[str, str] | None = None, startup_timeout: int = 900,
-                      ami_version: str | None = None) -> dict[str, dict]:
-    """CreateModel, CreateEndpointConfig and CreateEndpoint for one real-time endpoint."""
+                      ami_version: str | None = "auto") -> dict[str, dict]:
+    """CreateModel, CreateEndpointConfig and CreateEndpoint for one real-time endpoint. ami_version "auto"
+    is default_inference_ami(instance_type); None or "" leaves SageMaker's default host image."""
+    if ami_version == "auto":
+        ami_version = default_inference_ami(instance_type)
     requests = {
         "model": {"ModelName": name, "ExecutionRoleArn": role,
                   "PrimaryContainer": {"Image": image, "ModelDataUrl": model_data, "Environment": dict(environment or {})}},

