@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL_DIR := .cache/models/SmolLM2-135M-Instruct
 
-.PHONY: demo test test-fast model venv lint lock image-test gpu-check clean
+.PHONY: demo test test-fast model venv lint lock image-test sdk-local-test gpu-check clean
 
 demo: model ## train on local_test/test_dir with the embedded model, serve it, ask it something
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash local_test/demo.sh
@@ -23,10 +23,13 @@ lint: venv
 image-test: ## build the image with podman (no Docker daemon) and run its train and serve (root; minutes)
 	scripts/image_test.sh
 
+sdk-local-test: ## after image-test: SageMaker SDK v3 local mode trains the image, SDK v2 local mode serves it (root)
+	scripts/sdk_local_test.sh
+
 gpu-check: ## on a CUDA machine: the GPU training paths and throughput, one table (scripts/gpu_check.py; --dry-run on CPU)
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,python3) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
-lock: ## regenerate requirements-cpu.lock from requirements.txt
+lock: ## regenerate requirements-cpu.lock and requirements-cuda.lock from requirements.txt
 	scripts/lock_requirements.sh
 
 venv: $(STAMP)
