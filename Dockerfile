@@ -33,15 +33,15 @@ ARG DEEPSPEED_OPS="DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1"
 # The serving engine: vLLM for CUDA (requirements-cuda.txt), or its CPU build (requirements-cpu.txt), whose
 # CUDA-built torchvision/torchaudio/torchcodec are removed (unused by text models; they fail beside a CPU torch).
 ARG ENGINE=cuda
-# The same pip and setuptools on every base (Ubuntu's and Debian's differ). torch is the `torch==X` line of
-# requirements.txt, from wherever TORCH_PIP_ARGS says: an index, or a wheel in the mounted build context
-# (--find-links /context/...). DeepSpeed is an sdist whose setup.py imports torch to build its ops, so it
+# The same pip on every base (Ubuntu's and Debian's differ), and the lock's setuptools (vLLM caps it).
+# torch is the `torch==X` line of requirements.txt, from wherever TORCH_PIP_ARGS says: an index, or a wheel
+# in the mounted build context (--find-links /context/...). DeepSpeed is an sdist whose setup.py imports torch to build its ops, so it
 # builds without isolation, against the torch just installed.
 # hadolint ignore=SC2086,DL3013
 RUN --mount=type=bind,target=/context --mount=type=secret,id=pipca \
     if [ -f /run/secrets/pipca ]; then export PIP_CERT=/run/secrets/pipca; fi; \
-    pip install pip==26.3 setuptools==84.2.1 \
- && pip install ${TORCH_PIP_ARGS} "$(grep '^torch==' requirements.txt)" \
+    pip install pip==26.3 "$(grep '^setuptools==' "requirements-${ENGINE}.lock")" \
+ && pip install ${TORCH_PIP_ARGS} "$(grep '^torch==' requirements.txt)" -c "requirements-${ENGINE}.lock" \
  && env ${DEEPSPEED_OPS} pip install --no-build-isolation -r requirements.txt -r "requirements-${ENGINE}.txt" -c "requirements-${ENGINE}.lock" \
  && if [ "${ENGINE}" = cpu ]; then pip uninstall --yes torchvision torchaudio torchcodec; fi
 

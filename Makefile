@@ -23,7 +23,7 @@ lint: venv
 image-test: ## build the image with podman (no Docker daemon) and run its train and serve (root; minutes)
 	scripts/image_test.sh
 
-sdk-local-test: ## after image-test: SageMaker SDK v3 local mode trains the image, SDK v2 local mode serves it (root)
+sdk-local-test: venv ## after image-test: SageMaker SDK v3 local mode trains the image, SDK v2 local mode serves it (root)
 	scripts/sdk_local_test.sh
 
 gpu-check: ## on a CUDA machine: the GPU training paths and throughput, one table (scripts/gpu_check.py; --dry-run on CPU)
@@ -50,4 +50,5 @@ $(MODEL_DIR)/model.safetensors: $(STAMP) scripts/prepare_default_model.py
 	$(BIN)/python scripts/prepare_default_model.py $(MODEL_DIR)
 
 clean:
-	rm -rf local_test/test_dir/model local_test/test_dir/output local_test/test_dir/checkpoints local_test/test_dir/model.partial
+	rm -rf local_test/test_dir/model local_test/test_dir/output local_test/test_dir/checkpoints local_test/test_dir/model.partial \
+	  local_test/test_dir/input/scratch

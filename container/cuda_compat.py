@@ -22,6 +22,9 @@ from pathlib import Path
 
 COMPAT_DIR = Path(os.environ.get("LLM_TWIN_CUDA_COMPAT_DIR", "/usr/local/cuda/compat"))
 DRIVER_VERSION_FILE = Path(os.environ.get("LLM_TWIN_NVIDIA_VERSION_FILE", "/proc/driver/nvidia/version"))
+# /proc/driver/nvidia is the host's, seen even by a container given no GPU; the control device is there
+# only when a GPU is mapped in (docker run --gpus, SageMaker GPU instances).
+GPU_DEVICE = Path(os.environ.get("LLM_TWIN_NVIDIA_DEVICE", "/dev/nvidiactl"))
 
 # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.183.01  Sun May 12 19:39:15 UTC 2024" or, for the
 # open kernel modules, "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.133.20  Release Build ..."
@@ -31,13 +34,20 @@ _COMPAT_LIB = re.compile(r"libcuda\.so\.(\d+(?:\.\d+)+)$")
 Version = tuple[int, ...]
 
 OLDEST_FORWARD_COMPATIBLE_DRIVER: Version = (535,)
-# The SageMaker host images with a driver new enough to run CUDA 13.0 without forward compatibility.
-NEW_DRIVER_SETTINGS = ("InferenceAmiVersion=al2023-ami-sagemaker-inference-gpu-4-1 (driver 580) for an endpoint, "
-                       "TransformAmiVersion=al2-ami-sagemaker-batch-gpu-535 for batch transform")
+# What gives a SageMaker job a driver this image can use (580 natively; 535 with forward compatibility).
+NEWER_DRIVER = {
+    "serve": "deploy with InferenceAmiVersion=al2023-ami-sagemaker-inference-gpu-4-1 (driver 580; `python -m launch "
+             "deploy` sets it on GPU instances), or for batch transform TransformAmiVersion=al2-ami-sagemaker-batch-gpu-535",
+    "train": "training jobs have no host-image setting: use an instance family whose hosts run driver 535 or newer, "
+             "or rebuild the image on an older CUDA",
+}
 
 
-def host_driver_version(version_file: Path = DRIVER_VERSION_FILE) -> Version | None:
-    """The loaded NVIDIA kernel driver's version, or None on a host without one (CPU, or no GPU mounted)."""
+def host_driver_version(version_file: Path = DRIVER_VERSION_FILE, device: Path = GPU_DEVICE) -> Version | None:
+    """The loaded NVIDIA kernel driver's version, or None when this container has no GPU (a CPU host, or
+    a GPU host that mapped none in)."""
+    if not device.exists():
+        return None
     try:
         match = _DRIVER_LINE.search(version_file.read_text())
     except OSError:
@@ -56,8 +66,10 @@ def compat_driver_version(compat_dir: Path = COMPAT_DIR) -> Version | None:
 
 def compat_library_path(library_path: str, host: Version | None, compat: Version | None,
                         compat_dir: Path = COMPAT_DIR) -> str | None:
-    """The LD_LIBRARY_PATH to run with, or None to leave it as it is."""
-    if host is None or compat is None or host >= compat:
+    """The LD_LIBRARY_PATH to run with, or None to leave it as it is. Only an older driver branch needs the
+    compatibility libraries: within one branch (580.65 and the image's 580.95) the driver already runs the
+    CUDA release, and the libraries would only get in its way."""
+    if host is None or compat is None or host[0] >= compat[0]:
         return None
     current = [part for part in library_path.split(":") if part]
     if str(compat_dir) in current:
@@ -65,13 +77,13 @@ def compat_library_path(library_path: str, host: Version | None, compat: Version
     return ":".join([str(compat_dir), *current])
 
 
-def too_old(host: Version | None, compat: Version | None) -> str | None:
+def too_old(host: Version | None, compat: Version | None, verb: str) -> str | None:
     """Why this image cannot use the host's driver even with the compatibility libraries, or None."""
-    if host is None or compat is None or host >= compat or host >= OLDEST_FORWARD_COMPATIBLE_DRIVER:
+    if host is None or compat is None or host[0] >= compat[0] or host >= OLDEST_FORWARD_COMPATIBLE_DRIVER:
         return None
     return (f"the host's NVIDIA driver {describe(host)} is too old for this image's CUDA (driver "
-            f"{describe(compat)}, or {describe(OLDEST_FORWARD_COMPATIBLE_DRIVER)}+ with forward compatibility): "
-            f"choose a host image with a newer driver: {NEW_DRIVER_SETTINGS}")
+            f"{compat[0]}, or {describe(OLDEST_FORWARD_COMPATIBLE_DRIVER)}+ with forward compatibility): "
+            f"{NEWER_DRIVER.get(verb, NEWER_DRIVER['serve'])}")
 
 
 def describe(version: Version) -> str:

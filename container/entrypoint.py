@@ -33,22 +33,27 @@ def main(argv: list[str] | None = None) -> None:
     if verb not in VERBS and shutil.which(verb) is None:
         sys.exit(f"llm-twin: unknown verb '{verb}': did you mean '{nearest(verb, VERBS)}'? "
                  f"(expected train, serve, or a command on PATH)")
-    refusal = use_cuda_compat()
-    if refusal:
+    refusal = use_cuda_compat(verb)
+    if refusal and verb in VERBS:
         if verb == "train":
-            OptML.from_env().write_failure(refusal)
+            try:
+                OptML.from_env().write_failure(refusal)  # DescribeTrainingJob's FailureReason
+            except OSError:
+                pass
         sys.exit(f"llm-twin: {refusal}")
+    if refusal:  # a debugging command (bash, nvidia-smi) still runs: it is how one looks at such a host
+        print(f"llm-twin: {refusal}", file=sys.stderr, flush=True)
     if verb in VERBS:  # the same code as the `train`/`serve` executables, found without relying on PATH
         os.environ.update(scratch_environment(verb, os.environ))
         os.execv(sys.executable, [sys.executable, "-m", verb, *args[1:]])
     os.execvp(verb, args)
 
 
-def use_cuda_compat() -> str | None:
+def use_cuda_compat(verb: str) -> str | None:
     """Put the CUDA compatibility libraries first when the host's driver is older than the image's CUDA.
     Returns why the image cannot run on this host's driver at all, or None."""
     host, compat = cuda_compat.host_driver_version(), cuda_compat.compat_driver_version()
-    refusal = cuda_compat.too_old(host, compat)
+    refusal = cuda_compat.too_old(host, compat, verb)
     if refusal:
         return refusal
     library_path = cuda_compat.compat_library_path(os.environ.get("LD_LIBRARY_PATH", ""), host, compat)
@@ -67,22 +72,28 @@ SCRATCH_VARIABLES = {"HF_HOME": "huggingface", "XDG_CACHE_HOME": "cache", "TRITO
                      "TMPDIR": "tmp"}
 
 
-def scratch_environment(verb: str, environ: Mapping[str, str]) -> dict[str, str]:
+def scratch_environment(verb: str, environ: Mapping[str, str], endpoint_volume: Path = Path("/tmp")) -> dict[str, str]:
     """The cache and temporary-file variables the user left unset, pointed at SageMaker's storage volume.
 
     The container's own root layer is small; the volume is what VolumeSizeInGB (or the instance's NVMe)
     sizes. A training job gets it under /opt/ml (input/scratch: never uploaded, unlike model/, output/ and
     checkpoints/); an endpoint gets it mounted at /tmp, where temporary files already go (its /opt/ml/model
-    is read-only). Each directory is created here; one that cannot be is left to the library's default.
+    is read-only). Each directory is created here; one that cannot be written is left to the library's
+    default. HF_HOME defaults to $XDG_CACHE_HOME/huggingface, so a user's XDG_CACHE_HOME keeps it there.
     """
-    root = OptML.from_env(environ).root / "input" / "scratch" if verb == "train" else Path("/tmp")
+    if verb == "train":
+        root = OptML.from_env(environ).root / "input" / "scratch"
+    else:
+        root = endpoint_volume
     chosen = {}
     for variable, name in SCRATCH_VARIABLES.items():
-        if environ.get(variable) or (verb == "serve" and variable == "TMPDIR"):
+        if environ.get(variable) or (variable == "TMPDIR" and verb == "serve") \
+                or (variable == "HF_HOME" and environ.get("XDG_CACHE_HOME")):
             continue
         try:
             (root / name).mkdir(parents=True, exist_ok=True)
         except OSError:
             continue
-        chosen[variable] = str(root / name)
+        if os.access(root / name, os.W_OK):
+            chosen[variable] = str(root / name)
     return chosen

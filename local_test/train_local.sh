@@ -4,7 +4,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 image="${1:-llm-twin-sagemaker:latest}"
-rm -rf "$here/test_dir/model" "$here/test_dir/output"
+rm -rf "$here/test_dir/model" "$here/test_dir/output" "$here/test_dir/input/scratch"
 mkdir -p "$here/test_dir/model" "$here/test_dir/output"
 gpus=()
 if command -v nvidia-smi >/dev/null 2>&1; then gpus=(--gpus all); fi

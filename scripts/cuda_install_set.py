@@ -3,12 +3,15 @@
     python scripts/cuda_install_set.py check   # CI: what the Dockerfile installs by default resolves, as locked
     python scripts/cuda_install_set.py lock    # (re)write requirements-cuda.lock
 
-The default build (`docker build .`, ENGINE=cuda) runs `pip install torch==X` and then
-`pip install -r requirements.txt -r requirements-cuda.txt -c requirements-cuda.lock` on Ubuntu 24.04:
-CPython 3.12, glibc 2.39, x86-64, from PyPI alone (PyPI's torch is its CUDA 13.0 build). This script asks
-pip for that same set with `--dry-run --only-binary :all: --platform ... --python-version 3.12`, so a pin
-without a wheel for the image, or a lock that disagrees with the requirements, fails here (and in CI)
-instead of in a `docker build` nobody runs until release.
+The default build (`docker build .`, ENGINE=cuda) runs `pip install -r requirements.txt -r
+requirements-cuda.txt -c requirements-cuda.lock` on Ubuntu 24.04: CPython 3.12, glibc 2.39, x86-64, from
+PyPI alone (PyPI's torch is its CUDA 13.0 build). This script resolves that same set with uv for that
+target (`uv pip compile --python-version 3.12 --python-platform x86_64-manylinux_2_39 --only-binary
+:all:`), so a pin without a wheel for the image, or a lock that disagrees with the requirements, fails
+here (and in CI) instead of in a `docker build` nobody runs until release. uv, not pip: pip's
+`--python-version` changes only which wheels fit, while dependency markers (`; python_version > "3.11"`,
+`; platform_machine == ...`) are still judged by the Python running pip; uv judges them for the target.
+With every package pinned exactly by the lock, any correct resolver (pip in the image) reaches the same set.
 
 DeepSpeed is the one sdist (the image builds it against the installed torch): a wheel-only resolution
 cannot read it, so it is left out and its own requirements, read from the DeepSpeed of the same version
@@ -18,9 +21,9 @@ installed in this environment, are resolved in its place; `check` then confirms 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,37 +66,39 @@ def requirements() -> list[str]:
     return [line for line in lines if normalise(line.split("==")[0]) != SDIST_ONLY] + own
 
 
-def platform_args() -> list[str]:
-    tags = [f"manylinux_2_{minor}_x86_64" for minor in range(GLIBC_MINOR, 16, -1)]
-    tags += ["manylinux2014_x86_64", "linux_x86_64"]
-    return [arg for tag in tags for arg in ("--platform", tag)] + [
-        "--python-version", PYTHON_VERSION, "--implementation", "cp", "--abi", "cp" + PYTHON_VERSION.replace(".", ""),
-        "--only-binary", ":all:"]
+def uv() -> str:
+    found = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+    if not found:
+        sys.exit("uv is not installed: run `make venv` (requirements-dev.txt pins it)")
+    return found
 
 
-def pip_env() -> dict[str, str]:
-    """PyPI alone, as in the image's build: no pip.conf, find-links, extra indexes or constraints of this machine."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_CONSTRAINT", "PIP_NO_INDEX")}
+def clean_env() -> dict[str, str]:
+    """PyPI alone, as in the image's build: none of this machine's pip or uv indexes, links or constraints.
+    A TLS-intercepting proxy's CA (given to pip as PIP_CERT) is passed on to uv."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "UV_"))}
     env["PIP_CONFIG_FILE"] = os.devnull
+    if os.environ.get("PIP_CERT") and "SSL_CERT_FILE" not in env:
+        env["SSL_CERT_FILE"] = os.environ["PIP_CERT"]
     return env
 
 
-def resolve(constraints: Path) -> tuple[dict[str, str], str]:
-    """(name -> version of the resolved set, "") or ({}, pip's error output)."""
+def resolve(constraints: Path | None, preferences: dict[str, str] | None = None) -> tuple[dict[str, str], str]:
+    """(name -> version of the resolved set, "") or ({}, uv's error). preferences: versions to keep where
+    the set allows them (uv reads them from the output file it is asked to rewrite)."""
     with tempfile.TemporaryDirectory() as tmp:
-        reqs, report = Path(tmp) / "requirements.txt", Path(tmp) / "report.json"
+        reqs, out = Path(tmp) / "requirements.in", Path(tmp) / "resolved.txt"
         reqs.write_text("\n".join(requirements()) + "\n")
-        result = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--dry-run",
-             "--ignore-installed", "--target", str(Path(tmp) / "target"), "--report", str(report),
-             *platform_args(), "-r", str(reqs), "-c", str(constraints)],
-            capture_output=True, text=True, env=pip_env())
+        out.write_text("".join(f"{name}=={version}\n" for name, version in (preferences or {}).items()))
+        command = [uv(), "pip", "compile", str(reqs), "-o", str(out), "--python-version", PYTHON_VERSION,
+                   "--python-platform", f"x86_64-manylinux_2_{GLIBC_MINOR}", "--only-binary", ":all:", "--no-config",
+                   "--index-url", "https://pypi.org/simple", "--no-header", "--no-annotate", "--quiet"]
+        if constraints:
+            command += ["-c", str(constraints)]
+        result = subprocess.run(command, capture_output=True, text=True, env=clean_env())
         if result.returncode != 0:
-            return {}, "\n".join(line for line in (result.stdout + result.stderr).splitlines()
-                                  if not line.startswith(("Collecting", "  Using", "  Downloading", "Requirement", "Downloading")))
-        installs = json.loads(report.read_text())["install"]
-        return {normalise(i["metadata"]["name"]): i["metadata"]["version"] for i in installs}, ""
+            return {}, result.stdout + result.stderr
+        return pins(out), ""
 
 
 def sdist_exists(name: str, version: str) -> str:
@@ -101,7 +106,7 @@ def sdist_exists(name: str, version: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         result = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
-             "--no-binary", ":all:", "-d", tmp, f"{name}=={version}"], capture_output=True, text=True, env=pip_env())
+             "--no-binary", name, "-d", tmp, f"{name}=={version}"], capture_output=True, text=True, env=clean_env())
         return "" if result.returncode == 0 else result.stdout + result.stderr
 
 
@@ -111,7 +116,8 @@ def check() -> int:
         print(f"the CUDA install set does not resolve for CPython {PYTHON_VERSION} manylinux x86-64:\n{error}")
         return 1
     locked = pins(LOCK)
-    wrong = {name: (version, locked.get(name)) for name, version in resolved.items() if locked.get(name) != version}
+    wrong = {name: (resolved.get(name), locked.get(name)) for name in resolved.keys() | locked.keys()
+             if locked.get(name) != resolved.get(name)}
     if wrong:
         print("requirements-cuda.lock does not pin what resolves (name: resolved, locked); run "
               "`python scripts/cuda_install_set.py lock`:")
@@ -124,38 +130,30 @@ def check() -> int:
         print(f"PyPI has no sdist of {SDIST_ONLY}=={deepspeed}:\n{error}")
         return 1
     print(f"the CUDA image's install set resolves from PyPI for CPython {PYTHON_VERSION} on manylinux x86-64: "
-          f"{len(resolved)} wheels, every one locked (torch {resolved['torch']}, CUDA runtime "
+          f"{len(resolved)} wheels, exactly the lock (torch {resolved['torch']}, CUDA runtime "
           f"{resolved.get('nvidia-cuda-runtime', '?')}, vllm {resolved['vllm']}), plus the {SDIST_ONLY} {deepspeed} sdist")
     return 0
 
 
 def lock() -> int:
-    """Resolve with the CPU lock's versions as preferences, dropping each one the CUDA set cannot take."""
-    constraints = pins(CPU_LOCK)
-    dropped = []
-    while True:
-        with tempfile.NamedTemporaryFile("w", suffix=".txt") as file:
-            file.write("".join(f"{name}=={version}\n" for name, version in constraints.items()))
-            file.flush()
-            resolved, error = resolve(Path(file.name))
-        if not error:
-            break
-        conflict = re.search(r"The user requested \(constraint\) ([A-Za-z0-9._-]+)==", error)
-        if not conflict or normalise(conflict.group(1)) not in constraints:
-            print(error)
-            return 1
-        dropped.append(normalise(conflict.group(1)))
-        del constraints[dropped[-1]]
+    """Resolve afresh, keeping requirements-cpu.lock's versions wherever the CUDA set allows them."""
+    cpu = pins(CPU_LOCK)
+    resolved, error = resolve(None, preferences=cpu)
+    if error:
+        print(error)
+        return 1
+    differ = sorted(name for name, version in resolved.items() if cpu.get(name, version) != version)
     header = [
         "# What the CUDA image installs (the Dockerfile's default, ENGINE=cuda), every package at its exact version,",
-        f"# resolved for CPython {PYTHON_VERSION} on manylinux x86-64 from PyPI by `python scripts/cuda_install_set.py lock`",
-        "# (CI re-resolves it: `... check`). The versions of requirements-cpu.lock where the CUDA set allows them"
-        + (f"; not: {', '.join(dropped)}." if dropped else "."),
+        f"# resolved for CPython {PYTHON_VERSION} on x86_64-manylinux_2_{GLIBC_MINOR} from PyPI by "
+        "`python scripts/cuda_install_set.py lock`",
+        "# (CI re-resolves it: `... check`). requirements-cpu.lock's versions where the CUDA set allows them"
+        + (f"; not: {', '.join(differ)}." if differ else "."),
         f"# {SDIST_ONLY} (an sdist, built in the image) is pinned by requirements.txt.",
     ]
     LOCK.write_text("\n".join(header + [f"{name}=={version}" for name, version in sorted(resolved.items())]) + "\n")
-    print(f"wrote {LOCK.name}: {len(resolved)} packages" + (f" (differ from the CPU lock: {', '.join(dropped)})"
-                                                            if dropped else ""))
+    print(f"wrote {LOCK.name}: {len(resolved)} packages" + (f" (differ from the CPU lock: {', '.join(differ)})"
+                                                            if differ else ""))
     return 0
 
 

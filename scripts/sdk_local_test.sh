@@ -23,15 +23,18 @@ step() { echo "== [$((SECONDS - started)) s] $*"; }
 
 if [[ $EUID -ne 0 ]]; then echo "sdk-local-test needs root (podman storage)" >&2; exit 2; fi
 [[ -x "$work/runc-without-rlimits" ]] || { echo "run make image-test first: it builds the image this test runs" >&2; exit 2; }
+real_podman="$(command -v podman)"
 driver="${STORAGE_DRIVER:-overlay}"
 if ! podman --root "$work/storage" --runroot "$work/run" --storage-driver "$driver" info >/dev/null 2>&1; then driver=vfs; fi
 podman --root "$work/storage" --runroot "$work/run" --storage-driver "$driver" image exists "$image" \
   || { echo "no $image in $work: run make image-test first" >&2; exit 2; }
 
 step "the SageMaker SDK v3 (sagemaker==3.27.0) and podman-compose 1.6.0 in $work/sdk-v3"
-if [[ ! -x "$work/sdk-v3/bin/podman-compose" ]]; then
-  python3 -m venv "$work/sdk-v3"
-  "$work/sdk-v3/bin/pip" install --quiet --disable-pip-version-check "sagemaker==3.27.0" "podman-compose==1.6.0" "pyyaml==6.0.4"
+sdk_v3=("sagemaker==3.27.0" "podman-compose==1.6.0" "pyyaml==6.0.4")
+if [[ "$(cat "$work/sdk-v3/.installed" 2>/dev/null)" != "${sdk_v3[*]}" ]]; then
+  rm -rf "$work/sdk-v3" && python3 -m venv "$work/sdk-v3"
+  "$work/sdk-v3/bin/pip" install --quiet --disable-pip-version-check "${sdk_v3[@]}"
+  echo "${sdk_v3[*]}" > "$work/sdk-v3/.installed"
 fi
 
 bin="$work/sdk-bin"
@@ -39,7 +42,7 @@ mkdir -p "$bin"
 cat > "$bin/podman" <<EOF
 #!/usr/bin/env bash
 export CONTAINERS_CONF="$work/containers.conf"
-exec /usr/bin/podman --root "$work/storage" --runroot "$work/run" --storage-driver "$driver" "\$@"
+exec "$real_podman" --root "$work/storage" --runroot "$work/run" --storage-driver "$driver" "\$@"
 EOF
 cat > "$bin/docker" <<EOF
 #!/usr/bin/env bash
@@ -55,7 +58,11 @@ exec "$work/sdk-v3/bin/podman-compose" "\$@"
 EOF
 chmod +x "$bin/podman" "$bin/docker" "$bin/docker-compose"
 export PATH="$bin:$PATH" AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_DEFAULT_REGION=us-east-1
-# SageMaker local serving listens on the host's 8080.
+# SageMaker local serving listens on the host's 8080. A run that failed half-way may have left its
+# containers (this storage holds only this test's): remove them before and after.
+remove_containers() { "$bin/podman" rm -f --all >/dev/null 2>&1 || true; }
+remove_containers
+trap remove_containers EXIT
 if curl -s -o /dev/null "http://127.0.0.1:8080/"; then echo "port 8080 is in use: SDK local serving needs it" >&2; exit 1; fi
 
 jobdir="$work/sdk-local"

@@ -25,7 +25,7 @@ def test_train_then_serve_the_tiny_model(tmp_path, tiny_model, serve_tree):
 def test_smollm2_twin_trained_on_the_sample_data_answers(tmp_path, serve_tree):
     """The demo's path on the real embedded model: a short SFT on local_test's data, then a real answer."""
     root = tmp_path / "opt_ml"
-    shutil.copytree(REPO / "local_test" / "test_dir" / "input", root / "input")
+    shutil.copytree(REPO / "local_test" / "test_dir" / "input", root / "input", ignore=shutil.ignore_patterns("scratch"))
     make_tree(root, {"max_steps": "4", "per_device_train_batch_size": "4", "gradient_accumulation_steps": "1",
                      "max_length": "256", "warmup_steps": "0", "learning_rate": "1e-4"})
     result = run_train(root)
