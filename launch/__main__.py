@@ -3,6 +3,8 @@
     python -m launch train --image URI --role ARN --train s3://b/train/ --output s3://b/out/ \\
         --hyperparameters hp.json --instance-type ml.g5.2xlarge [--preference s3://...] [--spot --checkpoints s3://...]
     python -m launch deploy --image URI --role ARN --model-data s3://b/out/JOB/output/model.tar.gz --name twin
+    python -m launch batch --image URI --role ARN --model-data s3://b/out/JOB/output/model.tar.gz \\
+        --input s3://b/prompts/ --output s3://b/answers/ --name twin-batch
     python -m launch invoke --name twin --inputs "Write a post about LoRA" [--stream]
     python -m launch delete --name twin
 
@@ -18,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch.api import endpoint_requests, redacted, sse_events, training_job_request
+from launch.api import endpoint_requests, redacted, sse_events, training_job_request, transform_requests
 
 
 def main(argv: list[str] | None = None, clients=None) -> int:
@@ -63,6 +65,22 @@ def parser() -> argparse.ArgumentParser:
     deploy.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="a serving variable (repeatable)")
     deploy.set_defaults(run=run_deploy)
 
+    batch = sub.add_parser("batch", help="start a batch transform job over jsonlines files")
+    batch.add_argument("--image", required=True)
+    batch.add_argument("--role", required=True)
+    batch.add_argument("--model-data", required=True)
+    batch.add_argument("--input", required=True, help="S3 prefix of .jsonl files: one TGI or chat request per line")
+    batch.add_argument("--output", required=True, help="S3 prefix for the answers: FILE.out, one answer per line")
+    batch.add_argument("--name", default=f"llm-twin-batch-{time.strftime('%Y%m%d-%H%M%S')}")
+    batch.add_argument("--instance-type", default="ml.g5.2xlarge")
+    batch.add_argument("--instance-count", type=int, default=1)
+    batch.add_argument("--transform-ami-version", metavar="AMI", default="auto",
+                       help="the host image, which sets the NVIDIA driver: 'auto' (default) is "
+                            "al2-ami-sagemaker-batch-gpu-535 on GPU instances (SageMaker's default has 470, too old "
+                            "for this image's CUDA 13.0); 'default' leaves SageMaker's choice")
+    batch.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="a serving variable (repeatable)")
+    batch.set_defaults(run=run_batch)
+
     invoke = sub.add_parser("invoke", help="send one request")
     invoke.add_argument("--name", required=True)
     invoke.add_argument("--inputs", required=True)
@@ -104,6 +122,19 @@ def run_deploy(args, clients) -> int:
     sm.create_endpoint_config(**requests["config"])
     sm.create_endpoint(**requests["endpoint"])
     print(f"creating endpoint {args.name}; it answers once its status is InService")
+    return 0
+
+
+def run_batch(args, clients) -> int:
+    requests = transform_requests(
+        name=args.name, image=args.image, role=args.role, model_data=args.model_data, input_s3=args.input,
+        output_s3=args.output, instance_type=args.instance_type, instance_count=args.instance_count,
+        environment=_pairs(args.env),
+        ami_version=None if args.transform_ami_version == "default" else args.transform_ami_version)
+    sm = clients["sagemaker"]
+    sm.create_model(**requests["model"])
+    sm.create_transform_job(**requests["job"])
+    print(f"started transform job {args.name}; answers go to {args.output}")
     return 0
 
 

@@ -21,9 +21,23 @@ GPU_INFERENCE_AMI = "al2023-ami-sagemaker-inference-gpu-4-1"
 GPU_FAMILIES = ("ml.g", "ml.p")
 
 
+# Batch transform hosts run driver 470 by default; no batch host image has 580 yet, so GPU jobs take
+# the 535 one, where the entrypoint turns on CUDA forward compatibility.
+GPU_TRANSFORM_AMI = "al2-ami-sagemaker-batch-gpu-535"
+# A transform job waits at most 3600 s for one mini-batch (InvocationsTimeoutInSeconds' maximum); the
+# server gives up a minute earlier, so a mini-batch that cannot finish fails with the server's answer.
+TRANSFORM_INVOCATION_TIMEOUT = 3600
+TRANSFORM_SERVER_TIMEOUT = 3540
+
+
 def default_inference_ami(instance_type: str) -> str | None:
     """The InferenceAmiVersion this image needs on instance_type: the driver-580 host image on GPUs, else none."""
     return GPU_INFERENCE_AMI if instance_type.startswith(GPU_FAMILIES) else None
+
+
+def default_transform_ami(instance_type: str) -> str | None:
+    """The TransformAmiVersion this image needs on instance_type: the driver-535 host image on GPUs."""
+    return GPU_TRANSFORM_AMI if instance_type.startswith(GPU_FAMILIES) else None
 
 
 def training_job_request(*, name: str, image: str, role: str, channels: dict[str, str], output: str,
@@ -64,8 +78,7 @@ def endpoint_requests(*, name: str, image: str, role: str, model_data: str, inst
     if ami_version == "auto":
         ami_version = default_inference_ami(instance_type)
     requests = {
-        "model": {"ModelName": name, "ExecutionRoleArn": role,
-                  "PrimaryContainer": {"Image": image, "ModelDataUrl": model_data, "Environment": dict(environment or {})}},
+        "model": model_request(name=name, image=image, role=role, model_data=model_data, environment=environment),
         "config": {"EndpointConfigName": name, "ProductionVariants": [{
             "VariantName": "AllTraffic", "ModelName": name, "InstanceType": instance_type, "InitialInstanceCount": 1,
             "ContainerStartupHealthCheckTimeoutInSeconds": startup_timeout}]},
@@ -74,6 +87,36 @@ def endpoint_requests(*, name: str, image: str, role: str, model_data: str, inst
     if ami_version:
         requests["config"]["ProductionVariants"][0]["InferenceAmiVersion"] = ami_version
     return requests
+
+
+def model_request(*, name: str, image: str, role: str, model_data: str, environment: dict[str, str] | None = None) -> dict:
+    return {"ModelName": name, "ExecutionRoleArn": role,
+            "PrimaryContainer": {"Image": image, "ModelDataUrl": model_data, "Environment": dict(environment or {})}}
+
+
+def transform_requests(*, name: str, image: str, role: str, model_data: str, input_s3: str, output_s3: str,
+                       instance_type: str, instance_count: int = 1, environment: dict[str, str] | None = None,
+                       ami_version: str | None = "auto") -> dict[str, dict]:
+    """CreateModel and CreateTransformJob for a batch of jsonlines requests (one TGI or chat request per line,
+    one answer per line, in order). MaxConcurrentTransforms, MaxPayloadInMB and BatchStrategy are left to
+    the container's GET /execution-parameters, which sizes them for its engines within SageMaker's limits."""
+    if ami_version == "auto":
+        ami_version = default_transform_ami(instance_type)
+    resources = {"InstanceType": instance_type, "InstanceCount": instance_count}
+    if ami_version:
+        resources["TransformAmiVersion"] = ami_version
+    return {
+        "model": model_request(name=name, image=image, role=role, model_data=model_data, environment=environment),
+        "job": {
+            "TransformJobName": name, "ModelName": name,
+            "ModelClientConfig": {"InvocationsTimeoutInSeconds": TRANSFORM_INVOCATION_TIMEOUT, "InvocationsMaxRetries": 1},
+            "Environment": {"SAGEMAKER_BATCH": "true", "SAGEMAKER_MODEL_SERVER_TIMEOUT": str(TRANSFORM_SERVER_TIMEOUT)},
+            "TransformInput": {"DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": input_s3}},
+                               "ContentType": "application/jsonlines", "SplitType": "Line", "CompressionType": "None"},
+            "TransformOutput": {"S3OutputPath": output_s3, "Accept": "application/jsonlines", "AssembleWith": "Line"},
+            "TransformResources": resources,
+        },
+    }
 
 
 def redacted(request: dict) -> dict:

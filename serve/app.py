@@ -15,13 +15,15 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections import Counter
+import time
+from collections import Counter, deque
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from serve import openai
-from serve.errors import BadRequest, GenerationError, NotReady, ServeError, UnsupportedMediaType, ValidationError
+from serve.errors import (BadRequest, GenerationError, NotReady, Overloaded, ServeError, UnsupportedMediaType,
+                          ValidationError)
 from serve.schemas import (MAX_BEST_OF, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS, GenerateRequest, GenerateResult,
                            Sequence, parse_chat, parse_completion, parse_generate, parse_request)
 
@@ -36,7 +38,9 @@ ADAPTER_HEADER = "X-Amzn-SageMaker-Adapter-Identifier"  # inference components' 
 
 def create_app(engine) -> Flask:
     app = Flask("serve")
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    # A batch transform mini-batch is up to MaxPayloadInMB (at most 100 MB); a real-time body up to 6 MB.
+    batch_bytes = engine.config.execution_parameters["MaxPayloadInMB"] * 2**20 if engine.config.batch else 0
+    app.config["MAX_CONTENT_LENGTH"] = max(MAX_BODY_BYTES, batch_bytes)
     app.extensions["engine"] = engine  # gunicorn's worker_exit hook shuts it down
     timeout = engine.config.timeout
     metrics = Metrics()
@@ -55,9 +59,9 @@ def create_app(engine) -> Flask:
 
     @app.get("/execution-parameters")
     def execution_parameters():
-        """Batch transform asks this once: several records per request, answered line for line."""
-        return _json(200, {"MaxConcurrentTransforms": engine.config.max_batch_size or 32, "BatchStrategy": "MULTI_RECORD",
-                           "MaxPayloadInMB": MAX_BODY_BYTES // 2**20})
+        """Batch transform asks this once, for what the job leaves unset (serve/config.py says how they
+        are chosen: within SageMaker's 100 MB product, sized to finish inside the invocation timeout)."""
+        return _json(200, engine.config.execution_parameters)
 
     @app.get("/info")
     def info():
@@ -311,35 +315,49 @@ def _custom(engine, timeout: float) -> Response:
 
 
 def _jsonlines(engine, data: bytes, timeout: float) -> Response:
-    """Batch transform: one request per line, one JSON line per answer, in order. A bad line gets an
-    error line; the other lines are still answered. Lines go to the engine in waves of its batch size."""
+    """Batch transform: one request per line, one JSON line per answer, in order, all within one timeout.
+    A line that is itself invalid gets an error line; every other line is answered. Lines wait for engine
+    capacity instead of being refused: when no admission slot is free, this request first finishes its own
+    oldest line (which frees one), and only with none of its own in flight waits for another request's."""
     lines = [line for line in data.splitlines() if line.strip()]
     if not lines:
         raise ValidationError("the jsonlines body has no lines")
+    deadline = time.monotonic() + timeout
     answers: list = [None] * len(lines)
-    wave = engine.config.max_batch_size or 32
-    for start in range(0, len(lines), wave):
-        tickets = {}
+    pending: deque = deque()  # (line number, request, ticket), oldest first
+
+    def finish_oldest():
+        number, generate, ticket = pending.popleft()
         try:
-            for number in range(start, min(start + wave, len(lines))):
-                try:
-                    generate = parse_request(_parse_json(lines[number]))
-                    if generate.stream:
-                        raise ValidationError("'stream' is not available in a jsonlines batch")
-                    tickets[number] = (generate, engine.submit(generate))
-                except ServeError as e:
-                    answers[number] = _line_error(number, e.message, e.error_type)
-            for number, (generate, ticket) in tickets.items():
-                try:
-                    answer = _response(generate, ticket.result(timeout))
-                    answers[number] = answer[0] if isinstance(answer, list) else answer
-                except ServeError as e:
-                    answers[number] = _line_error(number, e.message, e.error_type)
-                except TimeoutError as e:
-                    answers[number] = _line_error(number, str(e), "generation")
-        finally:
-            for _, ticket in tickets.values():  # frees the slots of any ticket not read to its end
-                ticket.close()
+            answer = _response(generate, ticket.result(max(0.0, deadline - time.monotonic())))
+            answers[number] = answer[0] if isinstance(answer, list) else answer
+        except ServeError as e:
+            answers[number] = _line_error(number, e.message, e.error_type)
+        except TimeoutError as e:
+            answers[number] = _line_error(number, str(e), "generation")
+
+    try:
+        for number, line in enumerate(lines):
+            try:
+                generate = parse_request(_parse_json(line))
+                if generate.stream:
+                    raise ValidationError("'stream' is not available in a jsonlines batch")
+                while True:
+                    try:
+                        wait = 0.0 if pending else max(0.001, deadline - time.monotonic())
+                        pending.append((number, generate, engine.submit(generate, wait=wait)))
+                        break
+                    except Overloaded:
+                        if not pending:
+                            raise
+                        finish_oldest()
+            except ServeError as e:
+                answers[number] = _line_error(number, e.message, e.error_type)
+        while pending:
+            finish_oldest()
+    finally:
+        for _, _, ticket in pending:  # frees the slots of any line not read to its end
+            ticket.close()
     body = "".join(json.dumps(answer) + "\n" for answer in answers)
     return Response(body, status=200, mimetype="application/jsonlines")
 

@@ -22,6 +22,16 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 # by name rather than silently given another precision.
 QUANTIZE = ("", "bitsandbytes-nf4", "awq", "gptq", "fp8")
 PING_THREADS = 4  # HTTP threads kept free of generation work, so /ping always finds one
+# Batch transform (SAGEMAKER_BATCH=true). SageMaker refuses a transform job whose MaxConcurrentTransforms x
+# MaxPayloadInMB exceeds 100 MB. A mini-batch of 1 MB (the smallest above 0) of prompts is still thousands of
+# generations, so the payload stays at 1 MB; two requests per engine copy keep it busy while one request's
+# last records finish, and more would only make each request slower (they share the engine).
+BATCH_PAYLOAD_LIMIT_MB = 100
+BATCH_PAYLOAD_MB = 1
+BATCH_REQUESTS_PER_ENGINE = 2
+BATCH_STRATEGIES = ("MULTI_RECORD", "SINGLE_RECORD")
+BATCH_TIMEOUT = 540  # under SageMaker's default InvocationsTimeoutInSeconds for batch (600 s)
+ENGINE_COPIES_ENV = "LLM_TWIN_ENGINE_COPIES"  # set by gunicorn_conf.py: the worker count it planned
 
 
 @dataclass(frozen=True)
@@ -43,10 +53,23 @@ class ServeConfig:
     cuda_graphs: bool = True  # TGI's CUDA_GRAPHS=0 turns them off (faster start, slower decode)
     prefix_caching: bool = True  # every request of a twin starts with the same template header
     lora_adapters: str = ""  # TGI's LORA_ADAPTERS: "name=/path,other=/path" served beside the model
+    batch: bool = False  # SAGEMAKER_BATCH: a batch transform job's container
+    max_payload_mb: int = 0  # SAGEMAKER_MAX_PAYLOAD_IN_MB; 0 = BATCH_PAYLOAD_MB
+    max_concurrent_transforms: int = 0  # SAGEMAKER_MAX_CONCURRENT_TRANSFORMS; 0 = from the engine copies
+    batch_strategy: str = "MULTI_RECORD"  # SAGEMAKER_BATCH_STRATEGY
+    engine_copies: int = 1  # gunicorn workers, each with its own engine
 
     @property
     def threads(self) -> int:
         return self.max_concurrent_requests + PING_THREADS
+
+    @property
+    def execution_parameters(self) -> dict:
+        """What GET /execution-parameters tells a batch transform job that left them unset."""
+        payload = self.max_payload_mb or BATCH_PAYLOAD_MB
+        concurrency = self.max_concurrent_transforms or min(BATCH_REQUESTS_PER_ENGINE * self.engine_copies,
+                                                            BATCH_PAYLOAD_LIMIT_MB // payload)
+        return {"MaxConcurrentTransforms": concurrency, "BatchStrategy": self.batch_strategy, "MaxPayloadInMB": payload}
 
     @property
     def adapters(self) -> dict[str, str]:
@@ -66,11 +89,12 @@ class ServeConfig:
                     return coerce(name, raw, kind)
             return default
 
+        batch = get(("SAGEMAKER_BATCH",), bool, cls.batch)
         config = cls(
             model_dir=OptML.from_env(environ).model_dir,
             port=serving_port(environ),
             workers=get((MODEL_SERVER_WORKERS_ENV,), int, cls.workers),
-            timeout=get((MODEL_SERVER_TIMEOUT_ENV,), int, cls.timeout),
+            timeout=get((MODEL_SERVER_TIMEOUT_ENV,), int, BATCH_TIMEOUT if batch else cls.timeout),
             dtype=get(("DTYPE",), str, cls.dtype).lower(),
             quantize=get(("QUANTIZE", "HF_MODEL_QUANTIZE"), str, cls.quantize).lower(),
             max_input_tokens=get(("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), int, cls.max_input_tokens),
@@ -84,6 +108,11 @@ class ServeConfig:
             cuda_graphs=environ.get("CUDA_GRAPHS", "").strip() not in ("0", "false", "False"),
             prefix_caching=get(("PREFIX_CACHING",), bool, cls.prefix_caching),
             lora_adapters=get(("LORA_ADAPTERS",), str, cls.lora_adapters),
+            batch=batch,
+            max_payload_mb=get(("SAGEMAKER_MAX_PAYLOAD_IN_MB",), int, cls.max_payload_mb),
+            max_concurrent_transforms=get(("SAGEMAKER_MAX_CONCURRENT_TRANSFORMS",), int, cls.max_concurrent_transforms),
+            batch_strategy=_batch_strategy(get(("SAGEMAKER_BATCH_STRATEGY",), str, cls.batch_strategy)),
+            engine_copies=get((ENGINE_COPIES_ENV,), int, cls.engine_copies),
         )
         if config.dtype not in DTYPES:
             raise ConfigError(f"DTYPE={config.dtype!r} is not valid: use one of {', '.join(DTYPES)}")
@@ -95,10 +124,20 @@ class ServeConfig:
         for name in ("timeout", "max_concurrent_requests"):
             if getattr(config, name) < 1:
                 raise ConfigError(f"{name.upper()} must be at least 1, got {getattr(config, name)}")
+        if config.batch_strategy not in BATCH_STRATEGIES:
+            raise ConfigError(f"SAGEMAKER_BATCH_STRATEGY={config.batch_strategy!r} is not valid: use MULTI_RECORD or "
+                              "SINGLE_RECORD")
+        batch = config.execution_parameters
+        if batch["MaxConcurrentTransforms"] * batch["MaxPayloadInMB"] > BATCH_PAYLOAD_LIMIT_MB:
+            raise ConfigError(f"SAGEMAKER_MAX_CONCURRENT_TRANSFORMS x SAGEMAKER_MAX_PAYLOAD_IN_MB must be at most "
+                              f"{BATCH_PAYLOAD_LIMIT_MB} (SageMaker refuses the transform job otherwise), got "
+                              f"{batch['MaxConcurrentTransforms']} x {batch['MaxPayloadInMB']}")
         for name in ("workers", "max_input_tokens", "max_total_tokens", "max_batch_size", "max_batch_prefill_tokens",
-                     "max_batch_total_tokens", "num_shard"):
+                     "max_batch_total_tokens", "num_shard", "max_payload_mb", "max_concurrent_transforms"):
             if getattr(config, name) < 0:
                 raise ConfigError(f"{name.upper()} must not be negative, got {getattr(config, name)}")
+        if config.engine_copies < 1:
+            raise ConfigError(f"{ENGINE_COPIES_ENV} must be at least 1, got {config.engine_copies}")
         if not 0.05 <= config.cuda_memory_fraction <= 1.0:
             raise ConfigError(f"CUDA_MEMORY_FRACTION must be between 0.05 and 1.0, got {config.cuda_memory_fraction}")
         for name, path in config.adapters.items():
@@ -106,3 +145,9 @@ class ServeConfig:
                 raise ConfigError(f"LORA_ADAPTERS: adapter {name!r} is not a folder: {path} (hub ids are not "
                                   "downloaded at serve time; put the adapter in the model directory or the image)")
         return config
+
+
+def _batch_strategy(raw: str) -> str:
+    """MULTI_RECORD or SINGLE_RECORD, from either spelling SageMaker uses (the API's MultiRecord too)."""
+    compact = raw.replace("_", "").upper()
+    return {"MULTIRECORD": "MULTI_RECORD", "SINGLERECORD": "SINGLE_RECORD"}.get(compact, raw)

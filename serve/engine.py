@@ -11,7 +11,7 @@ TGI's semantics are the edge's, applied on vLLM's SamplingParams: stop sequences
 the streamed token texts are the engine's text deltas, so they always add up to the final text.
 
 Backpressure: at most `max_concurrent_requests` requests are admitted at once; the next one is refused
-at once (429) rather than queued without bound.
+at once (429) rather than queued without bound, unless its caller chose to wait (a jsonlines batch).
 
 With custom code (serve/custom.py) that brings its own predict_fn, no vLLM engine starts: the engine
 holds what model_fn returns (or a plain transformers model and tokenizer) and runs predict_fn on it.
@@ -146,8 +146,10 @@ class Engine:
             self.llm.shutdown()
 
     # --- HTTP threads ------------------------------------------------------------------------------
-    def submit(self, request: GenerateRequest) -> Ticket:
-        if not self._slots.acquire(blocking=False):
+    def submit(self, request: GenerateRequest, wait: float = 0.0) -> Ticket:
+        """Admit and start one request; Overloaded when no slot frees up within `wait` seconds."""
+        admitted = self._slots.acquire(timeout=wait) if wait > 0 else self._slots.acquire(blocking=False)
+        if not admitted:
             raise Overloaded(f"Model is overloaded: more than {self.config.max_concurrent_requests} requests in flight")
         ticket = Ticket(request, self._slots.release)
         try:

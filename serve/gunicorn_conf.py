@@ -3,7 +3,7 @@ Worker count and GPU placement come from serve/placement.py."""
 
 import os
 
-from serve.config import ServeConfig
+from serve.config import ENGINE_COPIES_ENV, ServeConfig
 from serve.placement import Placement, free_gpu, gpus_present, model_bytes, plan
 
 _config = ServeConfig.from_env()
@@ -14,6 +14,7 @@ if _config.num_shard:  # NUM_SHARD set: one engine sharded over that many GPUs, 
 
 bind = f"0.0.0.0:{_config.port}"
 workers = _placement.workers
+os.environ[ENGINE_COPIES_ENV] = str(workers)  # the workers' ServeConfig: batch transform's concurrency
 worker_class = "gthread"
 threads = _config.threads  # max_concurrent_requests + a few kept free for /ping
 timeout = _config.timeout + 30  # a worker is only killed after its requests could have timed out

@@ -101,7 +101,7 @@ def test_jsonlines_batch_is_answered_line_for_line(server):
     assert answers[1]["error_type"] == "validation" and answers[1]["error"].startswith("line 2:")
     assert answers[0]["generated_text"] == generate(server, PROMPTS[0], max_new_tokens=4)["generated_text"]
     parameters = requests.get(server.url + "/execution-parameters", timeout=5).json()
-    assert parameters["BatchStrategy"] == "MULTI_RECORD" and parameters["MaxPayloadInMB"] == 6
+    assert parameters == {"MaxConcurrentTransforms": 2, "BatchStrategy": "MULTI_RECORD", "MaxPayloadInMB": 1}
 
 
 def test_ping_stays_fast_while_16_clients_stream(server):

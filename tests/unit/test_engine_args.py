@@ -60,3 +60,24 @@ def test_quantize_takes_tgis_names_and_refuses_8_bit(served):
         arguments(served, QUANTIZE="bitsandbytes")
     with pytest.raises(ConfigError, match="LORA_ADAPTERS: adapter 'x' is not a folder"):
         arguments(served, LORA_ADAPTERS="x=/nowhere")
+
+
+def test_batch_transform_parameters_stay_within_sagemakers_100_mb_and_honour_its_variables():
+    """CreateTransformJob refuses MaxConcurrentTransforms x MaxPayloadInMB above 100 MB."""
+    def batch(**env):
+        return ServeConfig.from_env({"SAGEMAKER_BATCH": "true", **env})
+
+    assert batch().execution_parameters == {"MaxConcurrentTransforms": 2, "BatchStrategy": "MULTI_RECORD",
+                                            "MaxPayloadInMB": 1}
+    assert batch().timeout == 540  # under the transform job's default invocation timeout, 600 s
+    assert batch(LLM_TWIN_ENGINE_COPIES="8").execution_parameters["MaxConcurrentTransforms"] == 16
+    chosen = batch(SAGEMAKER_MAX_PAYLOAD_IN_MB="4", SAGEMAKER_MAX_CONCURRENT_TRANSFORMS="25",
+                   SAGEMAKER_BATCH_STRATEGY="SingleRecord", SAGEMAKER_MODEL_SERVER_TIMEOUT="3500")
+    assert chosen.execution_parameters == {"MaxConcurrentTransforms": 25, "BatchStrategy": "SINGLE_RECORD",
+                                           "MaxPayloadInMB": 4}
+    assert chosen.timeout == 3500
+    assert batch(SAGEMAKER_MAX_PAYLOAD_IN_MB="60").execution_parameters["MaxConcurrentTransforms"] == 1
+    with pytest.raises(ConfigError, match="must be at most 100 .* got 32 x 6"):
+        batch(SAGEMAKER_MAX_PAYLOAD_IN_MB="6", SAGEMAKER_MAX_CONCURRENT_TRANSFORMS="32")
+    with pytest.raises(ConfigError, match="SAGEMAKER_BATCH_STRATEGY='ALL' is not valid"):
+        batch(SAGEMAKER_BATCH_STRATEGY="ALL")

@@ -135,3 +135,29 @@ def test_streamed_events_survive_any_chunk_boundary(size):
 def test_a_stream_error_part_is_raised():
     with pytest.raises(RuntimeError, match="ModelStreamError"):
         list(sse_events([{"ModelStreamError": {"Message": "ModelStreamError: StreamBroken"}}]))
+
+
+def test_batch_sends_the_exact_transform_job_with_the_driver_535_host_image():
+    sm = client("sagemaker")
+    with Stubber(sm) as stub:
+        stub.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:us-east-1:1:model/twin-batch"}, {
+            "ModelName": "twin-batch", "ExecutionRoleArn": ROLE,
+            "PrimaryContainer": {"Image": IMAGE, "ModelDataUrl": "s3://b/out/model.tar.gz", "Environment": {"MAX_BATCH_SIZE": "64"}}})
+        stub.add_response("create_transform_job", {"TransformJobArn": "arn:aws:sagemaker:us-east-1:1:transform-job/twin-batch"}, {
+            "TransformJobName": "twin-batch", "ModelName": "twin-batch",
+            "ModelClientConfig": {"InvocationsTimeoutInSeconds": 3600, "InvocationsMaxRetries": 1},
+            "Environment": {"SAGEMAKER_BATCH": "true", "SAGEMAKER_MODEL_SERVER_TIMEOUT": "3540"},
+            "TransformInput": {"DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": "s3://b/prompts/"}},
+                               "ContentType": "application/jsonlines", "SplitType": "Line", "CompressionType": "None"},
+            "TransformOutput": {"S3OutputPath": "s3://b/answers/", "Accept": "application/jsonlines", "AssembleWith": "Line"},
+            "TransformResources": {"InstanceType": "ml.g5.2xlarge", "InstanceCount": 2,
+                                   "TransformAmiVersion": "al2-ami-sagemaker-batch-gpu-535"}})
+        assert main(["batch", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/out/model.tar.gz",
+                     "--input", "s3://b/prompts/", "--output", "s3://b/answers/", "--name", "twin-batch",
+                     "--instance-count", "2", "--env", "MAX_BATCH_SIZE=64"], clients={"sagemaker": sm}) == 0
+        stub.assert_no_pending_responses()
+    from launch.api import transform_requests
+
+    cpu = transform_requests(name="n", image=IMAGE, role=ROLE, model_data="s3://b/m", input_s3="s3://b/i",
+                             output_s3="s3://b/o", instance_type="ml.m5.xlarge")
+    assert "TransformAmiVersion" not in cpu["job"]["TransformResources"]
