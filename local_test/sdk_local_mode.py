@@ -2,11 +2,14 @@
 
     python local_test/sdk_local_mode.py train  IMAGE WORKDIR   # SDK v3 ModelTrainer, LOCAL_CONTAINER
     python local_test/sdk_local_mode.py deploy IMAGE WORKDIR   # SDK v2 Model.deploy(instance_type="local")
+    python local_test/sdk_local_mode.py book   IMAGE WORKDIR   # SDK v2 HuggingFaceModel, as the LLM Twin book
 
 `train` writes /opt/ml the way SageMaker does, starts the image through docker compose with no command
 (the entrypoint's default: train) and packs WORKDIR/compressed_artifacts/model.tar.gz. `deploy` serves that
 tarball: the SDK extracts it into /opt/ml/model, runs `IMAGE serve`, waits for /ping, and `predict` sends a
-TGI request through the SDK's local runtime client. Each SDK version runs in its own environment (they are
+TGI request through the SDK's local runtime client. `book` deploys as the LLM Twin book does: the SDK's
+`HuggingFaceModel(image_uri=..., env={"HF_MODEL_ID": ..., ...})` with no model data (here HF_MODEL_ID is
+the model embedded in the image: no hub from this machine), asked the book's payload. Each SDK version runs in its own environment (they are
 one distribution, `sagemaker`, at different major versions); scripts/sdk_local_test.sh sets both up, and a
 `docker`/`docker-compose` that reach podman. Neither SDK is ever installed in the image.
 """
@@ -73,8 +76,33 @@ def deploy(image: str, workdir: Path) -> str:
     return answer[0]["generated_text"]
 
 
+def book(image: str, workdir: Path) -> str:
+    from sagemaker.huggingface import HuggingFaceModel
+    from sagemaker.local import LocalSession
+
+    session = LocalSession()
+    (workdir / "book").mkdir(parents=True, exist_ok=True)
+    session.config = {"local": {"local_code": True, "container_root": str(workdir / "book"),
+                                "container_config": {"shm_size": "1g"}}}
+    env = {"HF_MODEL_ID": "/opt/models/SmolLM2-135M-Instruct", "SM_NUM_GPUS": "1", "MAX_INPUT_LENGTH": "1024",
+           "MAX_TOTAL_TOKENS": "2048", "MAX_BATCH_TOTAL_TOKENS": "8192", "HUGGING_FACE_HUB_TOKEN": "hf_not_a_real_token"}
+    model = HuggingFaceModel(image_uri=image, env=env, role=ROLE, sagemaker_session=session)
+    predictor = model.deploy(initial_instance_count=1, instance_type="local")
+    try:
+        answer = predictor.predict({"inputs": "Write a short post about evaluating an LLM twin.",
+                                    "parameters": {"max_new_tokens": 16, "top_p": 0.9, "temperature": 0.01,
+                                                   "return_full_text": False}})
+    finally:
+        print("deleting the local endpoint: the SDK then logs the compose process it stops (exit -15) as an error")
+        predictor.delete_endpoint()
+    print(f"SDK v2 HuggingFaceModel (the LLM Twin book's deployment, HF_MODEL_ID) answered: {json.dumps(answer)}")
+    if not (isinstance(answer, list) and answer and answer[0].get("generated_text")):
+        sys.exit(f"expected TGI's [{{'generated_text': ...}}], got {answer!r}")
+    return answer[0]["generated_text"]
+
+
 if __name__ == "__main__":
-    commands = {"train": train, "deploy": deploy}
+    commands = {"train": train, "deploy": deploy, "book": book}
     if len(sys.argv) != 4 or sys.argv[1] not in commands:
-        sys.exit(f"usage: python {sys.argv[0]} train|deploy IMAGE WORKDIR")
+        sys.exit(f"usage: python {sys.argv[0]} train|deploy|book IMAGE WORKDIR")
     commands[sys.argv[1]](sys.argv[2], Path(sys.argv[3]))

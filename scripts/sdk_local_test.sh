@@ -4,7 +4,9 @@
 #   1. SDK v3 `ModelTrainer(training_mode=Mode.LOCAL_CONTAINER)` trains it (2 LoRA steps on the embedded
 #      model) and packs model.tar.gz, exactly as it would before a real CreateTrainingJob;
 #   2. SDK v2 `Model(image_uri=..., model_data="file://.../model.tar.gz").deploy(instance_type="local")`
-#      serves that tarball and `predict` gets TGI's answer through the SDK's local runtime client.
+#      serves that tarball and `predict` gets TGI's answer through the SDK's local runtime client;
+#   3. SDK v2 `HuggingFaceModel(image_uri=..., env={"HF_MODEL_ID": ...})` with no model data, as the LLM
+#      Twin book deploys, answers the book's payload.
 #
 # The SDKs start containers with `docker compose` (or `docker-compose`): here `docker` is a small script
 # that hands everything to podman (with image-test's storage and wrapped runc), answering only `docker
@@ -71,4 +73,6 @@ step "SDK v3 ModelTrainer, training_mode=LOCAL_CONTAINER"
 "$work/sdk-v3/bin/python" "$repo/local_test/sdk_local_mode.py" train "$image" "$jobdir"
 step "SDK v2 Model.deploy(instance_type='local') and predict"
 "$repo/.venv/bin/python" "$repo/local_test/sdk_local_mode.py" deploy "$image" "$jobdir"
+step "SDK v2 HuggingFaceModel with HF_MODEL_ID and no model data (the LLM Twin book's deployment)"
+"$repo/.venv/bin/python" "$repo/local_test/sdk_local_mode.py" book "$image" "$jobdir"
 step "sdk-local-test passed"

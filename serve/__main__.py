@@ -10,9 +10,10 @@ from pathlib import Path
 from container.config import ConfigError
 from container.model_dir import ModelDirError
 from container.opt_ml import ContractError
-from serve.config import ServeConfig
+from serve.config import MODEL_DIR_ENV, ServeConfig
 from serve.custom import CustomCodeError, load_custom_handlers
 from serve.model_dir import serving_spec
+from serve.model_source import model_source
 from serve.placement import gpus_present, model_bytes, plan
 
 SHM_NEEDED = 400 * 2**20  # vLLM's multiprocess executor keeps two message queues there (160 + 240 MiB)
@@ -30,6 +31,11 @@ def check_shared_memory(copies: int = 1, path: str = "/dev/shm") -> None:
 def main() -> None:
     try:
         config = ServeConfig.from_env()
+        source = model_source(config)
+        if source != config.model_dir:  # HF_MODEL_ID: the workers serve that folder
+            print(f"serve: {config.model_dir} is empty: serving HF_MODEL_ID={config.hf_model_id} from {source}", flush=True)
+            os.environ[MODEL_DIR_ENV] = str(source)
+            config = ServeConfig.from_env()
         custom = load_custom_handlers(config.model_dir)
         spec = serving_spec(config.model_dir, custom)
         gpus, gpu_bytes = gpus_present()

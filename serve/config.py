@@ -32,6 +32,7 @@ BATCH_REQUESTS_PER_ENGINE = 2
 BATCH_STRATEGIES = ("MULTI_RECORD", "SINGLE_RECORD")
 BATCH_TIMEOUT = 540  # under SageMaker's default InvocationsTimeoutInSeconds for batch (600 s)
 ENGINE_COPIES_ENV = "LLM_TWIN_ENGINE_COPIES"  # set by gunicorn_conf.py: the worker count it planned
+MODEL_DIR_ENV = "LLM_TWIN_MODEL_DIR"  # set by `serve` when HF_MODEL_ID chose the model (serve/model_source.py)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class ServeConfig:
     max_concurrent_transforms: int = 0  # SAGEMAKER_MAX_CONCURRENT_TRANSFORMS; 0 = from the engine copies
     batch_strategy: str = "MULTI_RECORD"  # SAGEMAKER_BATCH_STRATEGY
     engine_copies: int = 1  # gunicorn workers, each with its own engine
+    hf_model_id: str = ""  # TGI's SageMaker HF_MODEL_ID: a hub id or a folder, used when model_dir is empty
+    hf_model_revision: str = ""
+    trust_remote_code: bool = False  # HF_MODEL_TRUST_REMOTE_CODE: run a hub model's own Python code
 
     @property
     def threads(self) -> int:
@@ -91,7 +95,7 @@ class ServeConfig:
 
         batch = get(("SAGEMAKER_BATCH",), bool, cls.batch)
         config = cls(
-            model_dir=OptML.from_env(environ).model_dir,
+            model_dir=Path(environ[MODEL_DIR_ENV]) if environ.get(MODEL_DIR_ENV) else OptML.from_env(environ).model_dir,
             port=serving_port(environ),
             workers=get((MODEL_SERVER_WORKERS_ENV,), int, cls.workers),
             timeout=get((MODEL_SERVER_TIMEOUT_ENV,), int, BATCH_TIMEOUT if batch else cls.timeout),
@@ -103,7 +107,7 @@ class ServeConfig:
             max_batch_prefill_tokens=get(("MAX_BATCH_PREFILL_TOKENS",), int, cls.max_batch_prefill_tokens),
             max_batch_total_tokens=get(("MAX_BATCH_TOTAL_TOKENS",), int, cls.max_batch_total_tokens),
             max_concurrent_requests=get(("MAX_CONCURRENT_REQUESTS",), int, cls.max_concurrent_requests),
-            num_shard=get(("NUM_SHARD",), int, cls.num_shard),
+            num_shard=get(("NUM_SHARD", "SM_NUM_GPUS"), int, cls.num_shard),
             cuda_memory_fraction=get(("CUDA_MEMORY_FRACTION",), float, cls.cuda_memory_fraction),
             cuda_graphs=environ.get("CUDA_GRAPHS", "").strip() not in ("0", "false", "False"),
             prefix_caching=get(("PREFIX_CACHING",), bool, cls.prefix_caching),
@@ -113,6 +117,9 @@ class ServeConfig:
             max_concurrent_transforms=get(("SAGEMAKER_MAX_CONCURRENT_TRANSFORMS",), int, cls.max_concurrent_transforms),
             batch_strategy=_batch_strategy(get(("SAGEMAKER_BATCH_STRATEGY",), str, cls.batch_strategy)),
             engine_copies=get((ENGINE_COPIES_ENV,), int, cls.engine_copies),
+            hf_model_id=get(("HF_MODEL_ID",), str, cls.hf_model_id),
+            hf_model_revision=get(("HF_MODEL_REVISION",), str, cls.hf_model_revision),
+            trust_remote_code=get(("HF_MODEL_TRUST_REMOTE_CODE", "TRUST_REMOTE_CODE"), bool, cls.trust_remote_code),
         )
         if config.dtype not in DTYPES:
             raise ConfigError(f"DTYPE={config.dtype!r} is not valid: use one of {', '.join(DTYPES)}")

@@ -250,7 +250,7 @@ class Engine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.tokenizer = AutoTokenizer.from_pretrained(self.config.model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.config.model_dir, trust_remote_code=self.config.trust_remote_code)
         self.special_ids = set(self.tokenizer.all_special_ids)
         arguments, environment = engine_arguments(self.config, self.spec)
         os.environ.update(environment)  # read by vLLM's engine processes, which inherit it
@@ -280,9 +280,10 @@ class Engine:
             return model
         from transformers import AutoModelForCausalLM, AutoTokenizer  # plain transformers, for predict_fn only
 
-        tokenizer = AutoTokenizer.from_pretrained(self.config.model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(self.config.model_dir, trust_remote_code=self.config.trust_remote_code)
         source = resolve_base(self.spec.base_model) if self.spec.weights == "adapter" else self.config.model_dir
-        model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", use_safetensors=True,
+                                                     trust_remote_code=self.config.trust_remote_code)
         if self.spec.weights == "adapter":
             from peft import PeftModel
 

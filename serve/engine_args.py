@@ -36,7 +36,7 @@ def engine_arguments(config: ServeConfig, spec: ServingSpec) -> tuple[dict, dict
         "max_model_len": max_total or None,
         "enable_prefix_caching": config.prefix_caching,
         "enforce_eager": cpu or not config.cuda_graphs,  # no CUDA graphs on the CPU; and a 25 s start, not 2 min
-        "trust_remote_code": False,
+        "trust_remote_code": config.trust_remote_code,  # off unless HF_MODEL_TRUST_REMOTE_CODE asks
         "load_format": "safetensors",
         "disable_log_stats": True,
         "seed": 0,

@@ -84,3 +84,30 @@ def test_serve_refuses_a_missing_model_with_a_clear_message(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "holds no model" in result.stderr
+
+
+def test_hf_model_id_serves_the_llm_twin_books_deployment_when_opt_ml_model_is_empty(tmp_path, tiny_model, serve_tree):
+    """The book deploys TGI with HF_MODEL_ID, SM_NUM_GPUS, TGI's token limits and a hub token, no model data.
+    Here HF_MODEL_ID is a local folder (no hub from this machine); the hub id path is the next test."""
+    (tmp_path / "model").mkdir()  # SageMaker's /opt/ml/model with no ModelDataUrl: empty
+    server = serve_tree(tmp_path, HF_MODEL_ID=str(tiny_model), SM_NUM_GPUS="1", MAX_INPUT_LENGTH="200",
+                        MAX_TOTAL_TOKENS="256", MAX_BATCH_TOTAL_TOKENS="2048", HUGGING_FACE_HUB_TOKEN="hf_book_secret",
+                        DTYPE="float32")
+    response = server.invoke(LLM_TWIN_BODY)
+    assert response.status_code == 200, response.text
+    assert response.json()[0]["generated_text"].strip()
+    output = server.stop()
+    assert f"serving HF_MODEL_ID={tiny_model}" in output and "hf_book_secret" not in output
+
+
+def test_hf_model_id_that_cannot_be_downloaded_is_named_and_the_token_never_printed(tmp_path):
+    env = {"SAGEMAKER_BASE_DIR": str(tmp_path), "PATH": str(BIN), "HF_MODEL_ID": "twin-org/no-such-model",
+           "HF_MODEL_REVISION": "v1", "HF_TOKEN": "hf_secret_value", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([str(BIN / "serve")], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "could not download HF_MODEL_ID=twin-org/no-such-model from the Hugging Face Hub" in result.stderr
+    assert "hf_secret_value" not in result.stdout + result.stderr
+    # A path that is not a folder is named.
+    env["HF_MODEL_ID"] = "/nowhere/model"
+    result = subprocess.run([str(BIN / "serve")], env=env, capture_output=True, text=True, timeout=60)
+    assert "HF_MODEL_ID='/nowhere/model' is not a folder" in result.stderr

@@ -81,3 +81,18 @@ def test_batch_transform_parameters_stay_within_sagemakers_100_mb_and_honour_its
         batch(SAGEMAKER_MAX_PAYLOAD_IN_MB="6", SAGEMAKER_MAX_CONCURRENT_TRANSFORMS="32")
     with pytest.raises(ConfigError, match="SAGEMAKER_BATCH_STRATEGY='ALL' is not valid"):
         batch(SAGEMAKER_BATCH_STRATEGY="ALL")
+
+
+def test_a_model_in_opt_ml_model_wins_over_hf_model_id(served, tmp_path):
+    from serve.model_source import model_source
+
+    other = tmp_path / "other"
+    other.mkdir()
+    config = ServeConfig.from_env({"SAGEMAKER_BASE_DIR": str(served.parent), "HF_MODEL_ID": str(other)})
+    assert model_source(config) == served
+    empty = tmp_path / "empty"
+    (empty / "model").mkdir(parents=True)
+    config = ServeConfig.from_env({"SAGEMAKER_BASE_DIR": str(empty), "HF_MODEL_ID": str(other), "SM_NUM_GPUS": "4",
+                                   "HF_MODEL_TRUST_REMOTE_CODE": "true"})
+    assert model_source(config) == other and config.num_shard == 4 and config.trust_remote_code
+    assert not ServeConfig.from_env({}).trust_remote_code

@@ -1,0 +1,53 @@
+"""Where `serve` finds its model: /opt/ml/model, or HF_MODEL_ID as TGI's SageMaker entrypoint takes it.
+
+A model directory in /opt/ml/model (the endpoint's ModelDataUrl) always wins. When it is empty,
+HF_MODEL_ID names the model the way the LLM Twin book and every TGI/DLC deployment do: a local folder, or
+a Hugging Face Hub id downloaded once, before the workers start, into HF_HOME (on the endpoint's storage
+volume: see container/entrypoint.py), at HF_MODEL_REVISION, with HF_TOKEN or HUGGING_FACE_HUB_TOKEN for
+gated models. Only safetensors weights are fetched; the token is never printed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from container.config import ConfigError
+from serve.config import ServeConfig
+
+# What serving needs from a hub repository: configs, safetensors weights, the tokenizer, a chat template.
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+def model_source(config: ServeConfig) -> Path:
+    """The folder to serve: config.model_dir unless it is empty and HF_MODEL_ID is set."""
+    if _has_files(config.model_dir) or not config.hf_model_id:
+        return config.model_dir
+    local = Path(config.hf_model_id)
+    if local.is_dir():
+        return local
+    if config.hf_model_id.startswith(("/", ".", "~")):
+        raise ConfigError(f"HF_MODEL_ID={config.hf_model_id!r} is not a folder (and {config.model_dir} is empty)")
+    return _download(config.hf_model_id, config.hf_model_revision or None)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
+    print(f"serve: downloading {repo_id}{f' at {revision}' if revision else ''} from the Hugging Face Hub "
+          f"into {os.environ.get('HF_HOME', '~/.cache/huggingface')}", flush=True)
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=HUB_FILES))
+    except Exception as e:  # hub errors, network errors: one clear line, never the token
+        message = str(e).replace(token, "****") if token else str(e)
+        raise ConfigError(f"could not download HF_MODEL_ID={repo_id} from the Hugging Face Hub: "
+                          f"{type(e).__name__}: {message.splitlines()[0] if message else ''}") from None
+    if not any(folder.glob("*.safetensors")):
+        raise ConfigError(f"HF_MODEL_ID={repo_id} has no safetensors weights: this image loads no pickled "
+                          "(.bin) weights; convert them, or use a repository that has safetensors")
+    return folder
+
+
+def _has_files(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
