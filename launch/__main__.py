@@ -2,7 +2,8 @@
 
     python -m launch train --image URI --role ARN --train s3://b/train/ --output s3://b/out/ \\
         --hyperparameters hp.json --instance-type ml.g5.2xlarge [--preference s3://...] [--spot --checkpoints s3://...]
-    python -m launch deploy --image URI --role ARN --model-data s3://b/out/JOB/output/model.tar.gz --name twin
+    python -m launch deploy --image URI --role ARN --model-data s3://b/out/JOB/output/model.tar.gz --name twin \\
+        [--autoscale 1:4] [--async s3://b/async-out/] [--download-timeout 1800]
     python -m launch batch --image URI --role ARN --model-data s3://b/out/JOB/output/model.tar.gz \\
         --input s3://b/prompts/ --output s3://b/answers/ --name twin-batch
     python -m launch invoke --name twin --inputs "Write a post about LoRA" [--stream]
@@ -20,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from launch.api import endpoint_requests, redacted, sse_events, training_job_request, transform_requests
+from launch.api import (autoscaling_requests, endpoint_requests, redacted, sse_events, training_job_request,
+                        transform_requests)
 
 
 def main(argv: list[str] | None = None, clients=None) -> int:
@@ -49,12 +51,25 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--max-wait", type=int)
     train.add_argument("--checkpoints", help="S3 URI for /opt/ml/checkpoints (needed for spot)")
     train.add_argument("--name", default=f"llm-twin-{time.strftime('%Y%m%d-%H%M%S')}")
+    train.add_argument("--uncompressed-output", action="store_true",
+                       help="upload the model as files (OUTPUT/NAME/output/model/), not model.tar.gz: for large models")
     train.set_defaults(run=run_train)
 
     deploy = sub.add_parser("deploy", help="create a real-time endpoint")
     deploy.add_argument("--image", required=True)
     deploy.add_argument("--role", required=True)
-    deploy.add_argument("--model-data", required=True)
+    deploy.add_argument("--model-data", help="a model.tar.gz, or an S3 prefix of the model's files (uncompressed, "
+                        "e.g. a job's output/model/ from --uncompressed-output); omit with --env HF_MODEL_ID=...")
+    deploy.add_argument("--download-timeout", type=int, metavar="SECONDS",
+                        help="ModelDataDownloadTimeoutInSeconds (60-3600): raise it for models over about 40 GB")
+    deploy.add_argument("--async", dest="async_output", metavar="S3OUT",
+                        help="an asynchronous endpoint writing its answers under S3OUT (requests up to an hour)")
+    deploy.add_argument("--async-concurrency", type=int, default=4,
+                        help="MaxConcurrentInvocationsPerInstance for --async (default 4)")
+    deploy.add_argument("--autoscale", metavar="MIN:MAX",
+                        help="target-tracking autoscaling of the instance count on concurrent requests per model copy")
+    deploy.add_argument("--autoscale-target", type=float, default=16.0,
+                        help="concurrent requests per model copy that --autoscale keeps to (default 16)")
     deploy.add_argument("--name", required=True)
     deploy.add_argument("--instance-type", default="ml.g5.2xlarge")
     deploy.add_argument("--startup-timeout", type=int, default=900)
@@ -105,7 +120,7 @@ def run_train(args, clients) -> int:
         name=args.name, image=args.image, role=args.role, channels=channels, output=args.output,
         hyperparameters=hyperparameters, instance_type=args.instance_type, instance_count=args.instance_count,
         max_run=args.max_run, spot=args.spot, max_wait=args.max_wait, checkpoint_s3=args.checkpoints,
-        environment=environment)
+        environment=environment, uncompressed_output=args.uncompressed_output)
     print(json.dumps(redacted(request), indent=2))
     clients["sagemaker"].create_training_job(**request)
     print(f"started training job {args.name}")
@@ -116,12 +131,30 @@ def run_deploy(args, clients) -> int:
     requests = endpoint_requests(name=args.name, image=args.image, role=args.role, model_data=args.model_data,
                                  instance_type=args.instance_type, environment=_pairs(args.env),
                                  startup_timeout=args.startup_timeout,
-                                 ami_version=None if args.inference_ami_version == "default" else args.inference_ami_version)
+                                 ami_version=None if args.inference_ami_version == "default" else args.inference_ami_version,
+                                 download_timeout=args.download_timeout, async_output=args.async_output,
+                                 async_concurrency=args.async_concurrency)
+    scaling = None
+    if args.autoscale:
+        low, _, high = args.autoscale.partition(":")
+        if not (low.isdigit() and high.isdigit()):
+            raise SystemExit(f"--autoscale takes MIN:MAX instance counts, e.g. 1:4; got {args.autoscale!r}")
+        scaling = autoscaling_requests(name=args.name, min_instances=int(low), max_instances=int(high),
+                                       target=args.autoscale_target)
+    print(json.dumps(redacted(requests["model"]), indent=2))
     sm = clients["sagemaker"]
     sm.create_model(**requests["model"])
     sm.create_endpoint_config(**requests["config"])
     sm.create_endpoint(**requests["endpoint"])
-    print(f"creating endpoint {args.name}; it answers once its status is InService")
+    if scaling is None:
+        print(f"creating endpoint {args.name}; it answers once its status is InService")
+        return 0
+    print(f"creating endpoint {args.name}; waiting for InService to register its autoscaling")
+    sm.get_waiter("endpoint_in_service").wait(EndpointName=args.name)
+    autoscaling = clients["application-autoscaling"]
+    autoscaling.register_scalable_target(**scaling["target"])
+    autoscaling.put_scaling_policy(**scaling["policy"])
+    print(f"endpoint {args.name} is in service, scaling {args.autoscale} on concurrent requests per copy")
     return 0
 
 
@@ -182,7 +215,7 @@ def _boto3_clients(region: str | None) -> dict:
     import boto3
 
     session = boto3.Session(region_name=region)
-    return {"sagemaker": session.client("sagemaker"), "sagemaker-runtime": session.client("sagemaker-runtime")}
+    return {name: session.client(name) for name in ("sagemaker", "sagemaker-runtime", "application-autoscaling")}
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 
 from train.metrics import METRIC_DEFINITIONS
 
-SECRET_ENV = ("HF_TOKEN",)
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 # The image is CUDA 13.0 (driver 580+, or 535+ with forward compatibility). SageMaker's default host
 # image runs driver 470 on g4dn/g5/p4d endpoints (too old for either) and 535/550 on g6/p5/p5e: the host
@@ -28,6 +28,8 @@ GPU_TRANSFORM_AMI = "al2-ami-sagemaker-batch-gpu-535"
 # server gives up a minute earlier, so a mini-batch that cannot finish fails with the server's answer.
 TRANSFORM_INVOCATION_TIMEOUT = 3600
 TRANSFORM_SERVER_TIMEOUT = 3540
+ASYNC_SERVER_TIMEOUT = 3540  # an async invocation may run up to 3600 s; the server answers first
+VARIANT = "AllTraffic"
 
 
 def default_inference_ami(instance_type: str) -> str | None:
@@ -43,7 +45,10 @@ def default_transform_ami(instance_type: str) -> str | None:
 def training_job_request(*, name: str, image: str, role: str, channels: dict[str, str], output: str,
                          hyperparameters: dict, instance_type: str, instance_count: int = 1, volume_gb: int = 100,
                          max_run: int = 86400, spot: bool = False, max_wait: int | None = None,
-                         checkpoint_s3: str | None = None, environment: dict[str, str] | None = None) -> dict:
+                         checkpoint_s3: str | None = None, environment: dict[str, str] | None = None,
+                         uncompressed_output: bool = False) -> dict:
+    """CreateTrainingJob. uncompressed_output: SageMaker uploads /opt/ml/model as files under
+    OUTPUT/JOB/output/model/ instead of packing model.tar.gz (for large models)."""
     if spot and not checkpoint_s3:
         raise ValueError("spot training needs a checkpoint S3 URI, or an interruption loses the work")
     request = {
@@ -57,7 +62,7 @@ def training_job_request(*, name: str, image: str, role: str, channels: dict[str
             {"ChannelName": channel, "DataSource": {"S3DataSource": {
                 "S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}}}
             for channel, uri in sorted(channels.items())],
-        "OutputDataConfig": {"S3OutputPath": output},
+        "OutputDataConfig": {"S3OutputPath": output, **({"CompressionType": "NONE"} if uncompressed_output else {})},
         "ResourceConfig": {"InstanceType": instance_type, "InstanceCount": instance_count, "VolumeSizeInGB": volume_gb},
         "StoppingCondition": {"MaxRuntimeInSeconds": max_run},
         "Environment": dict(environment or {}),
@@ -70,28 +75,69 @@ def training_job_request(*, name: str, image: str, role: str, channels: dict[str
     return request
 
 
-def endpoint_requests(*, name: str, image: str, role: str, model_data: str, instance_type: str,
+def endpoint_requests(*, name: str, image: str, role: str, model_data: str | None, instance_type: str,
                       environment: dict[str, str] | None = None, startup_timeout: int = 900,
-                      ami_version: str | None = "auto") -> dict[str, dict]:
-    """CreateModel, CreateEndpointConfig and CreateEndpoint for one real-time endpoint. ami_version "auto"
-    is default_inference_ami(instance_type); None or "" leaves SageMaker's default host image."""
+                      ami_version: str | None = "auto", download_timeout: int | None = None,
+                      async_output: str | None = None, async_concurrency: int = 4) -> dict[str, dict]:
+    """CreateModel, CreateEndpointConfig and CreateEndpoint for one endpoint: real-time, or asynchronous
+    with async_output (answers written to S3; a request may then run up to an hour). ami_version "auto" is
+    default_inference_ami(instance_type); None or "" leaves SageMaker's default host image."""
     if ami_version == "auto":
         ami_version = default_inference_ami(instance_type)
-    requests = {
+    environment = dict(environment or {})
+    if async_output:  # async invocations may run 3600 s; the server's timeout must not cut them at 120
+        environment.setdefault("SAGEMAKER_MODEL_SERVER_TIMEOUT", str(ASYNC_SERVER_TIMEOUT))
+    variant = {"VariantName": VARIANT, "ModelName": name, "InstanceType": instance_type, "InitialInstanceCount": 1,
+               "ContainerStartupHealthCheckTimeoutInSeconds": startup_timeout}
+    if download_timeout:
+        variant["ModelDataDownloadTimeoutInSeconds"] = download_timeout
+    if ami_version:
+        variant["InferenceAmiVersion"] = ami_version
+    config = {"EndpointConfigName": name, "ProductionVariants": [variant]}
+    if async_output:
+        config["AsyncInferenceConfig"] = {"OutputConfig": {"S3OutputPath": async_output},
+                                          "ClientConfig": {"MaxConcurrentInvocationsPerInstance": async_concurrency}}
+    return {
         "model": model_request(name=name, image=image, role=role, model_data=model_data, environment=environment),
-        "config": {"EndpointConfigName": name, "ProductionVariants": [{
-            "VariantName": "AllTraffic", "ModelName": name, "InstanceType": instance_type, "InitialInstanceCount": 1,
-            "ContainerStartupHealthCheckTimeoutInSeconds": startup_timeout}]},
+        "config": config,
         "endpoint": {"EndpointName": name, "EndpointConfigName": name},
     }
-    if ami_version:
-        requests["config"]["ProductionVariants"][0]["InferenceAmiVersion"] = ami_version
-    return requests
 
 
-def model_request(*, name: str, image: str, role: str, model_data: str, environment: dict[str, str] | None = None) -> dict:
-    return {"ModelName": name, "ExecutionRoleArn": role,
-            "PrimaryContainer": {"Image": image, "ModelDataUrl": model_data, "Environment": dict(environment or {})}}
+def autoscaling_requests(*, name: str, min_instances: int, max_instances: int, target: float) -> dict[str, dict]:
+    """Application Auto Scaling's RegisterScalableTarget and PutScalingPolicy: target tracking on the
+    concurrent requests per model copy (SageMaker's high-resolution metric, reported every 10 s)."""
+    if not 1 <= min_instances <= max_instances:
+        raise ValueError(f"--autoscale {min_instances}:{max_instances}: need 1 <= MIN <= MAX (an endpoint variant "
+                         "keeps at least one instance; scaling to zero needs inference components)")
+    scalable = {"ServiceNamespace": "sagemaker", "ResourceId": f"endpoint/{name}/variant/{VARIANT}",
+                "ScalableDimension": "sagemaker:variant:DesiredInstanceCount"}
+    return {
+        "target": {**scalable, "MinCapacity": min_instances, "MaxCapacity": max_instances},
+        "policy": {**scalable, "PolicyName": f"{name}-concurrent-requests", "PolicyType": "TargetTrackingScaling",
+                   "TargetTrackingScalingPolicyConfiguration": {
+                       "TargetValue": float(target),
+                       "PredefinedMetricSpecification": {
+                           "PredefinedMetricType": "SageMakerVariantConcurrentRequestsPerModelHighResolution"},
+                       "ScaleOutCooldown": 60, "ScaleInCooldown": 300}},
+    }
+
+
+def model_request(*, name: str, image: str, role: str, model_data: str | None,
+                  environment: dict[str, str] | None = None) -> dict:
+    """CreateModel. model_data: a model.tar.gz (ModelDataUrl), an S3 prefix of the model's own files
+    (ModelDataSource, CompressionType None: no tarball to pack or unpack, for large models), or None when
+    the environment names the model (HF_MODEL_ID)."""
+    container = {"Image": image, "Environment": dict(environment or {})}
+    if model_data and model_data.endswith(".tar.gz"):
+        container["ModelDataUrl"] = model_data
+    elif model_data:
+        container["ModelDataSource"] = {"S3DataSource": {"S3Uri": model_data.rstrip("/") + "/",
+                                                         "S3DataType": "S3Prefix", "CompressionType": "None"}}
+    elif "HF_MODEL_ID" not in container["Environment"]:
+        raise ValueError("give the model: --model-data (a model.tar.gz or an S3 prefix of its files), "
+                         "or --env HF_MODEL_ID=<hub id>")
+    return {"ModelName": name, "ExecutionRoleArn": role, "PrimaryContainer": container}
 
 
 def transform_requests(*, name: str, image: str, role: str, model_data: str, input_s3: str, output_s3: str,

@@ -161,3 +161,78 @@ def test_batch_sends_the_exact_transform_job_with_the_driver_535_host_image():
     cpu = transform_requests(name="n", image=IMAGE, role=ROLE, model_data="s3://b/m", input_s3="s3://b/i",
                              output_s3="s3://b/o", instance_type="ml.m5.xlarge")
     assert "TransformAmiVersion" not in cpu["job"]["TransformResources"]
+
+
+def test_deploy_uncompressed_model_data_async_and_autoscaling_send_the_exact_requests(capsys):
+    sm, autoscaling = client("sagemaker"), client("application-autoscaling")
+    with Stubber(sm) as stub, Stubber(autoscaling) as scaling:
+        stub.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:us-east-1:1:model/big"}, {
+            "ModelName": "big", "ExecutionRoleArn": ROLE, "PrimaryContainer": {
+                "Image": IMAGE, "Environment": {"SAGEMAKER_MODEL_SERVER_TIMEOUT": "3540"},
+                "ModelDataSource": {"S3DataSource": {"S3Uri": "s3://b/out/job/output/model/", "S3DataType": "S3Prefix",
+                                                     "CompressionType": "None"}}}})
+        stub.add_response("create_endpoint_config", {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:endpoint-config/big"}, {
+            "EndpointConfigName": "big", "ProductionVariants": [{
+                "VariantName": "AllTraffic", "ModelName": "big", "InstanceType": "ml.g6e.12xlarge", "InitialInstanceCount": 1,
+                "ContainerStartupHealthCheckTimeoutInSeconds": 1800, "ModelDataDownloadTimeoutInSeconds": 2400,
+                "InferenceAmiVersion": "al2023-ami-sagemaker-inference-gpu-4-1"}],
+            "AsyncInferenceConfig": {"OutputConfig": {"S3OutputPath": "s3://b/async/"},
+                                     "ClientConfig": {"MaxConcurrentInvocationsPerInstance": 8}}})
+        stub.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/big"},
+                          {"EndpointName": "big", "EndpointConfigName": "big"})
+        stub.add_response("describe_endpoint", {  # the waiter: autoscaling registers an in-service variant
+            "EndpointName": "big", "EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/big", "EndpointConfigName": "big",
+            "EndpointStatus": "InService", "CreationTime": "2026-11-27T00:00:00Z", "LastModifiedTime": "2026-11-27T00:00:00Z"},
+            {"EndpointName": "big"})
+        resource = {"ServiceNamespace": "sagemaker", "ResourceId": "endpoint/big/variant/AllTraffic",
+                    "ScalableDimension": "sagemaker:variant:DesiredInstanceCount"}
+        scaling.add_response("register_scalable_target", {}, {**resource, "MinCapacity": 1, "MaxCapacity": 4})
+        scaling.add_response("put_scaling_policy", {"PolicyARN": "arn:aws:autoscaling:us-east-1:1:scalingPolicy:x"}, {
+            **resource, "PolicyName": "big-concurrent-requests", "PolicyType": "TargetTrackingScaling",
+            "TargetTrackingScalingPolicyConfiguration": {
+                "TargetValue": 24.0, "ScaleOutCooldown": 60, "ScaleInCooldown": 300,
+                "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantConcurrentRequestsPerModelHighResolution"}}})
+        assert main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/out/job/output/model",
+                     "--name", "big", "--instance-type", "ml.g6e.12xlarge", "--startup-timeout", "1800",
+                     "--download-timeout", "2400", "--async", "s3://b/async/", "--async-concurrency", "8",
+                     "--autoscale", "1:4", "--autoscale-target", "24"],
+                    clients={"sagemaker": sm, "application-autoscaling": autoscaling}) == 0
+        stub.assert_no_pending_responses()
+        scaling.assert_no_pending_responses()
+    with pytest.raises(ValueError, match="scaling to zero needs inference components"):
+        main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/m.tar.gz", "--name", "z",
+              "--autoscale", "0:2"], clients={"sagemaker": sm})
+
+
+def test_deploy_by_hf_model_id_needs_no_model_data_and_never_prints_the_token(capsys):
+    from launch.api import model_request
+
+    request = model_request(name="book", image=IMAGE, role=ROLE, model_data=None,
+                            environment={"HF_MODEL_ID": "meta-llama/Llama-3.1-8B", "HUGGING_FACE_HUB_TOKEN": "hf_x"})
+    assert "ModelDataUrl" not in request["PrimaryContainer"] and "ModelDataSource" not in request["PrimaryContainer"]
+    with pytest.raises(ValueError, match="give the model: --model-data"):
+        model_request(name="none", image=IMAGE, role=ROLE, model_data=None)
+    sm = client("sagemaker")
+    with Stubber(sm) as stub:
+        stub.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:us-east-1:1:model/book"})
+        stub.add_response("create_endpoint_config", {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:endpoint-config/book"})
+        stub.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/book"})
+        main(["deploy", "--image", IMAGE, "--role", ROLE, "--name", "book", "--env", "HF_MODEL_ID=meta-llama/Llama-3.1-8B",
+              "--env", "HUGGING_FACE_HUB_TOKEN=hf_secret_token"], clients={"sagemaker": sm})
+    out = capsys.readouterr().out
+    assert "hf_secret_token" not in out and '"HUGGING_FACE_HUB_TOKEN": "****"' in out
+
+
+def test_train_uncompressed_output_asks_sagemaker_for_files_not_a_tarball():
+    from launch.api import training_job_request
+
+    request = training_job_request(name="t", image=IMAGE, role=ROLE, channels={"train": "s3://b/t/"}, output="s3://b/o/",
+                                   hyperparameters={}, instance_type="ml.g5.2xlarge", uncompressed_output=True)
+    assert request["OutputDataConfig"] == {"S3OutputPath": "s3://b/o/", "CompressionType": "NONE"}
+    sm = client("sagemaker")
+    with Stubber(sm) as stub:
+        stub.add_response("create_training_job", {"TrainingJobArn": "arn:aws:sagemaker:us-east-1:1:training-job/t"},
+                          {**request, "HyperParameters": {}, "Environment": {}})
+        assert main(["train", "--image", IMAGE, "--role", ROLE, "--train", "s3://b/t/", "--output", "s3://b/o/",
+                     "--name", "t", "--uncompressed-output"], clients={"sagemaker": sm}) == 0
+        stub.assert_no_pending_responses()
