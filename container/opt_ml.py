@@ -78,7 +78,16 @@ class OptML:
 
     @property
     def checkpoints_dir(self) -> Path:
-        return self.root / "checkpoints"
+        """/opt/ml/checkpoints, or the LocalPath of the job's CheckpointConfig (input/config/checkpointconfig.json),
+        which is the folder SageMaker syncs with S3. A LocalPath under /opt/ml follows SAGEMAKER_BASE_DIR."""
+        config = _read_json_object(self.input_config_dir / "checkpointconfig.json", missing={})
+        local = config.get("LocalPath") if isinstance(config, dict) else None
+        if not local:
+            return self.root / "checkpoints"
+        path = Path(local)
+        if path.is_relative_to(DEFAULT_ROOT):
+            return self.root / path.relative_to(DEFAULT_ROOT)
+        return path
 
     @property
     def output_dir(self) -> Path:

@@ -37,9 +37,15 @@ CHANNELS = {"sft": ("train", "validation", load_sft_rows),
 
 def check_job_shape(paths: OptML) -> None:
     """Refuse job shapes this version cannot run correctly, before any work is done."""
+    hosts = paths.read_resource_config().hosts
     for channel, settings in paths.read_input_data_config().items():
         if settings.get("TrainingInputMode") == "Pipe":
             raise ContractError(f"the '{channel}' channel uses Pipe input mode; use File or FastFile")
+        if settings.get("S3DistributionType") == "ShardedByS3Key" and len(hosts) > 1:
+            raise ContractError(
+                f"the '{channel}' channel is ShardedByS3Key: each of the {len(hosts)} instances would read different "
+                "files and run a different number of steps, and the ranks would wait on each other forever; use "
+                "FullyReplicated (every instance reads all of it, and the trainer gives each rank its own share)")
 
 
 def load_data(config: TrainConfig, paths: OptML) -> dict[str, tuple[list, list]]:

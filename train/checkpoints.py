@@ -4,6 +4,11 @@ complete checkpoint. SageMaker syncs /opt/ml/checkpoints to S3 and copies it bac
 A checkpoint counts only once the Trainer has finished writing it: the `on_save` callback, which runs
 after every file is written, drops a marker in it. Checkpoints without the marker (a kill mid-write)
 are never resumed from and are deleted. A finished stage leaves `<stage>/final` with the same marker.
+
+Every instance of a job syncs its checkpoint folder to the one S3 prefix, and gets all of it back on a
+restart. So with several instances each writes under its own host name (`<host>/<stage>/...`: no file of
+one overwrites another's), and a checkpoint is resumed from only when every host's copy of it is
+complete: all instances then resume from the same step.
 """
 
 from __future__ import annotations
@@ -62,19 +67,35 @@ class MarkComplete(TrainerCallback):
         return control
 
 
-def latest_checkpoint(stage_dir: Path) -> Path | None:
-    """The newest complete checkpoint-N under `stage_dir`; incomplete ones are removed."""
-    complete = []
+def checkpoint_roots(checkpoints_dir: Path, current_host: str, hosts: tuple[str, ...]) -> tuple[Path, list[Path]]:
+    """This instance's checkpoint folder, and every instance's (this one's included)."""
+    if len(hosts) == 1:
+        return checkpoints_dir, [checkpoints_dir]
+    return checkpoints_dir / current_host, [checkpoints_dir / host for host in hosts]
+
+
+def latest_checkpoint(stage_dir: Path, peer_stage_dirs: list[Path] = ()) -> Path | None:
+    """The newest checkpoint-N under `stage_dir` that is complete there and in every peer's stage folder;
+    this instance's incomplete ones are removed (never another instance's)."""
+    steps = _complete_steps(stage_dir, remove_incomplete=True)
+    for peer in peer_stage_dirs:
+        if peer != stage_dir:
+            steps &= _complete_steps(peer, remove_incomplete=False)
+    return stage_dir / f"checkpoint-{max(steps)}" if steps else None
+
+
+def _complete_steps(stage_dir: Path, remove_incomplete: bool) -> set[int]:
+    steps = set()
     for folder in sorted(stage_dir.glob("checkpoint-*")):
         match = _CHECKPOINT.match(folder.name)
         if not match or not folder.is_dir():
             continue
         if (folder / COMPLETE_MARKER).is_file():
-            complete.append((int(match.group(1)), folder))
-        else:
+            steps.add(int(match.group(1)))
+        elif remove_incomplete:
             log.warning("removing incomplete checkpoint %s (the job stopped while writing it)", folder)
             shutil.rmtree(folder, ignore_errors=True)
-    return max(complete)[1] if complete else None
+    return steps
 
 
 def is_complete(folder: Path) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from container.opt_ml import OptML
-from train.checkpoints import StopOnSignal, is_complete, mark_complete
+from train.checkpoints import StopOnSignal, checkpoint_roots, is_complete, mark_complete
 from train.errors import TrainingInterrupted
 from train.config import TrainConfig
 from train.export import export_model
@@ -41,11 +41,13 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
         "stages": {},
     }
     source = base.source
+    resources = paths.read_resource_config()
+    root, roots = checkpoint_roots(paths.checkpoints_dir, resources.current_host, resources.hosts)
     for index, stage in enumerate(config.stages):
-        stage_dir = paths.checkpoints_dir / stage
+        stage_dir = root / stage
         final = stage_dir / "final"
         last = index == len(config.stages) - 1
-        if not last and is_complete(final):
+        if not last and all(is_complete(peer / stage / "final") for peer in roots):
             log.info("stage %s finished in an earlier run: continuing from %s", stage, final)
             report["stages"][stage] = json.loads((final / STAGE_REPORT_FILE).read_text())
             source = str(final)
@@ -55,7 +57,8 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
 
         train_rows, eval_rows = data[stage]
         model = load_for_training(source, config, device.dtype, device.attn_implementation)
-        trained, stage_report = train_stage(stage, config, model, tokenizer, train_rows, eval_rows, stage_dir, device, stop)
+        trained, stage_report = train_stage(stage, config, model, tokenizer, train_rows, eval_rows, stage_dir, device, stop,
+                                            peer_stage_dirs=[peer / stage for peer in roots])
         report["stages"][stage] = stage_report
         del model
         _free_memory()

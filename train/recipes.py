@@ -120,7 +120,7 @@ def lora_config(config: TrainConfig) -> LoraConfig | None:
 
 
 def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: list[dict], eval_rows: list[dict],
-                stage_dir: Path, device: Device, stop: StopOnSignal) -> tuple[Path, dict]:
+                stage_dir: Path, device: Device, stop: StopOnSignal, peer_stage_dirs: list[Path] = ()) -> tuple[Path, dict]:
     """Train one stage (resuming from its newest complete checkpoint). Every rank saves the result (ZeRO-3
     gathers the weights then) to `stage_dir/trained`: the adapter, or the full model. Returns it and a report."""
     packing = stage == "sft" and use_packing(config, device)
@@ -172,7 +172,7 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
               "gradient_checkpointing": checkpointing, "learning_rate": common["learning_rate"],
               "distributed": choice, "world_size": world_size()}
     report.update(_data_losses(stage, trainer, train_rows, config, packing))
-    resume = latest_checkpoint(stage_dir)
+    resume = latest_checkpoint(stage_dir, peer_stage_dirs)  # the same step on every instance
     if resume is not None:
         log.info("resuming %s from %s (step %s)", stage, resume, resume.name.split("-")[-1])
         report["resumed_from_step"] = int(resume.name.split("-")[-1])

@@ -96,3 +96,13 @@ def test_pipe_mode_fails_clearly(tmp_path):
     root = make_tree(tmp_path / "b", FAST, {"train/d.jsonl": jsonl(TINY_ROWS)})
     (root / "input" / "config" / "inputdataconfig.json").write_text(json.dumps({"train": {"TrainingInputMode": "Pipe"}}))
     fails_with(root, "Pipe input mode")
+
+
+def test_a_sharded_channel_on_several_instances_is_refused_naming_the_fix(tmp_path):
+    root = make_tree(tmp_path / "s", FAST, {"train/d.jsonl": jsonl(TINY_ROWS)})
+    config = root / "input" / "config"
+    (config / "inputdataconfig.json").write_text(json.dumps({"train": {"TrainingInputMode": "File",
+                                                                       "S3DistributionType": "ShardedByS3Key"}}))
+    (config / "resourceconfig.json").write_text(json.dumps({"current_host": "algo-1", "hosts": ["algo-1", "algo-2"]}))
+    fails_with(root, "the 'train' channel is ShardedByS3Key")
+    assert "use FullyReplicated" in (root / "output" / "failure").read_text()

@@ -76,3 +76,14 @@ def test_serving_port():
     assert serving_port({"SAGEMAKER_BIND_TO_PORT": "9001"}) == 9001
     with pytest.raises(ContractError, match="not a port number"):
         serving_port({"SAGEMAKER_BIND_TO_PORT": "http"})
+
+
+def test_checkpoints_go_where_the_jobs_checkpoint_config_says(tmp_path):
+    """SageMaker syncs CheckpointConfig.LocalPath with S3; it need not be /opt/ml/checkpoints."""
+    paths = OptML(tmp_path)
+    (tmp_path / "input" / "config").mkdir(parents=True)
+    config = tmp_path / "input" / "config" / "checkpointconfig.json"
+    config.write_text(json.dumps({"LocalPath": "/opt/ml/my-checkpoints", "S3Uri": "s3://b/ckpt"}))
+    assert paths.checkpoints_dir == tmp_path / "my-checkpoints"  # under /opt/ml: follows SAGEMAKER_BASE_DIR
+    config.write_text(json.dumps({"LocalPath": str(tmp_path / "elsewhere")}))
+    assert paths.checkpoints_dir == tmp_path / "elsewhere"
