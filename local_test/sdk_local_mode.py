@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import tarfile
 from pathlib import Path
 
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"  # local mode never calls IAM
@@ -86,7 +87,15 @@ def book(image: str, workdir: Path) -> str:
                                 "container_config": {"shm_size": "1g"}}}
     env = {"HF_MODEL_ID": "/opt/models/SmolLM2-135M-Instruct", "SM_NUM_GPUS": "1", "MAX_INPUT_LENGTH": "1024",
            "MAX_TOTAL_TOKENS": "2048", "MAX_BATCH_TOTAL_TOKENS": "8192", "HUGGING_FACE_HUB_TOKEN": "hf_not_a_real_token"}
-    model = HuggingFaceModel(image_uri=image, env=env, role=ROLE, sagemaker_session=session)
+    # SDK v2 local mode cannot start an endpoint without ModelDataUrl (sagemaker/local/entities.py reads it
+    # unconditionally), where SageMaker itself can: an empty model.tar.gz stands in, leaving /opt/ml/model
+    # empty as SageMaker does. code_location: HuggingFaceModel looks for a bucket for code even when there is
+    # none to upload; naming one spares it the account lookup (STS), which cannot answer offline.
+    empty = workdir / "book" / "empty-model.tar.gz"
+    with tarfile.open(empty, "w:gz"):
+        pass
+    model = HuggingFaceModel(image_uri=image, env=env, role=ROLE, sagemaker_session=session,
+                             model_data=f"file://{empty}", code_location="s3://llm-twin-local/code")
     predictor = model.deploy(initial_instance_count=1, instance_type="local")
     try:
         answer = predictor.predict({"inputs": "Write a short post about evaluating an LLM twin.",

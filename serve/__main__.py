@@ -33,7 +33,8 @@ def main() -> None:
         config = ServeConfig.from_env()
         source = model_source(config)
         if source != config.model_dir:  # HF_MODEL_ID: the workers serve that folder
-            print(f"serve: {config.model_dir} is empty: serving HF_MODEL_ID={config.hf_model_id} from {source}", flush=True)
+            print(f"serve: {config.model_dir} holds no model: serving HF_MODEL_ID={config.hf_model_id} from {source}",
+                  flush=True)
             os.environ[MODEL_DIR_ENV] = str(source)
             config = ServeConfig.from_env()
         custom = load_custom_handlers(config.model_dir)

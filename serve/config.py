@@ -59,7 +59,7 @@ class ServeConfig:
     max_concurrent_transforms: int = 0  # SAGEMAKER_MAX_CONCURRENT_TRANSFORMS; 0 = from the engine copies
     batch_strategy: str = "MULTI_RECORD"  # SAGEMAKER_BATCH_STRATEGY
     engine_copies: int = 1  # gunicorn workers, each with its own engine
-    hf_model_id: str = ""  # TGI's SageMaker HF_MODEL_ID: a hub id or a folder, used when model_dir is empty
+    hf_model_id: str = ""  # TGI's SageMaker HF_MODEL_ID: a hub id or a folder, used when model_dir holds no model
     hf_model_revision: str = ""
     trust_remote_code: bool = False  # HF_MODEL_TRUST_REMOTE_CODE: run a hub model's own Python code
 

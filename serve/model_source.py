@@ -1,7 +1,8 @@
 """Where `serve` finds its model: /opt/ml/model, or HF_MODEL_ID as TGI's SageMaker entrypoint takes it.
 
-A model directory in /opt/ml/model (the endpoint's ModelDataUrl) always wins. When it is empty,
-HF_MODEL_ID names the model the way the LLM Twin book and every TGI/DLC deployment do: a local folder, or
+A model directory in /opt/ml/model (the endpoint's ModelDataUrl) always wins. When it holds none (it is
+empty, or holds only what is not a model, such as the SDK local mode's own copy of a tarball), HF_MODEL_ID
+names the model the way the LLM Twin book and every TGI/DLC deployment do: a local folder, or
 a Hugging Face Hub id downloaded once, before the workers start, into HF_HOME (on the endpoint's storage
 volume: see container/entrypoint.py), at HF_MODEL_REVISION, with HF_TOKEN or HUGGING_FACE_HUB_TOKEN for
 gated models. Only safetensors weights are fetched; the token is never printed.
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 
 from container.config import ConfigError
+from container.model_dir import SERVING_SPEC_FILE
 from serve.config import ServeConfig
 
 # What serving needs from a hub repository: configs, safetensors weights, the tokenizer, a chat template.
@@ -20,14 +22,14 @@ HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "
 
 
 def model_source(config: ServeConfig) -> Path:
-    """The folder to serve: config.model_dir unless it is empty and HF_MODEL_ID is set."""
-    if _has_files(config.model_dir) or not config.hf_model_id:
+    """The folder to serve: config.model_dir unless it holds no model and HF_MODEL_ID is set."""
+    if _holds_a_model(config.model_dir) or not config.hf_model_id:
         return config.model_dir
     local = Path(config.hf_model_id)
     if local.is_dir():
         return local
     if config.hf_model_id.startswith(("/", ".", "~")):
-        raise ConfigError(f"HF_MODEL_ID={config.hf_model_id!r} is not a folder (and {config.model_dir} is empty)")
+        raise ConfigError(f"HF_MODEL_ID={config.hf_model_id!r} is not a folder (and {config.model_dir} holds no model)")
     return _download(config.hf_model_id, config.hf_model_revision or None)
 
 
@@ -49,5 +51,6 @@ def _download(repo_id: str, revision: str | None) -> Path:
     return folder
 
 
-def _has_files(folder: Path) -> bool:
-    return folder.is_dir() and any(folder.iterdir())
+def _holds_a_model(folder: Path) -> bool:
+    """train's output, a transformers folder, or custom inference code (which may load anything)."""
+    return any((folder / name).exists() for name in (SERVING_SPEC_FILE, "config.json", "code"))
