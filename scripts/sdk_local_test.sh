@@ -73,6 +73,7 @@ step "SDK v3 ModelTrainer, training_mode=LOCAL_CONTAINER"
 "$work/sdk-v3/bin/python" "$repo/local_test/sdk_local_mode.py" train "$image" "$jobdir"
 step "SDK v2 Model.deploy(instance_type='local') and predict"
 "$repo/.venv/bin/python" "$repo/local_test/sdk_local_mode.py" deploy "$image" "$jobdir"
+remove_containers  # delete_endpoint stops the SDK's compose process, not always its container (port 8080)
 step "SDK v2 HuggingFaceModel with HF_MODEL_ID and no model data (the LLM Twin book's deployment)"
 "$repo/.venv/bin/python" "$repo/local_test/sdk_local_mode.py" book "$image" "$jobdir"
 step "sdk-local-test passed"

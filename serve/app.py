@@ -124,7 +124,9 @@ def create_app(engine) -> Flask:
     @app.errorhandler(TimeoutError)
     def timeout_error(e):
         metrics.count(424)
-        return _error(424, "generation", "generation did not finish within the server timeout")
+        return _error(424, "generation", f"generation did not finish within {timeout} s (the server timeout, "
+                      "SAGEMAKER_MODEL_SERVER_TIMEOUT; a real-time endpoint answers within 60 s): stream the answer, "
+                      "ask for fewer max_new_tokens, or use an asynchronous endpoint")
 
     return app
 
@@ -181,10 +183,10 @@ def _parse_json(data: bytes):
 
 
 def _generate(engine, generate: GenerateRequest, timeout: float, metrics: Metrics, one_object: bool = False) -> Response:
-    """one_object: TGI's /generate answers the item itself, not a list of one."""
+    """one_object: TGI's /generate answers the item itself, not a list of one. A stream has its own timeout."""
     ticket = engine.submit(generate)
     if generate.stream:
-        return _stream(ticket, generate, timeout, metrics)
+        return _stream(ticket, generate, engine.config.stream_timeout, metrics)
     result = ticket.result(timeout)
     metrics.count(200, result.generated_tokens)
     answer = _response(generate, result)

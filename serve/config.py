@@ -31,6 +31,9 @@ BATCH_PAYLOAD_MB = 1
 BATCH_REQUESTS_PER_ENGINE = 2
 BATCH_STRATEGIES = ("MULTI_RECORD", "SINGLE_RECORD")
 BATCH_TIMEOUT = 540  # under SageMaker's default InvocationsTimeoutInSeconds for batch (600 s)
+# SAGEMAKER_MODEL_SERVER_TIMEOUT, when set, is every request's limit (async endpoints allow up to 3600 s).
+# Unset, a plain answer must come inside InvokeEndpoint's 60 s, or SageMaker has already answered the
+# client with an error while the generation runs on; a stream keeps the longer default it had.
 ENGINE_COPIES_ENV = "LLM_TWIN_ENGINE_COPIES"  # set by gunicorn_conf.py: the worker count it planned
 MODEL_DIR_ENV = "LLM_TWIN_MODEL_DIR"  # set by `serve` when HF_MODEL_ID chose the model (serve/model_source.py)
 
@@ -40,7 +43,8 @@ class ServeConfig:
     model_dir: Path
     port: int = 8080
     workers: int = 0  # 0 = auto: one per GPU when the model fits on one, else one (spanning all GPUs)
-    timeout: int = 120  # seconds a request may wait for its generation
+    timeout: int = 55  # seconds a request may wait for its answer: inside InvokeEndpoint's 60 s
+    stream_timeout: int = 120  # seconds a streamed answer may run
     dtype: str = "auto"  # auto: the checkpoint's own 16-bit type on GPUs, bf16 on the CPU
     quantize: str = ""
     max_input_tokens: int = 0  # 0 = from serving.json
@@ -99,6 +103,7 @@ class ServeConfig:
             port=serving_port(environ),
             workers=get((MODEL_SERVER_WORKERS_ENV,), int, cls.workers),
             timeout=get((MODEL_SERVER_TIMEOUT_ENV,), int, BATCH_TIMEOUT if batch else cls.timeout),
+            stream_timeout=get((MODEL_SERVER_TIMEOUT_ENV,), int, BATCH_TIMEOUT if batch else cls.stream_timeout),
             dtype=get(("DTYPE",), str, cls.dtype).lower(),
             quantize=get(("QUANTIZE", "HF_MODEL_QUANTIZE"), str, cls.quantize).lower(),
             max_input_tokens=get(("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), int, cls.max_input_tokens),
@@ -128,7 +133,7 @@ class ServeConfig:
                               "use bitsandbytes-nf4 (4-bit), or serve a pre-quantized awq/gptq/fp8 model")
         if config.quantize not in QUANTIZE:
             raise ConfigError(f"QUANTIZE={config.quantize!r} is not valid: use one of {', '.join(QUANTIZE[1:])}, or leave it unset")
-        for name in ("timeout", "max_concurrent_requests"):
+        for name in ("timeout", "stream_timeout", "max_concurrent_requests"):
             if getattr(config, name) < 1:
                 raise ConfigError(f"{name.upper()} must be at least 1, got {getattr(config, name)}")
         if config.batch_strategy not in BATCH_STRATEGIES:

@@ -148,3 +148,35 @@ def test_overload_is_429_at_once_and_sigterm_drains_in_flight_work(tiny_served_m
     assert [r.status_code for r in results] == [200, 200]
     assert all(r.json()[0]["generated_text"] for r in results)
     assert server.process.wait(timeout=30) == 0
+
+
+@pytest.mark.smollm2
+def test_a_generation_past_the_server_timeout_is_a_424_naming_the_fixes_and_frees_its_slot(tmp_path):
+    """A plain answer must come inside InvokeEndpoint's 60 s (the default, 55 s, is unit-tested). Here the
+    timeout is 1 s and the model the embedded SmolLM2 (about 30 tokens/s alone on 2 cores), so 300 tokens overrun it."""
+    from container.model_dir import embedded_model_dir
+
+    (tmp_path / "model").mkdir()
+    server = Server(tmp_path, HF_MODEL_ID=str(embedded_model_dir()), SAGEMAKER_MODEL_SERVER_TIMEOUT="1",
+                    MAX_CONCURRENT_REQUESTS="1", MAX_TOTAL_TOKENS="512")
+    try:
+        server.wait_ready()
+        # Sampled near-uniformly (temperature 1.9, a fixed seed), so the end-of-text token, one of 49k, does
+        # not come early: the answer really is 300 tokens long.
+        body = {"inputs": "Write a long post about testing",
+                "parameters": {"max_new_tokens": 300, "do_sample": True, "temperature": 1.9, "seed": 7}}
+        slow = server.invoke(body)
+        assert slow.status_code == 424, slow.text
+        assert slow.json()["error"].startswith("generation did not finish within 1 s")
+        assert "stream the answer" in slow.json()["error"]
+        # A stream that overruns it ends with a last event saying why; one that overran it before its first
+        # token (this CPU, busy) is a plain 424.
+        streamed = server.invoke({**body, "stream": True}, stream=True)
+        if streamed.status_code == 200:
+            assert sse_events(streamed)[-1]["error_type"] == "generation"
+        else:
+            assert streamed.status_code == 424 and streamed.json()["error_type"] == "generation"
+        # The one admission slot is free again: the abandoned generations were aborted, not left running.
+        assert server.invoke({"inputs": "Hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
+    finally:
+        server.stop()

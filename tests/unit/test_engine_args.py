@@ -96,3 +96,12 @@ def test_a_model_in_opt_ml_model_wins_over_hf_model_id(served, tmp_path):
                                    "HF_MODEL_TRUST_REMOTE_CODE": "true"})
     assert model_source(config) == other and config.num_shard == 4 and config.trust_remote_code
     assert not ServeConfig.from_env({}).trust_remote_code
+
+
+def test_a_plain_answer_comes_inside_invoke_endpoints_60_s_unless_the_timeout_is_set():
+    default = ServeConfig.from_env({})
+    assert (default.timeout, default.stream_timeout) == (55, 120)
+    chosen = ServeConfig.from_env({"SAGEMAKER_MODEL_SERVER_TIMEOUT": "3540"})  # e.g. an async endpoint
+    assert (chosen.timeout, chosen.stream_timeout) == (3540, 3540)
+    batch = ServeConfig.from_env({"SAGEMAKER_BATCH": "true"})
+    assert (batch.timeout, batch.stream_timeout) == (540, 540)
