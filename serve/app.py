@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import select
+import socket
 import threading
 import time
 from collections import Counter, deque
@@ -22,8 +24,8 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from serve import openai
-from serve.errors import (BadRequest, GenerationError, NotReady, Overloaded, ServeError, UnsupportedMediaType,
-                          ValidationError)
+from serve.errors import (BadRequest, ClientGone, GenerationError, NotReady, Overloaded, ServeError,
+                          UnsupportedMediaType, ValidationError)
 from serve.schemas import (MAX_BEST_OF, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS, GenerateRequest, GenerateResult,
                            Sequence, parse_chat, parse_completion, parse_generate, parse_request)
 
@@ -183,14 +185,34 @@ def _parse_json(data: bytes):
 
 
 def _generate(engine, generate: GenerateRequest, timeout: float, metrics: Metrics, one_object: bool = False) -> Response:
-    """one_object: TGI's /generate answers the item itself, not a list of one. A stream has its own timeout."""
+    """one_object: TGI's /generate answers the item itself, not a list of one. A stream has its own timeout.
+    A client that leaves a stream stops it at the next write; one that leaves a plain request is noticed
+    while it waits (gunicorn gives the connection's socket), and its generation is aborted."""
     ticket = engine.submit(generate)
     if generate.stream:
         return _stream(ticket, generate, engine.config.stream_timeout, metrics)
-    result = ticket.result(timeout)
+    sock = request.environ.get("gunicorn.socket")
+    try:
+        result = ticket.result(timeout, client_gone=lambda: _client_gone(sock))
+    except ClientGone:
+        log.info("client left before its answer: generation aborted")
+        metrics.count(499)
+        return Response(status=499)
     metrics.count(200, result.generated_tokens)
     answer = _response(generate, result)
     return _json(200, answer[0] if one_object else answer)
+
+
+def _client_gone(sock) -> bool:
+    """True once the client has closed its connection: its socket reads as ended (a client that sent more,
+    e.g. its next keep-alive request, is still there)."""
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 def _response(generate: GenerateRequest, result: GenerateResult):

@@ -35,12 +35,14 @@ from container.model_dir import ADAPTER_DIR, ServingSpec, resolve_base
 from serve.config import ServeConfig
 from serve.custom import CustomHandlers
 from serve.engine_args import engine_arguments, model_length
-from serve.errors import GenerationError, Overloaded, ServeError, ValidationError
+from serve.errors import ClientGone, GenerationError, Overloaded, ServeError, ValidationError
 from serve.schemas import GenerateParams, GenerateRequest, GenerateResult, Sequence
 
 log = logging.getLogger(__name__)
 
 WORKER_BOOT_ERROR = 3  # gunicorn stops the whole server when a worker exits with this code
+CLIENT_CHECK_SECONDS = 0.5  # how often a waiting request looks whether its client is still there
+
 MODEL_ADAPTER = "model"  # the name of an adapter-only model directory's own adapter
 
 
@@ -64,23 +66,29 @@ class Ticket:
     def emit(self, kind: str, payload) -> None:
         self.events.put((kind, payload))
 
-    def stream(self, timeout: float) -> Iterator[tuple[str, object]]:
-        """Events until "done" or "error"; releases the request's admission slot at the end."""
+    def stream(self, timeout: float, client_gone: Callable[[], bool] = lambda: False) -> Iterator[tuple[str, object]]:
+        """Events until "done" or "error"; releases the request's admission slot at the end. While no event
+        comes, client_gone is asked twice a second: a client that left gives the request up."""
         deadline = time.monotonic() + timeout
         try:
             while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("generation did not finish within the server timeout")
                 try:
-                    kind, payload = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+                    kind, payload = self.events.get(timeout=min(remaining, CLIENT_CHECK_SECONDS))
                 except queue.Empty:
-                    raise TimeoutError("generation did not finish within the server timeout") from None
+                    if client_gone():
+                        raise ClientGone("the client closed its connection") from None
+                    continue
                 yield kind, payload
                 if kind in ("done", "error"):
                     return
         finally:
             self.close()
 
-    def result(self, timeout: float) -> GenerateResult:
-        for kind, payload in self.stream(timeout):
+    def result(self, timeout: float, client_gone: Callable[[], bool] = lambda: False) -> GenerateResult:
+        for kind, payload in self.stream(timeout, client_gone):
             if kind == "error":
                 raise payload
             if kind == "done":

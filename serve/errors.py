@@ -32,3 +32,7 @@ class NotReady(ServeError):
 
 class Overloaded(ServeError):
     status, error_type = 429, "overloaded"
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready: nobody is left to answer."""

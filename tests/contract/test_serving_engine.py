@@ -2,6 +2,7 @@
 
 import json
 import signal
+import socket
 import statistics
 import threading
 import time
@@ -151,32 +152,47 @@ def test_overload_is_429_at_once_and_sigterm_drains_in_flight_work(tiny_served_m
 
 
 @pytest.mark.smollm2
-def test_a_generation_past_the_server_timeout_is_a_424_naming_the_fixes_and_frees_its_slot(tmp_path):
+def test_past_the_timeout_a_424_names_the_fixes_and_a_client_that_leaves_frees_its_slot(tmp_path):
     """A plain answer must come inside InvokeEndpoint's 60 s (the default, 55 s, is unit-tested). Here the
-    timeout is 1 s and the model the embedded SmolLM2 (about 30 tokens/s alone on 2 cores), so 300 tokens overrun it."""
+    timeout is 5 s and the model the embedded SmolLM2 (about 30 tokens/s alone on 2 cores), so 300 tokens
+    overrun it; with one admission slot, what holds the slot shows at once."""
     from container.model_dir import embedded_model_dir
 
     (tmp_path / "model").mkdir()
-    server = Server(tmp_path, HF_MODEL_ID=str(embedded_model_dir()), SAGEMAKER_MODEL_SERVER_TIMEOUT="1",
+    server = Server(tmp_path, HF_MODEL_ID=str(embedded_model_dir()), SAGEMAKER_MODEL_SERVER_TIMEOUT="5",
                     MAX_CONCURRENT_REQUESTS="1", MAX_TOTAL_TOKENS="512")
+    # Sampled near-uniformly (temperature 1.9, a fixed seed), so the end-of-text token, one of 49k, does not
+    # come early: the answer really is 300 tokens long.
+    body = {"inputs": "Write a long post about testing",
+            "parameters": {"max_new_tokens": 300, "do_sample": True, "temperature": 1.9, "seed": 7}}
     try:
         server.wait_ready()
-        # Sampled near-uniformly (temperature 1.9, a fixed seed), so the end-of-text token, one of 49k, does
-        # not come early: the answer really is 300 tokens long.
-        body = {"inputs": "Write a long post about testing",
-                "parameters": {"max_new_tokens": 300, "do_sample": True, "temperature": 1.9, "seed": 7}}
         slow = server.invoke(body)
         assert slow.status_code == 424, slow.text
-        assert slow.json()["error"].startswith("generation did not finish within 1 s")
+        assert slow.json()["error"].startswith("generation did not finish within 5 s")
         assert "stream the answer" in slow.json()["error"]
         # A stream that overruns it ends with a last event saying why; one that overran it before its first
-        # token (this CPU, busy) is a plain 424.
+        # token (a busy CPU) is a plain 424.
         streamed = server.invoke({**body, "stream": True}, stream=True)
         if streamed.status_code == 200:
             assert sse_events(streamed)[-1]["error_type"] == "generation"
         else:
             assert streamed.status_code == 424 and streamed.json()["error_type"] == "generation"
-        # The one admission slot is free again: the abandoned generations were aborted, not left running.
-        assert server.invoke({"inputs": "Hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
+
+        # A client that sends a plain request and leaves: its generation is aborted and the slot freed
+        # within a second, long before the 5 s timeout would have freed it.
+        payload = json.dumps(body).encode()
+        with socket.create_connection(("127.0.0.1", server.port)) as client:
+            client.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+            time.sleep(0.5)
+        left = time.monotonic()
+        while True:
+            answer = server.invoke({"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
+            if answer.status_code != 429:
+                break
+            time.sleep(0.1)
+        assert answer.status_code == 200 and time.monotonic() - left < 3.0
     finally:
-        server.stop()
+        output = server.stop()
+    assert "client left before its answer: generation aborted" in output
