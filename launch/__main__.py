@@ -63,7 +63,8 @@ def parser() -> argparse.ArgumentParser:
     deploy.add_argument("--download-timeout", type=int, metavar="SECONDS",
                         help="ModelDataDownloadTimeoutInSeconds (60-3600): raise it for models over about 40 GB")
     deploy.add_argument("--async", dest="async_output", metavar="S3OUT",
-                        help="an asynchronous endpoint writing its answers under S3OUT (requests up to an hour)")
+                        help="an asynchronous endpoint writing its answers under S3OUT (a request may run as long as "
+                             "InvokeEndpointAsync's InvocationTimeoutSeconds: 900 s by default, up to 3600)")
     deploy.add_argument("--async-concurrency", type=int, default=4,
                         help="MaxConcurrentInvocationsPerInstance for --async (default 4)")
     deploy.add_argument("--autoscale", metavar="MIN:MAX",
@@ -139,8 +140,15 @@ def run_deploy(args, clients) -> int:
         low, _, high = args.autoscale.partition(":")
         if not (low.isdigit() and high.isdigit()):
             raise SystemExit(f"--autoscale takes MIN:MAX instance counts, e.g. 1:4; got {args.autoscale!r}")
-        scaling = autoscaling_requests(name=args.name, min_instances=int(low), max_instances=int(high),
-                                       target=args.autoscale_target)
+        if args.async_output:  # its load shows as a queue in S3, not as concurrent requests per copy
+            raise SystemExit("--autoscale scales on concurrent requests per copy, which an async endpoint (capped at "
+                             "--async-concurrency) never reaches: scale an async endpoint on its backlog "
+                             "(ApproximateBacklogSizePerInstance) instead")
+        try:
+            scaling = autoscaling_requests(name=args.name, min_instances=int(low), max_instances=int(high),
+                                           target=args.autoscale_target)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     print(json.dumps(redacted(requests["model"]), indent=2))
     sm = clients["sagemaker"]
     sm.create_model(**requests["model"])

@@ -129,7 +129,7 @@ def model_request(*, name: str, image: str, role: str, model_data: str | None,
     (ModelDataSource, CompressionType None: no tarball to pack or unpack, for large models), or None when
     the environment names the model (HF_MODEL_ID)."""
     container = {"Image": image, "Environment": dict(environment or {})}
-    if model_data and model_data.endswith(".tar.gz"):
+    if model_data and model_data.endswith((".tar.gz", ".tgz")):
         container["ModelDataUrl"] = model_data
     elif model_data:
         container["ModelDataSource"] = {"S3DataSource": {"S3Uri": model_data.rstrip("/") + "/",

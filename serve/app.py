@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import select
 import socket
 import threading
 import time
@@ -126,9 +125,8 @@ def create_app(engine) -> Flask:
     @app.errorhandler(TimeoutError)
     def timeout_error(e):
         metrics.count(424)
-        return _error(424, "generation", f"generation did not finish within {timeout} s (the server timeout, "
-                      "SAGEMAKER_MODEL_SERVER_TIMEOUT; a real-time endpoint answers within 60 s): stream the answer, "
-                      "ask for fewer max_new_tokens, or use an asynchronous endpoint")
+        return _error(424, "generation", f"{e} (SAGEMAKER_MODEL_SERVER_TIMEOUT): stream the answer, ask for fewer "
+                      "max_new_tokens, or use an asynchronous endpoint")
 
     return app
 
@@ -204,14 +202,18 @@ def _generate(engine, generate: GenerateRequest, timeout: float, metrics: Metric
 
 
 def _client_gone(sock) -> bool:
-    """True once the client has closed its connection: its socket reads as ended (a client that sent more,
-    e.g. its next keep-alive request, is still there)."""
+    """True once the client has closed its connection: its socket reads as ended. A client that sent more
+    (its next keep-alive request) is still there; one that only shut its sending side is taken as gone,
+    as nginx does. A socket this cannot look at (none, or TLS) is taken as still there."""
     if sock is None:
         return False
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-    except OSError:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:  # nothing to read: still connected
+        return False
+    except ValueError:  # e.g. an SSL socket, which takes no flags
+        return False
+    except OSError:  # reset by the peer
         return True
 
 
@@ -342,7 +344,8 @@ def _jsonlines(engine, data: bytes, timeout: float) -> Response:
     """Batch transform: one request per line, one JSON line per answer, in order, all within one timeout.
     A line that is itself invalid gets an error line; every other line is answered. Lines wait for engine
     capacity instead of being refused: when no admission slot is free, this request first finishes its own
-    oldest line (which frees one), and only with none of its own in flight waits for another request's."""
+    oldest line, and only with none of its own in flight waits for another request's (a line frees its slot
+    when the engine finishes it, read or not). Past the deadline nothing more is started."""
     lines = [line for line in data.splitlines() if line.strip()]
     if not lines:
         raise ValidationError("the jsonlines body has no lines")
@@ -362,6 +365,9 @@ def _jsonlines(engine, data: bytes, timeout: float) -> Response:
 
     try:
         for number, line in enumerate(lines):
+            if time.monotonic() >= deadline:  # no time left: nothing more is started
+                answers[number] = _line_error(number, f"generation did not finish within {timeout:g} s", "generation")
+                continue
             try:
                 generate = parse_request(_parse_json(line))
                 if generate.stream:

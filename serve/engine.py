@@ -54,17 +54,22 @@ class Ticket:
         self.events: queue.Queue = queue.Queue()
         self.future = None  # the engine loop's task for this request
         self._release = release
-        self._closed = threading.Lock()
+        self._released = threading.Lock()
 
     def close(self) -> None:
-        """Give the request up (vLLM aborts it if still running) and free its admission slot, exactly once."""
+        """Give the request up (vLLM aborts it if still running) and free its admission slot."""
         if self.future is not None:
             self.future.cancel()
-        if self._closed.acquire(blocking=False):
-            self._release()
+        self._free_slot()
 
     def emit(self, kind: str, payload) -> None:
         self.events.put((kind, payload))
+        if kind in ("done", "error"):  # the engine is done with it: its slot is free before anyone reads it
+            self._free_slot()
+
+    def _free_slot(self) -> None:
+        if self._released.acquire(blocking=False):  # exactly once
+            self._release()
 
     def stream(self, timeout: float, client_gone: Callable[[], bool] = lambda: False) -> Iterator[tuple[str, object]]:
         """Events until "done" or "error"; releases the request's admission slot at the end. While no event
@@ -73,11 +78,11 @@ class Ticket:
         try:
             while True:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError("generation did not finish within the server timeout")
-                try:
-                    kind, payload = self.events.get(timeout=min(remaining, CLIENT_CHECK_SECONDS))
+                try:  # an event already there is taken even past the deadline: a finished answer is kept
+                    kind, payload = self.events.get(timeout=max(0.0, min(remaining, CLIENT_CHECK_SECONDS)))
                 except queue.Empty:
+                    if remaining <= 0:
+                        raise TimeoutError(f"generation did not finish within {timeout:g} s") from None
                     if client_gone():
                         raise ClientGone("the client closed its connection") from None
                     continue

@@ -30,17 +30,18 @@ def model_source(config: ServeConfig) -> Path:
         return local
     if config.hf_model_id.startswith(("/", ".", "~")):
         raise ConfigError(f"HF_MODEL_ID={config.hf_model_id!r} is not a folder (and {config.model_dir} holds no model)")
-    return _download(config.hf_model_id, config.hf_model_revision or None)
+    return _download(config.hf_model_id, config.hf_model_revision or None, config.trust_remote_code)
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def _download(repo_id: str, revision: str | None, with_code: bool) -> Path:
     from huggingface_hub import snapshot_download
 
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
     print(f"serve: downloading {repo_id}{f' at {revision}' if revision else ''} from the Hugging Face Hub "
           f"into {os.environ.get('HF_HOME', '~/.cache/huggingface')}", flush=True)
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=HUB_FILES))
+        patterns = HUB_FILES + (["*.py"] if with_code else [])  # a model's own code, only when trusted
+        folder = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns))
     except Exception as e:  # hub errors, network errors: one clear line, never the token
         message = str(e).replace(token, "****") if token else str(e)
         raise ConfigError(f"could not download HF_MODEL_ID={repo_id} from the Hugging Face Hub: "

@@ -5,10 +5,11 @@ A checkpoint counts only once the Trainer has finished writing it: the `on_save`
 after every file is written, drops a marker in it. Checkpoints without the marker (a kill mid-write)
 are never resumed from and are deleted. A finished stage leaves `<stage>/final` with the same marker.
 
-Every instance of a job syncs its checkpoint folder to the one S3 prefix, and gets all of it back on a
-restart. So with several instances each writes under its own host name (`<host>/<stage>/...`: no file of
-one overwrites another's), and a checkpoint is resumed from only when every host's copy of it is
-complete: all instances then resume from the same step.
+Every instance of a job syncs its checkpoint folder to the one S3 prefix and gets all of it back on a
+restart: that union is what DeepSpeed needs (each rank's shards, and rank 0's `latest`, in one folder).
+So with several instances each marks its own part complete (`.complete-<host>`), and a checkpoint counts
+only with every host's marker: all instances then resume from the same step. Another instance's files
+are never deleted.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import re
 import shutil
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +28,23 @@ log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = ".complete"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass(frozen=True)
+class Markers:
+    """Completeness markers: `.complete` for a one-instance job, `.complete-<host>` per instance otherwise."""
+
+    own: str = COMPLETE_MARKER
+    every: tuple[str, ...] = (COMPLETE_MARKER,)
+
+    @classmethod
+    def for_hosts(cls, current_host: str, hosts: tuple[str, ...]) -> "Markers":
+        if len(hosts) == 1:
+            return cls()
+        return cls(f"{COMPLETE_MARKER}-{current_host}", tuple(f"{COMPLETE_MARKER}-{host}" for host in hosts))
+
+    def complete(self, folder: Path) -> bool:
+        return all((folder / marker).is_file() for marker in self.every)
 
 
 class StopOnSignal(TrainerCallback):
@@ -59,48 +78,38 @@ class StopOnSignal(TrainerCallback):
 
 
 class MarkComplete(TrainerCallback):
+    def __init__(self, markers: Markers = Markers()):
+        self.markers = markers
+
     def on_save(self, args, state, control, **kwargs):
         if state.is_local_process_zero:  # every instance writes (and resumes from) its own checkpoints
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                (folder / COMPLETE_MARKER).touch()
+                (folder / self.markers.own).touch()
         return control
 
 
-def checkpoint_roots(checkpoints_dir: Path, current_host: str, hosts: tuple[str, ...]) -> tuple[Path, list[Path]]:
-    """This instance's checkpoint folder, and every instance's (this one's included)."""
-    if len(hosts) == 1:
-        return checkpoints_dir, [checkpoints_dir]
-    return checkpoints_dir / current_host, [checkpoints_dir / host for host in hosts]
-
-
-def latest_checkpoint(stage_dir: Path, peer_stage_dirs: list[Path] = ()) -> Path | None:
-    """The newest checkpoint-N under `stage_dir` that is complete there and in every peer's stage folder;
-    this instance's incomplete ones are removed (never another instance's)."""
-    steps = _complete_steps(stage_dir, remove_incomplete=True)
-    for peer in peer_stage_dirs:
-        if peer != stage_dir:
-            steps &= _complete_steps(peer, remove_incomplete=False)
-    return stage_dir / f"checkpoint-{max(steps)}" if steps else None
-
-
-def _complete_steps(stage_dir: Path, remove_incomplete: bool) -> set[int]:
-    steps = set()
+def latest_checkpoint(stage_dir: Path, markers: Markers = Markers()) -> Path | None:
+    """The newest checkpoint-N under `stage_dir` that every instance completed. An incomplete one is
+    removed when it is this instance's alone (a one-instance job); with several, it is only passed over."""
+    complete = []
     for folder in sorted(stage_dir.glob("checkpoint-*")):
         match = _CHECKPOINT.match(folder.name)
         if not match or not folder.is_dir():
             continue
-        if (folder / COMPLETE_MARKER).is_file():
-            steps.add(int(match.group(1)))
-        elif remove_incomplete:
+        if markers.complete(folder):
+            complete.append((int(match.group(1)), folder))
+        elif len(markers.every) == 1:
             log.warning("removing incomplete checkpoint %s (the job stopped while writing it)", folder)
             shutil.rmtree(folder, ignore_errors=True)
-    return steps
+        else:
+            log.warning("passing over %s: not every instance finished writing it", folder)
+    return max(complete)[1] if complete else None
 
 
-def is_complete(folder: Path) -> bool:
-    return (folder / COMPLETE_MARKER).is_file()
+def is_complete(folder: Path, markers: Markers = Markers()) -> bool:
+    return markers.complete(folder)
 
 
-def mark_complete(folder: Path) -> None:
-    (folder / COMPLETE_MARKER).touch()
+def mark_complete(folder: Path, markers: Markers = Markers()) -> None:
+    (folder / markers.own).touch()

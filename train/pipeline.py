@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from container.opt_ml import OptML
-from train.checkpoints import StopOnSignal, checkpoint_roots, is_complete, mark_complete
+from train.checkpoints import Markers, StopOnSignal, is_complete, mark_complete
 from train.errors import TrainingInterrupted
 from train.config import TrainConfig
 from train.export import export_model
@@ -42,12 +42,12 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
     }
     source = base.source
     resources = paths.read_resource_config()
-    root, roots = checkpoint_roots(paths.checkpoints_dir, resources.current_host, resources.hosts)
+    markers = Markers.for_hosts(resources.current_host, resources.hosts)
     for index, stage in enumerate(config.stages):
-        stage_dir = root / stage
+        stage_dir = paths.checkpoints_dir / stage
         final = stage_dir / "final"
         last = index == len(config.stages) - 1
-        if not last and all(is_complete(peer / stage / "final") for peer in roots):
+        if not last and is_complete(final, markers):
             log.info("stage %s finished in an earlier run: continuing from %s", stage, final)
             report["stages"][stage] = json.loads((final / STAGE_REPORT_FILE).read_text())
             source = str(final)
@@ -58,7 +58,7 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
         train_rows, eval_rows = data[stage]
         model = load_for_training(source, config, device.dtype, device.attn_implementation)
         trained, stage_report = train_stage(stage, config, model, tokenizer, train_rows, eval_rows, stage_dir, device, stop,
-                                            peer_stage_dirs=[peer / stage for peer in roots])
+                                            markers)
         report["stages"][stage] = stage_report
         del model
         _free_memory()
@@ -68,7 +68,7 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
             return
         if _rank("LOCAL_RANK") == 0:  # every instance needs the stage model for the next stage
             merged = load_trained(source, trained, config)
-            _save_stage_model(merged, tokenizer, final, stage_report)
+            _save_stage_model(merged, tokenizer, final, stage_report, markers)
             del merged
             _free_memory()
         _barrier()
@@ -84,7 +84,7 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _save_stage_model(model, tokenizer, final: Path, stage_report: dict) -> Path:
+def _save_stage_model(model, tokenizer, final: Path, stage_report: dict, markers: Markers) -> Path:
     partial = final.with_name("final.partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(final, ignore_errors=True)
@@ -92,7 +92,7 @@ def _save_stage_model(model, tokenizer, final: Path, stage_report: dict) -> Path
     tokenizer.save_pretrained(partial)
     (partial / STAGE_REPORT_FILE).write_text(json.dumps(stage_report, indent=2))
     partial.rename(final)
-    mark_complete(final)
+    mark_complete(final, markers)
     log.info("stage model saved to %s", final)
     return final
 

@@ -19,7 +19,7 @@ from transformers import PrinterCallback, TrainerCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from container.config import ConfigError
-from train.checkpoints import MarkComplete, StopOnSignal, latest_checkpoint
+from train.checkpoints import MarkComplete, Markers, StopOnSignal, latest_checkpoint
 from train.errors import TrainingInterrupted
 from train.config import TrainConfig
 from train.metrics import TokenRate, format_log_line
@@ -120,7 +120,7 @@ def lora_config(config: TrainConfig) -> LoraConfig | None:
 
 
 def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: list[dict], eval_rows: list[dict],
-                stage_dir: Path, device: Device, stop: StopOnSignal, peer_stage_dirs: list[Path] = ()) -> tuple[Path, dict]:
+                stage_dir: Path, device: Device, stop: StopOnSignal, markers: Markers = Markers()) -> tuple[Path, dict]:
     """Train one stage (resuming from its newest complete checkpoint). Every rank saves the result (ZeRO-3
     gathers the weights then) to `stage_dir/trained`: the adapter, or the full model. Returns it and a report."""
     packing = stage == "sft" and use_packing(config, device)
@@ -155,7 +155,7 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
         disable_tqdm=True,
         **distributed_args(config, choice),
     )
-    callbacks = [MetricsLogCallback(stage), stop, MarkComplete()]
+    callbacks = [MetricsLogCallback(stage), stop, MarkComplete(markers)]
     datasets = {"train_dataset": Dataset.from_list(train_rows),
                 "eval_dataset": Dataset.from_list(eval_rows) if eval_rows else None}
     if stage == "sft":
@@ -172,7 +172,7 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
               "gradient_checkpointing": checkpointing, "learning_rate": common["learning_rate"],
               "distributed": choice, "world_size": world_size()}
     report.update(_data_losses(stage, trainer, train_rows, config, packing))
-    resume = latest_checkpoint(stage_dir, peer_stage_dirs)  # the same step on every instance
+    resume = latest_checkpoint(stage_dir, markers)  # the same step on every instance
     if resume is not None:
         log.info("resuming %s from %s (step %s)", stage, resume, resume.name.split("-")[-1])
         report["resumed_from_step"] = int(resume.name.split("-")[-1])

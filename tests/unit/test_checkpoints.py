@@ -1,35 +1,39 @@
-"""Checkpoints of several instances share one S3 prefix: each host's own folder, resumed only in step."""
+"""Checkpoints of several instances share one folder (one S3 prefix): each instance marks its own part,
+and a checkpoint counts only when every instance has."""
 
-from train.checkpoints import COMPLETE_MARKER, checkpoint_roots, latest_checkpoint
+from train.checkpoints import COMPLETE_MARKER, Markers, is_complete, latest_checkpoint, mark_complete
 
 
-def checkpoint(stage_dir, step, complete=True):
+def checkpoint(stage_dir, step, *markers):
     folder = stage_dir / f"checkpoint-{step}"
     folder.mkdir(parents=True)
     (folder / "trainer_state.json").write_text("{}")
-    if complete:
-        (folder / COMPLETE_MARKER).touch()
+    for marker in markers:
+        (folder / marker).touch()
     return folder
 
 
-def test_one_instance_keeps_the_classic_layout(tmp_path):
-    assert checkpoint_roots(tmp_path, "algo-1", ("algo-1",)) == (tmp_path, [tmp_path])
-    checkpoint(tmp_path / "sft", 10)
-    torn = checkpoint(tmp_path / "sft", 20, complete=False)
-    assert latest_checkpoint(tmp_path / "sft") == tmp_path / "sft" / "checkpoint-10"
-    assert not torn.exists()  # a checkpoint killed mid-write is removed
+def test_one_instance_keeps_the_classic_marker_and_removes_a_torn_checkpoint(tmp_path):
+    assert Markers.for_hosts("algo-1", ("algo-1",)) == Markers()
+    checkpoint(tmp_path, 10, COMPLETE_MARKER)
+    torn = checkpoint(tmp_path, 20)
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert not torn.exists()
 
 
-def test_instances_write_apart_and_resume_from_the_newest_step_all_of_them_completed(tmp_path):
-    """What each instance sees after SageMaker copies the S3 prefix back: every host's folder."""
-    mine, roots = checkpoint_roots(tmp_path, "algo-2", ("algo-1", "algo-2"))
-    assert mine == tmp_path / "algo-2" and roots == [tmp_path / "algo-1", tmp_path / "algo-2"]
-    for step in (10, 20, 30):
-        checkpoint(tmp_path / "algo-2" / "sft", step)
-    checkpoint(tmp_path / "algo-1" / "sft", 10)
-    checkpoint(tmp_path / "algo-1" / "sft", 20)
-    other_torn = checkpoint(tmp_path / "algo-1" / "sft", 30, complete=False)  # algo-1 was killed writing step 30
-    peers = [root / "sft" for root in roots]
-    assert latest_checkpoint(mine / "sft", peers) == mine / "sft" / "checkpoint-20"
-    assert other_torn.exists()  # another instance's files are never touched
-    assert latest_checkpoint(mine / "sft", [mine / "sft", tmp_path / "algo-3" / "sft"]) is None  # a host with none
+def test_instances_resume_from_the_newest_step_every_one_of_them_completed(tmp_path):
+    """What each instance sees after SageMaker copies the S3 prefix back: the union of all their files."""
+    mine = Markers.for_hosts("algo-2", ("algo-1", "algo-2"))
+    assert mine.own == ".complete-algo-2" and mine.every == (".complete-algo-1", ".complete-algo-2")
+    checkpoint(tmp_path, 10, ".complete-algo-1", ".complete-algo-2")
+    checkpoint(tmp_path, 20, ".complete-algo-1", ".complete-algo-2")
+    half = checkpoint(tmp_path, 30, ".complete-algo-2")  # algo-1 was killed while writing step 30
+    assert latest_checkpoint(tmp_path, mine) == tmp_path / "checkpoint-20"
+    assert half.exists()  # never removed: part of it is another instance's
+
+    final = tmp_path / "final"
+    final.mkdir()
+    mark_complete(final, mine)
+    assert (final / ".complete-algo-2").is_file() and not is_complete(final, mine)
+    mark_complete(final, Markers.for_hosts("algo-1", ("algo-1", "algo-2")))
+    assert is_complete(final, mine)

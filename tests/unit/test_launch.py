@@ -168,16 +168,14 @@ def test_deploy_uncompressed_model_data_async_and_autoscaling_send_the_exact_req
     with Stubber(sm) as stub, Stubber(autoscaling) as scaling:
         stub.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:us-east-1:1:model/big"}, {
             "ModelName": "big", "ExecutionRoleArn": ROLE, "PrimaryContainer": {
-                "Image": IMAGE, "Environment": {"SAGEMAKER_MODEL_SERVER_TIMEOUT": "3540"},
+                "Image": IMAGE, "Environment": {},
                 "ModelDataSource": {"S3DataSource": {"S3Uri": "s3://b/out/job/output/model/", "S3DataType": "S3Prefix",
                                                      "CompressionType": "None"}}}})
         stub.add_response("create_endpoint_config", {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:endpoint-config/big"}, {
             "EndpointConfigName": "big", "ProductionVariants": [{
                 "VariantName": "AllTraffic", "ModelName": "big", "InstanceType": "ml.g6e.12xlarge", "InitialInstanceCount": 1,
                 "ContainerStartupHealthCheckTimeoutInSeconds": 1800, "ModelDataDownloadTimeoutInSeconds": 2400,
-                "InferenceAmiVersion": "al2023-ami-sagemaker-inference-gpu-4-1"}],
-            "AsyncInferenceConfig": {"OutputConfig": {"S3OutputPath": "s3://b/async/"},
-                                     "ClientConfig": {"MaxConcurrentInvocationsPerInstance": 8}}})
+                "InferenceAmiVersion": "al2023-ami-sagemaker-inference-gpu-4-1"}]})
         stub.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/big"},
                           {"EndpointName": "big", "EndpointConfigName": "big"})
         stub.add_response("describe_endpoint", {  # the waiter: autoscaling registers an in-service variant
@@ -194,14 +192,28 @@ def test_deploy_uncompressed_model_data_async_and_autoscaling_send_the_exact_req
                 "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantConcurrentRequestsPerModelHighResolution"}}})
         assert main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/out/job/output/model",
                      "--name", "big", "--instance-type", "ml.g6e.12xlarge", "--startup-timeout", "1800",
-                     "--download-timeout", "2400", "--async", "s3://b/async/", "--async-concurrency", "8",
-                     "--autoscale", "1:4", "--autoscale-target", "24"],
+                     "--download-timeout", "2400", "--autoscale", "1:4", "--autoscale-target", "24"],
                     clients={"sagemaker": sm, "application-autoscaling": autoscaling}) == 0
         stub.assert_no_pending_responses()
         scaling.assert_no_pending_responses()
-    with pytest.raises(ValueError, match="scaling to zero needs inference components"):
+    with pytest.raises(SystemExit, match="scaling to zero needs inference components"):
         main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/m.tar.gz", "--name", "z",
               "--autoscale", "0:2"], clients={"sagemaker": sm})
+    with pytest.raises(SystemExit, match="scale an async endpoint on its backlog"):
+        main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/m.tar.gz", "--name", "z",
+              "--autoscale", "1:2", "--async", "s3://b/async/"], clients={"sagemaker": sm})
+
+
+def test_deploy_async_writes_answers_to_s3_and_lets_requests_run_long():
+    from launch.api import endpoint_requests
+
+    requests = endpoint_requests(name="a", image=IMAGE, role=ROLE, model_data="s3://b/m.tgz", instance_type="ml.g5.xlarge",
+                                 async_output="s3://b/async/", async_concurrency=8)
+    assert requests["config"]["AsyncInferenceConfig"] == {"OutputConfig": {"S3OutputPath": "s3://b/async/"},
+                                                          "ClientConfig": {"MaxConcurrentInvocationsPerInstance": 8}}
+    container = requests["model"]["PrimaryContainer"]
+    assert container["ModelDataUrl"] == "s3://b/m.tgz"  # a .tgz is a tarball too
+    assert container["Environment"] == {"SAGEMAKER_MODEL_SERVER_TIMEOUT": "3540"}
 
 
 def test_deploy_by_hf_model_id_needs_no_model_data_and_never_prints_the_token(capsys):
