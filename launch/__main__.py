@@ -56,8 +56,9 @@ def parser() -> argparse.ArgumentParser:
     train.set_defaults(run=run_train)
 
     deploy = sub.add_parser("deploy", help="create a real-time endpoint")
-    deploy.add_argument("--image", required=True)
-    deploy.add_argument("--role", required=True)
+    _hosting_arguments(deploy, "--inference-ami-version", "al2023-ami-sagemaker-inference-gpu-4-1 (driver 580, this "
+                       "image's CUDA 13.0) on GPU instances; 'default' leaves SageMaker's choice (driver 470 on "
+                       "g4dn/g5/p4d: too old)")
     deploy.add_argument("--model-data", help="a model.tar.gz, or an S3 prefix of the model's files (uncompressed, "
                         "e.g. a job's output/model/ from --uncompressed-output); omit with --env HF_MODEL_ID=...")
     deploy.add_argument("--download-timeout", type=int, metavar="SECONDS",
@@ -72,29 +73,18 @@ def parser() -> argparse.ArgumentParser:
     deploy.add_argument("--autoscale-target", type=float, default=16.0,
                         help="concurrent requests per model copy that --autoscale keeps to (default 16)")
     deploy.add_argument("--name", required=True)
-    deploy.add_argument("--instance-type", default="ml.g5.2xlarge")
     deploy.add_argument("--startup-timeout", type=int, default=900)
-    deploy.add_argument("--inference-ami-version", metavar="AMI", default="auto",
-                        help="the host image, which sets the NVIDIA driver: 'auto' (default) is "
-                             "al2023-ami-sagemaker-inference-gpu-4-1 (driver 580, this image's CUDA 13.0) on GPU "
-                             "instances; 'default' leaves SageMaker's choice (driver 470 on g4dn/g5/p4d: too old)")
-    deploy.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="a serving variable (repeatable)")
     deploy.set_defaults(run=run_deploy)
 
     batch = sub.add_parser("batch", help="start a batch transform job over jsonlines files")
-    batch.add_argument("--image", required=True)
-    batch.add_argument("--role", required=True)
+    _hosting_arguments(batch, "--transform-ami-version", "al2-ami-sagemaker-batch-gpu-535 on GPU instances "
+                       "(SageMaker's default has 470, too old for this image's CUDA 13.0); 'default' leaves "
+                       "SageMaker's choice")
     batch.add_argument("--model-data", required=True)
     batch.add_argument("--input", required=True, help="S3 prefix of .jsonl files: one TGI or chat request per line")
     batch.add_argument("--output", required=True, help="S3 prefix for the answers: FILE.out, one answer per line")
     batch.add_argument("--name", default=f"llm-twin-batch-{time.strftime('%Y%m%d-%H%M%S')}")
-    batch.add_argument("--instance-type", default="ml.g5.2xlarge")
     batch.add_argument("--instance-count", type=int, default=1)
-    batch.add_argument("--transform-ami-version", metavar="AMI", default="auto",
-                       help="the host image, which sets the NVIDIA driver: 'auto' (default) is "
-                            "al2-ami-sagemaker-batch-gpu-535 on GPU instances (SageMaker's default has 470, too old "
-                            "for this image's CUDA 13.0); 'default' leaves SageMaker's choice")
-    batch.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="a serving variable (repeatable)")
     batch.set_defaults(run=run_batch)
 
     invoke = sub.add_parser("invoke", help="send one request")
@@ -108,6 +98,21 @@ def parser() -> argparse.ArgumentParser:
     delete.add_argument("--name", required=True)
     delete.set_defaults(run=run_delete)
     return p
+
+
+def _hosting_arguments(p: argparse.ArgumentParser, ami_flag: str, auto_ami: str) -> None:
+    """What an endpoint and a transform job both take: the image, its role, the instance, the host image
+    (which sets the NVIDIA driver), and serving variables."""
+    p.add_argument("--image", required=True)
+    p.add_argument("--role", required=True)
+    p.add_argument("--instance-type", default="ml.g5.2xlarge")
+    p.add_argument(ami_flag, dest="ami_version", metavar="AMI", default="auto",
+                   help=f"the host image, which sets the NVIDIA driver: 'auto' (default) is {auto_ami}")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="a serving variable (repeatable)")
+
+
+def _ami(args) -> str | None:
+    return None if args.ami_version == "default" else args.ami_version
 
 
 def run_train(args, clients) -> int:
@@ -132,7 +137,7 @@ def run_deploy(args, clients) -> int:
     requests = endpoint_requests(name=args.name, image=args.image, role=args.role, model_data=args.model_data,
                                  instance_type=args.instance_type, environment=_pairs(args.env),
                                  startup_timeout=args.startup_timeout,
-                                 ami_version=None if args.inference_ami_version == "default" else args.inference_ami_version,
+                                 ami_version=_ami(args),
                                  download_timeout=args.download_timeout, async_output=args.async_output,
                                  async_concurrency=args.async_concurrency)
     scaling = None
@@ -171,7 +176,7 @@ def run_batch(args, clients) -> int:
         name=args.name, image=args.image, role=args.role, model_data=args.model_data, input_s3=args.input,
         output_s3=args.output, instance_type=args.instance_type, instance_count=args.instance_count,
         environment=_pairs(args.env),
-        ami_version=None if args.transform_ami_version == "default" else args.transform_ami_version)
+        ami_version=_ami(args))
     sm = clients["sagemaker"]
     sm.create_model(**requests["model"])
     sm.create_transform_job(**requests["job"])

@@ -49,42 +49,24 @@ def train(image: str, workdir: Path) -> Path:
 
 def deploy(image: str, workdir: Path) -> str:
     from sagemaker.deserializers import JSONDeserializer
-    from sagemaker.local import LocalSession
     from sagemaker.model import Model
     from sagemaker.predictor import Predictor
     from sagemaker.serializers import JSONSerializer
 
     tarball = workdir / "container" / "compressed_artifacts" / "model.tar.gz"
-    session = LocalSession()
-    # container_config goes into the SDK's compose service as is: vLLM needs about 400 MiB of /dev/shm,
-    # more than docker's 64 MiB default (SageMaker's own hosts give far more).
-    session.config = {"local": {"local_code": True, "container_root": str(workdir / "serve"),
-                                "container_config": {"shm_size": "1g"}}}
-    (workdir / "serve").mkdir(parents=True, exist_ok=True)
-    model = Model(image_uri=image, model_data=f"file://{tarball}", role=ROLE, sagemaker_session=session,
-                  predictor_cls=Predictor)
+    model = Model(image_uri=image, model_data=f"file://{tarball}", role=ROLE,
+                  sagemaker_session=_local_session(workdir / "serve"), predictor_cls=Predictor)
     predictor = model.deploy(initial_instance_count=1, instance_type="local",
                              serializer=JSONSerializer(), deserializer=JSONDeserializer())
-    try:
-        answer = predictor.predict({"inputs": "Write one sentence about measuring before optimising.",
-                                    "parameters": {"max_new_tokens": 16, "do_sample": False}})
-    finally:
-        print("deleting the local endpoint: the SDK then logs the compose process it stops (exit -15) as an error")
-        predictor.delete_endpoint()
-    print(f"SDK v2 Model.deploy(instance_type='local') served it; predict answered: {json.dumps(answer)}")
-    if not (isinstance(answer, list) and answer and answer[0].get("generated_text")):
-        sys.exit(f"expected TGI's [{{'generated_text': ...}}], got {answer!r}")
-    return answer[0]["generated_text"]
+    return _ask(predictor, "SDK v2 Model.deploy(instance_type='local') served it", {
+        "inputs": "Write one sentence about measuring before optimising.",
+        "parameters": {"max_new_tokens": 16, "do_sample": False}})
 
 
 def book(image: str, workdir: Path) -> str:
     from sagemaker.huggingface import HuggingFaceModel
-    from sagemaker.local import LocalSession
 
-    session = LocalSession()
-    (workdir / "book").mkdir(parents=True, exist_ok=True)
-    session.config = {"local": {"local_code": True, "container_root": str(workdir / "book"),
-                                "container_config": {"shm_size": "1g"}}}
+    session = _local_session(workdir / "book")
     env = {"HF_MODEL_ID": "/opt/models/SmolLM2-135M-Instruct", "SM_NUM_GPUS": "1", "MAX_INPUT_LENGTH": "1024",
            "MAX_TOTAL_TOKENS": "2048", "MAX_BATCH_TOTAL_TOKENS": "8192", "HUGGING_FACE_HUB_TOKEN": "hf_not_a_real_token"}
     # SDK v2 local mode cannot start an endpoint without ModelDataUrl (sagemaker/local/entities.py reads it
@@ -97,14 +79,32 @@ def book(image: str, workdir: Path) -> str:
     model = HuggingFaceModel(image_uri=image, env=env, role=ROLE, sagemaker_session=session,
                              model_data=f"file://{empty}", code_location="s3://llm-twin-local/code")
     predictor = model.deploy(initial_instance_count=1, instance_type="local")
+    return _ask(predictor, "SDK v2 HuggingFaceModel (the LLM Twin book's deployment, HF_MODEL_ID)", {
+        "inputs": "Write a short post about evaluating an LLM twin.",
+        "parameters": {"max_new_tokens": 16, "top_p": 0.9, "temperature": 0.01, "return_full_text": False}})
+
+
+def _local_session(container_root: Path):
+    """SDK v2's LocalSession with its containers under container_root. container_config goes into the SDK's
+    compose service as is: vLLM needs about 400 MiB of /dev/shm, more than docker's 64 MiB default
+    (SageMaker's own hosts give far more)."""
+    from sagemaker.local import LocalSession
+
+    container_root.mkdir(parents=True, exist_ok=True)
+    session = LocalSession()
+    session.config = {"local": {"local_code": True, "container_root": str(container_root),
+                                "container_config": {"shm_size": "1g"}}}
+    return session
+
+
+def _ask(predictor, what: str, body: dict) -> str:
+    """One TGI request through the SDK's predictor, then the local endpoint deleted; TGI's answer or exit."""
     try:
-        answer = predictor.predict({"inputs": "Write a short post about evaluating an LLM twin.",
-                                    "parameters": {"max_new_tokens": 16, "top_p": 0.9, "temperature": 0.01,
-                                                   "return_full_text": False}})
+        answer = predictor.predict(body)
     finally:
         print("deleting the local endpoint: the SDK then logs the compose process it stops (exit -15) as an error")
         predictor.delete_endpoint()
-    print(f"SDK v2 HuggingFaceModel (the LLM Twin book's deployment, HF_MODEL_ID) answered: {json.dumps(answer)}")
+    print(f"{what}; predict answered: {json.dumps(answer)}")
     if not (isinstance(answer, list) and answer and answer[0].get("generated_text")):
         sys.exit(f"expected TGI's [{{'generated_text': ...}}], got {answer!r}")
     return answer[0]["generated_text"]

@@ -24,7 +24,7 @@ from werkzeug.exceptions import HTTPException
 
 from serve import openai
 from serve.errors import (BadRequest, ClientGone, GenerationError, NotReady, Overloaded, ServeError,
-                          UnsupportedMediaType, ValidationError)
+                          UnsupportedMediaType, ValidationError, not_finished)
 from serve.schemas import (MAX_BEST_OF, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS, GenerateRequest, GenerateResult,
                            Sequence, parse_chat, parse_completion, parse_generate, parse_request)
 
@@ -366,7 +366,7 @@ def _jsonlines(engine, data: bytes, timeout: float) -> Response:
     try:
         for number, line in enumerate(lines):
             if time.monotonic() >= deadline:  # no time left: nothing more is started
-                answers[number] = _line_error(number, f"generation did not finish within {timeout:g} s", "generation")
+                answers[number] = _line_error(number, not_finished(timeout), "generation")
                 continue
             try:
                 generate = parse_request(_parse_json(line))

@@ -35,7 +35,7 @@ from container.model_dir import ADAPTER_DIR, ServingSpec, resolve_base
 from serve.config import ServeConfig
 from serve.custom import CustomHandlers
 from serve.engine_args import engine_arguments, model_length
-from serve.errors import ClientGone, GenerationError, Overloaded, ServeError, ValidationError
+from serve.errors import ClientGone, GenerationError, Overloaded, ServeError, ValidationError, not_finished
 from serve.schemas import GenerateParams, GenerateRequest, GenerateResult, Sequence
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class Ticket:
                     kind, payload = self.events.get(timeout=max(0.0, min(remaining, CLIENT_CHECK_SECONDS)))
                 except queue.Empty:
                     if remaining <= 0:
-                        raise TimeoutError(f"generation did not finish within {timeout:g} s") from None
+                        raise TimeoutError(not_finished(timeout)) from None
                     if client_gone():
                         raise ClientGone("the client closed its connection") from None
                     continue

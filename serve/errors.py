@@ -36,3 +36,8 @@ class Overloaded(ServeError):
 
 class ClientGone(Exception):
     """The client closed its connection before its answer was ready: nobody is left to answer."""
+
+
+def not_finished(timeout: float) -> str:
+    """What a request (or a batch line) that ran out of time is told."""
+    return f"generation did not finish within {timeout:g} s"
