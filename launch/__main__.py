@@ -21,8 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-from launch.api import (autoscaling_requests, endpoint_requests, redacted, sse_events, training_job_request,
+from launch.api import (autoscaling_requests, base_component, component_autoscaling_requests,
+                        component_endpoint_requests, endpoint_requests, redacted, sse_events, training_job_request,
                         transform_requests)
+
+POLL_SECONDS = 15  # how often deploy and delete look at a component's status
 
 
 def main(argv: list[str] | None = None, clients=None) -> int:
@@ -72,6 +75,14 @@ def parser() -> argparse.ArgumentParser:
                         help="target-tracking autoscaling of the instance count on concurrent requests per model copy")
     deploy.add_argument("--autoscale-target", type=float, default=16.0,
                         help="concurrent requests per model copy that --autoscale keeps to (default 16)")
+    deploy.add_argument("--inference-components", action="store_true",
+                        help="host the model as an inference component (implied by --adapter): allows --autoscale 0:MAX")
+    deploy.add_argument("--adapter", action="append", default=[], metavar="NAME=S3URI",
+                        help="a LoRA adapter's model.tar.gz as its own inference component NAME-ADAPTER on the base "
+                             "model's (repeatable)")
+    deploy.add_argument("--accelerators", type=int,
+                        help="GPUs per copy of the base component (default 1 on GPU instances)")
+    deploy.add_argument("--memory-mb", type=int, default=5120, help="memory reserved per copy (default 5120)")
     deploy.add_argument("--name", required=True)
     deploy.add_argument("--startup-timeout", type=int, default=900)
     deploy.set_defaults(run=run_deploy)
@@ -89,6 +100,7 @@ def parser() -> argparse.ArgumentParser:
 
     invoke = sub.add_parser("invoke", help="send one request")
     invoke.add_argument("--name", required=True)
+    invoke.add_argument("--component", help="the inference component to ask (NAME-base, or NAME-ADAPTER)")
     invoke.add_argument("--inputs", required=True)
     invoke.add_argument("--max-new-tokens", type=int, default=150)
     invoke.add_argument("--stream", action="store_true")
@@ -117,7 +129,7 @@ def _ami(args) -> str | None:
 
 def run_train(args, clients) -> int:
     hyperparameters = json.loads(args.hyperparameters.read_text()) if args.hyperparameters else {}
-    hyperparameters.update(_pairs(args.hp))
+    hyperparameters.update(_pairs(args.hp, "--hp"))
     channels = {name: getattr(args, name.replace("-", "_")) for name in
                 ("train", "validation", "preference", "preference-validation", "model")}
     channels = {name.replace("-", "_"): uri for name, uri in channels.items() if uri}
@@ -134,6 +146,8 @@ def run_train(args, clients) -> int:
 
 
 def run_deploy(args, clients) -> int:
+    if args.inference_components or args.adapter:
+        return _deploy_components(args, clients)
     requests = endpoint_requests(name=args.name, image=args.image, role=args.role, model_data=args.model_data,
                                  instance_type=args.instance_type, environment=_pairs(args.env),
                                  startup_timeout=args.startup_timeout,
@@ -142,15 +156,13 @@ def run_deploy(args, clients) -> int:
                                  async_concurrency=args.async_concurrency)
     scaling = None
     if args.autoscale:
-        low, _, high = args.autoscale.partition(":")
-        if not (low.isdigit() and high.isdigit()):
-            raise SystemExit(f"--autoscale takes MIN:MAX instance counts, e.g. 1:4; got {args.autoscale!r}")
+        low, high = _autoscale_range(args.autoscale)
         if args.async_output:  # its load shows as a queue in S3, not as concurrent requests per copy
             raise SystemExit("--autoscale scales on concurrent requests per copy, which an async endpoint (capped at "
                              "--async-concurrency) never reaches: scale an async endpoint on its backlog "
                              "(ApproximateBacklogSizePerInstance) instead")
         try:
-            scaling = autoscaling_requests(name=args.name, min_instances=int(low), max_instances=int(high),
+            scaling = autoscaling_requests(name=args.name, min_instances=low, max_instances=high,
                                            target=args.autoscale_target)
         except ValueError as e:
             raise SystemExit(str(e)) from None
@@ -171,6 +183,66 @@ def run_deploy(args, clients) -> int:
     return 0
 
 
+def _deploy_components(args, clients) -> int:
+    """An inference-component endpoint: the endpoint, then the base component once the endpoint is in
+    service, then each adapter once the base is, then the base's autoscaling (from zero when MIN is 0)."""
+    if args.async_output:
+        raise SystemExit("--async endpoints host one model, not inference components: drop --async or "
+                         "--inference-components/--adapter")
+    low, high = _autoscale_range(args.autoscale) if args.autoscale else (1, 1)
+    try:
+        requests = component_endpoint_requests(
+            name=args.name, image=args.image, role=args.role, model_data=args.model_data,
+            instance_type=args.instance_type, environment=_pairs(args.env), startup_timeout=args.startup_timeout,
+            ami_version=_ami(args), download_timeout=args.download_timeout, min_instances=low, max_instances=high,
+            accelerators=args.accelerators, memory_mb=args.memory_mb, adapters=_pairs(args.adapter, "--adapter"))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    print(json.dumps(redacted(requests["model"]), indent=2))
+    sm = clients["sagemaker"]
+    sm.create_model(**requests["model"])
+    sm.create_endpoint_config(**requests["config"])
+    sm.create_endpoint(**requests["endpoint"])
+    print(f"creating endpoint {args.name}; its components follow once it is InService")
+    sm.get_waiter("endpoint_in_service").wait(EndpointName=args.name)
+    base = requests["base"]["InferenceComponentName"]
+    sm.create_inference_component(**requests["base"])
+    _wait_for_component(sm, base)
+    for adapter in requests["adapters"]:
+        sm.create_inference_component(**adapter)
+        print(f"adapter component {adapter['InferenceComponentName']} created")
+    if args.autoscale:
+        scaling = component_autoscaling_requests(component=base, min_copies=low, max_copies=high,
+                                                 target=args.autoscale_target)
+        autoscaling = clients["application-autoscaling"]
+        autoscaling.register_scalable_target(**scaling["target"])
+        autoscaling.put_scaling_policy(**scaling["policy"])
+        if "from_zero" in scaling:
+            arn = autoscaling.put_scaling_policy(**scaling["from_zero"])["PolicyARN"]
+            clients["cloudwatch"].put_metric_alarm(**scaling["alarm"], AlarmActions=[arn])
+    components = ", ".join([base] + [a["InferenceComponentName"] for a in requests["adapters"]])
+    print(f"endpoint {args.name} serves components {components}: invoke with --component NAME")
+    return 0
+
+
+def _wait_for_component(sm, name: str) -> None:
+    while True:
+        described = sm.describe_inference_component(InferenceComponentName=name)
+        status = described["InferenceComponentStatus"]
+        if status == "InService":
+            return
+        if status == "Failed":
+            raise SystemExit(f"inference component {name} failed: {described.get('FailureReason', 'no reason given')}")
+        time.sleep(POLL_SECONDS)
+
+
+def _autoscale_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(":")
+    if not (low.isdigit() and high.isdigit()):
+        raise SystemExit(f"--autoscale takes MIN:MAX counts, e.g. 1:4; got {text!r}")
+    return int(low), int(high)
+
+
 def run_batch(args, clients) -> int:
     requests = transform_requests(
         name=args.name, image=args.image, role=args.role, model_data=args.model_data, input_s3=args.input,
@@ -188,12 +260,14 @@ def run_invoke(args, clients) -> int:
     body = {"inputs": args.inputs, "parameters": {"max_new_tokens": args.max_new_tokens, "return_full_text": False},
             "stream": args.stream}
     runtime = clients["sagemaker-runtime"]
+    target = {"EndpointName": args.name, "ContentType": "application/json", "Body": json.dumps(body)}
+    if args.component:
+        target["InferenceComponentName"] = args.component
     if not args.stream:
-        response = runtime.invoke_endpoint(EndpointName=args.name, ContentType="application/json", Body=json.dumps(body))
+        response = runtime.invoke_endpoint(**target)
         print(json.loads(response["Body"].read())[0]["generated_text"])
         return 0
-    response = runtime.invoke_endpoint_with_response_stream(EndpointName=args.name, ContentType="application/json",
-                                                            Body=json.dumps(body))
+    response = runtime.invoke_endpoint_with_response_stream(**target)
     for event in sse_events(response["Body"]):
         if "error" in event:
             print(f"\nerror: {event['error']}", file=sys.stderr)
@@ -206,7 +280,16 @@ def run_invoke(args, clients) -> int:
 
 
 def run_delete(args, clients) -> int:
+    """The endpoint's inference components first (adapters before their base), waiting until they are gone,
+    then the endpoint, its config and its model."""
     sm = clients["sagemaker"]
+    base = base_component(args.name)
+    names = _components(sm, args.name)
+    for stage in ([n for n in names if n != base], [n for n in names if n == base]):
+        for name in stage:
+            sm.delete_inference_component(InferenceComponentName=name)
+        while stage and set(stage) & set(_components(sm, args.name)):
+            time.sleep(POLL_SECONDS)
     sm.delete_endpoint(EndpointName=args.name)
     sm.delete_endpoint_config(EndpointConfigName=args.name)
     sm.delete_model(ModelName=args.name)
@@ -214,12 +297,17 @@ def run_delete(args, clients) -> int:
     return 0
 
 
-def _pairs(items: list[str]) -> dict[str, str]:
+def _components(sm, endpoint: str) -> list[str]:
+    listed = sm.list_inference_components(EndpointNameEquals=endpoint)["InferenceComponents"]
+    return [c["InferenceComponentName"] for c in listed]
+
+
+def _pairs(items: list[str], flag: str = "--env") -> dict[str, str]:
     pairs = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"expected KEY=VALUE, got {item!r}")
+            raise SystemExit(f"{flag} expects KEY=VALUE, got {item!r}")
         pairs[key] = value
     return pairs
 
@@ -228,7 +316,8 @@ def _boto3_clients(region: str | None) -> dict:
     import boto3
 
     session = boto3.Session(region_name=region)
-    return {name: session.client(name) for name in ("sagemaker", "sagemaker-runtime", "application-autoscaling")}
+    return {name: session.client(name)
+            for name in ("sagemaker", "sagemaker-runtime", "application-autoscaling", "cloudwatch")}
 
 
 if __name__ == "__main__":

@@ -109,7 +109,8 @@ def autoscaling_requests(*, name: str, min_instances: int, max_instances: int, t
     concurrent requests per model copy (SageMaker's high-resolution metric, reported every 10 s)."""
     if not 1 <= min_instances <= max_instances:
         raise ValueError(f"--autoscale {min_instances}:{max_instances}: need 1 <= MIN <= MAX (an endpoint variant "
-                         "keeps at least one instance; scaling to zero needs inference components)")
+                         "keeps at least one instance; scaling to zero needs inference components: add "
+                         "--inference-components)")
     scalable = {"ServiceNamespace": "sagemaker", "ResourceId": f"endpoint/{name}/variant/{VARIANT}",
                 "ScalableDimension": "sagemaker:variant:DesiredInstanceCount"}
     return {
@@ -121,6 +122,94 @@ def autoscaling_requests(*, name: str, min_instances: int, max_instances: int, t
                            "PredefinedMetricType": "SageMakerVariantConcurrentRequestsPerModelHighResolution"},
                        "ScaleOutCooldown": 60, "ScaleInCooldown": 300}},
     }
+
+
+def component_endpoint_requests(*, name: str, image: str, role: str, model_data: str | None, instance_type: str,
+                                environment: dict[str, str] | None = None, startup_timeout: int = 900,
+                                ami_version: str | None = "auto", download_timeout: int | None = None,
+                                min_instances: int = 1, max_instances: int = 1, accelerators: int | None = None,
+                                memory_mb: int = 5120, adapters: dict[str, str] | None = None) -> dict:
+    """An endpoint that hosts inference components: the base model as one component (BASE_COMPONENT), each
+    adapter (a LoRA adapter's model.tar.gz) as a component on top of it. SageMaker's managed instance scaling
+    keeps MIN to MAX instances; MIN 0 lets the endpoint scale to zero. Returns CreateModel,
+    CreateEndpointConfig, CreateEndpoint, the base's CreateInferenceComponent and one per adapter, in order."""
+    if not 0 <= min_instances <= max_instances or max_instances < 1:
+        raise ValueError(f"--autoscale {min_instances}:{max_instances}: need 0 <= MIN <= MAX and MAX >= 1")
+    for adapter, uri in (adapters or {}).items():
+        if not uri.startswith("s3://") or not uri.endswith((".tar.gz", ".tgz")):
+            raise ValueError(f"--adapter {adapter}={uri}: an adapter component's ArtifactUrl is the S3 URI of one "
+                             "model.tar.gz (the adapter's files: adapter_config.json, adapter_model.safetensors)")
+    if ami_version == "auto":
+        ami_version = default_inference_ami(instance_type)
+    if accelerators is None:
+        accelerators = 1 if instance_type.startswith(GPU_FAMILIES) else 0
+    environment = dict(environment or {})
+    if adapters:  # the base's engine must be started able to take adapters it is handed later
+        environment.setdefault("ENABLE_LORA", "true")
+    variant = {"VariantName": VARIANT, "InstanceType": instance_type, "InitialInstanceCount": max(1, min_instances),
+               "ManagedInstanceScaling": {"Status": "ENABLED", "MinInstanceCount": min_instances,
+                                          "MaxInstanceCount": max_instances},
+               "RoutingConfig": {"RoutingStrategy": "LEAST_OUTSTANDING_REQUESTS"}}
+    if ami_version:
+        variant["InferenceAmiVersion"] = ami_version
+    startup = {"ContainerStartupHealthCheckTimeoutInSeconds": startup_timeout}
+    if download_timeout:
+        startup["ModelDataDownloadTimeoutInSeconds"] = download_timeout
+    resources = {"NumberOfCpuCoresRequired": 2, "MinMemoryRequiredInMb": memory_mb}
+    if accelerators:
+        resources["NumberOfAcceleratorDevicesRequired"] = accelerators
+    base = base_component(name)
+    return {
+        "model": model_request(name=name, image=image, role=role, model_data=model_data, environment=environment),
+        "config": {"EndpointConfigName": name, "ExecutionRoleArn": role, "ProductionVariants": [variant]},
+        "endpoint": {"EndpointName": name, "EndpointConfigName": name},
+        "base": {"InferenceComponentName": base, "EndpointName": name, "VariantName": VARIANT,
+                 "Specification": {"ModelName": name, "StartupParameters": startup,
+                                   "ComputeResourceRequirements": resources},
+                 "RuntimeConfig": {"CopyCount": 1}},
+        "adapters": [{"InferenceComponentName": adapter_component(name, adapter), "EndpointName": name,
+                      "Specification": {"BaseInferenceComponentName": base, "Container": {"ArtifactUrl": uri}}}
+                     for adapter, uri in sorted((adapters or {}).items())],
+    }
+
+
+def base_component(endpoint: str) -> str:
+    return f"{endpoint}-base"
+
+
+def adapter_component(endpoint: str, adapter: str) -> str:
+    return f"{endpoint}-{adapter}"
+
+
+def component_autoscaling_requests(*, component: str, min_copies: int, max_copies: int, target: float) -> dict:
+    """Autoscaling of a component's copy count: target tracking on concurrent requests per copy and, when
+    min_copies is 0, the way back from zero (with no copy there is no per-copy metric: a request that found
+    no capacity raises SageMaker's NoCapacityInvocationFailures, whose alarm adds one copy). The alarm's
+    AlarmActions need the step policy's ARN, known only once it is put."""
+    scalable = {"ServiceNamespace": "sagemaker", "ResourceId": f"inference-component/{component}",
+                "ScalableDimension": "sagemaker:inference-component:DesiredCopyCount"}
+    requests = {
+        "target": {**scalable, "MinCapacity": min_copies, "MaxCapacity": max_copies},
+        "policy": {**scalable, "PolicyName": f"{component}-concurrent-requests", "PolicyType": "TargetTrackingScaling",
+                   "TargetTrackingScalingPolicyConfiguration": {
+                       "TargetValue": float(target),
+                       "PredefinedMetricSpecification": {
+                           "PredefinedMetricType": "SageMakerInferenceComponentConcurrentRequestsPerCopyHighResolution"},
+                       "ScaleOutCooldown": 60, "ScaleInCooldown": 300}},
+    }
+    if min_copies == 0:
+        requests["from_zero"] = {
+            **scalable, "PolicyName": f"{component}-from-zero", "PolicyType": "StepScaling",
+            "StepScalingPolicyConfiguration": {"AdjustmentType": "ChangeInCapacity", "MetricAggregationType": "Maximum",
+                                               "Cooldown": 60,
+                                               "StepAdjustments": [{"MetricIntervalLowerBound": 0, "ScalingAdjustment": 1}]}}
+        requests["alarm"] = {
+            "AlarmName": f"{component}-no-capacity", "MetricName": "NoCapacityInvocationFailures",
+            "Namespace": "AWS/SageMaker", "Statistic": "Maximum",
+            "Dimensions": [{"Name": "InferenceComponentName", "Value": component}],
+            "Period": 30, "EvaluationPeriods": 1, "DatapointsToAlarm": 1, "Threshold": 1.0,
+            "ComparisonOperator": "GreaterThanOrEqualToThreshold", "TreatMissingData": "missing"}
+    return requests
 
 
 def model_request(*, name: str, image: str, role: str, model_data: str | None,

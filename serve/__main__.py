@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from container.config import ConfigError
 from container.model_dir import ModelDirError
 from container.opt_ml import ContractError
-from serve.config import MODEL_DIR_ENV, ServeConfig
+from serve.config import ADAPTER_REGISTRY_ENV, MODEL_DIR_ENV, ServeConfig
 from serve.custom import CustomCodeError, load_custom_handlers
+from serve.engine_args import max_lora_rank
 from serve.model_dir import serving_spec
 from serve.model_source import model_source
 from serve.placement import gpus_present, model_bytes, plan
@@ -43,11 +45,15 @@ def main() -> None:
         if config.quantize.startswith("bitsandbytes") and not gpus:
             raise ConfigError(f"QUANTIZE={config.quantize} needs a GPU: vLLM's CPU engine has no bitsandbytes kernels "
                               "(serve the 16-bit model on the CPU)")
+        if config.enable_lora or config.adapters or spec.weights == "adapter":
+            max_lora_rank(config, spec)  # a known adapter above MAX_LORA_RANK: say so before starting
         sharded = config.num_shard > 1 or plan(config.workers, gpus, gpu_bytes, model_bytes(config.model_dir)).span_gpus
         if (custom is None or "predict_fn" not in custom) and (not gpus or sharded):  # vLLM's worker processes
             check_shared_memory(copies=max(1, config.workers) if not gpus else 1)
     except (ConfigError, ContractError, ModelDirError, CustomCodeError) as e:
         sys.exit(f"serve: {e}")
+    if config.enable_lora:  # adapters registered at run time (serve/adapters.py): one folder for every worker
+        os.environ[ADAPTER_REGISTRY_ENV] = tempfile.mkdtemp(prefix="llm-twin-adapters-")
     print(f"serve: model {spec.base_model} from {config.model_dir}, port {config.port}, {config.workers} worker(s)", flush=True)
     conf = Path(__file__).with_name("gunicorn_conf.py")
     os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "-c", str(conf), "serve.wsgi:build()"])

@@ -72,11 +72,31 @@ def create_app(engine) -> Flask:
                            "max_total_tokens": engine.max_total_tokens, "max_best_of": MAX_BEST_OF,
                            "max_stop_sequences": MAX_STOP_SEQUENCES, "max_top_n_tokens": MAX_TOP_N_TOKENS,
                            "max_concurrent_requests": engine.config.max_concurrent_requests,
-                           "adapters": sorted(engine.adapters), "router": "llm-twin", "version": "0.1.0"})
+                           "adapters": engine.adapter_names(), "router": "llm-twin", "version": "0.1.0"})
 
     @app.get("/v1/models")
     def models():
-        return _json(200, openai.models(sorted(engine.adapters)))
+        return _json(200, openai.models(engine.adapter_names()))
+
+    @app.post("/adapters")
+    def register_adapter():
+        """SageMaker creating an adapter inference component (serve/adapters.py): `name` and `src`, in a
+        JSON body or as query parameters."""
+        _check_ready(engine)
+        fields = dict(request.args)
+        if request.content_length:
+            fields.update(_object(_body()))
+        missing = [key for key in ("name", "src") if not isinstance(fields.get(key), str) or not fields[key]]
+        if missing:
+            raise BadRequest(f"registering an adapter needs {' and '.join(missing)} (strings): "
+                             '{"name": "alice", "src": "/path/to/adapter"}')
+        return _json(200, engine.register_adapter(fields["name"], fields["src"]))
+
+    @app.delete("/adapters/<name>")
+    def unregister_adapter(name: str):
+        _check_ready(engine)
+        engine.unregister_adapter(name)
+        return _json(200, {"name": name})
 
     @app.get("/metrics")
     def prometheus():

@@ -2,7 +2,8 @@
 
 Names follow TGI's launcher (`MAX_INPUT_TOKENS`, `MAX_TOTAL_TOKENS`, `MAX_BATCH_PREFILL_TOKENS`,
 `MAX_BATCH_TOTAL_TOKENS`, `MAX_BATCH_SIZE`, `MAX_CONCURRENT_REQUESTS`, `NUM_SHARD`, `DTYPE`, `QUANTIZE`,
-`CUDA_MEMORY_FRACTION`, `CUDA_GRAPHS`, `PREFIX_CACHING`, `LORA_ADAPTERS`) and SageMaker's model-server
+`CUDA_MEMORY_FRACTION`, `CUDA_GRAPHS`, `PREFIX_CACHING`, `LORA_ADAPTERS`; `ENABLE_LORA`, `MAX_LORAS` and
+`MAX_LORA_RANK` as vLLM's SageMaker images name them) and SageMaker's model-server
 conventions, so a TGI deployment's environment carries over unchanged. serve/engine.py turns them into
 vLLM's engine arguments.
 """
@@ -36,6 +37,10 @@ BATCH_TIMEOUT = 540  # under SageMaker's default InvocationsTimeoutInSeconds for
 # client with an error while the generation runs on; a stream keeps the longer default it had.
 ENGINE_COPIES_ENV = "LLM_TWIN_ENGINE_COPIES"  # set by gunicorn_conf.py: the worker count it planned
 MODEL_DIR_ENV = "LLM_TWIN_MODEL_DIR"  # set by `serve` when HF_MODEL_ID chose the model (serve/model_source.py)
+ADAPTER_REGISTRY_ENV = "LLM_TWIN_ADAPTER_REGISTRY"  # set by `serve` with ENABLE_LORA: the workers' shared registry
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's engine accepts as max_lora_rank
+REGISTERED_LORA_RANK = 64  # max_lora_rank when adapters may be registered later, unless MAX_LORA_RANK says
+REGISTERED_LORAS = 4  # adapters in one batch when adapters may be registered later, unless MAX_LORAS says
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,10 @@ class ServeConfig:
     cuda_graphs: bool = True  # TGI's CUDA_GRAPHS=0 turns them off (faster start, slower decode)
     prefix_caching: bool = True  # every request of a twin starts with the same template header
     lora_adapters: str = ""  # TGI's LORA_ADAPTERS: "name=/path,other=/path" served beside the model
+    enable_lora: bool = False  # ENABLE_LORA: adapters may be registered while serving (POST /adapters)
+    max_loras: int = 0  # adapters one batch may mix; 0 = as many as LORA_ADAPTERS, or REGISTERED_LORAS
+    max_lora_rank: int = 0  # 0 = the largest of LORA_ADAPTERS', or REGISTERED_LORA_RANK
+    adapter_registry: Path | None = None  # the folder where registered adapters are kept
     batch: bool = False  # SAGEMAKER_BATCH: a batch transform job's container
     max_payload_mb: int = 0  # SAGEMAKER_MAX_PAYLOAD_IN_MB; 0 = BATCH_PAYLOAD_MB
     max_concurrent_transforms: int = 0  # SAGEMAKER_MAX_CONCURRENT_TRANSFORMS; 0 = from the engine copies
@@ -117,6 +126,10 @@ class ServeConfig:
             cuda_graphs=environ.get("CUDA_GRAPHS", "").strip() not in ("0", "false", "False"),
             prefix_caching=get(("PREFIX_CACHING",), bool, cls.prefix_caching),
             lora_adapters=get(("LORA_ADAPTERS",), str, cls.lora_adapters),
+            enable_lora=get(("ENABLE_LORA", "SM_VLLM_ENABLE_LORA"), bool, cls.enable_lora),
+            max_loras=get(("MAX_LORAS", "SM_VLLM_MAX_LORAS"), int, cls.max_loras),
+            max_lora_rank=get(("MAX_LORA_RANK", "SM_VLLM_MAX_LORA_RANK"), int, cls.max_lora_rank),
+            adapter_registry=Path(environ[ADAPTER_REGISTRY_ENV]) if environ.get(ADAPTER_REGISTRY_ENV) else None,
             batch=batch,
             max_payload_mb=get(("SAGEMAKER_MAX_PAYLOAD_IN_MB",), int, cls.max_payload_mb),
             max_concurrent_transforms=get(("SAGEMAKER_MAX_CONCURRENT_TRANSFORMS",), int, cls.max_concurrent_transforms),
@@ -145,13 +158,16 @@ class ServeConfig:
                               f"{BATCH_PAYLOAD_LIMIT_MB} (SageMaker refuses the transform job otherwise), got "
                               f"{batch['MaxConcurrentTransforms']} x {batch['MaxPayloadInMB']}")
         for name in ("workers", "max_input_tokens", "max_total_tokens", "max_batch_size", "max_batch_prefill_tokens",
-                     "max_batch_total_tokens", "num_shard", "max_payload_mb", "max_concurrent_transforms"):
+                     "max_batch_total_tokens", "num_shard", "max_payload_mb", "max_concurrent_transforms", "max_loras"):
             if getattr(config, name) < 0:
                 raise ConfigError(f"{name.upper()} must not be negative, got {getattr(config, name)}")
         if config.engine_copies < 1:
             raise ConfigError(f"{ENGINE_COPIES_ENV} must be at least 1, got {config.engine_copies}")
         if not 0.05 <= config.cuda_memory_fraction <= 1.0:
             raise ConfigError(f"CUDA_MEMORY_FRACTION must be between 0.05 and 1.0, got {config.cuda_memory_fraction}")
+        if config.max_lora_rank and config.max_lora_rank not in LORA_RANKS:
+            raise ConfigError(f"MAX_LORA_RANK={config.max_lora_rank} is not a rank vLLM accepts: use one of "
+                              f"{', '.join(map(str, LORA_RANKS))}")
         for name, path in config.adapters.items():
             if not Path(path).is_dir():
                 raise ConfigError(f"LORA_ADAPTERS: adapter {name!r} is not a folder: {path} (hub ids are not "

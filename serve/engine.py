@@ -32,10 +32,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from container.model_dir import ADAPTER_DIR, ServingSpec, resolve_base
+from serve.adapters import AdapterRegistry
 from serve.config import ServeConfig
 from serve.custom import CustomHandlers
 from serve.engine_args import engine_arguments, model_length
-from serve.errors import ClientGone, GenerationError, Overloaded, ServeError, ValidationError, not_finished
+from serve.errors import (BadRequest, ClientGone, GenerationError, NotFound, Overloaded, ServeError, ValidationError,
+                          not_finished)
 from serve.schemas import GenerateParams, GenerateRequest, GenerateResult, Sequence
 
 log = logging.getLogger(__name__)
@@ -131,7 +133,9 @@ class Engine:
         self.custom = custom
         self.model = None  # what a custom predict_fn receives
         self.tokenizer = None
-        self.adapters: dict[str, object] = {}  # name -> LoRARequest
+        self.adapters: dict[str, object] = {}  # name -> LoRARequest, from LORA_ADAPTERS
+        self.registry = AdapterRegistry(config.adapter_registry) if config.enable_lora and config.adapter_registry else None
+        self.max_lora_rank = 0  # the engine's, once started with LoRA
         self.special_ids: set[int] = set()
         self.llm = None
         self.max_total_tokens = model_length(config, spec)
@@ -235,14 +239,56 @@ class Engine:
         """The LoRA adapter a request asks for (TGI's adapter_id, OpenAI's model, SageMaker's adapter
         header), or the model directory's own adapter, or none."""
         name = request.params.adapter_id
-        if name is None and request.model and request.model in self.adapters:
+        if name is None and request.model and (request.model in self.adapters or self._registered(request.model)):
             name = request.model
         if name is None:
             return self.adapters.get(MODEL_ADAPTER)
-        if name not in self.adapters:
-            known = ", ".join(sorted(self.adapters)) or "none: this endpoint serves no adapters"
+        adapter = self.adapters.get(name) or self._registered(name)
+        if adapter is None:
+            known = ", ".join(self.adapter_names()) or "none: this endpoint serves no adapters"
             raise ValidationError(f"unknown adapter {name!r}; known adapters: {known}")
-        return self.adapters[name]
+        return adapter
+
+    def adapter_names(self) -> list[str]:
+        """Every adapter a request may name: LORA_ADAPTERS and those registered since the start."""
+        registered = self.registry.names() if self.registry is not None else []
+        return sorted(set(self.adapters) | set(registered))
+
+    def _registered(self, name: str):
+        """A registered adapter as vLLM's LoRARequest (vLLM loads it on first use), or None."""
+        entry = self.registry.lookup(name) if self.registry is not None and name not in self.adapters else None
+        if entry is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        folder, number = entry
+        return LoRARequest(name, number, str(folder))
+
+    def register_adapter(self, name: str, src: str) -> dict:
+        """SageMaker's adapter component arriving: check it, record it for every worker, and load it into this
+        worker's engine now, so an adapter vLLM cannot load fails here rather than on a user's request."""
+        if self.registry is None:
+            raise BadRequest("this endpoint was started without ENABLE_LORA=true, so it cannot take adapters "
+                             "(set it on the base model; `launch deploy --adapter` does)")
+        if name in self.adapters:
+            raise BadRequest(f"adapter {name!r} is already served from LORA_ADAPTERS")
+        folder, _ = self.registry.register(name, src, self.max_lora_rank)
+        try:
+            asyncio.run_coroutine_threadsafe(self.llm.add_lora(self._registered(name)), self._loop).result(
+                timeout=self.config.timeout)
+        except Exception as e:
+            self.registry.unregister(name)
+            raise ValidationError(f"adapter {name!r} from {folder} could not be loaded onto the base model: "
+                                  f"{type(e).__name__}: {e}") from None
+        log.info("adapter %s registered from %s", name, folder)
+        return {"name": name, "src": str(folder)}
+
+    def unregister_adapter(self, name: str) -> None:
+        if self.registry is None:
+            raise NotFound(f"adapter {name!r} is not registered: this endpoint takes no adapters (ENABLE_LORA)")
+        number = self.registry.unregister(name)
+        asyncio.run_coroutine_threadsafe(self.llm.remove_lora(number), self._loop).result(timeout=self.config.timeout)
+        log.info("adapter %s unregistered", name)
 
     # --- the engine loop ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -270,6 +316,7 @@ class Engine:
         log.info("starting vLLM: %s", json.dumps(arguments, default=str))
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**arguments))
         self.adapters = self._lora_requests(arguments.get("enable_lora", False))
+        self.max_lora_rank = arguments.get("max_lora_rank", 0)
         warmup = Ticket(GenerateRequest("Hello", GenerateParams(max_new_tokens=2)), lambda: None)
         await self._generate(warmup, self._prepare(warmup.request))
         warmup.result(timeout=1)  # raises what the warm-up generation raised

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 
+from container.config import ConfigError
 from container.model_dir import ADAPTER_DIR, ServingSpec, resolve_base
-from serve.config import ServeConfig
+from serve.config import LORA_RANKS, REGISTERED_LORA_RANK, REGISTERED_LORAS, ServeConfig
 
 CPU_KV_CACHE_SHARE = 0.25  # of the host's available memory, at most, when MAX_BATCH_TOTAL_TOKENS is unset
 
@@ -54,22 +55,33 @@ def engine_arguments(config: ServeConfig, spec: ServingSpec) -> tuple[dict, dict
                                                             config.max_batch_size)
     if config.quantize:
         arguments["quantization"] = "bitsandbytes" if config.quantize.startswith("bitsandbytes") else config.quantize
-    if adapter_only or config.adapters:
-        arguments.update(enable_lora=True, max_loras=max(1, len(config.adapters) + adapter_only),
-                         max_lora_rank=_max_lora_rank(config, spec))
+    if adapter_only or config.adapters or config.enable_lora:
+        known = len(config.adapters) + adapter_only
+        arguments.update(enable_lora=True,
+                         max_loras=config.max_loras or max(known, REGISTERED_LORAS if config.enable_lora else 1),
+                         max_lora_rank=max_lora_rank(config, spec))
     environment = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}  # never fork a threaded gunicorn worker
     if cpu:  # vLLM's CPU engine keeps a core for the frontend by default: on 2 cores that cost 35% of its throughput
         environment["VLLM_CPU_NUM_OF_RESERVED_CPU"] = os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     return arguments, environment
 
 
-def _max_lora_rank(config: ServeConfig, spec: ServingSpec) -> int:
+def max_lora_rank(config: ServeConfig, spec: ServingSpec) -> int:
+    """MAX_LORA_RANK, or the smallest rank vLLM accepts that holds every known adapter (and, when adapters may
+    be registered later, REGISTERED_LORA_RANK). A known adapter above MAX_LORA_RANK is a ConfigError."""
     folders = list(config.adapters.values()) + ([str(config.model_dir / ADAPTER_DIR)] if spec.weights == "adapter" else [])
-    ranks = []
+    ranks = {}
     for folder in folders:
         with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as f:
-            ranks.append(json.load(f).get("r", 16))
-    return next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= max(ranks))  # the sizes vLLM accepts
+            ranks[folder] = json.load(f).get("r", 16)
+    if config.max_lora_rank:
+        too_large = {folder: r for folder, r in ranks.items() if r > config.max_lora_rank}
+        if too_large:
+            raise ConfigError(f"MAX_LORA_RANK={config.max_lora_rank} is below the rank of {', '.join(too_large)} "
+                              f"({max(too_large.values())})")
+        return config.max_lora_rank
+    largest = max([*ranks.values(), REGISTERED_LORA_RANK if config.enable_lora else 0])
+    return next(r for r in LORA_RANKS if r >= largest)
 
 
 def kv_cache_bytes(model_config: str, total_tokens: int, max_total: int, max_seqs: int) -> int:

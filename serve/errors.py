@@ -14,6 +14,10 @@ class BadRequest(ServeError):
     status, error_type = 400, "bad_request"
 
 
+class NotFound(ServeError):
+    status, error_type = 404, "not_found"
+
+
 class UnsupportedMediaType(ServeError):
     status, error_type = 415, "unsupported_media_type"
 

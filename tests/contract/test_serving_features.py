@@ -62,6 +62,65 @@ def test_an_unknown_adapter_is_a_422_naming_the_known_ones(adapter_server):
     assert response.json()["error"] == "unknown adapter 'dan'; known adapters: dana, sam"
 
 
+@pytest.fixture(scope="module")
+def component_server(tiny_served_model, tmp_path_factory):
+    """The base of an inference-component endpoint: started with ENABLE_LORA and no adapters, two workers
+    (two engines), as SageMaker runs it before any adapter component exists."""
+    root = tmp_path_factory.mktemp("components")
+    shutil.copytree(tiny_served_model / "model", root / "model")
+    server = Server(root, ENABLE_LORA="true", SAGEMAKER_MODEL_SERVER_WORKERS="2")
+    server.wait_ready(timeout=240)
+    yield server, root
+    server.stop()
+
+
+def test_adapter_components_register_answer_on_every_worker_and_unregister(component_server):
+    """SageMaker's adapter inference component: POST /adapters (JSON body, or query parameters) with the
+    folder it unpacked, then invocations carrying X-Amzn-SageMaker-Adapter-Identifier, then DELETE."""
+    server, root = component_server
+    alice = make_adapter(root / "model", root / "alice", seed=1)
+    twin = root / "bob-twin"  # a model directory `train` wrote (adapter-only): its adapter/ is used
+    make_adapter(root / "model", twin / "adapter", seed=2)
+    base = answer(server)
+    registered = requests.post(server.url + "/adapters", json={"name": "alice", "src": str(alice)}, timeout=60)
+    assert registered.status_code == 200, registered.text
+    assert requests.post(server.url + "/adapters", params={"name": "bob", "src": str(twin)}, timeout=60).status_code == 200
+
+    def ask(adapter):
+        response = server.invoke({"inputs": "Write about lesson 3", "parameters": {"max_new_tokens": 8}},
+                                 headers={"Content-Type": "application/json", "X-Amzn-SageMaker-Adapter-Identifier": adapter})
+        assert response.status_code == 200, response.text
+        return response.json()[0]["generated_text"]
+
+    # Each request on a new connection: gunicorn hands them to both workers, and each must know both adapters.
+    alices, bobs = {ask("alice") for _ in range(8)}, {ask("bob") for _ in range(8)}
+    assert len(alices) == 1 and len(bobs) == 1 and len({base, *alices, *bobs}) == 3, (base, alices, bobs)
+    assert requests.get(server.url + "/info", timeout=5).json()["adapters"] == ["alice", "bob"]
+    assert requests.delete(server.url + "/adapters/alice", timeout=60).status_code == 200
+    gone = server.invoke({"inputs": "x"}, headers={"Content-Type": "application/json",
+                                                   "X-Amzn-SageMaker-Adapter-Identifier": "alice"})
+    assert gone.status_code == 422 and gone.json()["error"] == "unknown adapter 'alice'; known adapters: bob"
+    assert requests.delete(server.url + "/adapters/alice", timeout=60).status_code == 404
+
+
+def test_a_bad_adapter_registration_is_a_clear_4xx(component_server):
+    server, root = component_server
+    empty = root / "empty"
+    empty.mkdir()
+    cases = [({"name": "x"}, 400, "registering an adapter needs src"),
+             ({"name": "x", "src": "s3://b/a.tar.gz"}, 422, "must be a local absolute path"),
+             ({"name": "x", "src": str(empty)}, 422, "holds no adapter_config.json"),
+             ({"name": "../x", "src": str(empty)}, 400, "adapter name '../x' is not valid")]
+    for body, status, message in cases:
+        response = requests.post(server.url + "/adapters", json=body, timeout=30)
+        assert response.status_code == status and message in response.json()["error"], (body, response.text)
+    wide = make_adapter(root / "model", root / "wide", seed=3)
+    config = json.loads((wide / "adapter_config.json").read_text())
+    (wide / "adapter_config.json").write_text(json.dumps({**config, "r": 128}))
+    response = requests.post(server.url + "/adapters", json={"name": "wide", "src": str(wide)}, timeout=30)
+    assert response.status_code == 422 and "MAX_LORA_RANK=64" in response.json()["error"], response.text
+
+
 def test_regex_and_json_schema_grammars_constrain_the_output(server):
     digits = answer(server, grammar={"type": "regex", "value": "[0-9]{3}-[a-c]{2}"}, max_new_tokens=12)
     assert re.fullmatch("[0-9]{3}-[a-c]{2}", digits), digits

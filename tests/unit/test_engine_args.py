@@ -105,3 +105,18 @@ def test_a_plain_answer_comes_inside_invoke_endpoints_60_s_unless_the_timeout_is
     assert (chosen.timeout, chosen.stream_timeout) == (3540, 3540)
     batch = ServeConfig.from_env({"SAGEMAKER_BATCH": "true"})
     assert (batch.timeout, batch.stream_timeout) == (540, 540)
+
+
+def test_enable_lora_readies_the_engine_for_adapters_registered_later(served, tmp_path):
+    args, _ = arguments(served, ENABLE_LORA="true")
+    assert (args["enable_lora"], args["max_loras"], args["max_lora_rank"]) == (True, 4, 64)
+    args, _ = arguments(served, SM_VLLM_ENABLE_LORA="true", MAX_LORAS="2", MAX_LORA_RANK="128")
+    assert (args["max_loras"], args["max_lora_rank"]) == (2, 128)
+    assert "enable_lora" not in arguments(served)[0]
+    with pytest.raises(ConfigError, match="MAX_LORA_RANK=100 is not a rank vLLM accepts: use one of 8, 16"):
+        arguments(served, ENABLE_LORA="true", MAX_LORA_RANK="100")
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    (wide / "adapter_config.json").write_text(json.dumps({"r": 32}))
+    with pytest.raises(ConfigError, match="MAX_LORA_RANK=16 is below the rank of .*wide \\(32\\)"):
+        arguments(served, LORA_ADAPTERS=f"wide={wide}", MAX_LORA_RANK="16")

@@ -72,6 +72,7 @@ def test_deploy_and_delete_send_the_exact_requests():
                 "ContainerStartupHealthCheckTimeoutInSeconds": 600,
                 "InferenceAmiVersion": "al2-ami-sagemaker-inference-gpu-3-1"}]})
         stub.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/twin"}, {"EndpointName": "twin", "EndpointConfigName": "twin"})
+        stub.add_response("list_inference_components", {"InferenceComponents": []}, {"EndpointNameEquals": "twin"})
         stub.add_response("delete_endpoint", {}, {"EndpointName": "twin"})
         stub.add_response("delete_endpoint_config", {}, {"EndpointConfigName": "twin"})
         stub.add_response("delete_model", {}, {"ModelName": "twin"})
@@ -248,3 +249,115 @@ def test_train_uncompressed_output_asks_sagemaker_for_files_not_a_tarball():
         assert main(["train", "--image", IMAGE, "--role", ROLE, "--train", "s3://b/t/", "--output", "s3://b/o/",
                      "--name", "t", "--uncompressed-output"], clients={"sagemaker": sm}) == 0
         stub.assert_no_pending_responses()
+
+
+def _component(name, status="InService"):
+    return {"InferenceComponentName": name, "InferenceComponentArn": f"arn:aws:sagemaker:us-east-1:1:inference-component/{name}",
+            "EndpointName": "twins", "EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/twins", "VariantName": "AllTraffic",
+            "InferenceComponentStatus": status, "CreationTime": "2026-11-27T00:00:00Z", "LastModifiedTime": "2026-11-27T00:00:00Z"}
+
+
+def test_deploy_inference_components_with_adapters_and_scale_to_zero_send_the_exact_requests(monkeypatch, capsys):
+    """The base model as one component, each twin's adapter as its own, managed instance scaling down to 0
+    instances, copy-count target tracking, and the alarm that brings a copy back from zero; delete takes the
+    adapters down before their base, and the base before the endpoint."""
+    import launch.__main__ as launch_main
+
+    monkeypatch.setattr(launch_main, "POLL_SECONDS", 0)
+    sm, autoscaling, cloudwatch = client("sagemaker"), client("application-autoscaling"), client("cloudwatch")
+    runtime = client("sagemaker-runtime")
+    with Stubber(sm) as stub, Stubber(autoscaling) as scaling, Stubber(cloudwatch) as alarms, Stubber(runtime) as rt:
+        stub.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:us-east-1:1:model/twins"}, {
+            "ModelName": "twins", "ExecutionRoleArn": ROLE, "PrimaryContainer": {
+                "Image": IMAGE, "Environment": {"ENABLE_LORA": "true"},
+                "ModelDataSource": {"S3DataSource": {"S3Uri": "s3://b/base/", "S3DataType": "S3Prefix",
+                                                     "CompressionType": "None"}}}})
+        stub.add_response("create_endpoint_config", {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:endpoint-config/twins"}, {
+            "EndpointConfigName": "twins", "ExecutionRoleArn": ROLE, "ProductionVariants": [{
+                "VariantName": "AllTraffic", "InstanceType": "ml.g5.2xlarge", "InitialInstanceCount": 1,
+                "ManagedInstanceScaling": {"Status": "ENABLED", "MinInstanceCount": 0, "MaxInstanceCount": 2},
+                "RoutingConfig": {"RoutingStrategy": "LEAST_OUTSTANDING_REQUESTS"},
+                "InferenceAmiVersion": "al2023-ami-sagemaker-inference-gpu-4-1"}]})
+        stub.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/twins"},
+                          {"EndpointName": "twins", "EndpointConfigName": "twins"})
+        stub.add_response("describe_endpoint", {
+            "EndpointName": "twins", "EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/twins", "EndpointConfigName": "twins",
+            "EndpointStatus": "InService", "CreationTime": "2026-11-27T00:00:00Z", "LastModifiedTime": "2026-11-27T00:00:00Z"},
+            {"EndpointName": "twins"})
+        stub.add_response("create_inference_component", {"InferenceComponentArn": "arn:aws:sagemaker:us-east-1:1:inference-component/twins-base"}, {
+            "InferenceComponentName": "twins-base", "EndpointName": "twins", "VariantName": "AllTraffic",
+            "Specification": {"ModelName": "twins",
+                              "StartupParameters": {"ContainerStartupHealthCheckTimeoutInSeconds": 900},
+                              "ComputeResourceRequirements": {"NumberOfCpuCoresRequired": 2, "MinMemoryRequiredInMb": 5120,
+                                                              "NumberOfAcceleratorDevicesRequired": 1}},
+            "RuntimeConfig": {"CopyCount": 1}})
+        for status in ("Creating", "InService"):
+            described = {k: v for k, v in _component("twins-base", status).items() if k != "InferenceComponentStatus"}
+            stub.add_response("describe_inference_component", {**described, "InferenceComponentStatus": status},
+                              {"InferenceComponentName": "twins-base"})
+        for adapter in ("alice", "bob"):
+            stub.add_response("create_inference_component", {"InferenceComponentArn": f"arn:aws:sagemaker:us-east-1:1:inference-component/twins-{adapter}"}, {
+                "InferenceComponentName": f"twins-{adapter}", "EndpointName": "twins",
+                "Specification": {"BaseInferenceComponentName": "twins-base",
+                                  "Container": {"ArtifactUrl": f"s3://b/{adapter}/model.tar.gz"}}})
+        resource = {"ServiceNamespace": "sagemaker", "ResourceId": "inference-component/twins-base",
+                    "ScalableDimension": "sagemaker:inference-component:DesiredCopyCount"}
+        scaling.add_response("register_scalable_target", {}, {**resource, "MinCapacity": 0, "MaxCapacity": 2})
+        scaling.add_response("put_scaling_policy", {"PolicyARN": "arn:aws:autoscaling:us-east-1:1:scalingPolicy:track"}, {
+            **resource, "PolicyName": "twins-base-concurrent-requests", "PolicyType": "TargetTrackingScaling",
+            "TargetTrackingScalingPolicyConfiguration": {
+                "TargetValue": 16.0, "ScaleOutCooldown": 60, "ScaleInCooldown": 300,
+                "PredefinedMetricSpecification": {
+                    "PredefinedMetricType": "SageMakerInferenceComponentConcurrentRequestsPerCopyHighResolution"}}})
+        scaling.add_response("put_scaling_policy", {"PolicyARN": "arn:aws:autoscaling:us-east-1:1:scalingPolicy:zero"}, {
+            **resource, "PolicyName": "twins-base-from-zero", "PolicyType": "StepScaling",
+            "StepScalingPolicyConfiguration": {"AdjustmentType": "ChangeInCapacity", "MetricAggregationType": "Maximum",
+                                               "Cooldown": 60,
+                                               "StepAdjustments": [{"MetricIntervalLowerBound": 0, "ScalingAdjustment": 1}]}})
+        alarms.add_response("put_metric_alarm", {}, {
+            "AlarmName": "twins-base-no-capacity", "MetricName": "NoCapacityInvocationFailures", "Namespace": "AWS/SageMaker",
+            "Statistic": "Maximum", "Dimensions": [{"Name": "InferenceComponentName", "Value": "twins-base"}],
+            "Period": 30, "EvaluationPeriods": 1, "DatapointsToAlarm": 1, "Threshold": 1.0,
+            "ComparisonOperator": "GreaterThanOrEqualToThreshold", "TreatMissingData": "missing",
+            "AlarmActions": ["arn:aws:autoscaling:us-east-1:1:scalingPolicy:zero"]})
+        rt.add_response("invoke_endpoint", {"Body": StreamingBody(io.BytesIO(b'[{"generated_text": "hi"}]'), 26)}, {
+            "EndpointName": "twins", "InferenceComponentName": "twins-alice", "ContentType": "application/json",
+            "Body": json.dumps({"inputs": "Write a post", "parameters": {"max_new_tokens": 150, "return_full_text": False},
+                                "stream": False})})
+        everything = [_component(n) for n in ("twins-base", "twins-alice", "twins-bob")]
+        stub.add_response("list_inference_components", {"InferenceComponents": everything}, {"EndpointNameEquals": "twins"})
+        for adapter in ("alice", "bob"):
+            stub.add_response("delete_inference_component", {}, {"InferenceComponentName": f"twins-{adapter}"})
+        stub.add_response("list_inference_components", {"InferenceComponents": everything}, {"EndpointNameEquals": "twins"})
+        stub.add_response("list_inference_components", {"InferenceComponents": everything[:1]}, {"EndpointNameEquals": "twins"})
+        stub.add_response("delete_inference_component", {}, {"InferenceComponentName": "twins-base"})
+        stub.add_response("list_inference_components", {"InferenceComponents": []}, {"EndpointNameEquals": "twins"})
+        stub.add_response("delete_endpoint", {}, {"EndpointName": "twins"})
+        stub.add_response("delete_endpoint_config", {}, {"EndpointConfigName": "twins"})
+        stub.add_response("delete_model", {}, {"ModelName": "twins"})
+        clients = {"sagemaker": sm, "application-autoscaling": autoscaling, "cloudwatch": cloudwatch, "sagemaker-runtime": runtime}
+        assert main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/base/", "--name", "twins",
+                     "--adapter", "alice=s3://b/alice/model.tar.gz", "--adapter", "bob=s3://b/bob/model.tar.gz",
+                     "--autoscale", "0:2"], clients=clients) == 0
+        assert main(["invoke", "--name", "twins", "--component", "twins-alice", "--inputs", "Write a post"], clients=clients) == 0
+        assert main(["delete", "--name", "twins"], clients=clients) == 0
+        for stubbed in (stub, scaling, alarms, rt):
+            stubbed.assert_no_pending_responses()
+    out = capsys.readouterr().out
+    assert "twins-base, twins-alice, twins-bob" in out and "hi" in out
+
+
+def test_inference_components_refuse_async_and_a_bad_adapter_clearly():
+    sm = client("sagemaker")
+    with pytest.raises(SystemExit, match="--async endpoints host one model"):
+        main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/m.tar.gz", "--name", "z",
+              "--inference-components", "--async", "s3://b/async/"], clients={"sagemaker": sm})
+    with pytest.raises(SystemExit, match="--adapter expects KEY=VALUE, got 's3://b/a.tar.gz'"):
+        main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/m.tar.gz", "--name", "z",
+              "--adapter", "s3://b/a.tar.gz"], clients={"sagemaker": sm})
+    with pytest.raises(SystemExit, match="ArtifactUrl is the S3 URI of one model.tar.gz"):
+        main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/m.tar.gz", "--name", "z",
+              "--adapter", "alice=s3://b/alice/"], clients={"sagemaker": sm})
+    with pytest.raises(SystemExit, match="need 0 <= MIN <= MAX"):
+        main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/m.tar.gz", "--name", "z",
+              "--inference-components", "--autoscale", "3:1"], clients={"sagemaker": sm})
