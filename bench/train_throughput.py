@@ -28,7 +28,7 @@ from peft import LoraConfig  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from container.model_dir import embedded_model_dir  # noqa: E402
-from train.checkpoints import StopOnSignal  # noqa: E402
+from train.stop import Stop  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import load_sft_rows  # noqa: E402
 from train.model import load_for_training, load_tokenizer  # noqa: E402
@@ -68,7 +68,7 @@ def ours(model, tokenizer, rows, steps, batch_size, out, adapter: str = "lora") 
     config = TrainConfig(max_steps=steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
                          max_length=1024, save_steps=10_000, validation_split=0.0, logging_steps=steps, adapter=adapter)
     started = time.perf_counter()
-    train_stage("sft", config, model, tokenizer, rows, [], Path(out), detect_device(config), StopOnSignal())
+    train_stage("sft", config, model, tokenizer, rows, [], Path(out), detect_device(config), Stop())
     return time.perf_counter() - started
 
 

@@ -11,9 +11,8 @@ A model directory (SageMaker's /opt/ml/model, shipped as model.tar.gz) holds:
     serving.json                           ServingSpec below; written last, so its presence means complete
 
 An adapter-only directory names its base in serving.json: a hub id, or "embedded" for the image's
-default model. `publish` moves a finished staging directory into place with serving.json last: a crash
-mid-way leaves no serving.json, and `serve` refuses such a directory unless it is a plain transformers
-model folder.
+default model. `publish` renames a finished staging directory into place, so the model directory appears whole or not
+at all; into a mount point it moves the files under a marker `serve` refuses, serving.json last.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from typing import Mapping
 
 FORMAT_VERSION = 1
 SERVING_SPEC_FILE = "serving.json"
+PUBLISHING_MARKER = ".publishing"  # in a model directory while `publish` moves files into a mount point
 TRAINING_REPORT_FILE = "training_report.json"
 ADAPTER_DIR = "adapter"
 REQUIRED_FILES = {"merged": ("config.json", "tokenizer_config.json"),
@@ -99,31 +99,35 @@ def resolve_base(reference: str) -> str:
     return str(embedded_model_dir()) if reference == EMBEDDED_BASE else reference
 
 
-def publish(staging_dir: Path, model_dir: Path) -> None:
-    """Move a complete staging directory's files into `model_dir`, serving.json last.
+def publish(staging_dir: Path, model_dir: Path, is_mount=os.path.ismount) -> None:
+    """Put a complete staging directory (a sibling of `model_dir`, on the same filesystem) in its place,
+    whole or not at all.
 
-    `model_dir` itself may be a mount point (it is on SageMaker), so its entries move, not the folder.
-    Whatever `model_dir` held before is removed first: it is this job's output folder."""
+    Normally by rename: the old `model_dir` is renamed aside, the staging directory renamed into place,
+    the old one deleted; at no moment does `model_dir` hold part of a model. A mount point (as
+    /opt/ml/model is under `docker run -v` and SageMaker's local mode) cannot be renamed, so its entries
+    are moved instead, under a PUBLISHING_MARKER written first and removed last: `serve` refuses a
+    directory that still has it, so a crash mid-way leaves nothing that looks servable."""
     missing = missing_files(staging_dir)
     if missing:
         raise ModelDirError(f"refusing to publish incomplete model from {staging_dir}: missing {', '.join(missing)}")
-    model_dir.mkdir(parents=True, exist_ok=True)
-    clear(model_dir)
-    entries = sorted(staging_dir.iterdir(), key=lambda p: p.name == SERVING_SPEC_FILE)
-    for entry in entries:
+    if not model_dir.exists() or not is_mount(model_dir):
+        aside = model_dir.with_name(model_dir.name + ".old")
+        shutil.rmtree(aside, ignore_errors=True)
+        if model_dir.exists():
+            model_dir.rename(aside)
+        staging_dir.rename(model_dir)
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    marker = model_dir / PUBLISHING_MARKER
+    marker.write_text("a training job is writing this model; it is not complete\n", encoding="utf-8")
+    for entry in model_dir.iterdir():
+        if entry != marker:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    for entry in sorted(staging_dir.iterdir(), key=lambda p: p.name == SERVING_SPEC_FILE):
         shutil.move(str(entry), str(model_dir / entry.name))
     staging_dir.rmdir()
-
-
-def clear(directory: Path) -> None:
-    """Empty a directory without removing it."""
-    if not directory.is_dir():
-        return
-    for entry in directory.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+    marker.unlink()
 
 
 def load_spec(model_dir: Path) -> ServingSpec:
@@ -131,6 +135,10 @@ def load_spec(model_dir: Path) -> ServingSpec:
 
     A directory without serving.json but with a transformers config.json (any Hugging Face model, e.g.
     one packed into model.tar.gz by hand) is served with TGI's semantics: raw inputs, no chat template."""
+    if (model_dir / PUBLISHING_MARKER).exists() or (
+            (model_dir / TRAINING_REPORT_FILE).is_file() and not (model_dir / SERVING_SPEC_FILE).is_file()):
+        raise ModelDirError(f"{model_dir} holds a model its training job did not finish writing (it stopped while "
+                            "publishing): serve the model of a job that completed")
     if (model_dir / SERVING_SPEC_FILE).is_file():
         spec = ServingSpec.read(model_dir)
         missing = missing_files(model_dir, spec)

@@ -159,7 +159,7 @@ def main() -> int:
         check(f"throughput, {params / 1e9:.2f}B Llama, full", lambda: throughput(big, params, "full", options.dry_run))
 
     print(f"\ngpu-check on {card} (torch {torch.__version__})")
-    print(f"| check | status | seconds | result |\n|---|---|---|---|")
+    print("| check | status | seconds | result |\n|---|---|---|---|")
     for row in rows:
         print(f"| {row['check']} | {row['status']} | {row['seconds']} | {row['result']} |")
     if options.out:

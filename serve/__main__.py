@@ -47,7 +47,8 @@ def main() -> None:
                               "(serve the 16-bit model on the CPU)")
         if config.enable_lora or config.adapters or spec.weights == "adapter":
             max_lora_rank(config, spec)  # a known adapter above MAX_LORA_RANK: say so before starting
-        sharded = config.num_shard > 1 or plan(config.workers, gpus, gpu_bytes, model_bytes(config.model_dir)).span_gpus
+        placement = None if config.num_shard else plan(config.workers, gpus, gpu_bytes, model_bytes(config.model_dir))
+        sharded = config.num_shard > 1 or (placement is not None and placement.span_gpus)
         if (custom is None or "predict_fn" not in custom) and (not gpus or sharded):  # vLLM's worker processes
             check_shared_memory(copies=max(1, config.workers) if not gpus else 1)
     except (ConfigError, ContractError, ModelDirError, CustomCodeError) as e:

@@ -100,7 +100,8 @@ def create_app(engine) -> Flask:
 
     @app.get("/metrics")
     def prometheus():
-        return Response(metrics.text(), mimetype="text/plain; version=0.0.4")
+        admission = f"# TYPE llm_twin_admission_limit gauge\nllm_twin_admission_limit {engine.admission}\n"
+        return Response(metrics.text() + admission, mimetype="text/plain; version=0.0.4")
 
     @app.post("/invocations")
     @app.post("/")
@@ -340,13 +341,8 @@ def _custom(engine, timeout: float) -> Response:
             raise BadRequest(f"input_fn failed: {type(e).__name__}: {e}") from None
     else:
         data = _parse_json(data)
-    if "predict_fn" in custom:
-        try:
-            prediction = engine.run_job(lambda model: custom["predict_fn"](data, model))
-        except (ServeError, TimeoutError):
-            raise
-        except Exception as e:
-            raise GenerationError(f"predict_fn failed: {type(e).__name__}: {e}") from None
+    if "predict_fn" in custom:  # its failures go through the engine's fault policy (serve/faults.py)
+        prediction = engine.run_job(lambda model: custom["predict_fn"](data, model))
     else:
         generate = parse_request(data)
         if generate.stream:

@@ -25,9 +25,11 @@ import logging
 import os
 import queue
 import random
+import signal
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -36,6 +38,7 @@ from serve.adapters import AdapterRegistry
 from serve.config import ServeConfig
 from serve.custom import CustomHandlers
 from serve.engine_args import engine_arguments, model_length
+from serve.faults import FATAL, MEMORY, EngineFailed, classify, request_error
 from serve.errors import (BadRequest, ClientGone, GenerationError, NotFound, Overloaded, ServeError, ValidationError,
                           not_finished)
 from serve.schemas import GenerateParams, GenerateRequest, GenerateResult, Sequence
@@ -44,6 +47,8 @@ log = logging.getLogger(__name__)
 
 WORKER_BOOT_ERROR = 3  # gunicorn stops the whole server when a worker exits with this code
 CLIENT_CHECK_SECONDS = 0.5  # how often a waiting request looks whether its client is still there
+ENGINE_WATCH_SECONDS = 1.0  # how often the engine loop looks whether vLLM's engine process is still there
+FATAL_EXIT_SECONDS = 1.0  # after a fatal fault, how long the worker answers (/ping failing) before it exits
 
 MODEL_ADAPTER = "model"  # the name of an adapter-only model directory's own adapter
 
@@ -143,6 +148,12 @@ class Engine:
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._slots = threading.BoundedSemaphore(config.max_concurrent_requests)
+        self.admission = config.max_concurrent_requests  # lowered after an out-of-memory fault
+        self._owed_slots = 0  # slots to keep when they come back, until admission is down to its new value
+        self._admission_lock = threading.Lock()
+        self._in_flight: weakref.WeakSet = weakref.WeakSet()  # tickets a fatal fault must answer
+        self.failure: str | None = None  # set once by a fatal fault (serve/faults.py)
+        self.exit_worker = lambda: os.kill(os.getpid(), signal.SIGTERM)  # gunicorn then starts a fresh worker
         self._predict_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
@@ -152,8 +163,8 @@ class Engine:
 
     @property
     def healthy(self) -> bool:
-        """False once vLLM's engine process has died: /ping fails so SageMaker replaces the instance."""
-        return self.llm is None or not self.llm.errored
+        """False after a fatal fault or once vLLM's engine process has died: /ping fails."""
+        return self.failure is None and (self.llm is None or not self.llm.errored)
 
     def start(self) -> None:
         self._thread.start()
@@ -167,29 +178,68 @@ class Engine:
         """Admit and start one request; Overloaded when no slot frees up within `wait` seconds."""
         admitted = self._slots.acquire(timeout=wait) if wait > 0 else self._slots.acquire(blocking=False)
         if not admitted:
-            raise Overloaded(f"Model is overloaded: more than {self.config.max_concurrent_requests} requests in flight")
-        ticket = Ticket(request, self._slots.release)
+            raise Overloaded(f"Model is overloaded: more than {self.admission} requests in flight")
+        ticket = Ticket(request, self._release_slot)
         try:
             job = self._prepare(request)
         except BaseException:
             ticket.close()
             raise
+        self._in_flight.add(ticket)
         ticket.future = asyncio.run_coroutine_threadsafe(self._generate(ticket, job), self._loop)
         return ticket
 
     def run_job(self, function: Callable):
         """Run a custom predict_fn on the custom model, one call at a time."""
         if not self._slots.acquire(blocking=False):
-            raise Overloaded(f"Model is overloaded: more than {self.config.max_concurrent_requests} requests in flight")
+            raise Overloaded(f"Model is overloaded: more than {self.admission} requests in flight")
         try:
             if not self._predict_lock.acquire(timeout=self.config.timeout):
                 raise TimeoutError("predict_fn did not get the model within the server timeout")
             try:
                 return function(self.model)
+            except Exception as e:  # a custom predict_fn: the fault policy decides what its failure ends
+                raise self.fault(e, "predict_fn failed") from None
             finally:
                 self._predict_lock.release()
         finally:
-            self._slots.release()
+            self._release_slot()
+
+    # --- the fault policy (serve/faults.py) ------------------------------------------------------------
+    def fault(self, error: BaseException, what: str) -> ServeError:
+        """Apply the policy to a failure during generation; returns the failing request's error."""
+        kind = classify(error)
+        if kind == MEMORY:
+            self._lower_admission()
+        elif kind == FATAL:
+            self.fail_worker(f"{what}: {type(error).__name__}: {error}")
+        return request_error(kind, what, error)
+
+    def fail_worker(self, reason: str) -> None:
+        """The device or the engine cannot be trusted: answer every request in flight, fail /ping, and exit
+        the worker shortly after (gunicorn starts a fresh one, which loads the model again)."""
+        if self.failure is not None:
+            return
+        self.failure = reason
+        log.error("fatal fault, this worker restarts: %s", reason)
+        for ticket in list(self._in_flight):
+            ticket.emit("error", EngineFailed(f"{reason} (this worker restarts)"))
+        threading.Timer(FATAL_EXIT_SECONDS, self.exit_worker).start()
+
+    def _lower_admission(self) -> None:
+        """Halve how many requests are admitted at once (at least one): the slots are kept as they come back."""
+        with self._admission_lock:
+            lowered = max(1, self.admission // 2)
+            self._owed_slots += self.admission - lowered
+            self.admission = lowered
+        log.warning("out of memory: admitting at most %d requests at once from now on", lowered)
+
+    def _release_slot(self) -> None:
+        with self._admission_lock:
+            if self._owed_slots:
+                self._owed_slots -= 1
+                return
+        self._slots.release()
 
     def _prepare(self, request: GenerateRequest) -> _Job:
         """Tokenize and check one request against the limits; ValidationError names what is wrong."""
@@ -299,7 +349,16 @@ class Engine:
             log.exception("loading the model from %s failed", self.config.model_dir)
             os._exit(WORKER_BOOT_ERROR)
         self._ready.set()
+        self._loop.create_task(self._watch())
         self._loop.run_forever()
+
+    async def _watch(self) -> None:
+        """vLLM's engine process can die between requests (a CUDA fault in its model, the OOM killer):
+        noticed here within a second, not at the next request."""
+        while self.failure is None:
+            if self.llm is not None and self.llm.errored:
+                self.fail_worker("the vLLM engine process is gone")
+            await asyncio.sleep(ENGINE_WATCH_SECONDS)
 
     async def _load(self) -> None:
         if self.custom is not None and "predict_fn" in self.custom:
@@ -371,7 +430,7 @@ class Engine:
             ticket.emit("error", ValidationError(str(e)))
             return
         except Exception as e:
-            ticket.emit("error", GenerationError(f"Request failed during generation: {type(e).__name__}: {e}"))
+            ticket.emit("error", self.fault(e, "the request failed during generation"))
             return
         done = [sequences[i] for i in sorted(sequences)]
         if any(s.finish_reason is None for s in done):

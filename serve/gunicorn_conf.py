@@ -8,9 +8,10 @@ from serve.placement import Placement, free_gpu, gpus_present, model_bytes, plan
 
 _config = ServeConfig.from_env()
 _gpus, _gpu_bytes = gpus_present()
-_placement = plan(_config.workers, _gpus, _gpu_bytes, model_bytes(_config.model_dir))
 if _config.num_shard:  # NUM_SHARD set: one engine sharded over that many GPUs, as TGI does
     _placement = Placement(_config.workers or 1, pin_gpus=False, span_gpus=False)
+else:
+    _placement = plan(_config.workers, _gpus, _gpu_bytes, model_bytes(_config.model_dir))
 
 bind = f"0.0.0.0:{_config.port}"
 workers = _placement.workers

@@ -14,7 +14,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from container.config import ConfigError
 from container.model_dir import ModelDirError, ServingSpec, resolve_base
+from container.opt_ml import MODEL_SERVER_WORKERS_ENV
 
 FIT_MARGIN = 1.3  # weights plus room for the KV cache and activations of a batch
 
@@ -32,8 +34,15 @@ def plan(requested_workers: int, gpus: int, gpu_bytes: int, model_bytes: int | N
         return Placement(requested_workers or 1, pin_gpus=False, span_gpus=False)
     fits_one = model_bytes is not None and model_bytes * FIT_MARGIN <= gpu_bytes
     if requested_workers:
-        return Placement(requested_workers, pin_gpus=fits_one and requested_workers <= gpus,
-                         span_gpus=not fits_one and gpus > 1)
+        # Each worker's engine takes the memory of the GPUs it sees (CUDA_MEMORY_FRACTION of each): two on
+        # one GPU, or two copies spanning the same GPUs, fail to load or run out of memory.
+        most = gpus if fits_one else 1
+        if requested_workers > most:
+            why = (f"the model fits one GPU, so one worker per GPU ({gpus})" if fits_one else
+                   f"the model spans all {gpus} GPUs (or its size is not known yet), so one worker")
+            raise ConfigError(f"{MODEL_SERVER_WORKERS_ENV}={requested_workers} is more workers than the GPUs hold: "
+                              f"{why}; each worker's engine batches its requests, so unset it or use at most {most}")
+        return Placement(requested_workers, pin_gpus=fits_one and gpus > 1, span_gpus=not fits_one and gpus > 1)
     if fits_one:
         return Placement(gpus, pin_gpus=gpus > 1, span_gpus=False)
     return Placement(1, pin_gpus=False, span_gpus=gpus > 1)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import traceback
 
@@ -19,16 +20,14 @@ from container.model_dir import ModelDirError
 from container.opt_ml import ContractError, OptML
 from train.config import TrainConfig
 from train.data import DataError, load_preference_rows, load_sft_rows, split_rows
-from train.errors import TrainingInterrupted
+from train.errors import EXIT_FRAMEWORK_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR, TrainingInterrupted
 from train.launcher import WORKER_ENV, launch, topology, write_rank_failure
 from train.model import resolve_base_model
+from train.stop import Stop
 
 log = logging.getLogger("train")
 
 USER_ERRORS = (ConfigError, ContractError, DataError, ModelDirError)
-EXIT_FRAMEWORK_ERROR = 1
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 143  # 128 + SIGTERM, as a process killed by it would report
 
 # stage -> (training channel, validation channel, loader)
 CHANNELS = {"sft": ("train", "validation", load_sft_rows),
@@ -77,11 +76,13 @@ class WorkersFailed(Exception):
         self.code, self.first_line, self.details = code, first_line, details
 
 
-def run(config: TrainConfig, paths: OptML, worker: bool) -> None:
+def run(config: TrainConfig, paths: OptML, worker: bool, stop: Stop) -> None:
     log.info("config: %s", json.dumps(config.__dict__, default=list, sort_keys=True))
-    check_job_shape(paths)
-    data = load_data(config, paths)
-    base = resolve_base_model(config, paths)
+    with stop.phase("reading the data"):
+        check_job_shape(paths)
+        data = load_data(config, paths)
+    with stop.phase("getting the base model (download or extraction)"):
+        base = resolve_base_model(config, paths)
     if config.export == "adapter" and base.reference is None:
         raise ConfigError("export=adapter needs a base model the endpoint can load by itself (a hub model_id or the "
                           "embedded model), not a local or channel model: use export=merged or export=both")
@@ -89,25 +90,29 @@ def run(config: TrainConfig, paths: OptML, worker: bool) -> None:
     top = topology(config, paths)
     # config and data are fine: start the workers (DeepSpeed wants torchrun's rendezvous even for one process)
     if (top.needs_launcher or config.distributed in ("zero2", "zero3")) and not worker:
-        code, failure = launch(config, top)
+        with stop.phase("starting the training processes"):
+            code, failure = launch(config, top)
         if code != 0:
             raise WorkersFailed(code, *failure)
         return
 
     from train.pipeline import fine_tune  # torch from here on
 
-    fine_tune(config, paths, data, base)
+    fine_tune(config, paths, data, base, stop)
 
 
 def main() -> None:
+    stop = Stop().install()  # first: from here a SIGTERM ends in the failure file and exit 143
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     paths = OptML.from_env()
     worker = os.environ.get(WORKER_ENV) == "1"  # one of several processes started by the launcher
-    if not worker:
-        paths.failure_file.unlink(missing_ok=True)  # a local re-run must not show an earlier run's failure
     try:
-        config = TrainConfig.from_hyperparameters(paths.read_hyperparameters())
-        run(config, paths, worker)
+        with stop.phase("reading the configuration"):  # raises a SIGTERM that came before it
+            if not worker:
+                paths.failure_file.unlink(missing_ok=True)  # a local re-run must not show an earlier run's failure
+            config = TrainConfig.from_hyperparameters(paths.read_hyperparameters())
+        with stop.phase("running the job"):
+            run(config, paths, worker, stop)
     except WorkersFailed as e:
         _fail(paths, worker, e.code, e.first_line, e.details)
     except USER_ERRORS as e:
@@ -123,9 +128,10 @@ def main() -> None:
 
 def _fail(paths: OptML, worker: bool, code: int, message: str, details: str = "") -> None:
     """A worker reports to its launcher, which writes this host's failure file; otherwise write it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the report short
     shutil.rmtree(paths.model_staging_dir, ignore_errors=True)
     if worker:
-        write_rank_failure(f"{message}\n{details}".strip())
+        write_rank_failure(f"{message}\n{details}".strip(), code)
     else:
         paths.write_failure(message, details)
     log.error("%s", message)

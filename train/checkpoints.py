@@ -1,5 +1,5 @@
-"""Spot-safe checkpoints: SIGTERM saves at the next step boundary; restarts resume from the newest
-complete checkpoint. SageMaker syncs /opt/ml/checkpoints to S3 and copies it back before a restart.
+"""Spot-safe checkpoints: SIGTERM saves at the next step boundary (train/stop.py); restarts resume from
+the newest complete checkpoint. SageMaker syncs /opt/ml/checkpoints to S3 and copies it back before a restart.
 
 A checkpoint counts only once the Trainer has finished writing it: the `on_save` callback, which runs
 after every file is written, drops a marker in it. Checkpoints without the marker (a kill mid-write)
@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback
+
+from train.stop import Stop
 
 log = logging.getLogger(__name__)
 
@@ -47,34 +47,18 @@ class Markers:
         return all((folder / marker).is_file() for marker in self.every)
 
 
-class StopOnSignal(TrainerCallback):
-    """Installs a SIGTERM handler; at the next step boundary asks the Trainer to save and stop."""
+class StopAtStepBoundary(TrainerCallback):
+    """At every step's end, every rank agrees whether a SIGTERM arrived (train.stop.Stop.agree); if one did,
+    the Trainer saves a checkpoint and stops, the same step on every rank."""
 
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        if not self.requested:
-            log.warning("SIGTERM received: saving a checkpoint at the next step boundary, then exiting")
-        self.requested = True
+    def __init__(self, stop: Stop):
+        self.stop = stop
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._anyone_requested():
+        if self.stop.agree():
             control.should_save = True
             control.should_training_stop = True
         return control
-
-    def _anyone_requested(self) -> bool:
-        """Every rank stops at the same step: a rank stopping alone would leave the others blocked in a
-        collective (and under ZeRO-3 the checkpoint itself is a collective)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return self.requested
-        device = torch.cuda.current_device() if torch.distributed.get_backend() == "nccl" else "cpu"
-        flag = torch.tensor([1 if self.requested else 0], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self.requested = bool(flag.item())
-        return self.requested
 
 
 class MarkComplete(TrainerCallback):

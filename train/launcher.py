@@ -28,9 +28,9 @@ from typing import Mapping
 
 from container.opt_ml import ContractError, OptML
 from train.config import TrainConfig
+from train.errors import EXIT_INTERRUPTED
 
 SHUTDOWN_TIMEOUT = 110  # after SIGTERM, workers get this long to checkpoint (SageMaker kills at 120 s)
-INTERRUPTED = "training stopped by SIGTERM"  # how an interrupted rank's report begins
 WORKER_ENV = "LLM_TWIN_WORKER"  # set in workers, so they train instead of launching again
 RANK_FAILURES_ENV = "LLM_TWIN_RANK_FAILURES"  # folder where each failing rank leaves its message
 # Instance types with Elastic Fabric Adapter networking (NCCL over libfabric's EFA provider).
@@ -111,40 +111,71 @@ def resolve(host: str, timeout: float) -> str:
 
 
 def launch(config: TrainConfig, top: Topology) -> tuple[int, tuple[str, str] | None]:
-    """Run the workers; return their exit code and, on failure, (first line, details) for the failure file."""
+    """Run the workers; return their exit code and, on failure, (first line, details) for the failure file.
+    A SIGTERM (spot) is passed on to torchrun, which passes it to every worker: they checkpoint and stop.
+    The exit code is EXIT_INTERRUPTED when this launcher was signalled or every failing rank reported an
+    interruption (torchrun itself exits 1 for any failure)."""
     master = resolve(top.hosts[0], config.dns_timeout) if len(top.hosts) > 1 else "127.0.0.1"
     failures = Path(tempfile.mkdtemp(prefix="rank-failures-"))
     command = torchrun_command(top, config, master)
     print(f"launcher: host {top.current_host} (rank {top.node_rank} of {len(top.hosts)}), "
           f"{top.processes_per_host} process(es) here, world size {top.world_size}: {' '.join(command)}", flush=True)
-    process = subprocess.Popen(command, env={**os.environ, **launch_env(top), RANK_FAILURES_ENV: str(failures)})
-    signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM))  # spot: workers checkpoint
-    code = process.wait()
-    message = None if code == 0 else failure_summary(failures, top, code)
+    signalled, process = False, None
+
+    def forward(signum, frame):
+        nonlocal signalled
+        signalled = True
+        if process is not None:
+            process.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, forward)  # before torchrun exists: a SIGTERM in between is kept
+    try:
+        environment = {**os.environ, **launch_env(top), RANK_FAILURES_ENV: str(failures)}
+        if signalled:  # nothing started yet: nothing to stop
+            shutil.rmtree(failures, ignore_errors=True)
+            return EXIT_INTERRUPTED, ("training stopped by SIGTERM before its processes started; start the job "
+                                      "again to resume", "")
+        process = subprocess.Popen(command, env=environment)
+        if signalled:  # it came while torchrun was being started
+            process.send_signal(signal.SIGTERM)
+        code = process.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    reports = read_rank_failures(failures)
     shutil.rmtree(failures, ignore_errors=True)
-    if message and INTERRUPTED in message[0]:
-        code = 143  # stopped, not failed: as a single-process job reports it
-    return code, message
+    if code == 0:
+        return 0, None
+    if signalled or (reports and all(report[2] == EXIT_INTERRUPTED for report in reports)):
+        code = EXIT_INTERRUPTED  # stopped, not failed: as a single-process job reports it
+    return code, failure_summary(reports, top, code)
 
 
-def write_rank_failure(message: str, environ: Mapping[str, str] = os.environ) -> None:
-    """Called by a failing worker: leave its message for this host's launcher."""
+def write_rank_failure(message: str, code: int, environ: Mapping[str, str] = os.environ) -> None:
+    """Called by a failing worker: leave its message and exit code for this host's launcher, written whole
+    (a temporary file renamed into place), so a rank killed mid-write leaves nothing half-read."""
     folder = environ.get(RANK_FAILURES_ENV)
     if folder:
-        Path(folder, f"rank-{environ.get('RANK', '0')}").write_text(f"{time.time()}\n{message}", encoding="utf-8")
+        rank = environ.get("RANK", "0")
+        partial = Path(folder, f".rank-{rank}.tmp")
+        partial.write_text(json.dumps({"time": time.time(), "code": code, "message": message}), encoding="utf-8")
+        partial.replace(Path(folder, f"rank-{rank}"))
 
 
-def failure_summary(folder: Path, top: Topology, code: int) -> tuple[str, str]:
-    """The earliest failing rank first: it is the likeliest cause, the others often fail because of it."""
+def read_rank_failures(folder: Path) -> list[tuple[float, int, int, str]]:
+    """(time, rank, exit code, message) of every rank that reported, earliest first."""
     reports = []
     for path in folder.glob("rank-*"):
-        stamp, _, message = path.read_text(encoding="utf-8").partition("\n")
-        reports.append((float(stamp), int(path.name.split("-")[1]), message.strip()))
+        report = json.loads(path.read_text(encoding="utf-8"))
+        reports.append((report["time"], int(path.name.split("-")[1]), report["code"], report["message"].strip()))
+    return sorted(reports)
+
+
+def failure_summary(reports: list[tuple[float, int, int, str]], top: Topology, code: int) -> tuple[str, str]:
+    """The earliest failing rank first: it is the likeliest cause, the others often fail because of it."""
     if not reports:
         return (f"training worker exited with code {code} on host {top.current_host} without a report "
                 "(killed, e.g. out of memory, or a peer instance failed first: check its failure file)", "")
-    reports.sort()
-    _, rank, message = reports[0]
+    _, rank, _, message = reports[0]
     first = f"rank {rank} on host {top.current_host} failed: {message.splitlines()[0]}"
-    details = "\n".join(f"rank {r}: {m}" for _, r, m in reports)
+    details = "\n".join(f"rank {r}: {m}" for _, r, _, m in reports)
     return first, details

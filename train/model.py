@@ -82,8 +82,12 @@ def _extract_once(tarball: Path) -> Path:
         return target
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
     log.info("extracting %s to %s", tarball, target)
-    with tarfile.open(tarball) as archive:
-        archive.extractall(partial, filter="data")
+    try:
+        with tarfile.open(tarball) as archive:
+            archive.extractall(partial, filter="data")
+    except BaseException:  # a stop (SIGTERM) or a bad archive: leave nothing half-extracted behind
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     (partial / ".extracted").touch()
     try:
         partial.rename(target)

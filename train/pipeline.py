@@ -17,22 +17,23 @@ from pathlib import Path
 import torch
 
 from container.opt_ml import OptML
-from train.checkpoints import Markers, StopOnSignal, is_complete, mark_complete
-from train.errors import TrainingInterrupted
+from train.checkpoints import Markers, is_complete, mark_complete
 from train.config import TrainConfig
 from train.export import export_model
 from train.model import BaseModel, load_for_training, load_tokenizer, load_trained
 from train.recipes import detect_device, train_stage
+from train.stop import Stop
 
 log = logging.getLogger(__name__)
 
 STAGE_REPORT_FILE = "stage_report.json"
 
 
-def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, list]], base: BaseModel) -> None:
+def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, list]], base: BaseModel,
+              stop: Stop) -> None:
     device = detect_device(config)
-    stop = StopOnSignal()
-    tokenizer = load_tokenizer(base.source, config)
+    with stop.phase("loading the tokenizer"):
+        tokenizer = load_tokenizer(base.source, config)
     report = {
         "config": dataclasses.asdict(config),
         "base_model": base.source,
@@ -52,11 +53,9 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
             report["stages"][stage] = json.loads((final / STAGE_REPORT_FILE).read_text())
             source = str(final)
             continue
-        if stop.requested:
-            raise TrainingInterrupted(f"training stopped by SIGTERM before {stage}; start the job again to resume")
-
         train_rows, eval_rows = data[stage]
-        model = load_for_training(source, config, device.dtype, device.attn_implementation)
+        with stop.phase(f"loading the model for {stage}"):
+            model = load_for_training(source, config, device.dtype, device.attn_implementation)
         trained, stage_report = train_stage(stage, config, model, tokenizer, train_rows, eval_rows, stage_dir, device, stop,
                                             markers)
         report["stages"][stage] = stage_report
@@ -64,11 +63,13 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
         _free_memory()
         if last:
             if _rank("RANK") == 0:  # only the first process of the first instance writes /opt/ml/model
-                export_model(config, paths, tokenizer, base, source, trained, report)
+                with stop.phase("exporting the model"):
+                    export_model(config, paths, tokenizer, base, source, trained, report)
             return
         if _rank("LOCAL_RANK") == 0:  # every instance needs the stage model for the next stage
-            merged = load_trained(source, trained, config)
-            _save_stage_model(merged, tokenizer, final, stage_report, markers)
+            with stop.phase(f"merging and saving the {stage} model"):
+                merged = load_trained(source, trained, config)
+                _save_stage_model(merged, tokenizer, final, stage_report, markers)
             del merged
             _free_memory()
         _barrier()

@@ -19,10 +19,11 @@ from transformers import PrinterCallback, TrainerCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from container.config import ConfigError
-from train.checkpoints import MarkComplete, Markers, StopOnSignal, latest_checkpoint
+from train.checkpoints import MarkComplete, Markers, StopAtStepBoundary, latest_checkpoint
 from train.errors import TrainingInterrupted
 from train.config import TrainConfig
 from train.metrics import TokenRate, format_log_line
+from train.stop import Stop
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def lora_config(config: TrainConfig) -> LoraConfig | None:
 
 
 def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: list[dict], eval_rows: list[dict],
-                stage_dir: Path, device: Device, stop: StopOnSignal, markers: Markers = Markers()) -> tuple[Path, dict]:
+                stage_dir: Path, device: Device, stop: Stop, markers: Markers = Markers()) -> tuple[Path, dict]:
     """Train one stage (resuming from its newest complete checkpoint). Every rank saves the result (ZeRO-3
     gathers the weights then) to `stage_dir/trained`: the adapter, or the full model. Returns it and a report."""
     packing = stage == "sft" and use_packing(config, device)
@@ -155,7 +156,7 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
         disable_tqdm=True,
         **distributed_args(config, choice),
     )
-    callbacks = [MetricsLogCallback(stage), stop, MarkComplete(markers)]
+    callbacks = [MetricsLogCallback(stage), StopAtStepBoundary(stop), MarkComplete(markers)]
     datasets = {"train_dataset": Dataset.from_list(train_rows),
                 "eval_dataset": Dataset.from_list(eval_rows) if eval_rows else None}
     if stage == "sft":
@@ -176,19 +177,22 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
     if resume is not None:
         log.info("resuming %s from %s (step %s)", stage, resume, resume.name.split("-")[-1])
         report["resumed_from_step"] = int(resume.name.split("-")[-1])
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if stop.requested:
+    with stop.phase(f"training {stage}", deferred=True):
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stop.agree():  # every rank the same answer, also for a SIGTERM after the last step's decision
         raise TrainingInterrupted(
             f"training stopped by SIGTERM during {stage} at step {trainer.state.global_step} of {trainer.state.max_steps}; "
             f"a checkpoint was saved in {stage_dir}: start the job again with the same checkpoint location to resume"
         )
     metrics = dict(result.metrics)
     if eval_rows:
-        metrics.update(trainer.evaluate())
+        with stop.phase(f"evaluating {stage}"):
+            metrics.update(trainer.evaluate())
     report.update(steps=trainer.state.global_step, metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                   tokens_per_second=callbacks[0].mean_tokens_per_second())
     trained = stage_dir / "trained"
-    trainer.save_model(str(trained))  # on every rank: under ZeRO-3 saving is a collective
+    with stop.phase(f"saving what {stage} trained"):
+        trainer.save_model(str(trained))  # on every rank: under ZeRO-3 saving is a collective
     if choice in ("zero2", "zero3"):  # later loads (merging, the next stage's base) are plain, one-process loads
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 

@@ -77,7 +77,7 @@ def test_a_failing_rank_fails_every_host_fast_with_a_failure_file_on_each(tmp_pa
     for process in processes:
         process.communicate(timeout=120)
     assert time.monotonic() - started < 60, "the job must not hang until the collective timeout"
-    assert all(p.returncode != 0 for p in processes)
+    assert all(p.returncode not in (0, 143) for p in processes)  # failed, not interrupted
     second = (roots[1] / "output" / "failure").read_text()
     assert second.startswith("training worker exited with code") and "host localhost" in second
     first = (roots[0] / "output" / "failure").read_text()
@@ -117,7 +117,7 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_and_the_job_resumes(tmp_
             process.send_signal(signal.SIGTERM)  # SageMaker signals the container's main process only
             break
     process.communicate(timeout=120)
-    assert process.returncode != 0
+    assert process.returncode == 143  # every rank reported an interruption: stopped, not failed
     failure = (root / "output" / "failure").read_text()
     assert "training stopped by SIGTERM during sft at step " in failure.splitlines()[0]
     step = int(failure.split(" at step ")[1].split()[0])

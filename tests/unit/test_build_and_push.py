@@ -1,6 +1,5 @@
 """build_and_push.sh with fake `aws` and `docker` on PATH: the commands it runs, per partition."""
 
-import os
 import subprocess
 from pathlib import Path
 

@@ -61,3 +61,67 @@ def test_gpu_count_prefers_sagemakers_figure():
     import torch
 
     assert gpu_count({}) == torch.cuda.device_count()
+
+
+
+WORKERS = """
+import json, os, pathlib, signal, sys, time
+folder, rank = os.environ["LLM_TWIN_RANK_FAILURES"], os.environ.get("RANK", "0")
+def report(code, message):
+    with open(os.path.join(folder, "rank-" + rank), "w") as f:
+        json.dump({"time": time.time(), "code": code, "message": message}, f)
+    sys.exit(1)  # torchrun exits 1 whatever its workers' codes
+signal.signal(signal.SIGTERM, lambda *a: report(143, "training stopped by SIGTERM during sft at step 3"))
+pathlib.Path(sys.argv[2]).touch()  # started, and listening for SIGTERM
+if sys.argv[1] == "fail":
+    report(1, "training failed: RuntimeError: CUDA error: an illegal memory access")
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("mode, code, first_line", [
+    ("fail", 1, "rank 0 on host algo-1 failed: training failed: RuntimeError: CUDA error"),
+    ("running", 143, "rank 0 on host algo-1 failed: training stopped by SIGTERM during sft at step 3"),
+    ("starting", 143, "training stopped by SIGTERM before its processes started"),
+])
+def test_the_launcher_passes_sigterm_on_from_its_start_and_reads_typed_reports(tmp_path, monkeypatch, mode, code,
+                                                                              first_line):
+    """A SIGTERM while the workers run reaches them (they checkpoint and report 143); one that lands before
+    torchrun is started starts nothing; a real failure keeps its code. torchrun exits 1 in every case."""
+    import os
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    import train.launcher as launcher
+
+    script, started = tmp_path / "workers.py", tmp_path / "started"
+    script.write_text(WORKERS)
+    monkeypatch.setattr(launcher, "torchrun_command",
+                        lambda top, config, master: [sys.executable, str(script), mode, str(started)])
+    popen, environment = subprocess.Popen, launcher.launch_env
+
+    def spot_notice_then_environment(top):  # between the launcher's handler and torchrun's start
+        if mode == "starting":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return environment(top)
+
+    def spot_notice_then_popen(*args, **kwargs):
+        if mode == "running":
+            def notice():
+                while not started.exists():
+                    time.sleep(0.05)
+                os.kill(os.getpid(), signal.SIGTERM)
+            threading.Thread(target=notice, daemon=True).start()
+        return popen(*args, **kwargs)
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", spot_notice_then_popen)
+    monkeypatch.setattr(launcher, "launch_env", spot_notice_then_environment)
+    previous = signal.getsignal(signal.SIGTERM)
+    begun = time.monotonic()
+    result = launcher.launch(CONFIG, topo(["algo-1"], "algo-1", 2))
+    assert time.monotonic() - begun < 20  # a running worker was told, not left to sleep
+    assert result[0] == code and result[1][0].startswith(first_line), result
+    assert started.exists() == (mode != "starting")
+    assert signal.getsignal(signal.SIGTERM) == previous  # the launcher forwards only while torchrun runs

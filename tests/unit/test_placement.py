@@ -23,6 +23,17 @@ def test_one_worker_per_model_copy(requested, gpus, gpu_gib, model_gib, expected
     assert plan(requested, gpus, int(gpu_gib * GIB), size) == expected
 
 
+@pytest.mark.parametrize("requested,gpus,model_gib,message", [
+    (8, 4, 16, "SAGEMAKER_MODEL_SERVER_WORKERS=8 is more workers than the GPUs hold: the model fits one GPU, so one "
+               "worker per GPU \\(4\\); .* use at most 4"),
+    (2, 4, 28, "the model spans all 4 GPUs .* use at most 1"),
+    (2, 1, 16, "one worker per GPU \\(1\\)"),
+])
+def test_more_workers_than_the_gpus_hold_is_refused_not_stacked_on_gpu_0(requested, gpus, model_gib, message):
+    with pytest.raises(ConfigError, match=message):
+        plan(requested, gpus, 24 * GIB, int(model_gib * GIB))
+
+
 def test_a_restarted_worker_takes_the_free_gpu():
     assert free_gpu(set(), 4) == 0
     assert free_gpu({0, 1, 3}, 4) == 2
