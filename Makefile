@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL_DIR := .cache/models/SmolLM2-135M-Instruct
 
-.PHONY: demo test test-fast model venv lint lock image-test sdk-local-test gpu-check clean
+.PHONY: demo test test-fast model venv lint lock image-test sdk-local-test gpu-check soak chaos clean
 
 demo: model ## train on local_test/test_dir with the embedded model, serve it, ask it something
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash local_test/demo.sh
@@ -28,6 +28,12 @@ sdk-local-test: venv ## after image-test: SageMaker SDK v3 local mode trains the
 
 gpu-check: ## on a CUDA machine: the GPU training paths and throughput, one table (scripts/gpu_check.py; --dry-run on CPU)
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,python3) scripts/gpu_check.py $(GPU_CHECK_ARGS)
+
+soak: venv ## the server under 32 clients of mixed traffic for SOAK_MINUTES (default 10): errors, /ping p99, leaks
+	$(BIN)/python bench/soak.py --minutes $(or $(SOAK_MINUTES),10)
+
+chaos: venv ## training SIGTERMed/SIGKILLed at random moments in every phase, CHAOS_RUNS times (default 16), each rerun
+	$(BIN)/python bench/chaos_train.py --runs $(or $(CHAOS_RUNS),16)
 
 lock: ## regenerate requirements-cpu.lock and requirements-cuda.lock from requirements.txt
 	scripts/lock_requirements.sh

@@ -8,7 +8,8 @@ A run is stopped a random 0-0.5 s after a randomly chosen phase begins (its log 
 extracting the base, loading it, SFT steps, the SFT stage's merge and save, DPO steps, the export, and
 after. Prints a line per run, then the totals, and exits 1 when a check failed:
 
-- a SIGTERMed run exits 143 with output/failure saying it was stopped (unless it had already finished);
+- a SIGTERMed run exits 143 with output/failure saying it was stopped (unless its work was done: a
+  SIGTERM after "training complete" changes nothing, and the run exits 0);
 - the rerun completes, and its model equals an uninterrupted run's: the same steps in every stage, the
   same files;
 - /opt/ml/model is never seen half-written: it is watched every 5 ms during every run, and each look
@@ -178,18 +179,19 @@ def main() -> int:
         delay = rng.uniform(0, 0.5)
         root = make_job(work / f"run-{index}", tarball)
         first = run(root, (number, phase, delay))
+        failure_file = root / "output" / "failure"
+        failure = failure_file.read_text().splitlines()[0] if failure_file.is_file() else ""  # the rerun clears it
         second = run(root)
         name = signal.Signals(number).name
-        stops[name] = stops.get(name, 0) + first.signalled
+        finished = first.code == 0 and any("training complete" in line for line in first.lines)
+        stops[name] = stops.get(name, 0) + (first.signalled and not finished)
         found = []
-        failure = root / "output" / "failure"
-        if not first.signalled:
-            found.append("finished before the signal") if first.code == 0 else found.append(f"exited {first.code} unasked")
+        if not first.signalled or finished:
+            found.append("finished before the signal") if finished else found.append(f"exited {first.code} unasked")
         elif number == signal.SIGTERM and first.code != 143:
             found.append(f"SIGTERM ended it with {first.code}, not 143")
-        elif number == signal.SIGTERM and not (failure.is_file() and
-                                                failure.read_text().startswith("training stopped by SIGTERM")):
-            found.append("SIGTERM left no failure file saying it stopped")
+        elif number == signal.SIGTERM and not failure.startswith("training stopped by SIGTERM"):
+            found.append(f"SIGTERM left no failure file saying it stopped: {failure!r}")
         if first.torn_looks or second.torn_looks:
             found.append(f"model seen half-written: {(first.torn_looks + second.torn_looks)[0]}")
         if second.code != 0:
@@ -208,7 +210,7 @@ def main() -> int:
         repeated += again
         real = [f for f in found if f != "finished before the signal"]
         problems += [f"run {index}: {f}" for f in real]
-        how = f"exit {first.code}" + (f", failure: {failure.read_text().splitlines()[0][:90]}" if failure.is_file() else "")
+        how = f"exit {first.code}" + (f", failure: {failure[:100]}" if failure else "")
         print(f"run {index}: {name} {delay:.2f} s into {phase:<20} {how}; rerun exit {second.code}, "
               f"{again} step(s) repeated {'; '.join(found) or 'ok'}")
 

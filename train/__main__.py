@@ -96,7 +96,8 @@ def run(config: TrainConfig, paths: OptML, worker: bool, stop: Stop) -> None:
             raise WorkersFailed(code, *failure)
         return
 
-    from train.pipeline import fine_tune  # torch from here on
+    with stop.phase("loading the training libraries"):
+        from train.pipeline import fine_tune  # torch from here on
 
     fine_tune(config, paths, data, base, stop)
 
@@ -123,7 +124,8 @@ def main() -> None:
         details = traceback.format_exc()
         log.error("%s", details)
         _fail(paths, worker, EXIT_FRAMEWORK_ERROR, f"training failed: {type(e).__name__}: {e}", details[-700:])
-    log.info("training complete")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the work is done: a SIGTERM now (even while the interpreter
+    log.info("training complete")                  # shuts down, which restores default handlers) changes nothing
 
 
 def _fail(paths: OptML, worker: bool, code: int, message: str, details: str = "") -> None:

@@ -156,34 +156,36 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
         disable_tqdm=True,
         **distributed_args(config, choice),
     )
-    callbacks = [MetricsLogCallback(stage), StopAtStepBoundary(stop), MarkComplete(markers)]
-    datasets = {"train_dataset": Dataset.from_list(train_rows),
-                "eval_dataset": Dataset.from_list(eval_rows) if eval_rows else None}
-    if stage == "sft":
-        args = SFTConfig(**common, completion_only_loss=True, packing=packing, padding_free=packing)
-        trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=lora_config(config),
-                             callbacks=callbacks, **datasets)
-    else:
-        args = DPOConfig(**common, beta=config.beta, loss_type=[config.dpo_loss_type])
-        trainer = DPOTrainer(model=model, ref_model=None, args=args, processing_class=tokenizer,
-                             peft_config=lora_config(config), callbacks=callbacks, **datasets)
-    trainer.remove_callback(PrinterCallback)  # MetricsLogCallback prints the same numbers, regex-friendly
+    with stop.phase(f"preparing {stage} (tokenizing the data)"):
+        callbacks = [MetricsLogCallback(stage), StopAtStepBoundary(stop), MarkComplete(markers)]
+        datasets = {"train_dataset": Dataset.from_list(train_rows),
+                    "eval_dataset": Dataset.from_list(eval_rows) if eval_rows else None}
+        if stage == "sft":
+            args = SFTConfig(**common, completion_only_loss=True, packing=packing, padding_free=packing)
+            trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=lora_config(config),
+                                 callbacks=callbacks, **datasets)
+        else:
+            args = DPOConfig(**common, beta=config.beta, loss_type=[config.dpo_loss_type])
+            trainer = DPOTrainer(model=model, ref_model=None, args=args, processing_class=tokenizer,
+                                 peft_config=lora_config(config), callbacks=callbacks, **datasets)
+        trainer.remove_callback(PrinterCallback)  # MetricsLogCallback prints the same numbers, regex-friendly
 
-    report = {"examples": len(train_rows), "eval_examples": len(eval_rows), "packing": packing,
-              "gradient_checkpointing": checkpointing, "learning_rate": common["learning_rate"],
-              "distributed": choice, "world_size": world_size()}
-    report.update(_data_losses(stage, trainer, train_rows, config, packing))
-    resume = latest_checkpoint(stage_dir, markers)  # the same step on every instance
-    if resume is not None:
-        log.info("resuming %s from %s (step %s)", stage, resume, resume.name.split("-")[-1])
-        report["resumed_from_step"] = int(resume.name.split("-")[-1])
+        report = {"examples": len(train_rows), "eval_examples": len(eval_rows), "packing": packing,
+                  "gradient_checkpointing": checkpointing, "learning_rate": common["learning_rate"],
+                  "distributed": choice, "world_size": world_size()}
+        report.update(_data_losses(stage, trainer, train_rows, config, packing))
+        resume = latest_checkpoint(stage_dir, markers)  # the same step on every instance
+        if resume is not None:
+            log.info("resuming %s from %s (step %s)", stage, resume, resume.name.split("-")[-1])
+            report["resumed_from_step"] = int(resume.name.split("-")[-1])
     with stop.phase(f"training {stage}", deferred=True):
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.agree():  # every rank the same answer, also for a SIGTERM after the last step's decision
+        newest = latest_checkpoint(stage_dir, markers)  # the step's own, or (past the last decision) an earlier one
+        saved = f"the newest checkpoint is {newest}" if newest else "no checkpoint was written yet"
         raise TrainingInterrupted(
             f"training stopped by SIGTERM during {stage} at step {trainer.state.global_step} of {trainer.state.max_steps}; "
-            f"a checkpoint was saved in {stage_dir}: start the job again with the same checkpoint location to resume"
-        )
+            f"{saved}: start the job again with the same checkpoint location to resume")
     metrics = dict(result.metrics)
     if eval_rows:
         with stop.phase(f"evaluating {stage}"):
