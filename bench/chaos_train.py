@@ -11,7 +11,7 @@ after. Prints a line per run, then the totals, and exits 1 when a check failed:
 - a SIGTERMed run exits 143 with output/failure saying it was stopped (unless its work was done: a
   SIGTERM after "training complete" changes nothing, and the run exits 0);
 - the rerun completes, and its model equals an uninterrupted run's: the same steps in every stage, the
-  same files;
+  same files, the same weights (up to 1e-4: resuming restores the optimizer, scheduler and RNG states);
 - /opt/ml/model is never seen half-written: it is watched every 5 ms during every run, and each look
   finds nothing or a complete model (container.model_dir.load_spec accepts it).
 """
@@ -45,6 +45,9 @@ HYPERPARAMETERS = {"method": "sft+dpo", "max_steps": str(SFT_STEPS), "dpo_max_st
                    "save_steps": "5", "logging_steps": "1", "per_device_train_batch_size": "2",
                    "gradient_accumulation_steps": "1", "max_length": "64", "warmup_steps": "0",
                    "validation_split": "0"}
+# A resumed run restores the optimizer, scheduler and RNG states, so its weights match an uninterrupted
+# run's up to float summation order.
+WEIGHT_TOLERANCE = 1e-4
 PREFERENCES = [{"prompt": f"Write about lesson {i}.", "chosen": f"Lesson {i}: measure first.",
                 "rejected": f"Great question! Lesson {i} is crucial."} for i in range(6)]
 STEP = re.compile(r"^stage=(\w+) step=(\d+) ")
@@ -53,7 +56,7 @@ RESUMED = re.compile(r"resuming (\w+) from .* \(step (\d+)\)")
 PHASES = {
     "start-up": None,
     "extracting the base": lambda line: "extracting " in line,
-    "loading the base": lambda line: "base model: " in line,
+    "loading the libraries": lambda line: "base model: " in line,
     "SFT steps": lambda line: line.startswith("stage=sft step=3 "),
     "SFT merge and save": lambda line: line.startswith(f"stage=sft step={SFT_STEPS} "),
     "DPO steps": lambda line: line.startswith("stage=dpo step=4 "),
@@ -115,14 +118,24 @@ def run(root: Path, stop: tuple[int, str, float] | None = None) -> Run:
                 reached.set()
         reached.set()  # the run ended before the phase: nothing left to stop
 
+    def look(model: Path) -> str | None:
+        try:
+            if model.is_dir() and any(model.iterdir()):
+                load_spec(model)
+        except (ModelDirError, OSError, ValueError) as e:
+            return f"{type(e).__name__}: {e}"
+        return None
+
     def watch():
         model = root / "model"
         while not done.is_set():
-            try:
-                if model.is_dir() and any(model.iterdir()):
-                    load_spec(model)
-            except (ModelDirError, OSError, ValueError) as e:
-                result.torn_looks.append(f"{type(e).__name__}: {e}")
+            # a look that spans a rename (a rerun replacing the model) can fail halfway: only a second
+            # failed look at a folder that is still there counts as seeing it half-written
+            if look(model) is not None:
+                time.sleep(0.002)
+                again = look(model)
+                if again is not None:
+                    result.torn_looks.append(again)
             time.sleep(0.005)
 
     threads = [threading.Thread(target=read, daemon=True), threading.Thread(target=watch, daemon=True)]
@@ -151,6 +164,16 @@ def model_summary(root: Path) -> tuple[dict, list[str]]:
     return steps, files
 
 
+def weight_difference(root: Path, reference: Path) -> float:
+    """The largest absolute difference between the two models' weights (0.0: bit for bit the same)."""
+    from safetensors.torch import load_file
+
+    ours, theirs = load_file(root / "model" / "model.safetensors"), load_file(reference / "model" / "model.safetensors")
+    if ours.keys() != theirs.keys():
+        return float("inf")
+    return max(float((ours[k].float() - theirs[k].float()).abs().max()) for k in ours)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=8)
@@ -172,7 +195,7 @@ def main() -> int:
     expected = model_summary(work / "reference")
     print(f"uninterrupted: {reference.seconds:.1f} s, steps {expected[0]}, {len(expected[1])} files")
 
-    problems, resumed, repeated, stops = [], 0, 0, {}
+    problems, resumed, repeated, stops, differences = [], 0, 0, {}, []
     phases = list(PHASES)
     for index in range(args.runs):
         number, phase = rng.choice(signals), phases[index % len(phases)] if index < len(phases) else rng.choice(phases)
@@ -198,6 +221,11 @@ def main() -> int:
             found.append(f"the rerun failed with {second.code}: {' | '.join(second.lines[-3:])}")
         elif model_summary(root) != expected:
             found.append(f"the rerun's model differs: {model_summary(root)[0]} vs {expected[0]}")
+        else:
+            difference = weight_difference(root, work / "reference")
+            differences.append(difference)
+            if difference > WEIGHT_TOLERANCE:
+                found.append(f"the rerun's weights differ from the uninterrupted run's by up to {difference:.2g}")
         again = 0
         for stage in ("sft", "dpo"):
             start = second.resumed_from(stage)
@@ -216,7 +244,8 @@ def main() -> int:
 
     print(f"\n{args.runs} runs ({', '.join(f'{n} {s}' for s, n in stops.items())} delivered), "
           f"{resumed} stage resumes (from a checkpoint or a finished stage), {repeated} steps repeated in all "
-          f"(of {SFT_STEPS + DPO_STEPS} per job), {len(problems)} problem(s)")
+          f"(of {SFT_STEPS + DPO_STEPS} per job), largest weight difference from the uninterrupted run "
+          f"{max(differences, default=0.0):.2g}, {len(problems)} problem(s)")
     for problem in problems:
         print(f"  {problem}")
     return 1 if problems else 0

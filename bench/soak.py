@@ -96,10 +96,12 @@ def one_request(url: str, kind: str, rng: random.Random) -> str:
                 return f"{r.status_code} {r.text[:80]}"
             events = [line for line in r.iter_lines() if line.startswith(b"data:")] if kind != "dropped_stream" else []
             if kind == "dropped_stream":
-                for number, _ in enumerate(r.iter_lines()):
+                first = b""
+                for number, line in enumerate(r.iter_lines()):
+                    first = first or line
                     if number >= 3:
                         break  # the client leaves: closing the response drops the connection
-                return "ok"
+                return "ok" if first.startswith(b"data:") else f"stream began with {first[:80]!r}"
         last = events[-1][5:].strip() if events else b""
         if kind == "chat_stream":
             return "ok" if last == b"[DONE]" else f"stream ended with {last[:80]!r}"
@@ -181,7 +183,7 @@ def soak(url: str, pid: int, duration: float, clients: int, seed: int, ping_limi
             kind = rng.choices(kinds, weights)[0]
             try:
                 outcome = one_request(url + "/invocations", kind, rng)
-            except (requests.RequestException, ValueError, KeyError, IndexError) as e:
+            except Exception as e:  # a client must never die silently: whatever broke is counted as wrong
                 outcome = f"{type(e).__name__}: {e}"[:120]
             with lock:
                 counts[kind] += 1
@@ -213,6 +215,7 @@ def soak(url: str, pid: int, duration: float, clients: int, seed: int, ping_limi
         thread.join(timeout=90)
 
     served = sum(counts.values())
+    failed_pings = sum(1 for p in pings if p == float("inf"))
     ordered = sorted(pings)
     p99 = ordered[int(0.99 * (len(ordered) - 1))] if ordered else float("inf")
     print(f"soak: {duration:.0f} s, {clients} clients: {served} requests ({served / duration:.1f}/s), "
@@ -221,6 +224,8 @@ def soak(url: str, pid: int, duration: float, clients: int, seed: int, ping_limi
     print(f"  resident memory {start['rss'] / 2**20:.0f} -> {end['rss'] / 2**20:.0f} MiB, open files {start['fds']} -> "
           f"{end['fds']}, threads {start['threads']} -> {end['threads']}")
     problems = [f"{n} x {what}" for what, n in wrong.most_common(10)]
+    if failed_pings:
+        problems.append(f"{failed_pings} /ping requests were not answered 200 within 5 s")
     if p99 > ping_limit_ms:
         problems.append(f"/ping p99 {p99:.1f} ms is over {ping_limit_ms:g} ms")
     if end["rss"] > start["rss"] * MEMORY_GROWTH[0] + MEMORY_GROWTH[1]:

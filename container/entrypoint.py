@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 
 from pathlib import Path
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"llm-twin: {refusal}", file=sys.stderr, flush=True)
     if verb in VERBS:  # the same code as the `train`/`serve` executables, found without relying on PATH
         os.environ.update(scratch_environment(verb, os.environ))
+        if verb == "train":  # held, not lost, until train's handler is in place (the mask survives exec)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         os.execv(sys.executable, [sys.executable, "-m", verb, *args[1:]])
     os.execvp(verb, args)
 

@@ -7,7 +7,8 @@ A model directory (SageMaker's /opt/ml/model, shipped as model.tar.gz) holds:
     adapter/                               peft adapter (weights="adapter", or beside merged weights)
     tokenizer.json, tokenizer_config.json  the tokenizer
     chat_template.jinja                    the chat template used in training, used again by serve
-    training_report.json                   resolved config, data counts, metrics, throughput
+    training_report.json                   resolved config, data counts, metrics, voice metrics, throughput
+    README.md                              the model card (Hugging Face format), from the same report
     serving.json                           ServingSpec below; written last, so its presence means complete
 
 An adapter-only directory names its base in serving.json: a hub id, or "embedded" for the image's
@@ -99,26 +100,31 @@ def resolve_base(reference: str) -> str:
     return str(embedded_model_dir()) if reference == EMBEDDED_BASE else reference
 
 
-def publish(staging_dir: Path, model_dir: Path, is_mount=os.path.ismount) -> None:
+def publish(staging_dir: Path, model_dir: Path) -> None:
     """Put a complete staging directory (a sibling of `model_dir`, on the same filesystem) in its place,
     whole or not at all.
 
     Normally by rename: the old `model_dir` is renamed aside, the staging directory renamed into place,
     the old one deleted; at no moment does `model_dir` hold part of a model. A mount point (as
-    /opt/ml/model is under `docker run -v` and SageMaker's local mode) cannot be renamed, so its entries
-    are moved instead, under a PUBLISHING_MARKER written first and removed last: `serve` refuses a
-    directory that still has it, so a crash mid-way leaves nothing that looks servable."""
+    /opt/ml/model is under `docker run -v` and SageMaker's local mode) cannot be renamed (EBUSY, EXDEV),
+    so its entries are moved instead, under a PUBLISHING_MARKER written first and removed last: `serve`
+    refuses a directory that still has it, so a crash mid-way leaves nothing that looks servable."""
     missing = missing_files(staging_dir)
     if missing:
         raise ModelDirError(f"refusing to publish incomplete model from {staging_dir}: missing {', '.join(missing)}")
-    if not model_dir.exists() or not is_mount(model_dir):
-        aside = model_dir.with_name(model_dir.name + ".old")
-        shutil.rmtree(aside, ignore_errors=True)
+    aside = model_dir.with_name(model_dir.name + ".old")
+    shutil.rmtree(aside, ignore_errors=True)
+    try:
         if model_dir.exists():
             model_dir.rename(aside)
-        staging_dir.rename(model_dir)
-        shutil.rmtree(aside, ignore_errors=True)
+    except OSError:  # a mount point
+        _move_into(staging_dir, model_dir)
         return
+    staging_dir.rename(model_dir)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _move_into(staging_dir: Path, model_dir: Path) -> None:
     marker = model_dir / PUBLISHING_MARKER
     marker.write_text("a training job is writing this model; it is not complete\n", encoding="utf-8")
     for entry in model_dir.iterdir():
@@ -130,13 +136,23 @@ def publish(staging_dir: Path, model_dir: Path, is_mount=os.path.ismount) -> Non
     marker.unlink()
 
 
+def _our_training_report(model_dir: Path) -> bool:
+    """Whether model_dir holds a training_report.json `train` wrote (an older image's publish moved it before
+    serving.json): not just any file of that name in someone's model folder."""
+    try:
+        report = json.loads((model_dir / TRAINING_REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"config", "stages", "base_model"} <= set(report)
+
+
 def load_spec(model_dir: Path) -> ServingSpec:
     """The serving spec of a model directory, for `serve`.
 
     A directory without serving.json but with a transformers config.json (any Hugging Face model, e.g.
     one packed into model.tar.gz by hand) is served with TGI's semantics: raw inputs, no chat template."""
     if (model_dir / PUBLISHING_MARKER).exists() or (
-            (model_dir / TRAINING_REPORT_FILE).is_file() and not (model_dir / SERVING_SPEC_FILE).is_file()):
+            not (model_dir / SERVING_SPEC_FILE).is_file() and _our_training_report(model_dir)):
         raise ModelDirError(f"{model_dir} holds a model its training job did not finish writing (it stopped while "
                             "publishing): serve the model of a job that completed")
     if (model_dir / SERVING_SPEC_FILE).is_file():

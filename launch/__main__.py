@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 
 from launch.api import (autoscaling_requests, base_component, component_autoscaling_requests,
-                        component_endpoint_requests, endpoint_requests, redacted, sse_events, training_job_request,
-                        transform_requests)
+                        component_endpoint_requests, endpoint_requests, no_capacity_alarm, redacted, sse_events,
+                        training_job_request, transform_requests)
 
 POLL_SECONDS = 15  # how often deploy and delete look at a component's status
+COMPONENT_WAIT_SECONDS = 3600  # how long deploy and delete wait for a component to be created or deleted
 
 
 def main(argv: list[str] | None = None, clients=None) -> int:
@@ -212,21 +213,24 @@ def _deploy_components(args, clients) -> int:
         sm.create_inference_component(**adapter)
         print(f"adapter component {adapter['InferenceComponentName']} created")
     if args.autoscale:
+        adapters = tuple(a["InferenceComponentName"] for a in requests["adapters"])
         scaling = component_autoscaling_requests(component=base, min_copies=low, max_copies=high,
-                                                 target=args.autoscale_target)
+                                                 target=args.autoscale_target, invoked=adapters)
         autoscaling = clients["application-autoscaling"]
         autoscaling.register_scalable_target(**scaling["target"])
         autoscaling.put_scaling_policy(**scaling["policy"])
         if "from_zero" in scaling:
             arn = autoscaling.put_scaling_policy(**scaling["from_zero"])["PolicyARN"]
-            clients["cloudwatch"].put_metric_alarm(**scaling["alarm"], AlarmActions=[arn])
+            for alarm in scaling["alarms"]:
+                clients["cloudwatch"].put_metric_alarm(**alarm, AlarmActions=[arn])
     components = ", ".join([base] + [a["InferenceComponentName"] for a in requests["adapters"]])
     print(f"endpoint {args.name} serves components {components}: invoke with --component NAME")
     return 0
 
 
 def _wait_for_component(sm, name: str) -> None:
-    while True:
+    deadline = time.monotonic() + COMPONENT_WAIT_SECONDS
+    while time.monotonic() < deadline:
         described = sm.describe_inference_component(InferenceComponentName=name)
         status = described["InferenceComponentStatus"]
         if status == "InService":
@@ -234,6 +238,7 @@ def _wait_for_component(sm, name: str) -> None:
         if status == "Failed":
             raise SystemExit(f"inference component {name} failed: {described.get('FailureReason', 'no reason given')}")
         time.sleep(POLL_SECONDS)
+    raise SystemExit(f"inference component {name} is not in service after {COMPONENT_WAIT_SECONDS} s")
 
 
 def _autoscale_range(text: str) -> tuple[int, int]:
@@ -281,15 +286,29 @@ def run_invoke(args, clients) -> int:
 
 def run_delete(args, clients) -> int:
     """The endpoint's inference components first (adapters before their base), waiting until they are gone,
-    then the endpoint, its config and its model."""
+    and their autoscaling (alarms, scalable target); then the endpoint, its config and its model."""
     sm = clients["sagemaker"]
     base = base_component(args.name)
-    names = _components(sm, args.name)
-    for stage in ([n for n in names if n != base], [n for n in names if n == base]):
-        for name in stage:
+    components = _components(sm, args.name)
+    for stage in ([c for c in components if c["InferenceComponentName"] != base],
+                  [c for c in components if c["InferenceComponentName"] == base]):
+        names = {c["InferenceComponentName"] for c in stage}
+        for name in sorted(names):
             sm.delete_inference_component(InferenceComponentName=name)
-        while stage and set(stage) & set(_components(sm, args.name)):
+        deadline = time.monotonic() + COMPONENT_WAIT_SECONDS
+        while names:
+            left = [c for c in _components(sm, args.name) if c["InferenceComponentName"] in names]
+            failed = [c["InferenceComponentName"] for c in left if c.get("InferenceComponentStatus") == "Failed"]
+            if failed:
+                raise SystemExit(f"inference component(s) {', '.join(failed)} failed to delete: see the SageMaker console")
+            if not left:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"inference components still deleting after {COMPONENT_WAIT_SECONDS} s: "
+                                 f"{', '.join(c['InferenceComponentName'] for c in left)}")
             time.sleep(POLL_SECONDS)
+    if components:
+        _delete_component_autoscaling(clients, base, [c["InferenceComponentName"] for c in components])
     sm.delete_endpoint(EndpointName=args.name)
     sm.delete_endpoint_config(EndpointConfigName=args.name)
     sm.delete_model(ModelName=args.name)
@@ -297,9 +316,29 @@ def run_delete(args, clients) -> int:
     return 0
 
 
-def _components(sm, endpoint: str) -> list[str]:
-    listed = sm.list_inference_components(EndpointNameEquals=endpoint)["InferenceComponents"]
-    return [c["InferenceComponentName"] for c in listed]
+def _delete_component_autoscaling(clients, base: str, components: list[str]) -> None:
+    """What `deploy --autoscale` made for the components, where it exists (its policies go with the target)."""
+    alarms = [no_capacity_alarm(name) for name in components]
+    if clients["cloudwatch"].describe_alarms(AlarmNames=alarms)["MetricAlarms"]:
+        clients["cloudwatch"].delete_alarms(AlarmNames=alarms)
+    scalable = {"ServiceNamespace": "sagemaker", "ResourceIds": [f"inference-component/{base}"],
+                "ScalableDimension": "sagemaker:inference-component:DesiredCopyCount"}
+    autoscaling = clients["application-autoscaling"]
+    if autoscaling.describe_scalable_targets(**scalable)["ScalableTargets"]:
+        autoscaling.deregister_scalable_target(ServiceNamespace="sagemaker", ResourceId=f"inference-component/{base}",
+                                               ScalableDimension="sagemaker:inference-component:DesiredCopyCount")
+
+
+def _components(sm, endpoint: str) -> list[dict]:
+    """Every inference component on the endpoint (ListInferenceComponents pages at 10 by default)."""
+    components, token = [], None
+    while True:
+        page = sm.list_inference_components(EndpointNameEquals=endpoint, MaxResults=100,
+                                            **({"NextToken": token} if token else {}))
+        components += page["InferenceComponents"]
+        token = page.get("NextToken")
+        if not token:
+            return components
 
 
 def _pairs(items: list[str], flag: str = "--env") -> dict[str, str]:

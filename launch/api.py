@@ -136,6 +136,9 @@ def component_endpoint_requests(*, name: str, image: str, role: str, model_data:
     if not 0 <= min_instances <= max_instances or max_instances < 1:
         raise ValueError(f"--autoscale {min_instances}:{max_instances}: need 0 <= MIN <= MAX and MAX >= 1")
     for adapter, uri in (adapters or {}).items():
+        if adapter_component(name, adapter) == base_component(name):
+            raise ValueError(f"--adapter {adapter}=...: the name '{adapter}' would collide with the base component "
+                             f"{base_component(name)}: choose another")
         if not uri.startswith("s3://") or not uri.endswith((".tar.gz", ".tgz")):
             raise ValueError(f"--adapter {adapter}={uri}: an adapter component's ArtifactUrl is the S3 URI of one "
                              "model.tar.gz (the adapter's files: adapter_config.json, adapter_model.safetensors)")
@@ -181,11 +184,13 @@ def adapter_component(endpoint: str, adapter: str) -> str:
     return f"{endpoint}-{adapter}"
 
 
-def component_autoscaling_requests(*, component: str, min_copies: int, max_copies: int, target: float) -> dict:
+def component_autoscaling_requests(*, component: str, min_copies: int, max_copies: int, target: float,
+                                   invoked: tuple[str, ...] = ()) -> dict:
     """Autoscaling of a component's copy count: target tracking on concurrent requests per copy and, when
     min_copies is 0, the way back from zero (with no copy there is no per-copy metric: a request that found
-    no capacity raises SageMaker's NoCapacityInvocationFailures, whose alarm adds one copy). The alarm's
-    AlarmActions need the step policy's ARN, known only once it is put."""
+    no capacity raises SageMaker's NoCapacityInvocationFailures, whose alarm adds one copy). `invoked`: the
+    components requests name (the base and its adapters): each gets an alarm, all on the one step policy.
+    The alarms' AlarmActions need the step policy's ARN, known only once it is put."""
     scalable = {"ServiceNamespace": "sagemaker", "ResourceId": f"inference-component/{component}",
                 "ScalableDimension": "sagemaker:inference-component:DesiredCopyCount"}
     requests = {
@@ -203,13 +208,18 @@ def component_autoscaling_requests(*, component: str, min_copies: int, max_copie
             "StepScalingPolicyConfiguration": {"AdjustmentType": "ChangeInCapacity", "MetricAggregationType": "Maximum",
                                                "Cooldown": 60,
                                                "StepAdjustments": [{"MetricIntervalLowerBound": 0, "ScalingAdjustment": 1}]}}
-        requests["alarm"] = {
-            "AlarmName": f"{component}-no-capacity", "MetricName": "NoCapacityInvocationFailures",
+        requests["alarms"] = [{
+            "AlarmName": no_capacity_alarm(name), "MetricName": "NoCapacityInvocationFailures",
             "Namespace": "AWS/SageMaker", "Statistic": "Maximum",
-            "Dimensions": [{"Name": "InferenceComponentName", "Value": component}],
+            "Dimensions": [{"Name": "InferenceComponentName", "Value": name}],
             "Period": 30, "EvaluationPeriods": 1, "DatapointsToAlarm": 1, "Threshold": 1.0,
             "ComparisonOperator": "GreaterThanOrEqualToThreshold", "TreatMissingData": "missing"}
+            for name in (component, *invoked)]
     return requests
+
+
+def no_capacity_alarm(component: str) -> str:
+    return f"{component}-no-capacity"
 
 
 def model_request(*, name: str, image: str, role: str, model_data: str | None,

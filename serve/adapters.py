@@ -24,7 +24,7 @@ from pathlib import Path
 from container.model_dir import ADAPTER_DIR
 from serve.errors import BadRequest, NotFound, ValidationError
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # matched whole (fullmatch)
 FIRST_REGISTERED_ID = 1 << 20  # vLLM's adapter ids: LORA_ADAPTERS take 1..N, registered ones are above
 
 
@@ -45,8 +45,11 @@ def adapter_folder(src: str) -> Path:
 
 
 def adapter_rank(folder: Path) -> int:
-    with open(folder / "adapter_config.json", encoding="utf-8") as f:
-        return int(json.load(f).get("r", 16))
+    try:
+        with open(folder / "adapter_config.json", encoding="utf-8") as f:
+            return int(json.load(f).get("r", 16))
+    except (ValueError, TypeError, AttributeError) as e:  # not JSON, not an object, or a rank that is no number
+        raise ValidationError(f"adapter {folder}: adapter_config.json is not a peft adapter config ({e})") from None
 
 
 class AdapterRegistry:
@@ -55,8 +58,9 @@ class AdapterRegistry:
     def __init__(self, folder: Path):
         self.folder = folder
 
-    def register(self, name: str, src: str, max_rank: int) -> tuple[Path, int]:
-        if not NAME.match(name or ""):
+    def check(self, name: str, src: str, max_rank: int) -> tuple[Path, int]:
+        """The adapter folder `src` holds, checked, and a new vLLM id for it; nothing is recorded yet."""
+        if not NAME.fullmatch(name or ""):
             raise BadRequest(f"adapter name {name!r} is not valid: 1-128 letters, digits, '.', '_' or '-'")
         adapter = adapter_folder(src)
         rank = adapter_rank(adapter)
@@ -66,11 +70,13 @@ class AdapterRegistry:
         # A new id on every registration: vLLM caches adapters by id, so one re-registered from another
         # folder must not be answered from the old weights.
         digest = hashlib.sha256(f"{name}\0{adapter}\0{time.time_ns()}".encode()).digest()
-        number = FIRST_REGISTERED_ID + int.from_bytes(digest[:4], "big") % (2**31 - FIRST_REGISTERED_ID)
+        return adapter, FIRST_REGISTERED_ID + int.from_bytes(digest[:4], "big") % (2**31 - FIRST_REGISTERED_ID)
+
+    def record(self, name: str, folder: Path, number: int) -> None:
+        """Make the adapter known to every worker, written whole (a temporary file renamed into place)."""
         staging = self.folder / f".{name}.{os.getpid()}.tmp"
-        staging.write_text(json.dumps({"name": name, "src": str(adapter), "id": number}), encoding="utf-8")
+        staging.write_text(json.dumps({"name": name, "src": str(folder), "id": number}), encoding="utf-8")
         staging.replace(self.folder / f"{name}.json")
-        return adapter, number
 
     def unregister(self, name: str) -> int:
         """Forget `name`; its vLLM id, so the engine can drop it. NotFound when it was never registered."""
@@ -81,7 +87,7 @@ class AdapterRegistry:
         return entry[1]
 
     def lookup(self, name: str) -> tuple[Path, int] | None:
-        if not NAME.match(name or ""):
+        if not NAME.fullmatch(name or ""):
             return None
         try:
             entry = json.loads((self.folder / f"{name}.json").read_text(encoding="utf-8"))

@@ -151,7 +151,7 @@ class Engine:
         self.admission = config.max_concurrent_requests  # lowered after an out-of-memory fault
         self._owed_slots = 0  # slots to keep when they come back, until admission is down to its new value
         self._admission_lock = threading.Lock()
-        self._in_flight: weakref.WeakSet = weakref.WeakSet()  # tickets a fatal fault must answer
+        self._in_flight: weakref.WeakSet = weakref.WeakSet()  # tickets a fatal fault must answer (under the lock)
         self.failure: str | None = None  # set once by a fatal fault (serve/faults.py)
         self.exit_worker = lambda: os.kill(os.getpid(), signal.SIGTERM)  # gunicorn then starts a fresh worker
         self._predict_lock = threading.Lock()
@@ -176,6 +176,7 @@ class Engine:
     # --- HTTP threads ------------------------------------------------------------------------------
     def submit(self, request: GenerateRequest, wait: float = 0.0) -> Ticket:
         """Admit and start one request; Overloaded when no slot frees up within `wait` seconds."""
+        self._refuse_if_failed()
         admitted = self._slots.acquire(timeout=wait) if wait > 0 else self._slots.acquire(blocking=False)
         if not admitted:
             raise Overloaded(f"Model is overloaded: more than {self.admission} requests in flight")
@@ -185,12 +186,14 @@ class Engine:
         except BaseException:
             ticket.close()
             raise
-        self._in_flight.add(ticket)
+        with self._admission_lock:
+            self._in_flight.add(ticket)
         ticket.future = asyncio.run_coroutine_threadsafe(self._generate(ticket, job), self._loop)
         return ticket
 
     def run_job(self, function: Callable):
         """Run a custom predict_fn on the custom model, one call at a time."""
+        self._refuse_if_failed()
         if not self._slots.acquire(blocking=False):
             raise Overloaded(f"Model is overloaded: more than {self.admission} requests in flight")
         try:
@@ -218,20 +221,29 @@ class Engine:
     def fail_worker(self, reason: str) -> None:
         """The device or the engine cannot be trusted: answer every request in flight, fail /ping, and exit
         the worker shortly after (gunicorn starts a fresh one, which loads the model again)."""
-        if self.failure is not None:
-            return
-        self.failure = reason
-        log.error("fatal fault, this worker restarts: %s", reason)
-        for ticket in list(self._in_flight):
-            ticket.emit("error", EngineFailed(f"{reason} (this worker restarts)"))
+        with self._admission_lock:
+            if self.failure is not None:
+                return
+            self.failure = reason
+            tickets = list(self._in_flight)
         threading.Timer(FATAL_EXIT_SECONDS, self.exit_worker).start()
+        log.error("fatal fault, this worker restarts: %s", reason)
+        for ticket in tickets:
+            ticket.emit("error", EngineFailed(f"{reason} (this worker restarts)"))
+
+    def _refuse_if_failed(self) -> None:
+        if self.failure is not None:
+            raise EngineFailed(f"{self.failure} (this worker restarts)")
 
     def _lower_admission(self) -> None:
-        """Halve how many requests are admitted at once (at least one): the slots are kept as they come back."""
+        """Halve how many requests are admitted at once (at least one): free slots are taken at once, the
+        others kept as they come back."""
         with self._admission_lock:
             lowered = max(1, self.admission // 2)
             self._owed_slots += self.admission - lowered
             self.admission = lowered
+            while self._owed_slots and self._slots.acquire(blocking=False):
+                self._owed_slots -= 1
         log.warning("out of memory: admitting at most %d requests at once from now on", lowered)
 
     def _release_slot(self) -> None:
@@ -317,24 +329,26 @@ class Engine:
     def register_adapter(self, name: str, src: str) -> dict:
         """SageMaker's adapter component arriving: check it, record it for every worker, and load it into this
         worker's engine now, so an adapter vLLM cannot load fails here rather than on a user's request."""
-        if self.registry is None:
-            raise BadRequest("this endpoint was started without ENABLE_LORA=true, so it cannot take adapters "
-                             "(set it on the base model; `launch deploy --adapter` does)")
+        if self.registry is None or self.llm is None:
+            raise BadRequest("this endpoint cannot take adapters: it was started without ENABLE_LORA=true (set it "
+                             "on the base model; `launch deploy --adapter` does), or a custom predict_fn serves it")
         if name in self.adapters:
             raise BadRequest(f"adapter {name!r} is already served from LORA_ADAPTERS")
-        folder, _ = self.registry.register(name, src, self.max_lora_rank)
-        try:
-            asyncio.run_coroutine_threadsafe(self.llm.add_lora(self._registered(name)), self._loop).result(
-                timeout=self.config.timeout)
+        from vllm.lora.request import LoRARequest
+
+        folder, number = self.registry.check(name, src, self.max_lora_rank)
+        try:  # loaded here first: other workers only ever see an adapter that loaded
+            asyncio.run_coroutine_threadsafe(self.llm.add_lora(LoRARequest(name, number, str(folder))),
+                                             self._loop).result(timeout=self.config.timeout)
         except Exception as e:
-            self.registry.unregister(name)
             raise ValidationError(f"adapter {name!r} from {folder} could not be loaded onto the base model: "
                                   f"{type(e).__name__}: {e}") from None
+        self.registry.record(name, folder, number)
         log.info("adapter %s registered from %s", name, folder)
         return {"name": name, "src": str(folder)}
 
     def unregister_adapter(self, name: str) -> None:
-        if self.registry is None:
+        if self.registry is None or self.llm is None:
             raise NotFound(f"adapter {name!r} is not registered: this endpoint takes no adapters (ENABLE_LORA)")
         number = self.registry.unregister(name)
         asyncio.run_coroutine_threadsafe(self.llm.remove_lora(number), self._loop).result(timeout=self.config.timeout)

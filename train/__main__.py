@@ -61,6 +61,9 @@ def load_data(config: TrainConfig, paths: OptML) -> dict[str, tuple[list, list]]
             source = f"validation_split={config.validation_split}"
         log.info("%s: %d training examples from '%s', %d for evaluation (%s)",
                  stage, len(train_rows), train_channel, len(eval_rows), source)
+        if (config.early_stopping_patience or config.load_best_model_at_end) and not eval_rows:
+            raise ConfigError(f"early_stopping_patience/load_best_model_at_end compare evaluations, but {stage} has no "
+                              f"held-out data: add a '{eval_channel}' channel or set validation_split > 0")
         data[stage] = (train_rows, eval_rows)
     used = {"model"} | {name for stage in config.stages for name in CHANNELS[stage][:2]}
     for name in sorted(set(paths.channels_present()) - used):
@@ -87,7 +90,8 @@ def run(config: TrainConfig, paths: OptML, worker: bool, stop: Stop) -> None:
         raise ConfigError("export=adapter needs a base model the endpoint can load by itself (a hub model_id or the "
                           "embedded model), not a local or channel model: use export=merged or export=both")
     log.info("base model: %s", base.source)
-    top = topology(config, paths)
+    with stop.phase("counting the GPUs (loading torch)"):
+        top = topology(config, paths)
     # config and data are fine: start the workers (DeepSpeed wants torchrun's rendezvous even for one process)
     if (top.needs_launcher or config.distributed in ("zero2", "zero3")) and not worker:
         with stop.phase("starting the training processes"):
@@ -104,6 +108,7 @@ def run(config: TrainConfig, paths: OptML, worker: bool, stop: Stop) -> None:
 
 def main() -> None:
     stop = Stop().install()  # first: from here a SIGTERM ends in the failure file and exit 143
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # one held by the entrypoint arrives now
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     paths = OptML.from_env()
     worker = os.environ.get(WORKER_ENV) == "1"  # one of several processes started by the launcher

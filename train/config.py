@@ -56,6 +56,11 @@ class TrainConfig:
     # evaluation
     validation_split: float = _f(0.05, "Fraction held out for eval loss when there is no `validation` (SFT) / `preference_validation` (DPO) channel; 0 = none.")
     eval_steps: int = _f(0, "Evaluate every this many steps; 0 = at the end of each stage.")
+    voice_eval_prompts: int = _f(8, "Held-out prompts the model answers at every evaluation, scored against the person's real answers (voice metrics, also for the base model before training); 0 = off.")
+    voice_max_new_tokens: int = _f(128, "Longest answer generated for the voice metrics.")
+    early_stopping_patience: int = _f(0, "End a stage after this many evaluations without improvement of metric_for_best_model; 0 = off. Needs eval_steps > 0 and held-out data.")
+    metric_for_best_model: str = _f("eval_loss", "What early stopping and load_best_model_at_end compare: the held-out loss, or a voice metric.", choices=("eval_loss", "voice_style_distance", "voice_overlap"))
+    load_best_model_at_end: bool = _f(False, "End each stage with its best checkpoint's weights (by metric_for_best_model), not the last. Needs eval_steps > 0, save_steps a multiple of it, and held-out data.")
     # efficiency and hardware
     packing: str = _f("auto", "Padding-free packing (no cross-example attention). auto = on where flash-attention 2 is installed (GPU), else off.", choices=("auto", "true", "false"))
     group_by_length: bool = _f(True, "Without packing, batch examples of similar length (less padding).")
@@ -76,11 +81,12 @@ class TrainConfig:
 
     def __post_init__(self):
         positive = ("lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
-                    "logging_steps", "max_new_tokens", "save_steps", "save_total_limit")
+                    "logging_steps", "max_new_tokens", "save_steps", "save_total_limit", "voice_max_new_tokens")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"hyperparameter {name}={getattr(self, name)} must be greater than 0")
-        for name in ("learning_rate", "dpo_learning_rate", "weight_decay", "warmup_steps", "eval_steps"):
+        for name in ("learning_rate", "dpo_learning_rate", "weight_decay", "warmup_steps", "eval_steps",
+                     "voice_eval_prompts", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"hyperparameter {name}={getattr(self, name)} must not be negative")
         if self.beta <= 0:
@@ -104,6 +110,16 @@ class TrainConfig:
         if self.processes_per_host < 0 or not 0 < self.master_port < 65536 or self.ddp_timeout <= 0 or self.dns_timeout < 0:
             raise ConfigError("hyperparameters processes_per_host >= 0, 0 < master_port < 65536, ddp_timeout > 0 and "
                               "dns_timeout >= 0 are required")
+        if (self.early_stopping_patience or self.load_best_model_at_end) and not self.eval_steps:
+            raise ConfigError("early_stopping_patience and load_best_model_at_end compare evaluations during a stage: "
+                              "set eval_steps (e.g. eval_steps=50) and keep held-out data (a validation channel or "
+                              "validation_split > 0)")
+        if self.load_best_model_at_end and self.save_steps % self.eval_steps:
+            raise ConfigError(f"load_best_model_at_end needs a checkpoint at every evaluation: save_steps={self.save_steps} "
+                              f"must be a multiple of eval_steps={self.eval_steps} (e.g. save_steps={self.eval_steps})")
+        if self.metric_for_best_model.startswith("voice_") and not self.voice_eval_prompts:
+            raise ConfigError(f"metric_for_best_model={self.metric_for_best_model} is a voice metric, but "
+                              "voice_eval_prompts=0 turns them off")
         if self.method == "sft+dpo" and self.export == "adapter":
             raise ConfigError("export=adapter cannot describe sft+dpo (the DPO adapter sits on the SFT model, which "
                               "exists only inside the job): use export=merged or export=both")

@@ -1,5 +1,5 @@
 """Write the model directory (container.model_dir's format) atomically: merged 16-bit weights, the
-adapter, or both; tokenizer and chat template; serving defaults; training_report.json."""
+adapter, or both; tokenizer and chat template; serving defaults; training_report.json; the model card."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ from container.model_dir import ADAPTER_DIR, TRAINING_REPORT_FILE, ServingSpec, 
 from container.opt_ml import OptML
 from train.config import TrainConfig
 from train.model import BaseModel, load_trained
+from train.model_card import model_card
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOTAL_TOKENS = 4096
+MODEL_CARD_FILE = "README.md"
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -58,5 +60,7 @@ def export_model(config: TrainConfig, paths: OptML, tokenizer, base: BaseModel, 
     ).write(staging)
     report["export"] = {"weights": weights, "adapter": config.export in ("adapter", "both")}
     (staging / TRAINING_REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (staging / MODEL_CARD_FILE).write_text(model_card(config, report, base.reference or base.source, base.source, weights),
+                                           encoding="utf-8")
     publish(staging, paths.model_dir)
     log.info("model written to %s: %s", paths.model_dir, ", ".join(sorted(p.name for p in paths.model_dir.iterdir())))

@@ -145,8 +145,12 @@ def launch(config: TrainConfig, top: Topology) -> tuple[int, tuple[str, str] | N
     shutil.rmtree(failures, ignore_errors=True)
     if code == 0:
         return 0, None
-    if signalled or (reports and all(report[2] == EXIT_INTERRUPTED for report in reports)):
-        code = EXIT_INTERRUPTED  # stopped, not failed: as a single-process job reports it
+    # Stopped, not failed (as a single-process job reports it): this launcher was signalled, or every rank
+    # here says so. A rank killed outright (the OOM killer) writes nothing, and its peers, stopped by
+    # torchrun, report 143: that is a failure.
+    every_rank = len(reports) == top.processes_per_host
+    if signalled or (every_rank and all(report[2] == EXIT_INTERRUPTED for report in reports)):
+        code = EXIT_INTERRUPTED
     return code, failure_summary(reports, top, code)
 
 

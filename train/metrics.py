@@ -3,6 +3,7 @@ that read them (the launcher passes these to CreateTrainingJob). No torch import
 
     stage=sft step=10 train_loss=1.234 learning_rate=0.0002 grad_norm=0.5 tokens_per_second=812.3 epoch=0.5
     stage=sft step=40 eval_loss=1.101
+    stage=sft step=40 voice_length_ratio=0.93 voice_distinct2=0.88 voice_style_distance=0.21 voice_overlap=0.31 perplexity=3.01
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ METRIC_DEFINITIONS = [
     {"Name": "train:epoch", "Regex": rf" epoch={_NUMBER}"},
     {"Name": "dpo:rewards_accuracies", "Regex": rf" rewards_accuracies={_NUMBER}"},
     {"Name": "dpo:rewards_margins", "Regex": rf" rewards_margins={_NUMBER}"},
+    {"Name": "voice:length_ratio", "Regex": rf" voice_length_ratio={_NUMBER}"},
+    {"Name": "voice:distinct2", "Regex": rf" voice_distinct2={_NUMBER}"},
+    {"Name": "voice:style_distance", "Regex": rf" voice_style_distance={_NUMBER}"},
+    {"Name": "voice:overlap", "Regex": rf" voice_overlap={_NUMBER}"},
+    {"Name": "eval:perplexity", "Regex": rf" perplexity={_NUMBER}"},
 ]
 
 

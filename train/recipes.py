@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from transformers import PrinterCallback, TrainerCallback
+from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from container.config import ConfigError
@@ -24,8 +24,11 @@ from train.errors import TrainingInterrupted
 from train.config import TrainConfig
 from train.metrics import TokenRate, format_log_line
 from train.stop import Stop
+from train.voice import held_out_prompts, measure, perplexity
 
 log = logging.getLogger(__name__)
+
+HIGHER_IS_BETTER = ("voice_overlap",)
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,9 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
         logging_steps=config.logging_steps,
         eval_strategy="steps" if eval_rows and config.eval_steps else "no",
         eval_steps=config.eval_steps or None,
+        load_best_model_at_end=config.load_best_model_at_end,
+        metric_for_best_model=config.metric_for_best_model,
+        greater_is_better=config.metric_for_best_model in HIGHER_IS_BETTER,
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
@@ -156,8 +162,14 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
         disable_tqdm=True,
         **distributed_args(config, choice),
     )
+    voice = VoiceCallback(stage, tokenizer, eval_rows, config, enabled=choice in ("single", "ddp"))
+    if voice.prompts and int(os.environ.get("RANK", "0")) == 0:
+        with stop.phase(f"measuring the voice of the {stage} starting model"):
+            voice.before = voice.measure(model)
     with stop.phase(f"preparing {stage} (tokenizing the data)"):
-        callbacks = [MetricsLogCallback(stage), StopAtStepBoundary(stop), MarkComplete(markers)]
+        callbacks = [MetricsLogCallback(stage), voice, StopAtStepBoundary(stop), MarkComplete(markers)]
+        if config.early_stopping_patience:  # after the voice callback: it may compare a voice metric
+            callbacks.insert(2, EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
         datasets = {"train_dataset": Dataset.from_list(train_rows),
                     "eval_dataset": Dataset.from_list(eval_rows) if eval_rows else None}
         if stage == "sft":
@@ -192,6 +204,12 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
             metrics.update(trainer.evaluate())
     report.update(steps=trainer.state.global_step, metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                   tokens_per_second=callbacks[0].mean_tokens_per_second())
+    if trainer.state.best_model_checkpoint:
+        report["best"] = {"metric": config.metric_for_best_model, "value": trainer.state.best_metric,
+                          "checkpoint": Path(trainer.state.best_model_checkpoint).name,
+                          "loaded": config.load_best_model_at_end}
+    if voice.before is not None:
+        report["voice"] = voice.report()
     trained = stage_dir / "trained"
     with stop.phase(f"saving what {stage} trained"):
         trainer.save_model(str(trained))  # on every rank: under ZeRO-3 saving is a collective
@@ -237,3 +255,46 @@ class MetricsLogCallback(TrainerCallback):
 
     def mean_tokens_per_second(self) -> float | None:
         return sum(self.rates) / len(self.rates) if self.rates else None
+
+
+class VoiceCallback(TrainerCallback):
+    """Voice metrics (train/voice.py) at every evaluation, on the first process: the held-out prompts are
+    answered, scored against the person's real answers, added to the evaluation's metrics (so early
+    stopping and the best checkpoint may use them) and printed as their own metric line. Skipped under
+    ZeRO-3 and FSDP, where no one process holds the whole model to generate with."""
+
+    def __init__(self, stage: str, tokenizer, eval_rows: list[dict], config: TrainConfig, enabled: bool):
+        self.stage, self.tokenizer, self.config = stage, tokenizer, config
+        count = config.voice_eval_prompts if enabled else 0
+        self.prompts, self.references = held_out_prompts(eval_rows, count)
+        self.before: dict | None = None
+        self.after: dict | None = None
+        self.samples: list[dict] = []
+
+    def measure(self, model) -> dict:
+        scores, answers = measure(model, self.tokenizer, self.prompts, self.references, self.config.voice_max_new_tokens)
+        if not self.samples:
+            self.samples = [{"prompt": p[-1]["content"], "reference": r, "before": a}
+                            for p, r, a in zip(self.prompts, self.references, answers)]
+        else:
+            for sample, answer in zip(self.samples, answers):
+                sample["after"] = answer
+        return scores
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        if not self.prompts or metrics is None or model is None:
+            return
+        scores = {}
+        if state.is_world_process_zero:
+            scores = {**self.measure(model), "perplexity": perplexity(metrics.get("eval_loss"))}
+            self.after = scores
+            print(format_log_line(self.stage, state.global_step, scores), flush=True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank decides alike
+            shared = [scores]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            scores = shared[0]
+        # the Trainer and early stopping look metric_for_best_model up as eval_<name>
+        metrics.update({f"eval_{name}": value for name, value in scores.items()})
+
+    def report(self) -> dict:
+        return {"before": {**(self.before or {})}, "after": self.after, "samples": self.samples[:3]}

@@ -20,7 +20,7 @@ def tarball(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("phase, delay", [("start-up", 0.5), ("SFT merge and save", 0.0)])
+@pytest.mark.parametrize("phase, delay", [("loading the libraries", 0.0), ("SFT merge and save", 0.0)])
 def test_sigterm_outside_the_training_loop_exits_143_with_its_failure_file_and_the_rerun_finishes(
         tmp_path, tarball, phase, delay):
     reference = make_job(tmp_path / "reference", tarball)

@@ -121,3 +121,38 @@ def test_driver_versions_are_read_from_both_kernel_module_flavours(tmp_path):
     (tmp_path / "v").write_text("garbage")
     assert cuda_compat.host_driver_version(tmp_path / "v", gpu) is None
     assert cuda_compat.compat_driver_version(tmp_path / "no-such-dir") is None
+
+
+
+def test_the_entrypoint_holds_sigterm_across_the_exec_into_train_only(monkeypatch):
+    """In a container PID 1 ignores a signal it has no handler for, and SageMaker's SIGKILL follows: so
+    SIGTERM is blocked (held, not lost) from the entrypoint until train's handler exists."""
+    import signal
+
+    from container import entrypoint
+
+    masks = {}
+
+    def execv(path, argv):
+        masks[argv[2]] = signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        raise SystemExit(0)
+
+    monkeypatch.setattr(entrypoint.os, "execv", execv)
+    monkeypatch.setattr(entrypoint, "use_cuda_compat", lambda verb: None)
+    for verb in ("train", "serve"):
+        try:
+            entrypoint.main([verb])
+        except SystemExit:
+            pass
+    assert masks == {"train": True, "serve": False}  # gunicorn must get its SIGTERM
+
+
+def test_a_sigterm_held_across_the_exec_is_taken_by_trains_handler(tmp_path):
+    """What the entrypoint hands over: SIGTERM blocked and already pending. train takes it: exit 143, failure file."""
+    held = ("import os, signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}); "
+            "os.kill(os.getpid(), signal.SIGTERM); os.execv(sys.executable, [sys.executable, '-m', 'train'])")
+    result = subprocess.run([sys.executable, "-c", held], env={**os.environ, "SAGEMAKER_BASE_DIR": str(tmp_path)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 143, result.stdout + result.stderr
+    assert (tmp_path / "output" / "failure").read_text().startswith("training stopped by SIGTERM while reading the configuration")

@@ -72,7 +72,8 @@ def test_deploy_and_delete_send_the_exact_requests():
                 "ContainerStartupHealthCheckTimeoutInSeconds": 600,
                 "InferenceAmiVersion": "al2-ami-sagemaker-inference-gpu-3-1"}]})
         stub.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/twin"}, {"EndpointName": "twin", "EndpointConfigName": "twin"})
-        stub.add_response("list_inference_components", {"InferenceComponents": []}, {"EndpointNameEquals": "twin"})
+        stub.add_response("list_inference_components", {"InferenceComponents": []},
+                          {"EndpointNameEquals": "twin", "MaxResults": 100})
         stub.add_response("delete_endpoint", {}, {"EndpointName": "twin"})
         stub.add_response("delete_endpoint_config", {}, {"EndpointConfigName": "twin"})
         stub.add_response("delete_model", {}, {"ModelName": "twin"})
@@ -314,24 +315,38 @@ def test_deploy_inference_components_with_adapters_and_scale_to_zero_send_the_ex
             "StepScalingPolicyConfiguration": {"AdjustmentType": "ChangeInCapacity", "MetricAggregationType": "Maximum",
                                                "Cooldown": 60,
                                                "StepAdjustments": [{"MetricIntervalLowerBound": 0, "ScalingAdjustment": 1}]}})
-        alarms.add_response("put_metric_alarm", {}, {
-            "AlarmName": "twins-base-no-capacity", "MetricName": "NoCapacityInvocationFailures", "Namespace": "AWS/SageMaker",
-            "Statistic": "Maximum", "Dimensions": [{"Name": "InferenceComponentName", "Value": "twins-base"}],
-            "Period": 30, "EvaluationPeriods": 1, "DatapointsToAlarm": 1, "Threshold": 1.0,
-            "ComparisonOperator": "GreaterThanOrEqualToThreshold", "TreatMissingData": "missing",
-            "AlarmActions": ["arn:aws:autoscaling:us-east-1:1:scalingPolicy:zero"]})
+        for component in ("twins-base", "twins-alice", "twins-bob"):  # a request to any of them may find no copy
+            alarms.add_response("put_metric_alarm", {}, {
+                "AlarmName": f"{component}-no-capacity", "MetricName": "NoCapacityInvocationFailures",
+                "Namespace": "AWS/SageMaker", "Statistic": "Maximum",
+                "Dimensions": [{"Name": "InferenceComponentName", "Value": component}],
+                "Period": 30, "EvaluationPeriods": 1, "DatapointsToAlarm": 1, "Threshold": 1.0,
+                "ComparisonOperator": "GreaterThanOrEqualToThreshold", "TreatMissingData": "missing",
+                "AlarmActions": ["arn:aws:autoscaling:us-east-1:1:scalingPolicy:zero"]})
         rt.add_response("invoke_endpoint", {"Body": StreamingBody(io.BytesIO(b'[{"generated_text": "hi"}]'), 26)}, {
             "EndpointName": "twins", "InferenceComponentName": "twins-alice", "ContentType": "application/json",
             "Body": json.dumps({"inputs": "Write a post", "parameters": {"max_new_tokens": 150, "return_full_text": False},
                                 "stream": False})})
         everything = [_component(n) for n in ("twins-base", "twins-alice", "twins-bob")]
-        stub.add_response("list_inference_components", {"InferenceComponents": everything}, {"EndpointNameEquals": "twins"})
+        listing = {"EndpointNameEquals": "twins", "MaxResults": 100}
+        stub.add_response("list_inference_components", {"InferenceComponents": everything[:2], "NextToken": "page2"}, listing)
+        stub.add_response("list_inference_components", {"InferenceComponents": everything[2:]},
+                          {**listing, "NextToken": "page2"})  # pages are followed: none is left behind
         for adapter in ("alice", "bob"):
             stub.add_response("delete_inference_component", {}, {"InferenceComponentName": f"twins-{adapter}"})
-        stub.add_response("list_inference_components", {"InferenceComponents": everything}, {"EndpointNameEquals": "twins"})
-        stub.add_response("list_inference_components", {"InferenceComponents": everything[:1]}, {"EndpointNameEquals": "twins"})
+        stub.add_response("list_inference_components", {"InferenceComponents": everything}, listing)
+        stub.add_response("list_inference_components", {"InferenceComponents": everything[:1]}, listing)
         stub.add_response("delete_inference_component", {}, {"InferenceComponentName": "twins-base"})
-        stub.add_response("list_inference_components", {"InferenceComponents": []}, {"EndpointNameEquals": "twins"})
+        stub.add_response("list_inference_components", {"InferenceComponents": []}, listing)
+        names = ["twins-base-no-capacity", "twins-alice-no-capacity", "twins-bob-no-capacity"]
+        alarms.add_response("describe_alarms", {"MetricAlarms": [{"AlarmName": "twins-base-no-capacity"}]},
+                            {"AlarmNames": names})
+        alarms.add_response("delete_alarms", {}, {"AlarmNames": names})
+        scaling.add_response("describe_scalable_targets", {"ScalableTargets": [{
+            **resource, "MinCapacity": 0, "MaxCapacity": 2, "RoleARN": ROLE, "CreationTime": "2026-11-27T00:00:00Z"}]},
+            {"ServiceNamespace": "sagemaker", "ResourceIds": ["inference-component/twins-base"],
+             "ScalableDimension": "sagemaker:inference-component:DesiredCopyCount"})
+        scaling.add_response("deregister_scalable_target", {}, resource)
         stub.add_response("delete_endpoint", {}, {"EndpointName": "twins"})
         stub.add_response("delete_endpoint_config", {}, {"EndpointConfigName": "twins"})
         stub.add_response("delete_model", {}, {"ModelName": "twins"})
@@ -358,6 +373,9 @@ def test_inference_components_refuse_async_and_a_bad_adapter_clearly():
     with pytest.raises(SystemExit, match="ArtifactUrl is the S3 URI of one model.tar.gz"):
         main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/m.tar.gz", "--name", "z",
               "--adapter", "alice=s3://b/alice/"], clients={"sagemaker": sm})
+    with pytest.raises(SystemExit, match="would collide with the base component z-base"):
+        main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/m.tar.gz", "--name", "z",
+              "--adapter", "base=s3://b/a/model.tar.gz"], clients={"sagemaker": sm})
     with pytest.raises(SystemExit, match="need 0 <= MIN <= MAX"):
         main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/m.tar.gz", "--name", "z",
               "--inference-components", "--autoscale", "3:1"], clients={"sagemaker": sm})

@@ -47,7 +47,7 @@ def test_publish_renames_so_the_model_dir_is_never_seen_part_written(tmp_path, m
 
 def test_publish_into_a_mount_point_leaves_a_marker_serve_refuses_until_the_last_file(tmp_path, monkeypatch):
     staging = complete_model(tmp_path / "model.partial")
-    (staging / TRAINING_REPORT_FILE).write_text("{}")
+    (staging / TRAINING_REPORT_FILE).write_text('{"config": {}, "stages": {}, "base_model": "b"}')
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     moves, move = [], model_dir_module.shutil.move
@@ -59,14 +59,22 @@ def test_publish_into_a_mount_point_leaves_a_marker_serve_refuses_until_the_last
         return move(source, target)
 
     monkeypatch.setattr(model_dir_module.shutil, "move", crash_after_two)
-    with pytest.raises(OSError):
-        publish(staging, model_dir, is_mount=lambda path: True)
+    rename = type(model_dir).rename
+
+    def busy(self, target):  # what renaming a mount point answers
+        if self == model_dir:
+            raise OSError(16, "Device or resource busy")
+        return rename(self, target)
+
+    monkeypatch.setattr(type(model_dir), "rename", busy)
+    with pytest.raises(OSError, match="went away"):
+        publish(staging, model_dir)
     assert (model_dir / PUBLISHING_MARKER).exists() and len(list(model_dir.iterdir())) == 3  # marker + 2 files
     with pytest.raises(ModelDirError, match="did not finish writing"):
         load_spec(model_dir)
     monkeypatch.setattr(model_dir_module.shutil, "move", move)
     staging = complete_model(tmp_path / "model.again")
-    publish(staging, model_dir, is_mount=lambda path: True)  # the rerun publishes whole, marker gone
+    publish(staging, model_dir)  # the rerun publishes whole, marker gone
     assert not (model_dir / PUBLISHING_MARKER).exists() and load_spec(model_dir).max_total_tokens == 20
 
 
@@ -74,9 +82,11 @@ def test_our_model_without_serving_json_is_refused_not_taken_for_a_plain_folder(
     """A training report but no serving.json: an older image's publish that stopped mid-way."""
     complete_model(tmp_path / "model")
     (tmp_path / "model" / SERVING_SPEC_FILE).unlink()
-    (tmp_path / "model" / TRAINING_REPORT_FILE).write_text("{}")
+    (tmp_path / "model" / TRAINING_REPORT_FILE).write_text('{"config": {}, "stages": {}, "base_model": "b"}')
     with pytest.raises(ModelDirError, match="did not finish writing"):
         load_spec(tmp_path / "model")
+    (tmp_path / "model" / TRAINING_REPORT_FILE).write_text('{"accuracy": 0.9}')  # someone else's report: a plain folder
+    assert load_spec(tmp_path / "model").chat_template_for_inputs is False
 
 
 def test_publish_refuses_an_incomplete_staging_dir(tmp_path):

@@ -1,0 +1,73 @@
+"""The model card: README.md in the model directory, in the Hugging Face model-card format (a YAML header,
+then Markdown), written from the training report. training_report.json keeps the same facts for machines."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from train.config import TrainConfig
+
+VOICE_ROWS = (("perplexity", "perplexity on the person's held-out text", "lower"),
+              ("voice_style_distance", "style distance (function words, punctuation)", "lower"),
+              ("voice_overlap", "word overlap with the real answers (unigram F1)", "higher"),
+              ("voice_length_ratio", "answer length / the person's", "near 1"),
+              ("voice_distinct2", "distinct word pairs", "higher"))
+
+
+def base_license(base_source: str) -> str:
+    """The base model's license, from its own card's YAML header when it has one; else "other"."""
+    card = Path(base_source) / "README.md"
+    if card.is_file():
+        header = card.read_text(encoding="utf-8", errors="replace").split("---")
+        if len(header) > 2:
+            match = re.search(r"^license:\s*(\S+)", header[1], re.MULTILINE)
+            if match:
+                return match.group(1).strip("'\"")
+    return "other"
+
+
+def model_card(config: TrainConfig, report: dict, base_name: str, base_source: str, weights: str) -> str:
+    tags = ["llm-twin", "sagemaker", *config.stages, "trl", config.adapter]
+    header = {"base_model": base_name, "library_name": "peft" if weights == "adapter" else "transformers",
+              "license": base_license(base_source), "tags": tags, "pipeline_tag": "text-generation"}
+    lines = ["---"]
+    for key, value in header.items():
+        lines.append(f"{key}:" if isinstance(value, list) else f"{key}: {json.dumps(value)}")
+        if isinstance(value, list):
+            lines += [f"- {json.dumps(item)}" for item in value]
+    lines += ["---", "", f"# LLM Twin fine-tuned from {base_name}", "",
+              f"Trained with {' then '.join(s.upper() for s in config.stages)} ({config.adapter}) by the llm-twin "
+              f"SageMaker image; exported as {'an adapter on its base' if weights == 'adapter' else 'merged 16-bit weights'}.",
+              "", "## Data", "", "| stage | training examples | held-out examples | steps | resumed from step |",
+              "| --- | --- | --- | --- | --- |"]
+    for stage, values in report["stages"].items():
+        lines.append(f"| {stage} | {values.get('examples', '')} | {values.get('eval_examples', '')} | "
+                     f"{values.get('steps', '')} | {values.get('resumed_from_step', '')} |")
+    for stage, values in report["stages"].items():
+        voice = values.get("voice")
+        if not voice or not voice.get("after"):
+            continue
+        lines += ["", f"## Voice ({stage}): the base against the twin, on the person's held-out writing", "",
+                  "| measure | before | after | better |", "| --- | --- | --- | --- |"]
+        for key, label, better in VOICE_ROWS:
+            before, after = voice["before"].get(key, ""), voice["after"].get(key, "")
+            lines.append(f"| {label} | {before} | {after} | {better} |")
+        lines += ["", "Sample answers to held-out prompts:", ""]
+        for sample in voice.get("samples", []):
+            lines += [f"- **Prompt:** {_one_line(sample['prompt'])}",
+                      f"  - the person: {_one_line(sample['reference'])}",
+                      f"  - base model: {_one_line(sample.get('before', ''))}",
+                      f"  - twin: {_one_line(sample.get('after', ''))}"]
+    metrics = {stage: values.get("metrics", {}) for stage, values in report["stages"].items()}
+    lines += ["", "## Metrics", "", "```json", json.dumps(metrics, indent=2, sort_keys=True), "```",
+              "", "## Hyperparameters", "", "```json", json.dumps(report["config"], indent=2, sort_keys=True, default=list),
+              "```", "", f"Device: {report.get('device')}, precision {report.get('precision')}. Serve it with the same "
+              "image (`docker run IMAGE serve`); its TGI and OpenAI routes answer.", ""]
+    return "\n".join(lines)
+
+
+def _one_line(text: str, limit: int = 240) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[:limit - 1] + "…"
