@@ -19,7 +19,7 @@ from container.config import ConfigError
 from container.model_dir import ModelDirError
 from container.opt_ml import ContractError, OptML
 from train.config import TrainConfig
-from train.data import DataError, load_preference_rows, load_sft_rows, split_rows
+from train.data import DataError, load_kto_rows, load_preference_rows, load_sft_rows, split_rows
 from train.errors import EXIT_FRAMEWORK_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR, TrainingInterrupted
 from train.launcher import WORKER_ENV, launch, topology, write_rank_failure
 from train.model import resolve_base_model
@@ -31,7 +31,18 @@ USER_ERRORS = (ConfigError, ContractError, DataError, ModelDirError)
 
 # stage -> (training channel, validation channel, loader)
 CHANNELS = {"sft": ("train", "validation", load_sft_rows),
-            "dpo": ("preference", "preference_validation", load_preference_rows)}
+            "dpo": ("preference", "preference_validation", load_preference_rows),
+            "orpo": ("preference", "preference_validation", load_preference_rows),
+            "simpo": ("preference", "preference_validation", load_preference_rows),
+            "kto": ("preference", "preference_validation", load_kto_rows)}
+
+
+def stage_channels(config: TrainConfig, stage: str) -> tuple:
+    """preference=auto: a preference stage reads the person's own writing, the SFT channels; its pairs are
+    built in the job (train/preferences.py)."""
+    if config.preference == "auto" and stage != "sft":
+        return CHANNELS["sft"]
+    return CHANNELS[stage]
 
 
 def check_job_shape(paths: OptML) -> None:
@@ -51,7 +62,7 @@ def load_data(config: TrainConfig, paths: OptML) -> dict[str, tuple[list, list]]
     """Per stage: training rows, and evaluation rows from the validation channel or a held-out split."""
     data = {}
     for stage in config.stages:
-        train_channel, eval_channel, load = CHANNELS[stage]
+        train_channel, eval_channel, load = stage_channels(config, stage)
         rows = load(paths.require_channel(train_channel))
         if paths.channel(eval_channel).is_dir():
             train_rows, eval_rows = rows, load(paths.channel(eval_channel))
@@ -65,7 +76,7 @@ def load_data(config: TrainConfig, paths: OptML) -> dict[str, tuple[list, list]]
             raise ConfigError(f"early_stopping_patience/load_best_model_at_end compare evaluations, but {stage} has no "
                               f"held-out data: add a '{eval_channel}' channel or set validation_split > 0")
         data[stage] = (train_rows, eval_rows)
-    used = {"model"} | {name for stage in config.stages for name in CHANNELS[stage][:2]}
+    used = {"model"} | {name for stage in config.stages for name in stage_channels(config, stage)[:2]}
     for name in sorted(set(paths.channels_present()) - used):
         log.warning("channel '%s' is present but method=%s does not read it", name, config.method)
     return data

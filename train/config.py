@@ -12,7 +12,16 @@ from typing import Mapping
 
 from container.config import ConfigError, describe, from_strings
 
-AUTO_LEARNING_RATES = {("sft", False): 2e-4, ("sft", True): 2e-5, ("dpo", False): 5e-6, ("dpo", True): 5e-7}
+# (stage, full fine-tuning) -> peak learning rate; LoRA takes about 10x the full rate. ORPO's is its paper's
+# 8e-6 (full); SimPO's and KTO's follow DPO's scale.
+AUTO_LEARNING_RATES = {("sft", False): 2e-4, ("sft", True): 2e-5, ("dpo", False): 5e-6, ("dpo", True): 5e-7,
+                       ("orpo", False): 8e-5, ("orpo", True): 8e-6, ("simpo", False): 5e-6, ("simpo", True): 5e-7,
+                       ("kto", False): 5e-6, ("kto", True): 5e-7}
+# beta=0 (auto): the LLM Twin recipe's 0.5 for DPO; each paper's default for the others (ORPO's lambda 0.1,
+# SimPO's 2.0, KTO's 0.1).
+AUTO_BETAS = {"dpo": 0.5, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}
+METHODS = ("sft", "dpo", "sft+dpo", "orpo", "simpo", "sft+simpo", "kto", "sft+kto")
+PREFERENCE_STAGES = ("dpo", "orpo", "simpo", "kto")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down", "sigmoid_norm")
 
 
@@ -29,7 +38,8 @@ class TrainConfig:
     model_id: str = _f("", "Hub id or local path of the base model. Empty: the `model` channel (a model folder or model.tar.gz), else the embedded SmolLM2-135M-Instruct.")
     model_revision: str = _f("", "Hub revision (branch, tag or commit) of model_id.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub. Off unless you trust the repository.")
-    method: str = _f("sft", "sft: the `train` channel; dpo: the `preference` channel; sft+dpo: SFT, then DPO on the SFT model.", choices=("sft", "dpo", "sft+dpo"))
+    method: str = _f("sft", "sft: the `train` channel; dpo: the `preference` channel; sft+dpo: SFT, then DPO on the SFT model; orpo: SFT and preference in one stage (ORPO, no reference model); simpo: reference-free preference optimisation; kto: unpaired good/bad examples; sft+simpo, sft+kto: SFT first.", choices=METHODS)
+    preference: str = _f("channel", "Where the preference stage's data comes from: the `preference` channel, or auto: pairs built in the job from the `train` channel (the person's answer chosen, the model's own answer to the same prompt rejected), saved with the model as preference_pairs.jsonl.", choices=("channel", "auto"))
     adapter: str = _f("lora", "lora; qlora (4-bit nf4 base + LoRA); full (every weight).", choices=("lora", "qlora", "full"))
     export: str = _f("merged", "What the model dir holds: merged 16-bit weights, the adapter only (served on its base), or both.", choices=("merged", "adapter", "both"))
     # LoRA
@@ -47,11 +57,13 @@ class TrainConfig:
     per_device_train_batch_size: int = _f(2, "Examples per device per forward pass.")
     gradient_accumulation_steps: int = _f(8, "Forward passes per optimizer step.")
     max_length: int = _f(2048, "Longest tokenized example (prompt + response); longer ones are truncated, and counted in the log.")
-    # DPO
-    dpo_learning_rate: float = _f(0.0, "DPO peak learning rate; 0 = auto: 5e-6 with adapters, 5e-7 for full.")
-    dpo_num_train_epochs: float = _f(1.0, "DPO epochs (ignored when dpo_max_steps > 0).")
-    dpo_max_steps: int = _f(-1, "DPO optimizer steps; -1 = use dpo_num_train_epochs.")
-    beta: float = _f(0.5, "DPO beta: how far the policy may move from the reference (the SFT model).")
+    # the preference stage (DPO, ORPO, SimPO or KTO)
+    dpo_learning_rate: float = _f(0.0, "Preference stage peak learning rate; 0 = auto: with adapters 5e-6 (DPO, SimPO, KTO) or 8e-5 (ORPO), a tenth of that for full.")
+    dpo_num_train_epochs: float = _f(1.0, "Preference stage epochs (ignored when dpo_max_steps > 0).")
+    dpo_max_steps: int = _f(-1, "Preference stage optimizer steps; -1 = use dpo_num_train_epochs.")
+    beta: float = _f(0.0, "DPO/KTO beta (how far the policy may move from the reference), ORPO's lambda, SimPO's reward scale; 0 = auto: 0.5 DPO (LLM Twin), 0.1 ORPO and KTO, 2.0 SimPO.")
+    simpo_gamma: float = _f(0.5, "SimPO's target reward margin.")
+    preference_max_new_tokens: int = _f(256, "Longest rejected answer generated for preference=auto.")
     dpo_loss_type: str = _f("sigmoid", "DPO loss (TRL's loss_type).", choices=DPO_LOSS_TYPES)
     # evaluation
     validation_split: float = _f(0.05, "Fraction held out for eval loss when there is no `validation` (SFT) / `preference_validation` (DPO) channel; 0 = none.")
@@ -81,7 +93,8 @@ class TrainConfig:
 
     def __post_init__(self):
         positive = ("lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
-                    "logging_steps", "max_new_tokens", "save_steps", "save_total_limit", "voice_max_new_tokens")
+                    "logging_steps", "max_new_tokens", "save_steps", "save_total_limit", "voice_max_new_tokens",
+                    "preference_max_new_tokens")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"hyperparameter {name}={getattr(self, name)} must be greater than 0")
@@ -89,8 +102,11 @@ class TrainConfig:
                      "voice_eval_prompts", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"hyperparameter {name}={getattr(self, name)} must not be negative")
-        if self.beta <= 0:
-            raise ConfigError(f"hyperparameter beta={self.beta} must be greater than 0")
+        if self.beta < 0:
+            raise ConfigError(f"hyperparameter beta={self.beta} must be greater than 0, or 0 for each method's default")
+        if self.preference == "auto" and not any(stage in PREFERENCE_STAGES for stage in self.stages):
+            raise ConfigError(f"preference=auto builds data for a preference stage, but method={self.method} has none: "
+                              "use method=sft+dpo (or dpo, orpo, simpo, kto)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"hyperparameter lora_dropout={self.lora_dropout} must be in [0, 1)")
         if not 0.0 <= self.validation_split < 1.0:
@@ -120,9 +136,9 @@ class TrainConfig:
         if self.metric_for_best_model.startswith("voice_") and not self.voice_eval_prompts:
             raise ConfigError(f"metric_for_best_model={self.metric_for_best_model} is a voice metric, but "
                               "voice_eval_prompts=0 turns them off")
-        if self.method == "sft+dpo" and self.export == "adapter":
-            raise ConfigError("export=adapter cannot describe sft+dpo (the DPO adapter sits on the SFT model, which "
-                              "exists only inside the job): use export=merged or export=both")
+        if len(self.stages) > 1 and self.export == "adapter":
+            raise ConfigError(f"export=adapter cannot describe {self.method} (the second stage's adapter sits on the "
+                              "SFT model, which exists only inside the job): use export=merged or export=both")
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -131,6 +147,9 @@ class TrainConfig:
     def stage_learning_rate(self, stage: str) -> float:
         chosen = self.learning_rate if stage == "sft" else self.dpo_learning_rate
         return chosen or AUTO_LEARNING_RATES[(stage, self.adapter == "full")]
+
+    def stage_beta(self, stage: str) -> float:
+        return self.beta or AUTO_BETAS[stage]
 
     @classmethod
     def from_hyperparameters(cls, raw: Mapping[str, str]) -> "TrainConfig":

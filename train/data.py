@@ -10,8 +10,9 @@ SFT rows (all rows of a run must be of one kind: conversations, or plain text):
     {"messages": [...]}                      the last message must be the assistant's: it is the completion
     {"text"}                                 plain language modelling, loss on every token
 
-Preference rows (DPO): {"prompt", "chosen", "rejected"} as strings or message lists, or
-{"chosen", "rejected"} message lists sharing everything but the last message (implicit prompt).
+Preference rows (DPO, ORPO, SimPO): {"prompt", "chosen", "rejected"} as strings or message lists, or
+{"chosen", "rejected"} message lists sharing everything but the last message (implicit prompt). KTO takes
+unpaired rows {"prompt", "completion", "label": true|false}, or preference rows (each one good, one bad).
 
 Strings become one user and one assistant message, so every conversation goes through the model's
 chat template in training exactly as `serve` applies it; the loss is on the completion only. A bad row
@@ -51,6 +52,33 @@ def load_sft_rows(channel_dir: Path) -> list[dict]:
 
 def load_preference_rows(channel_dir: Path) -> list[dict]:
     return [to_preference_row(record, where) for where, record in read_records(channel_dir)]
+
+
+def load_kto_rows(channel_dir: Path) -> list[dict]:
+    """KTO's unpaired rows: {"prompt", "completion", "label": true|false}; a preference pair counts as two
+    (its chosen answer good, its rejected answer bad)."""
+    rows = []
+    for where, record in read_records(channel_dir):
+        if isinstance(record, dict) and "label" in record:
+            rows.append(to_kto_row(record, where))
+        else:
+            pair = to_preference_row(record, where)
+            rows += [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
+                     {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False}]
+    if rows and len({row["label"] for row in rows}) < 2:
+        raise DataError(f"{channel_dir}: KTO needs both good (label true) and bad (label false) examples; all are "
+                        f"{rows[0]['label']}")
+    return rows
+
+
+def to_kto_row(record: dict, where: str) -> dict:
+    if not ("prompt" in record and "completion" in record):
+        raise DataError(f"{where}: a KTO row needs 'prompt', 'completion' and 'label', got keys {sorted(record)}")
+    if not isinstance(record["label"], bool):
+        raise DataError(f"{where}: 'label' must be true (a good answer) or false (a bad one), got {record['label']!r}")
+    completion = _turns(record, "completion", where, _assistant)
+    _ends_with_assistant(completion, where, "completion")
+    return {"prompt": _turns(record, "prompt", where, _user), "completion": completion, "label": record["label"]}
 
 
 def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

@@ -27,9 +27,9 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def export_model(config: TrainConfig, paths: OptML, tokenizer, base: BaseModel, source: str,
-                 trained: Path, report: dict) -> None:
+                 trained: Path, report: dict, extras: dict[str, Path] | None = None) -> None:
     """`trained` holds what the last stage trained on `source` (the base, or the SFT stage's model):
-    the full model for adapter=full, otherwise the adapter."""
+    the full model for adapter=full, otherwise the adapter. `extras`: files shipped with it (by name)."""
     staging = paths.model_staging_dir
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -47,6 +47,8 @@ def export_model(config: TrainConfig, paths: OptML, tokenizer, base: BaseModel, 
         for name in ADAPTER_FILES:
             shutil.copy2(trained / name, staging / ADAPTER_DIR / name)
     tokenizer.save_pretrained(staging)
+    for name, path in (extras or {}).items():
+        shutil.copy2(path, staging / name)
 
     max_total = int(getattr(model_config, "max_position_embeddings", 0) or DEFAULT_MAX_TOTAL_TOKENS)
     weights = "adapter" if config.export == "adapter" else "merged"

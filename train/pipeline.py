@@ -21,6 +21,7 @@ from train.checkpoints import Markers, is_complete, mark_complete
 from train.config import TrainConfig
 from train.export import export_model
 from train.model import BaseModel, load_for_training, load_tokenizer, load_trained
+from train.preferences import PAIRS_FILE, build_pairs, kto_rows, read_pairs, write_pairs
 from train.recipes import detect_device, train_stage
 from train.stop import Stop
 
@@ -42,6 +43,7 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
         "stages": {},
     }
     source = base.source
+    extras: dict[str, Path] = {}  # files shipped with the model besides what export writes
     resources = paths.read_resource_config()
     markers = Markers.for_hosts(resources.current_host, resources.hosts)
     for index, stage in enumerate(config.stages):
@@ -56,6 +58,10 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
         train_rows, eval_rows = data[stage]
         with stop.phase(f"loading the model for {stage}"):
             model = load_for_training(source, config, device.dtype, device.attn_implementation)
+        if stage != "sft" and config.preference == "auto":
+            with stop.phase(f"building {stage}'s preference pairs (preference=auto)"):
+                train_rows, eval_rows = _auto_pairs(stage, config, model, tokenizer, train_rows, eval_rows, stage_dir)
+            extras[PAIRS_FILE] = stage_dir / PAIRS_FILE
         trained, stage_report = train_stage(stage, config, model, tokenizer, train_rows, eval_rows, stage_dir, device, stop,
                                             markers)
         report["stages"][stage] = stage_report
@@ -64,7 +70,7 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
         if last:
             if _rank("RANK") == 0:  # only the first process of the first instance writes /opt/ml/model
                 with stop.phase("exporting the model"):
-                    export_model(config, paths, tokenizer, base, source, trained, report)
+                    export_model(config, paths, tokenizer, base, source, trained, report, extras)
             return
         if _rank("LOCAL_RANK") == 0:  # every instance needs the stage model for the next stage
             with stop.phase(f"merging and saving the {stage} model"):
@@ -74,6 +80,18 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
             _free_memory()
         _barrier()
         source = str(final)
+
+
+def _auto_pairs(stage: str, config: TrainConfig, model, tokenizer, train_rows: list, eval_rows: list,
+                stage_dir: Path) -> tuple[list, list]:
+    """preference=auto's pairs (train/preferences.py), built once by the first process, reused on a restart."""
+    files = (stage_dir / PAIRS_FILE, stage_dir / f"eval-{PAIRS_FILE}")
+    if _rank("LOCAL_RANK") == 0 and not all(f.is_file() for f in files):
+        for rows, path in zip((train_rows, eval_rows), files):
+            write_pairs(build_pairs(model, tokenizer, rows, config.preference_max_new_tokens) if rows else [], path)
+    _barrier()
+    pairs = [read_pairs(f) for f in files]
+    return tuple(kto_rows(p) for p in pairs) if stage == "kto" else tuple(pairs)
 
 
 def _rank(name: str) -> int:

@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
-from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
 from container.config import ConfigError
 from train.checkpoints import MarkComplete, Markers, StopAtStepBoundary, latest_checkpoint
@@ -177,9 +177,7 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
             trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=lora_config(config),
                                  callbacks=callbacks, **datasets)
         else:
-            args = DPOConfig(**common, beta=config.beta, loss_type=[config.dpo_loss_type])
-            trainer = DPOTrainer(model=model, ref_model=None, args=args, processing_class=tokenizer,
-                                 peft_config=lora_config(config), callbacks=callbacks, **datasets)
+            trainer = preference_trainer(stage, config, common, model, tokenizer, callbacks, datasets)
         trainer.remove_callback(PrinterCallback)  # MetricsLogCallback prints the same numbers, regex-friendly
 
         report = {"examples": len(train_rows), "eval_examples": len(eval_rows), "packing": packing,
@@ -233,6 +231,32 @@ def _data_losses(stage: str, trainer, rows: list[dict], config: TrainConfig, pac
     if counts["truncated"]:
         log.warning("%s: %d examples truncated to max_length=%d tokens", stage, counts["truncated"], config.max_length)
     return counts
+
+
+def preference_trainer(stage: str, config: TrainConfig, common: dict, model, tokenizer, callbacks, datasets):
+    """TRL's trainer for a preference stage. DPO and KTO compare with a reference model (the adapter
+    switched off, or a frozen copy for full fine-tuning); ORPO and SimPO need none. ORPO and SimPO (TRL's
+    CPO with loss_type=simpo and no SFT term) live in trl.experimental in this TRL version."""
+    beta = config.stage_beta(stage)
+    shared = dict(processing_class=tokenizer, peft_config=lora_config(config), callbacks=callbacks, **datasets)
+    if stage == "dpo":
+        return DPOTrainer(model=model, ref_model=None, args=DPOConfig(**common, beta=beta, loss_type=[config.dpo_loss_type]),
+                          **shared)
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # chosen knowingly; the warning would repeat per rank
+    if stage == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        return ORPOTrainer(model=model, args=ORPOConfig(**common, beta=beta), **shared)
+    if stage == "simpo":
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        args = CPOConfig(**common, loss_type="simpo", cpo_alpha=0.0, beta=beta, simpo_gamma=config.simpo_gamma)
+        return CPOTrainer(model=model, args=args, **shared)
+    # KTO's KL term pairs each example with its neighbour in a fixed order: TRL wants sequential batches, so
+    # the rows are shuffled once here instead (good and bad examples mixed, reproducibly).
+    shared["train_dataset"] = shared["train_dataset"].shuffle(seed=config.seed)
+    args = KTOConfig(**{**common, "train_sampling_strategy": "sequential"}, beta=beta)
+    return KTOTrainer(model=model, ref_model=None, args=args, **shared)
 
 
 class MetricsLogCallback(TrainerCallback):

@@ -79,9 +79,15 @@ def perplexity(eval_loss: float | None) -> float | None:
 
 
 def held_out_prompts(rows: list[dict], count: int) -> tuple[list[list[dict]], list[str]]:
-    """The first `count` conversation rows: (prompt messages, the person's real answer)."""
-    chosen = [row for row in rows if "prompt" in row][:count]
-    return [row["prompt"] for row in chosen], [row["completion"][-1]["content"] for row in chosen]
+    """The first `count` rows with a prompt and the person's answer (an SFT completion, a preference pair's
+    chosen answer, a KTO row labelled good): (prompt messages, the real answer)."""
+    prompts, answers = [], []
+    for row in rows:
+        answer = row.get("chosen") or (row.get("completion") if row.get("label", True) else None)
+        if "prompt" in row and answer and len(prompts) < count:
+            prompts.append(row["prompt"])
+            answers.append(answer[-1]["content"])
+    return prompts, answers
 
 
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 8) -> list[str]:

@@ -8,6 +8,7 @@ import subprocess
 import tarfile
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 
 from tests.conftest import BIN, TINY_ROWS, jsonl, link_model_channel, loads_and_generates, make_tree, run_train
@@ -187,3 +188,45 @@ def test_metric_definitions_match_the_log_lines():
                      "dpo:rewards_margins": 0.01}
     summary = format_log_line("sft", 10, {"train_runtime": 3.0, "train_loss": 1.4})
     assert not re.search(METRIC_DEFINITIONS[0]["Regex"], summary)  # the run's average is not a step's loss
+
+
+UNPAIRED = [{"prompt": f"Write about lesson {i}.", "completion": f"Lesson {i}: measure first.", "label": i % 2 == 0}
+            for i in range(6)]
+
+
+@pytest.mark.parametrize("method, files", [
+    ("orpo", {"preference/p.jsonl": jsonl(PREFERENCES)}),
+    ("simpo", {"preference/p.jsonl": jsonl(PREFERENCES)}),
+    ("kto", {"preference/u.jsonl": jsonl(UNPAIRED)}),
+    ("sft+kto", {"train/d.jsonl": jsonl(TINY_ROWS), "preference/p.jsonl": jsonl(PREFERENCES)}),  # pairs, unpaired
+])
+def test_orpo_simpo_and_kto_train_a_few_steps_into_a_model_that_generates(tmp_path, tiny_model, method, files):
+    root = make_tree(tmp_path, {**FAST, "method": method}, files)
+    link_model_channel(root, tiny_model)
+    trained(root)
+    stage = method.split("+")[-1]
+    assert report(root)["stages"][stage]["steps"] == 2
+    loads_and_generates(root)
+
+
+def test_preference_auto_builds_pairs_from_the_persons_writing_and_dpo_trains_on_them(tmp_path, tiny_model):
+    root = make_tree(tmp_path, {**FAST, "method": "sft+dpo", "preference": "auto", "preference_max_new_tokens": "8"},
+                     {"train/d.jsonl": jsonl(TINY_ROWS)})
+    link_model_channel(root, tiny_model)
+    trained(root)
+    pairs = [json.loads(line) for line in (root / "model" / "preference_pairs.jsonl").read_text().splitlines()]
+    answers = {row["output"] for row in TINY_ROWS}
+    assert 0 < len(pairs) <= len(TINY_ROWS)
+    for pair in pairs:  # the person's answer chosen, the SFT model's own answer rejected
+        assert pair["chosen"][-1]["content"] in answers and pair["rejected"][-1]["content"] not in answers
+        assert pair["rejected"][-1]["role"] == "assistant"
+    assert report(root)["stages"]["dpo"]["examples"] == len(pairs) and report(root)["stages"]["dpo"]["steps"] == 2
+
+
+def test_a_kto_row_without_a_boolean_label_names_its_file_and_line(tmp_path, tiny_model):
+    root = make_tree(tmp_path, {**FAST, "method": "kto"},
+                     {"preference/u.jsonl": jsonl(UNPAIRED[:2] + [{**UNPAIRED[0], "label": "yes"}])})
+    result = run_train(root)
+    assert result.returncode == 2
+    failure = (root / "output" / "failure").read_text()
+    assert "u.jsonl:3:" in failure and "'label' must be true (a good answer) or false" in failure, failure

@@ -137,3 +137,16 @@ def test_split_holds_out_a_deterministic_fraction():
     assert split_rows(rows, 0.05, seed=1) == (train, held_out)
     assert split_rows(rows[:10], 0.05, seed=1)[1] != []  # at least one row when asked for a fraction
     assert split_rows(rows, 0.0, seed=1) == (rows, [])
+
+
+def test_kto_takes_unpaired_rows_and_splits_pairs_into_a_good_and_a_bad_one(tmp_path):
+    from train.data import load_kto_rows
+
+    (tmp_path / "u.jsonl").write_text(json.dumps({"prompt": "Hi", "completion": "Hello!", "label": True}) + "\n" +
+                                      json.dumps({"prompt": "Hi", "chosen": "Hey.", "rejected": "Greetings, user."}) + "\n")
+    rows = load_kto_rows(tmp_path)
+    assert [(r["completion"][-1]["content"], r["label"]) for r in rows] == [("Hello!", True), ("Hey.", True),
+                                                                            ("Greetings, user.", False)]
+    (tmp_path / "u.jsonl").write_text(json.dumps({"prompt": "Hi", "completion": "Hello!", "label": True}) + "\n")
+    with pytest.raises(DataError, match="KTO needs both good .* and bad"):
+        load_kto_rows(tmp_path)

@@ -1,0 +1,52 @@
+"""preference=auto: preference pairs from the person's own writing, built in the job.
+
+For each SFT row the person's real answer is "chosen" and the model's own greedy answer to the same prompt
+(the model the preference stage starts from: the base, or the SFT model in sft+dpo) is "rejected": what
+the model says by itself is what it should move away from, towards how the person says it (the idea of
+SPIN's self-play, without a hub or another LLM to write the rejected answers). Rows whose generated answer
+equals the real one are dropped. The pairs are written once to the stage's checkpoint folder (a restart
+reuses them) and shipped with the model as preference_pairs.jsonl for inspection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from train.data import DataError
+from train.voice import generate
+
+log = logging.getLogger(__name__)
+
+PAIRS_FILE = "preference_pairs.jsonl"
+
+
+def build_pairs(model, tokenizer, rows: list[dict], max_new_tokens: int) -> list[dict]:
+    conversations = [row for row in rows if "prompt" in row and "completion" in row]
+    if not conversations:
+        raise DataError("preference=auto needs conversation rows in the 'train' channel ({\"instruction\", \"output\"}, "
+                        "{\"prompt\", \"completion\"} or {\"messages\"}): plain {\"text\"} rows have no answer to prefer")
+    answers = generate(model, tokenizer, [row["prompt"] for row in conversations], max_new_tokens)
+    pairs = [{"prompt": row["prompt"], "chosen": row["completion"], "rejected": [{"role": "assistant", "content": answer}]}
+             for row, answer in zip(conversations, answers) if answer.strip() != row["completion"][-1]["content"].strip()]
+    log.info("preference=auto: %d pairs from %d rows (the model's own answers as rejected)", len(pairs), len(conversations))
+    return pairs
+
+
+def write_pairs(pairs: list[dict], path: Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text("".join(json.dumps(pair) + "\n" for pair in pairs), encoding="utf-8")
+    partial.replace(path)  # whole or not at all: a restart trusts what it finds
+
+
+def read_pairs(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def kto_rows(pairs: list[dict]) -> list[dict]:
+    """The pairs as KTO's unpaired rows: the chosen answer good, the rejected one bad."""
+    return [row for pair in pairs for row in (
+        {"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
+        {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})]
