@@ -77,6 +77,12 @@ class OptML:
         return self.root / "model.partial"
 
     @property
+    def tensorboard_dir(self) -> Path:
+        """/opt/ml/output/tensorboard: the default LocalPath of a job's TensorBoardOutputConfig, which SageMaker
+        uploads to its S3OutputPath while the job runs."""
+        return self.output_dir / "tensorboard"
+
+    @property
     def checkpoints_dir(self) -> Path:
         """/opt/ml/checkpoints, or the LocalPath of the job's CheckpointConfig (input/config/checkpointconfig.json),
         which is the folder SageMaker syncs with S3. A LocalPath under /opt/ml follows SAGEMAKER_BASE_DIR."""

@@ -55,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--max-wait", type=int)
     train.add_argument("--checkpoints", help="S3 URI for /opt/ml/checkpoints (needed for spot)")
     train.add_argument("--name", default=f"llm-twin-{time.strftime('%Y%m%d-%H%M%S')}")
+    train.add_argument("--tensorboard", metavar="S3URI",
+                       help="TensorBoardOutputConfig: the job's event files (report_to=tensorboard) go to S3URI")
     train.add_argument("--uncompressed-output", action="store_true",
                        help="upload the model as files (OUTPUT/NAME/output/model/), not model.tar.gz: for large models")
     train.set_defaults(run=run_train)
@@ -139,7 +141,7 @@ def run_train(args, clients) -> int:
         name=args.name, image=args.image, role=args.role, channels=channels, output=args.output,
         hyperparameters=hyperparameters, instance_type=args.instance_type, instance_count=args.instance_count,
         max_run=args.max_run, spot=args.spot, max_wait=args.max_wait, checkpoint_s3=args.checkpoints,
-        environment=environment, uncompressed_output=args.uncompressed_output)
+        environment=environment, uncompressed_output=args.uncompressed_output, tensorboard_s3=args.tensorboard)
     print(json.dumps(redacted(request), indent=2))
     clients["sagemaker"].create_training_job(**request)
     print(f"started training job {args.name}")

@@ -46,9 +46,10 @@ def training_job_request(*, name: str, image: str, role: str, channels: dict[str
                          hyperparameters: dict, instance_type: str, instance_count: int = 1, volume_gb: int = 100,
                          max_run: int = 86400, spot: bool = False, max_wait: int | None = None,
                          checkpoint_s3: str | None = None, environment: dict[str, str] | None = None,
-                         uncompressed_output: bool = False) -> dict:
+                         uncompressed_output: bool = False, tensorboard_s3: str | None = None) -> dict:
     """CreateTrainingJob. uncompressed_output: SageMaker uploads /opt/ml/model as files under
-    OUTPUT/JOB/output/model/ instead of packing model.tar.gz (for large models)."""
+    OUTPUT/JOB/output/model/ instead of packing model.tar.gz (for large models). tensorboard_s3: the job's
+    TensorBoard event files go there (report_to=tensorboard), for SageMaker's TensorBoard app."""
     if spot and not checkpoint_s3:
         raise ValueError("spot training needs a checkpoint S3 URI, or an interruption loses the work")
     request = {
@@ -72,6 +73,9 @@ def training_job_request(*, name: str, image: str, role: str, channels: dict[str
         request["StoppingCondition"]["MaxWaitTimeInSeconds"] = max(max_wait or 0, max_run)
     if checkpoint_s3:
         request["CheckpointConfig"] = {"S3Uri": checkpoint_s3, "LocalPath": "/opt/ml/checkpoints"}
+    if tensorboard_s3:  # SageMaker uploads the job's event files there while it runs
+        request["TensorBoardOutputConfig"] = {"S3OutputPath": tensorboard_s3, "LocalPath": "/opt/ml/output/tensorboard"}
+        request["HyperParameters"].setdefault("report_to", "tensorboard")
     return request
 
 

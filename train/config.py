@@ -88,6 +88,7 @@ class TrainConfig:
     save_steps: int = _f(50, "Checkpoint to /opt/ml/checkpoints every this many steps (and on SIGTERM).")
     save_total_limit: int = _f(2, "Checkpoints kept per stage; older ones are deleted.")
     logging_steps: int = _f(1, "Log metrics every this many optimizer steps.")
+    report_to: str = _f("none", "Experiment tracking: tensorboard writes event files (training and voice metrics) to /opt/ml/output/tensorboard/<stage>, which SageMaker uploads with the job's TensorBoardOutputConfig (launch train --tensorboard S3URI).", choices=("none", "tensorboard"))
     seed: int = _f(42, "Random seed for data order, the validation split and LoRA initialisation.")
     max_new_tokens: int = _f(256, "Default max_new_tokens written to the model's serving defaults.")
 

@@ -62,8 +62,9 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
             with stop.phase(f"building {stage}'s preference pairs (preference=auto)"):
                 train_rows, eval_rows = _auto_pairs(stage, config, model, tokenizer, train_rows, eval_rows, stage_dir)
             extras[PAIRS_FILE] = stage_dir / PAIRS_FILE
+        tensorboard = paths.tensorboard_dir / stage if config.report_to == "tensorboard" and _rank("RANK") == 0 else None
         trained, stage_report = train_stage(stage, config, model, tokenizer, train_rows, eval_rows, stage_dir, device, stop,
-                                            markers)
+                                            markers, tensorboard)
         report["stages"][stage] = stage_report
         del model
         _free_memory()

@@ -16,6 +16,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
+from transformers.integrations import TensorBoardCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
 from container.config import ConfigError
@@ -124,7 +125,8 @@ def lora_config(config: TrainConfig) -> LoraConfig | None:
 
 
 def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: list[dict], eval_rows: list[dict],
-                stage_dir: Path, device: Device, stop: Stop, markers: Markers = Markers()) -> tuple[Path, dict]:
+                stage_dir: Path, device: Device, stop: Stop, markers: Markers = Markers(),
+                tensorboard: Path | None = None) -> tuple[Path, dict]:
     """Train one stage (resuming from its newest complete checkpoint). Every rank saves the result (ZeRO-3
     gathers the weights then) to `stage_dir/trained`: the adapter, or the full model. Returns it and a report."""
     packing = stage == "sft" and use_packing(config, device)
@@ -162,14 +164,24 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
         disable_tqdm=True,
         **distributed_args(config, choice),
     )
-    voice = VoiceCallback(stage, tokenizer, eval_rows, config, enabled=choice in ("single", "ddp"))
+    writer = None
+    if tensorboard is not None:  # tensorboardX writes TensorBoard's event files without TensorFlow
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(tensorboard))
+    voice = VoiceCallback(stage, tokenizer, eval_rows, config, enabled=choice in ("single", "ddp"), writer=writer)
     if voice.prompts and int(os.environ.get("RANK", "0")) == 0:
         with stop.phase(f"measuring the voice of the {stage} starting model"):
             voice.before = voice.measure(model)
+        if writer is not None:  # step 0: where the curves start
+            for name, value in voice.before.items():
+                writer.add_scalar(f"voice/{name}", value, 0)
     with stop.phase(f"preparing {stage} (tokenizing the data)"):
         callbacks = [MetricsLogCallback(stage), voice, StopAtStepBoundary(stop), MarkComplete(markers)]
         if config.early_stopping_patience:  # after the voice callback: it may compare a voice metric
             callbacks.insert(2, EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+        if writer is not None:
+            callbacks.append(TensorBoardCallback(tb_writer=writer))
         datasets = {"train_dataset": Dataset.from_list(train_rows),
                     "eval_dataset": Dataset.from_list(eval_rows) if eval_rows else None}
         if stage == "sft":
@@ -287,8 +299,8 @@ class VoiceCallback(TrainerCallback):
     stopping and the best checkpoint may use them) and printed as their own metric line. Skipped under
     ZeRO-3 and FSDP, where no one process holds the whole model to generate with."""
 
-    def __init__(self, stage: str, tokenizer, eval_rows: list[dict], config: TrainConfig, enabled: bool):
-        self.stage, self.tokenizer, self.config = stage, tokenizer, config
+    def __init__(self, stage: str, tokenizer, eval_rows: list[dict], config: TrainConfig, enabled: bool, writer=None):
+        self.stage, self.tokenizer, self.config, self.writer = stage, tokenizer, config, writer
         count = config.voice_eval_prompts if enabled else 0
         self.prompts, self.references = held_out_prompts(eval_rows, count)
         self.before: dict | None = None
@@ -313,6 +325,10 @@ class VoiceCallback(TrainerCallback):
             scores = {**self.measure(model), "perplexity": perplexity(metrics.get("eval_loss"))}
             self.after = scores
             print(format_log_line(self.stage, state.global_step, scores), flush=True)
+            if self.writer is not None:
+                for name, value in scores.items():
+                    if value is not None:
+                        self.writer.add_scalar(f"voice/{name}", value, state.global_step)
         if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank decides alike
             shared = [scores]
             torch.distributed.broadcast_object_list(shared, src=0)

@@ -11,6 +11,18 @@ FAST = {"per_device_train_batch_size": "2", "gradient_accumulation_steps": "1", 
 HELD_OUT = [{"instruction": f"Write about lesson {i}.", "output": f"Lesson {i}: measure first, then tune!"} for i in range(3)]
 
 
+def read_records(path):
+    """TFRecord framing: length (8 bytes), its CRC (4), the data, its CRC (4)."""
+    import struct
+
+    blob = path.read_bytes()
+    offset = 0
+    while offset < len(blob):
+        (length,) = struct.unpack("<Q", blob[offset:offset + 8])
+        yield blob[offset + 12:offset + 12 + length]
+        offset += 12 + length + 4
+
+
 def train(root):
     result = run_train(root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -18,7 +30,8 @@ def train(root):
 
 
 def test_voice_metrics_are_logged_at_every_evaluation_and_reported_before_and_after_in_the_model_card(tmp_path, tiny_model):
-    root = make_tree(tmp_path, {**FAST, "max_steps": "4", "eval_steps": "2", "voice_eval_prompts": "2"},
+    root = make_tree(tmp_path, {**FAST, "max_steps": "4", "eval_steps": "2", "voice_eval_prompts": "2",
+                                "report_to": "tensorboard"},
                      {"train/d.jsonl": jsonl(TINY_ROWS), "validation/v.jsonl": jsonl(HELD_OUT)})
     link_model_channel(root, tiny_model)
     stdout, report = train(root)
@@ -31,6 +44,17 @@ def test_voice_metrics_are_logged_at_every_evaluation_and_reported_before_and_af
     assert all(0.0 <= voice["after"][k] <= 1.0 for k in ("voice_style_distance", "voice_overlap", "voice_distinct2"))
     assert [s["reference"] for s in voice["samples"]] == [r["output"] for r in HELD_OUT[:2]]
     assert all("before" in s and "after" in s for s in voice["samples"])
+
+    # report_to=tensorboard: event files where SageMaker's TensorBoardOutputConfig uploads them from
+    from tensorboardX.proto import event_pb2
+
+    events = list((root / "output" / "tensorboard" / "sft").glob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event files"
+    tags = set()
+    for data in read_records(events[0]):
+        event = event_pb2.Event.FromString(data)
+        tags |= {value.tag for value in event.summary.value}
+    assert {"train/loss", "eval/loss", "voice/voice_style_distance", "voice/perplexity"} <= tags, tags
 
     card = (root / "model" / "README.md").read_text()
     header = card.split("---")[1]

@@ -252,6 +252,22 @@ def test_train_uncompressed_output_asks_sagemaker_for_files_not_a_tarball():
         stub.assert_no_pending_responses()
 
 
+def test_train_with_tensorboard_sends_its_output_config_and_turns_the_tracking_on():
+    from launch.api import training_job_request
+
+    request = training_job_request(name="t", image=IMAGE, role=ROLE, channels={"train": "s3://b/t/"}, output="s3://b/o/",
+                                   hyperparameters={}, instance_type="ml.g5.2xlarge", tensorboard_s3="s3://b/tb/")
+    assert request["TensorBoardOutputConfig"] == {"S3OutputPath": "s3://b/tb/", "LocalPath": "/opt/ml/output/tensorboard"}
+    assert request["HyperParameters"] == {"report_to": "tensorboard"}
+    sm = client("sagemaker")
+    with Stubber(sm) as stub:
+        stub.add_response("create_training_job", {"TrainingJobArn": "arn:aws:sagemaker:us-east-1:1:training-job/t"},
+                          {**request, "Environment": {}})
+        assert main(["train", "--image", IMAGE, "--role", ROLE, "--train", "s3://b/t/", "--output", "s3://b/o/",
+                     "--name", "t", "--tensorboard", "s3://b/tb/"], clients={"sagemaker": sm}) == 0
+        stub.assert_no_pending_responses()
+
+
 def _component(name, status="InService"):
     return {"InferenceComponentName": name, "InferenceComponentArn": f"arn:aws:sagemaker:us-east-1:1:inference-component/{name}",
             "EndpointName": "twins", "EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/twins", "VariantName": "AllTraffic",
