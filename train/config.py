@@ -105,6 +105,9 @@ class TrainConfig:
                 raise ConfigError(f"hyperparameter {name}={getattr(self, name)} must not be negative")
         if self.beta < 0:
             raise ConfigError(f"hyperparameter beta={self.beta} must be greater than 0, or 0 for each method's default")
+        if "kto" in self.stages and self.per_device_train_batch_size < 2:
+            raise ConfigError("KTO estimates its KL term from the other examples of a batch: per_device_train_batch_size "
+                              "must be at least 2")
         if self.preference == "auto" and not any(stage in PREFERENCE_STAGES for stage in self.stages):
             raise ConfigError(f"preference=auto builds data for a preference stage, but method={self.method} has none: "
                               "use method=sft+dpo (or dpo, orpo, simpo, kto)")

@@ -7,7 +7,10 @@ import json
 import re
 from pathlib import Path
 
+from container.model_dir import EMBEDDED_BASE
 from train.config import TrainConfig
+
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded model's name on the Hub
 
 VOICE_ROWS = (("perplexity", "perplexity on the person's held-out text", "lower"),
               ("voice_style_distance", "style distance (function words, punctuation)", "lower"),
@@ -16,8 +19,8 @@ VOICE_ROWS = (("perplexity", "perplexity on the person's held-out text", "lower"
               ("voice_distinct2", "distinct word pairs", "higher"))
 
 
-def base_license(base_source: str) -> str:
-    """The base model's license, from its own card's YAML header when it has one; else "other"."""
+def base_license(base_source: str) -> str | None:
+    """The base model's license, from its own card's YAML header when it has one."""
     card = Path(base_source) / "README.md"
     if card.is_file():
         header = card.read_text(encoding="utf-8", errors="replace").split("---")
@@ -25,19 +28,27 @@ def base_license(base_source: str) -> str:
             match = re.search(r"^license:\s*(\S+)", header[1], re.MULTILINE)
             if match:
                 return match.group(1).strip("'\"")
-    return "other"
+    return None
 
 
 def model_card(config: TrainConfig, report: dict, base_name: str, base_source: str, weights: str) -> str:
+    """base_name: how the base is known (a hub id, "embedded", or a local path). The header names a base
+    and a license only when they are known: a hub id, and the license the base's own card states."""
     tags = ["llm-twin", "sagemaker", *config.stages, "trl", config.adapter]
-    header = {"base_model": base_name, "library_name": "peft" if weights == "adapter" else "transformers",
-              "license": base_license(base_source), "tags": tags, "pipeline_tag": "text-generation"}
+    hub_id = EMBEDDED_HUB_ID if base_name == EMBEDDED_BASE else base_name
+    header = {"library_name": "peft" if weights == "adapter" else "transformers", "tags": tags,
+              "pipeline_tag": "text-generation"}
+    if not Path(hub_id).is_absolute() and not Path(hub_id).exists():  # a hub id, not a folder on this machine
+        header["base_model"] = hub_id
+    license = base_license(base_source)
+    if license:
+        header["license"] = license
     lines = ["---"]
     for key, value in header.items():
         lines.append(f"{key}:" if isinstance(value, list) else f"{key}: {json.dumps(value)}")
         if isinstance(value, list):
             lines += [f"- {json.dumps(item)}" for item in value]
-    lines += ["---", "", f"# LLM Twin fine-tuned from {base_name}", "",
+    lines += ["---", "", f"# LLM Twin fine-tuned from {hub_id}", "",
               f"Trained with {' then '.join(s.upper() for s in config.stages)} ({config.adapter}) by the llm-twin "
               f"SageMaker image; exported as {'an adapter on its base' if weights == 'adapter' else 'merged 16-bit weights'}.",
               "", "## Data", "", "| stage | training examples | held-out examples | steps | resumed from step |",

@@ -21,7 +21,7 @@ from train.checkpoints import Markers, is_complete, mark_complete
 from train.config import TrainConfig
 from train.export import export_model
 from train.model import BaseModel, load_for_training, load_tokenizer, load_trained
-from train.preferences import PAIRS_FILE, build_pairs, kto_rows, read_pairs, write_pairs
+from train.preferences import PAIRS_FILE, build_pairs, kto_rows, read_pairs, rows_digest, write_pairs
 from train.recipes import detect_device, train_stage
 from train.stop import Stop
 
@@ -85,13 +85,33 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
 
 def _auto_pairs(stage: str, config: TrainConfig, model, tokenizer, train_rows: list, eval_rows: list,
                 stage_dir: Path) -> tuple[list, list]:
-    """preference=auto's pairs (train/preferences.py), built once by the first process, reused on a restart."""
-    files = (stage_dir / PAIRS_FILE, stage_dir / f"eval-{PAIRS_FILE}")
-    if _rank("LOCAL_RANK") == 0 and not all(f.is_file() for f in files):
-        for rows, path in zip((train_rows, eval_rows), files):
-            write_pairs(build_pairs(model, tokenizer, rows, config.preference_max_new_tokens) if rows else [], path)
-    _barrier()
-    pairs = [read_pairs(f) for f in files]
+    """preference=auto's pairs (train/preferences.py). Every process answers its share of the rows and the
+    shares are gathered in row order, so all processes (and instances) train on the same pairs. They are
+    written, named after the rows they come from, to the stage's checkpoint folder: a restart on the same
+    data reuses them, a restart on changed data builds new ones."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    state = PartialState()  # under torchrun: the process group the Trainer would start anyway, started now
+    files = [stage_dir / f"{name}-{rows_digest(rows)}.jsonl" for name, rows in (("train", train_rows), ("eval", eval_rows))]
+    found = [[read_pairs(f) for f in files] if state.is_main_process and all(f.is_file() for f in files) else None]
+    broadcast_object_list(found)  # the first process's view decides, for every process
+    if found[0] is not None:
+        pairs = found[0]
+    else:
+        pairs = []
+        for rows in (train_rows, eval_rows):
+            share = list(range(state.process_index, len(rows), state.num_processes))
+            built = build_pairs(model, tokenizer, [rows[i] for i in share], config.preference_max_new_tokens) if share else []
+            pairs.append([pair for _, pair in sorted(gather_object([(i, pair) for i, pair in zip(share, built)
+                                                                     if pair is not None]), key=lambda item: item[0])])
+    if state.is_local_main_process:
+        for path, built in zip(files, pairs):
+            if not path.is_file():
+                write_pairs(built, path)
+        shutil.copy2(files[0], stage_dir / PAIRS_FILE)  # what export ships with the model
+    log.info("preference=auto: %d training and %d evaluation pairs from %d and %d rows", len(pairs[0]), len(pairs[1]),
+             len(train_rows), len(eval_rows))
     return tuple(kto_rows(p) for p in pairs) if stage == "kto" else tuple(pairs)
 
 

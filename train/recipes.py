@@ -130,6 +130,7 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
     """Train one stage (resuming from its newest complete checkpoint). Every rank saves the result (ZeRO-3
     gathers the weights then) to `stage_dir/trained`: the adapter, or the full model. Returns it and a report."""
     packing = stage == "sft" and use_packing(config, device)
+    comparing = bool(config.early_stopping_patience or config.load_best_model_at_end)
     checkpointing = use_gradient_checkpointing(config, model)
     choice = strategy(config, model)
     common = dict(
@@ -153,8 +154,9 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
         eval_strategy="steps" if eval_rows and config.eval_steps else "no",
         eval_steps=config.eval_steps or None,
         load_best_model_at_end=config.load_best_model_at_end,
-        metric_for_best_model=config.metric_for_best_model,
-        greater_is_better=config.metric_for_best_model in HIGHER_IS_BETTER,
+        metric_for_best_model=config.metric_for_best_model if comparing else None,
+        greater_is_better=config.metric_for_best_model in HIGHER_IS_BETTER if comparing else None,
+        restore_callback_states_from_checkpoint=True,  # a resumed spot job keeps early stopping's patience count
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
@@ -170,6 +172,9 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
 
         writer = SummaryWriter(log_dir=str(tensorboard))
     voice = VoiceCallback(stage, tokenizer, eval_rows, config, enabled=choice in ("single", "ddp"), writer=writer)
+    if comparing and config.metric_for_best_model.startswith("voice_") and not voice.prompts:
+        raise ConfigError(f"metric_for_best_model={config.metric_for_best_model}: {stage} has no voice metrics to "
+                          f"compare (they need held-out conversation rows, and are off under {choice}): use eval_loss")
     if voice.prompts and int(os.environ.get("RANK", "0")) == 0:
         with stop.phase(f"measuring the voice of the {stage} starting model"):
             voice.before = voice.measure(model)
@@ -181,7 +186,7 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
         if config.early_stopping_patience:  # after the voice callback: it may compare a voice metric
             callbacks.insert(2, EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
         if writer is not None:
-            callbacks.append(TensorBoardCallback(tb_writer=writer))
+            callbacks.append(OpenTensorBoard(tb_writer=writer))
         datasets = {"train_dataset": Dataset.from_list(train_rows),
                     "eval_dataset": Dataset.from_list(eval_rows) if eval_rows else None}
         if stage == "sft":
@@ -221,6 +226,8 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
     if voice.before is not None:
         report["voice"] = voice.report()
     trained = stage_dir / "trained"
+    if writer is not None:
+        writer.close()  # after the final evaluation's metrics
     with stop.phase(f"saving what {stage} trained"):
         trainer.save_model(str(trained))  # on every rank: under ZeRO-3 saving is a collective
     if choice in ("zero2", "zero3"):  # later loads (merging, the next stage's base) are plain, one-process loads
@@ -293,6 +300,15 @@ class MetricsLogCallback(TrainerCallback):
         return sum(self.rates) / len(self.rates) if self.rates else None
 
 
+class OpenTensorBoard(TensorBoardCallback):
+    """TensorBoard logging whose writer outlives the training loop: the stage's final evaluation (after
+    train()) is logged to the same files, and train_stage closes it."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.tb_writer is not None:
+            self.tb_writer.flush()
+
+
 class VoiceCallback(TrainerCallback):
     """Voice metrics (train/voice.py) at every evaluation, on the first process: the held-out prompts are
     answered, scored against the person's real answers, added to the evaluation's metrics (so early
@@ -322,7 +338,9 @@ class VoiceCallback(TrainerCallback):
             return
         scores = {}
         if state.is_world_process_zero:
-            scores = {**self.measure(model), "perplexity": perplexity(metrics.get("eval_loss"))}
+            scores = self.measure(model)
+            if self.stage == "sft":  # a preference stage's eval loss is its own loss, not the text's
+                scores["perplexity"] = perplexity(metrics.get("eval_loss"))
             self.after = scores
             print(format_log_line(self.stage, state.global_step, scores), flush=True)
             if self.writer is not None:

@@ -18,6 +18,7 @@ The same measures for the base model are taken before training, so the report sh
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections import Counter
 
@@ -90,10 +91,29 @@ def held_out_prompts(rows: list[dict], count: int) -> tuple[list[list[dict]], li
     return prompts, answers
 
 
+GPU_SHARE_FOR_GENERATION = 0.7  # move a model loaded on the CPU to this process's GPU when it fits in this share
+
+
+def onto_gpu(model):
+    """Generation on the GPU: a model loaded for training sits on the CPU until the Trainer places it (a
+    QLoRA model is already on its GPU). It moves to this process's GPU now when it fits; the Trainer finds
+    it there. One too large for a GPU (ZeRO-3's case) stays, and generates slowly on the CPU."""
+    import torch
+
+    if not torch.cuda.is_available() or next(model.parameters()).device.type != "cpu":
+        return model
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    device = int(os.environ.get("LOCAL_RANK", "0"))
+    if size < GPU_SHARE_FOR_GENERATION * torch.cuda.get_device_properties(device).total_memory:
+        return model.to(f"cuda:{device}")
+    return model
+
+
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 8) -> list[str]:
     """Greedy answers through the chat template, as `serve` prompts the model; the model's mode is kept."""
     import torch
 
+    model = onto_gpu(model)
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side

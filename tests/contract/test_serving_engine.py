@@ -109,14 +109,17 @@ def test_ping_stays_fast_while_16_clients_stream(server):
     stop = threading.Event()
     latencies = []
 
+    answers = []
+
     def client(i):
         while not stop.is_set():
             body = {"inputs": PROMPTS[i % 8], "parameters": {"max_new_tokens": 40}, "stream": True}
-            server.invoke(body, stream=True).content
+            response = server.invoke(body, stream=True)
+            last = response.text.strip().splitlines()[-1]  # the whole stream, read to its end
+            answers.append((response.status_code, json.loads(last.removeprefix("data:"))["generated_text"] is not None))
 
     with ThreadPoolExecutor(16) as pool:
-        for i in range(16):
-            pool.submit(client, i)
+        clients = [pool.submit(client, i) for i in range(16)]
         time.sleep(1.0)
         for _ in range(100):
             started = time.perf_counter()
@@ -124,6 +127,9 @@ def test_ping_stays_fast_while_16_clients_stream(server):
             latencies.append(time.perf_counter() - started)
             time.sleep(0.02)
         stop.set()
+    for future in clients:
+        future.result()  # a client that failed fails the test
+    assert answers and all(answer == (200, True) for answer in answers), answers[:5]
     p99 = statistics.quantiles(latencies, n=100)[98]
     assert p99 < 0.1, f"/ping p99 {p99 * 1000:.1f} ms"
 

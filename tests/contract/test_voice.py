@@ -58,7 +58,8 @@ def test_voice_metrics_are_logged_at_every_evaluation_and_reported_before_and_af
 
     card = (root / "model" / "README.md").read_text()
     header = card.split("---")[1]
-    assert 'library_name: "transformers"' in header and "base_model:" in header and "license:" in header
+    assert 'library_name: "transformers"' in header
+    assert "base_model:" not in header and "license:" not in header  # a local folder: no hub id, no license known
     assert '- "llm-twin"' in header and '- "sft"' in header
     assert "| style distance (function words, punctuation) |" in card and "Lesson 0: measure first, then tune!" in card
 
