@@ -169,11 +169,7 @@ def run_deploy(args, clients) -> int:
                                            target=args.autoscale_target)
         except ValueError as e:
             raise SystemExit(str(e)) from None
-    print(json.dumps(redacted(requests["model"]), indent=2))
-    sm = clients["sagemaker"]
-    sm.create_model(**requests["model"])
-    sm.create_endpoint_config(**requests["config"])
-    sm.create_endpoint(**requests["endpoint"])
+    sm = _create_endpoint(clients, requests)
     if scaling is None:
         print(f"creating endpoint {args.name}; it answers once its status is InService")
         return 0
@@ -201,11 +197,7 @@ def _deploy_components(args, clients) -> int:
             accelerators=args.accelerators, memory_mb=args.memory_mb, adapters=_pairs(args.adapter, "--adapter"))
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    print(json.dumps(redacted(requests["model"]), indent=2))
-    sm = clients["sagemaker"]
-    sm.create_model(**requests["model"])
-    sm.create_endpoint_config(**requests["config"])
-    sm.create_endpoint(**requests["endpoint"])
+    sm = _create_endpoint(clients, requests)
     print(f"creating endpoint {args.name}; its components follow once it is InService")
     sm.get_waiter("endpoint_in_service").wait(EndpointName=args.name)
     base = requests["base"]["InferenceComponentName"]
@@ -228,6 +220,16 @@ def _deploy_components(args, clients) -> int:
     components = ", ".join([base] + [a["InferenceComponentName"] for a in requests["adapters"]])
     print(f"endpoint {args.name} serves components {components}: invoke with --component NAME")
     return 0
+
+
+def _create_endpoint(clients, requests: dict):
+    """CreateModel (printed, secrets masked), CreateEndpointConfig, CreateEndpoint; the SageMaker client."""
+    print(json.dumps(redacted(requests["model"]), indent=2))
+    sm = clients["sagemaker"]
+    sm.create_model(**requests["model"])
+    sm.create_endpoint_config(**requests["config"])
+    sm.create_endpoint(**requests["endpoint"])
+    return sm
 
 
 def _wait_for_component(sm, name: str) -> None:

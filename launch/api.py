@@ -117,13 +117,17 @@ def autoscaling_requests(*, name: str, min_instances: int, max_instances: int, t
                          "--inference-components)")
     scalable = {"ServiceNamespace": "sagemaker", "ResourceId": f"endpoint/{name}/variant/{VARIANT}",
                 "ScalableDimension": "sagemaker:variant:DesiredInstanceCount"}
+    return _target_tracking(scalable, name, min_instances, max_instances, target,
+                            "SageMakerVariantConcurrentRequestsPerModelHighResolution")
+
+
+def _target_tracking(scalable: dict, name: str, low: int, high: int, target: float, metric: str) -> dict:
+    """RegisterScalableTarget and a target-tracking PutScalingPolicy on one of SageMaker's predefined metrics."""
     return {
-        "target": {**scalable, "MinCapacity": min_instances, "MaxCapacity": max_instances},
+        "target": {**scalable, "MinCapacity": low, "MaxCapacity": high},
         "policy": {**scalable, "PolicyName": f"{name}-concurrent-requests", "PolicyType": "TargetTrackingScaling",
                    "TargetTrackingScalingPolicyConfiguration": {
-                       "TargetValue": float(target),
-                       "PredefinedMetricSpecification": {
-                           "PredefinedMetricType": "SageMakerVariantConcurrentRequestsPerModelHighResolution"},
+                       "TargetValue": float(target), "PredefinedMetricSpecification": {"PredefinedMetricType": metric},
                        "ScaleOutCooldown": 60, "ScaleInCooldown": 300}},
     }
 
@@ -197,15 +201,8 @@ def component_autoscaling_requests(*, component: str, min_copies: int, max_copie
     The alarms' AlarmActions need the step policy's ARN, known only once it is put."""
     scalable = {"ServiceNamespace": "sagemaker", "ResourceId": f"inference-component/{component}",
                 "ScalableDimension": "sagemaker:inference-component:DesiredCopyCount"}
-    requests = {
-        "target": {**scalable, "MinCapacity": min_copies, "MaxCapacity": max_copies},
-        "policy": {**scalable, "PolicyName": f"{component}-concurrent-requests", "PolicyType": "TargetTrackingScaling",
-                   "TargetTrackingScalingPolicyConfiguration": {
-                       "TargetValue": float(target),
-                       "PredefinedMetricSpecification": {
-                           "PredefinedMetricType": "SageMakerInferenceComponentConcurrentRequestsPerCopyHighResolution"},
-                       "ScaleOutCooldown": 60, "ScaleInCooldown": 300}},
-    }
+    requests = _target_tracking(scalable, component, min_copies, max_copies, target,
+                                "SageMakerInferenceComponentConcurrentRequestsPerCopyHighResolution")
     if min_copies == 0:
         requests["from_zero"] = {
             **scalable, "PolicyName": f"{component}-from-zero", "PolicyType": "StepScaling",

@@ -100,7 +100,7 @@ def create_app(engine) -> Flask:
 
     @app.get("/metrics")
     def prometheus():
-        admission = f"# TYPE llm_twin_admission_limit gauge\nllm_twin_admission_limit {engine.admission}\n"
+        admission = f"# TYPE llm_twin_admission_limit gauge\nllm_twin_admission_limit {engine.admission.limit}\n"
         return Response(metrics.text() + admission, mimetype="text/plain; version=0.0.4")
 
     @app.post("/invocations")

@@ -10,8 +10,9 @@ engine itself, so the HTTP side answers /ping (503) within a second of starting.
 TGI's semantics are the edge's, applied on vLLM's SamplingParams: stop sequences stay in the text, and
 the streamed token texts are the engine's text deltas, so they always add up to the final text.
 
-Backpressure: at most `max_concurrent_requests` requests are admitted at once; the next one is refused
-at once (429) rather than queued without bound, unless its caller chose to wait (a jsonlines batch).
+Backpressure and faults (serve/admission.py): at most `max_concurrent_requests` requests are admitted at
+once; the next one is refused at once (429) rather than queued without bound, unless its caller chose to
+wait (a jsonlines batch). Failures during generation go through the fault policy there.
 
 With custom code (serve/custom.py) that brings its own predict_fn, no vLLM engine starts: the engine
 holds what model_fn returns (or a plain transformers model and tokenizer) and runs predict_fn on it.
@@ -23,88 +24,27 @@ import asyncio
 import json
 import logging
 import os
-import queue
 import random
-import signal
 import threading
-import time
 import uuid
-import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 from container.model_dir import ADAPTER_DIR, ServingSpec, resolve_base
 from serve.adapters import AdapterRegistry
 from serve.config import ServeConfig
 from serve.custom import CustomHandlers
+from serve.admission import Admission, Ticket
 from serve.engine_args import engine_arguments, model_length
-from serve.faults import FATAL, MEMORY, EngineFailed, classify, request_error
-from serve.errors import (BadRequest, ClientGone, GenerationError, NotFound, Overloaded, ServeError, ValidationError,
-                          not_finished)
+from serve.errors import BadRequest, GenerationError, NotFound, ServeError, ValidationError
 from serve.schemas import GenerateParams, GenerateRequest, GenerateResult, Sequence
 
 log = logging.getLogger(__name__)
 
 WORKER_BOOT_ERROR = 3  # gunicorn stops the whole server when a worker exits with this code
-CLIENT_CHECK_SECONDS = 0.5  # how often a waiting request looks whether its client is still there
 ENGINE_WATCH_SECONDS = 1.0  # how often the engine loop looks whether vLLM's engine process is still there
-FATAL_EXIT_SECONDS = 1.0  # after a fatal fault, how long the worker answers (/ping failing) before it exits
 
 MODEL_ADAPTER = "model"  # the name of an adapter-only model directory's own adapter
-
-
-class Ticket:
-    """One admitted request: its events queue, and a way for the client side to give up on it."""
-
-    def __init__(self, request: GenerateRequest, release):
-        self.request = request
-        self.events: queue.Queue = queue.Queue()
-        self.future = None  # the engine loop's task for this request
-        self._release = release
-        self._released = threading.Lock()
-
-    def close(self) -> None:
-        """Give the request up (vLLM aborts it if still running) and free its admission slot."""
-        if self.future is not None:
-            self.future.cancel()
-        self._free_slot()
-
-    def emit(self, kind: str, payload) -> None:
-        self.events.put((kind, payload))
-        if kind in ("done", "error"):  # the engine is done with it: its slot is free before anyone reads it
-            self._free_slot()
-
-    def _free_slot(self) -> None:
-        if self._released.acquire(blocking=False):  # exactly once
-            self._release()
-
-    def stream(self, timeout: float, client_gone: Callable[[], bool] = lambda: False) -> Iterator[tuple[str, object]]:
-        """Events until "done" or "error"; releases the request's admission slot at the end. While no event
-        comes, client_gone is asked twice a second: a client that left gives the request up."""
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                remaining = deadline - time.monotonic()
-                try:  # an event already there is taken even past the deadline: a finished answer is kept
-                    kind, payload = self.events.get(timeout=max(0.0, min(remaining, CLIENT_CHECK_SECONDS)))
-                except queue.Empty:
-                    if remaining <= 0:
-                        raise TimeoutError(not_finished(timeout)) from None
-                    if client_gone():
-                        raise ClientGone("the client closed its connection") from None
-                    continue
-                yield kind, payload
-                if kind in ("done", "error"):
-                    return
-        finally:
-            self.close()
-
-    def result(self, timeout: float, client_gone: Callable[[], bool] = lambda: False) -> GenerateResult:
-        for kind, payload in self.stream(timeout, client_gone):
-            if kind == "error":
-                raise payload
-            if kind == "done":
-                return payload
 
 
 @dataclass
@@ -147,13 +87,7 @@ class Engine:
         self.max_input_tokens = min(config.max_input_tokens or spec.max_input_tokens, self.max_total_tokens - 1)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
-        self._slots = threading.BoundedSemaphore(config.max_concurrent_requests)
-        self.admission = config.max_concurrent_requests  # lowered after an out-of-memory fault
-        self._owed_slots = 0  # slots to keep when they come back, until admission is down to its new value
-        self._admission_lock = threading.Lock()
-        self._in_flight: weakref.WeakSet = weakref.WeakSet()  # tickets a fatal fault must answer (under the lock)
-        self.failure: str | None = None  # set once by a fatal fault (serve/faults.py)
-        self.exit_worker = lambda: os.kill(os.getpid(), signal.SIGTERM)  # gunicorn then starts a fresh worker
+        self.admission = Admission(config.max_concurrent_requests)
         self._predict_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
@@ -164,7 +98,7 @@ class Engine:
     @property
     def healthy(self) -> bool:
         """False after a fatal fault or once vLLM's engine process has died: /ping fails."""
-        return self.failure is None and (self.llm is None or not self.llm.errored)
+        return self.admission.failure is None and (self.llm is None or not self.llm.errored)
 
     def start(self) -> None:
         self._thread.start()
@@ -176,82 +110,30 @@ class Engine:
     # --- HTTP threads ------------------------------------------------------------------------------
     def submit(self, request: GenerateRequest, wait: float = 0.0) -> Ticket:
         """Admit and start one request; Overloaded when no slot frees up within `wait` seconds."""
-        self._refuse_if_failed()
-        admitted = self._slots.acquire(timeout=wait) if wait > 0 else self._slots.acquire(blocking=False)
-        if not admitted:
-            raise Overloaded(f"Model is overloaded: more than {self.admission} requests in flight")
-        ticket = Ticket(request, self._release_slot)
+        ticket = self.admission.ticket(request, wait)
         try:
             job = self._prepare(request)
         except BaseException:
             ticket.close()
             raise
-        with self._admission_lock:
-            self._in_flight.add(ticket)
+        self.admission.track(ticket)
         ticket.future = asyncio.run_coroutine_threadsafe(self._generate(ticket, job), self._loop)
         return ticket
 
     def run_job(self, function: Callable):
         """Run a custom predict_fn on the custom model, one call at a time."""
-        self._refuse_if_failed()
-        if not self._slots.acquire(blocking=False):
-            raise Overloaded(f"Model is overloaded: more than {self.admission} requests in flight")
+        self.admission.acquire()
         try:
             if not self._predict_lock.acquire(timeout=self.config.timeout):
                 raise TimeoutError("predict_fn did not get the model within the server timeout")
             try:
                 return function(self.model)
             except Exception as e:  # a custom predict_fn: the fault policy decides what its failure ends
-                raise self.fault(e, "predict_fn failed") from None
+                raise self.admission.fault(e, "predict_fn failed") from None
             finally:
                 self._predict_lock.release()
         finally:
-            self._release_slot()
-
-    # --- the fault policy (serve/faults.py) ------------------------------------------------------------
-    def fault(self, error: BaseException, what: str) -> ServeError:
-        """Apply the policy to a failure during generation; returns the failing request's error."""
-        kind = classify(error)
-        if kind == MEMORY:
-            self._lower_admission()
-        elif kind == FATAL:
-            self.fail_worker(f"{what}: {type(error).__name__}: {error}")
-        return request_error(kind, what, error)
-
-    def fail_worker(self, reason: str) -> None:
-        """The device or the engine cannot be trusted: answer every request in flight, fail /ping, and exit
-        the worker shortly after (gunicorn starts a fresh one, which loads the model again)."""
-        with self._admission_lock:
-            if self.failure is not None:
-                return
-            self.failure = reason
-            tickets = list(self._in_flight)
-        threading.Timer(FATAL_EXIT_SECONDS, self.exit_worker).start()
-        log.error("fatal fault, this worker restarts: %s", reason)
-        for ticket in tickets:
-            ticket.emit("error", EngineFailed(f"{reason} (this worker restarts)"))
-
-    def _refuse_if_failed(self) -> None:
-        if self.failure is not None:
-            raise EngineFailed(f"{self.failure} (this worker restarts)")
-
-    def _lower_admission(self) -> None:
-        """Halve how many requests are admitted at once (at least one): free slots are taken at once, the
-        others kept as they come back."""
-        with self._admission_lock:
-            lowered = max(1, self.admission // 2)
-            self._owed_slots += self.admission - lowered
-            self.admission = lowered
-            while self._owed_slots and self._slots.acquire(blocking=False):
-                self._owed_slots -= 1
-        log.warning("out of memory: admitting at most %d requests at once from now on", lowered)
-
-    def _release_slot(self) -> None:
-        with self._admission_lock:
-            if self._owed_slots:
-                self._owed_slots -= 1
-                return
-        self._slots.release()
+            self.admission.release()
 
     def _prepare(self, request: GenerateRequest) -> _Job:
         """Tokenize and check one request against the limits; ValidationError names what is wrong."""
@@ -369,9 +251,9 @@ class Engine:
     async def _watch(self) -> None:
         """vLLM's engine process can die between requests (a CUDA fault in its model, the OOM killer):
         noticed here within a second, not at the next request."""
-        while self.failure is None:
+        while self.admission.failure is None:
             if self.llm is not None and self.llm.errored:
-                self.fail_worker("the vLLM engine process is gone")
+                self.admission.fail("the vLLM engine process is gone")
             await asyncio.sleep(ENGINE_WATCH_SECONDS)
 
     async def _load(self) -> None:
@@ -444,7 +326,7 @@ class Engine:
             ticket.emit("error", ValidationError(str(e)))
             return
         except Exception as e:
-            ticket.emit("error", self.fault(e, "the request failed during generation"))
+            ticket.emit("error", self.admission.fault(e, "the request failed during generation"))
             return
         done = [sequences[i] for i in sorted(sequences)]
         if any(s.finish_reason is None for s in done):

@@ -1,0 +1,147 @@
+"""Admission: which requests the engine takes at once, the tickets they get, and what a fault does to them
+(serve/faults.py's policy, applied here). No vLLM or torch.
+
+A request holds one slot from admission until the engine is done with it. Out of memory halves the slots;
+a fatal fault answers every ticket in flight, refuses new requests (/ping fails with it, see Engine.healthy)
+and exits the worker a second later, so gunicorn starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+import weakref
+from typing import Callable, Iterator
+
+from serve.errors import ClientGone, Overloaded, ServeError, not_finished
+from serve.faults import FATAL, MEMORY, EngineFailed, classify, request_error
+from serve.schemas import GenerateRequest, GenerateResult
+
+log = logging.getLogger(__name__)
+
+CLIENT_CHECK_SECONDS = 0.5  # how often a waiting request looks whether its client is still there
+FATAL_EXIT_SECONDS = 1.0  # after a fatal fault, how long the worker answers (/ping failing) before it exits
+
+
+class Ticket:
+    """One admitted request: its events queue, and a way for the client side to give up on it."""
+
+    def __init__(self, request: GenerateRequest, release):
+        self.request = request
+        self.events: queue.Queue = queue.Queue()
+        self.future = None  # the engine loop's task for this request
+        self._release = release
+        self._released = threading.Lock()
+
+    def close(self) -> None:
+        """Give the request up (vLLM aborts it if still running) and free its admission slot."""
+        if self.future is not None:
+            self.future.cancel()
+        self._free_slot()
+
+    def emit(self, kind: str, payload) -> None:
+        self.events.put((kind, payload))
+        if kind in ("done", "error"):  # the engine is done with it: its slot is free before anyone reads it
+            self._free_slot()
+
+    def _free_slot(self) -> None:
+        if self._released.acquire(blocking=False):  # exactly once
+            self._release()
+
+    def stream(self, timeout: float, client_gone: Callable[[], bool] = lambda: False) -> Iterator[tuple[str, object]]:
+        """Events until "done" or "error"; releases the request's admission slot at the end. While no event
+        comes, client_gone is asked twice a second: a client that left gives the request up."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                try:  # an event already there is taken even past the deadline: a finished answer is kept
+                    kind, payload = self.events.get(timeout=max(0.0, min(remaining, CLIENT_CHECK_SECONDS)))
+                except queue.Empty:
+                    if remaining <= 0:
+                        raise TimeoutError(not_finished(timeout)) from None
+                    if client_gone():
+                        raise ClientGone("the client closed its connection") from None
+                    continue
+                yield kind, payload
+                if kind in ("done", "error"):
+                    return
+        finally:
+            self.close()
+
+    def result(self, timeout: float, client_gone: Callable[[], bool] = lambda: False) -> GenerateResult:
+        for kind, payload in self.stream(timeout, client_gone):
+            if kind == "error":
+                raise payload
+            if kind == "done":
+                return payload
+
+
+class Admission:
+    def __init__(self, limit: int, exit_worker: Callable[[], None] = lambda: os.kill(os.getpid(), signal.SIGTERM)):
+        self.limit = limit  # requests admitted at once; lowered after an out-of-memory fault
+        self.failure: str | None = None  # set once by a fatal fault
+        self._slots = threading.BoundedSemaphore(limit)
+        self._owed = 0  # slots to keep when they come back, until the limit is down to its new value
+        self._lock = threading.Lock()
+        self._in_flight: weakref.WeakSet = weakref.WeakSet()  # tickets a fatal fault must answer (under the lock)
+        self._exit_worker = exit_worker  # gunicorn then starts a fresh worker
+
+    def acquire(self, wait: float = 0.0) -> None:
+        """One slot; EngineFailed after a fatal fault, Overloaded when none frees up within `wait` seconds."""
+        if self.failure is not None:
+            raise EngineFailed(f"{self.failure} (this worker restarts)")
+        if not (self._slots.acquire(timeout=wait) if wait > 0 else self._slots.acquire(blocking=False)):
+            raise Overloaded(f"Model is overloaded: more than {self.limit} requests in flight")
+
+    def release(self) -> None:
+        with self._lock:
+            if self._owed:
+                self._owed -= 1
+                return
+        self._slots.release()
+
+    def ticket(self, request: GenerateRequest, wait: float = 0.0) -> Ticket:
+        self.acquire(wait)
+        return Ticket(request, self.release)
+
+    def track(self, ticket: Ticket) -> None:
+        """A ticket the engine is working on: a fatal fault answers it."""
+        with self._lock:
+            self._in_flight.add(ticket)
+
+    def fault(self, error: BaseException, what: str) -> ServeError:
+        """Apply the policy to a failure during generation; returns the failing request's error."""
+        kind = classify(error)
+        if kind == MEMORY:
+            self._lower()
+        elif kind == FATAL:
+            self.fail(f"{what}: {type(error).__name__}: {error}")
+        return request_error(kind, what, error)
+
+    def fail(self, reason: str) -> None:
+        """The device or the engine cannot be trusted: answer every request in flight, fail /ping, and exit
+        the worker shortly after (gunicorn starts a fresh one, which loads the model again)."""
+        with self._lock:
+            if self.failure is not None:
+                return
+            self.failure = reason
+            tickets = list(self._in_flight)
+        threading.Timer(FATAL_EXIT_SECONDS, self._exit_worker).start()
+        log.error("fatal fault, this worker restarts: %s", reason)
+        for ticket in tickets:
+            ticket.emit("error", EngineFailed(f"{reason} (this worker restarts)"))
+
+    def _lower(self) -> None:
+        """Halve the limit (at least one): free slots are taken at once, the others kept as they come back."""
+        with self._lock:
+            lowered = max(1, self.limit // 2)
+            self._owed += self.limit - lowered
+            self.limit = lowered
+            while self._owed and self._slots.acquire(blocking=False):
+                self._owed -= 1
+        log.warning("out of memory: admitting at most %d requests at once from now on", lowered)
