@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch.api import (autoscaling_requests, base_component, component_autoscaling_requests,
+from launch.api import (WANDB_ENV, autoscaling_requests, base_component, component_autoscaling_requests,
                         component_endpoint_requests, endpoint_requests, no_capacity_alarm, redacted, sse_events,
                         training_job_request, transform_requests)
 
@@ -57,6 +57,13 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--name", default=f"llm-twin-{time.strftime('%Y%m%d-%H%M%S')}")
     train.add_argument("--tensorboard", metavar="S3URI",
                        help="TensorBoardOutputConfig: the job's event files (report_to=tensorboard) go to S3URI")
+    train.add_argument("--mlflow", metavar="ARN",
+                       help="report_to=mlflow: a SageMaker managed MLflow tracking-server ARN (or a tracking server's URI); "
+                            "the job's role needs sagemaker-mlflow:* on it")
+    train.add_argument("--mlflow-experiment", metavar="NAME", help="the MLflow experiment (default llm-twin)")
+    train.add_argument("--wandb", action="store_true",
+                       help="report_to=wandb: passes WANDB_API_KEY (and WANDB_PROJECT, WANDB_ENTITY, WANDB_BASE_URL) "
+                            "from your environment to the job")
     train.add_argument("--uncompressed-output", action="store_true",
                        help="upload the model as files (OUTPUT/NAME/output/model/), not model.tar.gz: for large models")
     train.set_defaults(run=run_train)
@@ -136,12 +143,17 @@ def run_train(args, clients) -> int:
     channels = {name: getattr(args, name.replace("-", "_")) for name in
                 ("train", "validation", "preference", "preference-validation", "model")}
     channels = {name.replace("-", "_"): uri for name, uri in channels.items() if uri}
-    environment = {k: os.environ[k] for k in ("HF_TOKEN",) if os.environ.get(k)}
-    request = training_job_request(
-        name=args.name, image=args.image, role=args.role, channels=channels, output=args.output,
-        hyperparameters=hyperparameters, instance_type=args.instance_type, instance_count=args.instance_count,
-        max_run=args.max_run, spot=args.spot, max_wait=args.max_wait, checkpoint_s3=args.checkpoints,
-        environment=environment, uncompressed_output=args.uncompressed_output, tensorboard_s3=args.tensorboard)
+    passed = ("HF_TOKEN",) + (WANDB_ENV if args.wandb else ())
+    environment = {k: os.environ[k] for k in passed if os.environ.get(k)}
+    try:
+        request = training_job_request(
+            name=args.name, image=args.image, role=args.role, channels=channels, output=args.output,
+            hyperparameters=hyperparameters, instance_type=args.instance_type, instance_count=args.instance_count,
+            max_run=args.max_run, spot=args.spot, max_wait=args.max_wait, checkpoint_s3=args.checkpoints,
+            environment=environment, uncompressed_output=args.uncompressed_output, tensorboard_s3=args.tensorboard,
+            mlflow=args.mlflow, mlflow_experiment=args.mlflow_experiment, wandb=args.wandb)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     print(json.dumps(redacted(request), indent=2))
     clients["sagemaker"].create_training_job(**request)
     print(f"started training job {args.name}")

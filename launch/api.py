@@ -8,11 +8,14 @@ one to one, and the requests stay visible.
 from __future__ import annotations
 
 import json
+import re
 from typing import Iterable, Iterator
 
 from train.metrics import METRIC_DEFINITIONS
 
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
+WANDB_ENV = ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_BASE_URL")  # what --wandb passes on
+MLFLOW_ARN = re.compile(r"arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:[0-9]{12}:mlflow-(tracking-server|app)/.+")
 
 # The image is CUDA 13.0 (driver 580+, or 535+ with forward compatibility). SageMaker's default host
 # image runs driver 470 on g4dn/g5/p4d endpoints (too old for either) and 535/550 on g6/p5/p5e: the host
@@ -46,12 +49,28 @@ def training_job_request(*, name: str, image: str, role: str, channels: dict[str
                          hyperparameters: dict, instance_type: str, instance_count: int = 1, volume_gb: int = 100,
                          max_run: int = 86400, spot: bool = False, max_wait: int | None = None,
                          checkpoint_s3: str | None = None, environment: dict[str, str] | None = None,
-                         uncompressed_output: bool = False, tensorboard_s3: str | None = None) -> dict:
+                         uncompressed_output: bool = False, tensorboard_s3: str | None = None,
+                         mlflow: str | None = None, mlflow_experiment: str | None = None, wandb: bool = False) -> dict:
     """CreateTrainingJob. uncompressed_output: SageMaker uploads /opt/ml/model as files under
-    OUTPUT/JOB/output/model/ instead of packing model.tar.gz (for large models). tensorboard_s3: the job's
-    TensorBoard event files go there (report_to=tensorboard), for SageMaker's TensorBoard app."""
+    OUTPUT/JOB/output/model/ instead of packing model.tar.gz (for large models). Experiment tracking (each
+    adds itself to report_to): tensorboard_s3: the job's TensorBoard event files go there, for SageMaker's
+    TensorBoard app; mlflow: a SageMaker managed MLflow tracking-server ARN (or a tracking server's URI),
+    in mlflow_experiment; wandb: W&B, with the WANDB_* variables `environment` holds."""
     if spot and not checkpoint_s3:
         raise ValueError("spot training needs a checkpoint S3 URI, or an interruption loses the work")
+    hyperparameters, environment = dict(hyperparameters), dict(environment or {})
+    if mlflow:
+        if mlflow.startswith("arn:") and not MLFLOW_ARN.fullmatch(mlflow):
+            raise ValueError(f"--mlflow {mlflow}: not a SageMaker MLflow tracking-server ARN "
+                             "(arn:aws:sagemaker:REGION:ACCOUNT:mlflow-tracking-server/NAME)")
+        environment["MLFLOW_TRACKING_URI"] = mlflow
+        if mlflow_experiment:
+            environment["MLFLOW_EXPERIMENT_NAME"] = mlflow_experiment
+    if wandb and not environment.get("WANDB_API_KEY"):
+        raise ValueError("--wandb needs WANDB_API_KEY (your W&B key) in the environment, to pass to the job")
+    for tracker, wanted in (("tensorboard", tensorboard_s3), ("mlflow", mlflow), ("wandb", wandb)):
+        if wanted:
+            hyperparameters["report_to"] = with_tracker(hyperparameters.get("report_to", "none"), tracker)
     request = {
         "TrainingJobName": name,
         "AlgorithmSpecification": {"TrainingImage": image, "TrainingInputMode": "File",
@@ -66,7 +85,7 @@ def training_job_request(*, name: str, image: str, role: str, channels: dict[str
         "OutputDataConfig": {"S3OutputPath": output, **({"CompressionType": "NONE"} if uncompressed_output else {})},
         "ResourceConfig": {"InstanceType": instance_type, "InstanceCount": instance_count, "VolumeSizeInGB": volume_gb},
         "StoppingCondition": {"MaxRuntimeInSeconds": max_run},
-        "Environment": dict(environment or {}),
+        "Environment": environment,
     }
     if spot:
         request["EnableManagedSpotTraining"] = True
@@ -75,8 +94,19 @@ def training_job_request(*, name: str, image: str, role: str, channels: dict[str
         request["CheckpointConfig"] = {"S3Uri": checkpoint_s3, "LocalPath": "/opt/ml/checkpoints"}
     if tensorboard_s3:  # SageMaker uploads the job's event files there while it runs
         request["TensorBoardOutputConfig"] = {"S3OutputPath": tensorboard_s3, "LocalPath": "/opt/ml/output/tensorboard"}
-        request["HyperParameters"].setdefault("report_to", "tensorboard")
     return request
+
+
+def with_tracker(report_to, tracker: str) -> str:
+    """report_to (a list, or a string: "none", "mlflow", "tensorboard,mlflow", '["mlflow"]') with tracker added."""
+    if isinstance(report_to, str):
+        try:
+            report_to = json.loads(report_to)
+        except ValueError:
+            report_to = report_to.split(",")
+    names = [str(name).strip() for name in ([report_to] if isinstance(report_to, str) else report_to)]
+    names = [name for name in names if name and name != "none"]
+    return ",".join(names + ([tracker] if tracker not in names else []))
 
 
 def endpoint_requests(*, name: str, image: str, role: str, model_data: str | None, instance_type: str,

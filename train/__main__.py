@@ -24,6 +24,7 @@ from train.errors import EXIT_FRAMEWORK_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR
 from train.launcher import WORKER_ENV, launch, topology, write_rank_failure
 from train.model import resolve_base_model
 from train.stop import Stop
+from train.tracking import check_environment
 
 log = logging.getLogger("train")
 
@@ -92,6 +93,7 @@ class WorkersFailed(Exception):
 
 def run(config: TrainConfig, paths: OptML, worker: bool, stop: Stop) -> None:
     log.info("config: %s", json.dumps(config.__dict__, default=list, sort_keys=True))
+    check_environment(config.report_to)
     with stop.phase("reading the data"):
         check_job_shape(paths)
         data = load_data(config, paths)

@@ -88,7 +88,7 @@ class TrainConfig:
     save_steps: int = _f(50, "Checkpoint to /opt/ml/checkpoints every this many steps (and on SIGTERM).")
     save_total_limit: int = _f(2, "Checkpoints kept per stage; older ones are deleted.")
     logging_steps: int = _f(1, "Log metrics every this many optimizer steps.")
-    report_to: str = _f("none", "Experiment tracking: tensorboard writes event files (training and voice metrics) to /opt/ml/output/tensorboard/<stage>, which SageMaker uploads with the job's TensorBoardOutputConfig (launch train --tensorboard S3URI).", choices=("none", "tensorboard"))
+    report_to: tuple[str, ...] = _f(("none",), "Experiment tracking, one or more of: tensorboard (event files in /opt/ml/output/tensorboard/<stage>, uploaded by the job's TensorBoardOutputConfig: launch train --tensorboard S3URI); mlflow (a run on MLFLOW_TRACKING_URI, a SageMaker managed MLflow tracking-server ARN or any tracking server: launch train --mlflow ARN); wandb (a run in WANDB_PROJECT with WANDB_API_KEY, or WANDB_MODE=offline: launch train --wandb). Hyperparameters, training, eval and voice metrics, the model card.", choices=("none", "tensorboard", "mlflow", "wandb"))
     seed: int = _f(42, "Random seed for data order, the validation split and LoRA initialisation.")
     max_new_tokens: int = _f(256, "Default max_new_tokens written to the model's serving defaults.")
 
@@ -120,6 +120,9 @@ class TrainConfig:
                 raise ConfigError(f"hyperparameter {steps}={getattr(self, steps)} must be positive, or -1 to use {epochs}")
             if getattr(self, steps) == -1 and getattr(self, epochs) <= 0:
                 raise ConfigError(f"hyperparameter {epochs}={getattr(self, epochs)} must be greater than 0")
+        if not self.report_to or ("none" in self.report_to and len(self.report_to) > 1):
+            raise ConfigError(f"hyperparameter report_to={','.join(self.report_to)}: name trackers (e.g. "
+                              "tensorboard,mlflow), or none alone")
         if not self.lora_target_modules:
             raise ConfigError("hyperparameter lora_target_modules is empty: name modules or use all-linear")
         if self.adapter == "full" and self.export != "merged":

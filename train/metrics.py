@@ -29,16 +29,30 @@ METRIC_DEFINITIONS = [
 ]
 
 
-def format_log_line(stage: str, step: int, logs: dict) -> str:
-    """Trainer logs → `stage=... step=... key=value ...`; TRL's `loss` becomes `train_loss`, and `/`
-    in DPO's keys (rewards/chosen) becomes `_`, so every value is one `key=number` token."""
+def log_fields(logs: dict) -> dict:
+    """Trainer logs → the fields a log line carries: TRL's `loss` becomes `train_loss`, and `/` in DPO's
+    keys (rewards/chosen) becomes `_`, so every value is one `key=number` token."""
     if "train_runtime" in logs:  # the end-of-training summary: averages, not a step's values
         logs = {("mean_train_loss" if k == "train_loss" else k): v for k, v in logs.items()}
-    fields = []
-    for key, value in logs.items():
-        key = "train_loss" if key == "loss" else key.replace("/", "_")
-        fields.append(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}")
+    return {("train_loss" if key == "loss" else key.replace("/", "_")): value for key, value in logs.items()}
+
+
+def format_log_line(stage: str, step: int, logs: dict) -> str:
+    """`stage=... step=... key=value ...`, one token per field (see log_fields)."""
+    fields = [f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}"
+              for key, value in log_fields(logs).items()]
     return f"stage={stage} step={step} " + " ".join(fields)
+
+
+def metric_name(field: str) -> str:
+    """A log line's field → the name trackers show it under: train/loss, eval/loss, voice/overlap."""
+    if field.startswith("voice_"):
+        return "voice/" + field[len("voice_"):]
+    if field.startswith("eval_"):
+        return "eval/" + field[len("eval_"):]
+    if field == "perplexity":
+        return "eval/perplexity"
+    return "train/" + (field[len("train_"):] if field.startswith("train_") else field)
 
 
 class TokenRate:

@@ -19,11 +19,13 @@ import torch
 from container.opt_ml import OptML
 from train.checkpoints import Markers, is_complete, mark_complete
 from train.config import TrainConfig
-from train.export import export_model
+from container.model_dir import TRAINING_REPORT_FILE
+from train.export import MODEL_CARD_FILE, export_model
 from train.model import BaseModel, load_for_training, load_tokenizer, load_trained
 from train.preferences import PAIRS_FILE, build_pairs, kto_rows, read_pairs, rows_digest, write_pairs
 from train.recipes import detect_device, train_stage
 from train.stop import Stop
+from train.tracking import Tracking, tracked
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,14 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
         "precision": "bf16" if device.bf16 else "fp32",
         "stages": {},
     }
+    params = {**{k: ",".join(v) if isinstance(v, tuple) else v for k, v in report["config"].items()},
+              "base_model": base.reference or base.source, "device": report["device"], "precision": report["precision"]}
+    with tracked(config.report_to, paths, params) as tracking:
+        _train_stages(config, paths, data, base, stop, device, tokenizer, report, tracking)
+
+
+def _train_stages(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, list]], base: BaseModel, stop: Stop,
+                  device, tokenizer, report: dict, tracking: Tracking) -> None:
     source = base.source
     extras: dict[str, Path] = {}  # files shipped with the model besides what export writes
     resources = paths.read_resource_config()
@@ -62,9 +72,8 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
             with stop.phase(f"building {stage}'s preference pairs (preference=auto)"):
                 train_rows, eval_rows = _auto_pairs(stage, config, model, tokenizer, train_rows, eval_rows, stage_dir)
             extras[PAIRS_FILE] = stage_dir / PAIRS_FILE
-        tensorboard = paths.tensorboard_dir / stage if config.report_to == "tensorboard" and _rank("RANK") == 0 else None
         trained, stage_report = train_stage(stage, config, model, tokenizer, train_rows, eval_rows, stage_dir, device, stop,
-                                            markers, tensorboard)
+                                            markers, tracking)
         report["stages"][stage] = stage_report
         del model
         _free_memory()
@@ -72,6 +81,7 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
             if _rank("RANK") == 0:  # only the first process of the first instance writes /opt/ml/model
                 with stop.phase("exporting the model"):
                     export_model(config, paths, tokenizer, base, source, trained, report, extras)
+                tracking.files([paths.model_dir / MODEL_CARD_FILE, paths.model_dir / TRAINING_REPORT_FILE])
             return
         if _rank("LOCAL_RANK") == 0:  # every instance needs the stage model for the next stage
             with stop.phase(f"merging and saving the {stage} model"):

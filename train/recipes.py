@@ -16,7 +16,6 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
-from transformers.integrations import TensorBoardCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
 from container.config import ConfigError
@@ -25,6 +24,7 @@ from train.errors import TrainingInterrupted
 from train.config import TrainConfig
 from train.metrics import TokenRate, format_log_line
 from train.stop import Stop
+from train.tracking import Tracking
 from train.voice import held_out_prompts, measure, perplexity
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def lora_config(config: TrainConfig) -> LoraConfig | None:
 
 def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: list[dict], eval_rows: list[dict],
                 stage_dir: Path, device: Device, stop: Stop, markers: Markers = Markers(),
-                tensorboard: Path | None = None) -> tuple[Path, dict]:
+                tracking: Tracking = Tracking([])) -> tuple[Path, dict]:
     """Train one stage (resuming from its newest complete checkpoint). Every rank saves the result (ZeRO-3
     gathers the weights then) to `stage_dir/trained`: the adapter, or the full model. Returns it and a report."""
     packing = stage == "sft" and use_packing(config, device)
@@ -166,27 +166,18 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
         disable_tqdm=True,
         **distributed_args(config, choice),
     )
-    writer = None
-    if tensorboard is not None:  # tensorboardX writes TensorBoard's event files without TensorFlow
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(log_dir=str(tensorboard))
-    voice = VoiceCallback(stage, tokenizer, eval_rows, config, enabled=choice in ("single", "ddp"), writer=writer)
+    voice = VoiceCallback(stage, tokenizer, eval_rows, config, enabled=choice in ("single", "ddp"), tracking=tracking)
     if comparing and config.metric_for_best_model.startswith("voice_") and not voice.prompts:
         raise ConfigError(f"metric_for_best_model={config.metric_for_best_model}: {stage} has no voice metrics to "
                           f"compare (they need held-out conversation rows, and are off under {choice}): use eval_loss")
     if voice.prompts and int(os.environ.get("RANK", "0")) == 0:
         with stop.phase(f"measuring the voice of the {stage} starting model"):
             voice.before = voice.measure(model)
-        if writer is not None:  # step 0: where the curves start
-            for name, value in voice.before.items():
-                writer.add_scalar(f"voice/{name}", value, 0)
+        tracking.log(stage, 0, voice.before)  # step 0: where the curves start
     with stop.phase(f"preparing {stage} (tokenizing the data)"):
-        callbacks = [MetricsLogCallback(stage), voice, StopAtStepBoundary(stop), MarkComplete(markers)]
+        callbacks = [MetricsLogCallback(stage, tracking), voice, StopAtStepBoundary(stop), MarkComplete(markers)]
         if config.early_stopping_patience:  # after the voice callback: it may compare a voice metric
             callbacks.insert(2, EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
-        if writer is not None:
-            callbacks.append(OpenTensorBoard(tb_writer=writer))
         datasets = {"train_dataset": Dataset.from_list(train_rows),
                     "eval_dataset": Dataset.from_list(eval_rows) if eval_rows else None}
         if stage == "sft":
@@ -226,8 +217,6 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
     if voice.before is not None:
         report["voice"] = voice.report()
     trained = stage_dir / "trained"
-    if writer is not None:
-        writer.close()  # after the final evaluation's metrics
     with stop.phase(f"saving what {stage} trained"):
         trainer.save_model(str(trained))  # on every rank: under ZeRO-3 saving is a collective
     if choice in ("zero2", "zero3"):  # later loads (merging, the next stage's base) are plain, one-process loads
@@ -281,8 +270,8 @@ def preference_trainer(stage: str, config: TrainConfig, common: dict, model, tok
 class MetricsLogCallback(TrainerCallback):
     """Prints metrics as `stage=... step=... key=value` lines (see train.metrics), with tokens/s."""
 
-    def __init__(self, stage: str):
-        self.stage = stage
+    def __init__(self, stage: str, tracking: Tracking):
+        self.stage, self.tracking = stage, tracking
         self.rate = TokenRate()
         self.rates: list[float] = []
 
@@ -295,18 +284,10 @@ class MetricsLogCallback(TrainerCallback):
             logs["tokens_per_second"] = rate
             self.rates.append(rate)
         print(format_log_line(self.stage, state.global_step, logs), flush=True)
+        self.tracking.log(self.stage, state.global_step, logs)
 
     def mean_tokens_per_second(self) -> float | None:
         return sum(self.rates) / len(self.rates) if self.rates else None
-
-
-class OpenTensorBoard(TensorBoardCallback):
-    """TensorBoard logging whose writer outlives the training loop: the stage's final evaluation (after
-    train()) is logged to the same files, and train_stage closes it."""
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.tb_writer is not None:
-            self.tb_writer.flush()
 
 
 class VoiceCallback(TrainerCallback):
@@ -315,8 +296,9 @@ class VoiceCallback(TrainerCallback):
     stopping and the best checkpoint may use them) and printed as their own metric line. Skipped under
     ZeRO-3 and FSDP, where no one process holds the whole model to generate with."""
 
-    def __init__(self, stage: str, tokenizer, eval_rows: list[dict], config: TrainConfig, enabled: bool, writer=None):
-        self.stage, self.tokenizer, self.config, self.writer = stage, tokenizer, config, writer
+    def __init__(self, stage: str, tokenizer, eval_rows: list[dict], config: TrainConfig, enabled: bool,
+                 tracking: Tracking):
+        self.stage, self.tokenizer, self.config, self.tracking = stage, tokenizer, config, tracking
         count = config.voice_eval_prompts if enabled else 0
         self.prompts, self.references = held_out_prompts(eval_rows, count)
         self.before: dict | None = None
@@ -343,10 +325,7 @@ class VoiceCallback(TrainerCallback):
                 scores["perplexity"] = perplexity(metrics.get("eval_loss"))
             self.after = scores
             print(format_log_line(self.stage, state.global_step, scores), flush=True)
-            if self.writer is not None:
-                for name, value in scores.items():
-                    if value is not None:
-                        self.writer.add_scalar(f"voice/{name}", value, state.global_step)
+            self.tracking.log(self.stage, state.global_step, scores)
         if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank decides alike
             shared = [scores]
             torch.distributed.broadcast_object_list(shared, src=0)

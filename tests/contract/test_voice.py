@@ -54,7 +54,7 @@ def test_voice_metrics_are_logged_at_every_evaluation_and_reported_before_and_af
     for data in read_records(events[0]):
         event = event_pb2.Event.FromString(data)
         tags |= {value.tag for value in event.summary.value}
-    assert {"train/loss", "eval/loss", "voice/voice_style_distance", "voice/perplexity"} <= tags, tags
+    assert {"train/loss", "eval/loss", "voice/style_distance", "eval/perplexity"} <= tags, tags
 
     card = (root / "model" / "README.md").read_text()
     header = card.split("---")[1]

@@ -38,6 +38,15 @@ def test_invalid_choice_names_the_nearest_valid_choice():
         TrainConfig.from_hyperparameters({"lr_scheduler_type": "cosin"})
 
 
+def test_report_to_takes_a_list_of_trackers_each_checked():
+    assert TrainConfig.from_hyperparameters({"report_to": "TensorBoard, mlflow"}).report_to == ("tensorboard", "mlflow")
+    assert TrainConfig.from_hyperparameters({"report_to": '["wandb"]'}).report_to == ("wandb",)
+    with pytest.raises(ConfigError, match="report_to=tensorboard,mlfow is not valid: did you mean 'mlflow'"):
+        TrainConfig.from_hyperparameters({"report_to": "tensorboard,mlfow"})
+    with pytest.raises(ConfigError, match="report_to=none,mlflow: name trackers"):
+        TrainConfig.from_hyperparameters({"report_to": "none,mlflow"})
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("lora_r", "eight", "lora_r='eight': expected an integer"),
     ("lora_r", "0", "lora_r=0 must be greater than 0"),

@@ -54,7 +54,7 @@ def test_train_sends_the_exact_request_with_spot_metrics_and_a_secret_never_prin
 
 
 def test_spot_without_checkpoints_is_refused():
-    with pytest.raises(ValueError, match="spot training needs a checkpoint S3 URI"):
+    with pytest.raises(SystemExit, match="spot training needs a checkpoint S3 URI"):
         main(["train", "--image", IMAGE, "--role", ROLE, "--train", "s3://b/t/", "--output", "s3://b/o/", "--spot"],
              clients={"sagemaker": client("sagemaker")})
 
@@ -266,6 +266,45 @@ def test_train_with_tensorboard_sends_its_output_config_and_turns_the_tracking_o
         assert main(["train", "--image", IMAGE, "--role", ROLE, "--train", "s3://b/t/", "--output", "s3://b/o/",
                      "--name", "t", "--tensorboard", "s3://b/tb/"], clients={"sagemaker": sm}) == 0
         stub.assert_no_pending_responses()
+
+
+def test_train_with_mlflow_and_wandb_passes_the_tracking_server_and_the_key_and_prints_no_key(monkeypatch, capsys):
+    from launch.api import training_job_request, with_tracker
+
+    arn = "arn:aws:sagemaker:us-east-1:111122223333:mlflow-tracking-server/twins"
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-key")
+    monkeypatch.setenv("WANDB_PROJECT", "twins")
+    monkeypatch.setenv("HF_TOKEN", "")
+    sm = client("sagemaker")
+    with Stubber(sm) as stub:
+        expected = training_job_request(
+            name="t", image=IMAGE, role=ROLE, channels={"train": "s3://b/t/"}, output="s3://b/o/",
+            hyperparameters={"report_to": "tensorboard"}, instance_type="ml.g5.2xlarge", tensorboard_s3="s3://b/tb/",
+            mlflow=arn, mlflow_experiment="voices", wandb=True,
+            environment={"WANDB_API_KEY": "wandb-secret-key", "WANDB_PROJECT": "twins"})
+        assert expected["HyperParameters"]["report_to"] == "tensorboard,mlflow,wandb"
+        assert expected["Environment"] == {"MLFLOW_TRACKING_URI": arn, "MLFLOW_EXPERIMENT_NAME": "voices",
+                                           "WANDB_API_KEY": "wandb-secret-key", "WANDB_PROJECT": "twins"}
+        stub.add_response("create_training_job", {"TrainingJobArn": "arn:aws:sagemaker:us-east-1:1:training-job/t"}, expected)
+        assert main(["train", "--image", IMAGE, "--role", ROLE, "--train", "s3://b/t/", "--output", "s3://b/o/",
+                     "--name", "t", "--hp", "report_to=tensorboard", "--tensorboard", "s3://b/tb/", "--mlflow", arn,
+                     "--mlflow-experiment", "voices", "--wandb"], clients={"sagemaker": sm}) == 0
+        stub.assert_no_pending_responses()
+    printed = capsys.readouterr().out
+    assert "wandb-secret-key" not in printed and '"WANDB_API_KEY": "****"' in printed
+    assert with_tracker("none", "mlflow") == "mlflow" and with_tracker('["wandb"]', "mlflow") == "wandb,mlflow"
+    assert with_tracker(["mlflow"], "mlflow") == "mlflow"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mlflow", "arn:aws:sagemaker:us-east-1:111122223333:endpoint/twins"], "not a SageMaker MLflow tracking-server ARN"),
+    (["--wandb"], "--wandb needs WANDB_API_KEY"),
+])
+def test_train_refuses_a_tracking_server_that_is_not_one_and_wandb_without_a_key(monkeypatch, argv, message):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    with pytest.raises(SystemExit, match=message):
+        main(["train", "--image", IMAGE, "--role", ROLE, "--train", "s3://b/t/", "--output", "s3://b/o/", *argv],
+             clients={"sagemaker": client("sagemaker")})
 
 
 def _component(name, status="InService"):

@@ -1,0 +1,218 @@
+"""Experiment tracking (report_to): the job's hyperparameters, every number its metric lines carry
+(training, evaluation, voice) and at the end the model card and training report, sent to each tracker named.
+
+- tensorboard: event files in /opt/ml/output/tensorboard/<stage>, where the job's TensorBoardOutputConfig
+  uploads them from (written by tensorboardX: no TensorFlow).
+- mlflow: a run on MLFLOW_TRACKING_URI: a SageMaker managed MLflow tracking-server ARN (the sagemaker-mlflow
+  plugin signs the requests with the job's role) or any tracking server or store, in the experiment
+  MLFLOW_EXPERIMENT_NAME (default llm-twin). Metrics are sent in the background, not in the training loop.
+- wandb: a run in WANDB_PROJECT (default llm-twin) with WANDB_API_KEY, or WANDB_MODE=offline. Its local
+  files go to /opt/ml/output/data/wandb, which SageMaker uploads with the job's output (`wandb sync` them).
+
+One run per job, opened by the first process only; stages prefix the names (sft/train/loss, dpo/eval/loss).
+A spot job that restarts (the same training job) continues its MLflow and W&B runs: their ids are kept
+with the checkpoints. A tracker that cannot start fails the job at once, not after the training; one that
+fails later is dropped with a warning and the training goes on. Credentials stay in the environment, read
+by each tracker's own client, and are never logged: a URI is shown without its user and password.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from container.config import ConfigError
+from container.opt_ml import OptML
+from train.errors import TrainingInterrupted
+from train.metrics import log_fields, metric_name
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROJECT = "llm-twin"  # the MLflow experiment and the W&B project, unless the environment names one
+STATE_FILE = "tracking.json"  # in the checkpoints folder: the run ids a restarted job continues
+
+
+def check_environment(report_to: tuple[str, ...], environ=os.environ) -> None:
+    """Refuse, before any work, a tracker whose address or key is missing."""
+    if "mlflow" in report_to and not environ.get("MLFLOW_TRACKING_URI"):
+        raise ConfigError("report_to=mlflow needs MLFLOW_TRACKING_URI: a SageMaker managed MLflow tracking-server ARN "
+                          "(launch train --mlflow ARN sets it) or a tracking server's URI")
+    if "wandb" in report_to and not environ.get("WANDB_API_KEY") and environ.get("WANDB_MODE") not in ("offline", "disabled"):
+        raise ConfigError("report_to=wandb needs WANDB_API_KEY in the job's environment (launch train --wandb passes "
+                          "yours), or WANDB_MODE=offline to write the run to the job's output for `wandb sync`")
+
+
+def shown_uri(uri: str) -> str:
+    """A URI as it may be logged: without the user and password some servers take in it."""
+    return re.sub(r"//[^/@]*@", "//****@", uri)
+
+
+class TensorBoard:
+    name = "tensorboard"
+    run_id = None
+
+    def __init__(self, root: Path, params: dict):
+        self.root, self.params, self.writers = root, params, {}
+
+    def _writer(self, stage: str):
+        if stage not in self.writers:
+            from tensorboardX import SummaryWriter
+
+            self.writers[stage] = SummaryWriter(log_dir=str(self.root / stage))
+            self.writers[stage].add_text("hyperparameters", "```\n" + json.dumps(self.params, indent=1) + "\n```", 0)
+        return self.writers[stage]
+
+    def log(self, stage: str, step: int, metrics: dict) -> None:
+        writer = self._writer(stage)
+        for name, value in metrics.items():
+            writer.add_scalar(name, value, step)
+        writer.flush()
+
+    def files(self, paths: list[Path]) -> None:
+        for path in paths:
+            if path.suffix == ".md" and self.writers:
+                next(reversed(self.writers.values())).add_text(path.stem, path.read_text(encoding="utf-8"), 0)
+
+    def close(self, outcome: str) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
+class MLflow:
+    name = "mlflow"
+    STATUS = {"finished": "FINISHED", "failed": "FAILED", "stopped": "KILLED"}
+
+    def __init__(self, run_name: str, params: dict, resume: str | None):
+        import mlflow
+
+        self.mlflow = mlflow
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+        mlflow.set_tracking_uri(uri)
+        experiment = mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_PROJECT)
+        run = None
+        if resume:
+            try:
+                run = mlflow.start_run(run_id=resume)
+            except mlflow.exceptions.MlflowException as e:
+                log.warning("mlflow: run %s cannot be continued (%s): starting a new one", resume, e)
+        if run is None:
+            run = mlflow.start_run(run_name=run_name)
+            mlflow.log_params(params)
+        self.run_id = run.info.run_id
+        log.info("mlflow: run %s (%s) in experiment '%s' at %s", self.run_id, run_name, experiment.name, shown_uri(uri))
+
+    def log(self, stage: str, step: int, metrics: dict) -> None:
+        self.mlflow.log_metrics({f"{stage}/{name}": value for name, value in metrics.items()}, step=step,
+                                synchronous=False)
+
+    def files(self, paths: list[Path]) -> None:
+        for path in paths:
+            self.mlflow.log_artifact(str(path))
+
+    def close(self, outcome: str) -> None:
+        self.mlflow.end_run(status=self.STATUS[outcome])  # waits for the metrics still being sent
+
+
+class WandB:
+    name = "wandb"
+
+    def __init__(self, run_name: str, params: dict, resume: str | None, directory: Path):
+        import wandb
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT, name=run_name, config=params,
+                              id=resume, resume="allow" if resume else None, dir=str(directory))
+        self.run_id, self.stages = self.run.id, set()
+        log.info("wandb: run %s (%s) in project '%s'%s", self.run_id, run_name, self.run.project,
+                 f" at {self.run.url}" if self.run.url else f", offline in {directory}")
+
+    def log(self, stage: str, step: int, metrics: dict) -> None:
+        if stage not in self.stages:  # each stage counts its own steps: its own x-axis
+            self.run.define_metric(f"{stage}/step")
+            self.run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
+            self.stages.add(stage)
+        self.run.log({f"{stage}/step": step, **{f"{stage}/{name}": value for name, value in metrics.items()}})
+
+    def files(self, paths: list[Path]) -> None:
+        for path in paths:  # a copy in the run's own folder: an offline run synced later still has it
+            copy = Path(self.run.dir) / path.name
+            shutil.copy2(path, copy)
+            self.run.save(str(copy), base_path=self.run.dir, policy="now")
+
+    def close(self, outcome: str) -> None:
+        if outcome == "stopped":
+            self.run.mark_preempting()
+        self.run.finish(exit_code={"finished": 0, "failed": 1, "stopped": 143}[outcome])
+
+
+class Tracking:
+    """The trackers report_to names, on the first process (elsewhere: none). Each call reaches every
+    tracker; one that fails is dropped with a warning, so tracking never ends a training."""
+
+    def __init__(self, trackers: list):
+        self.trackers = trackers
+
+    def log(self, stage: str, step: int, logs: dict) -> None:
+        metrics = {metric_name(field): float(value) for field, value in log_fields(logs).items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        if metrics:
+            self._each("log", stage, step, metrics)
+
+    def files(self, paths: list[Path]) -> None:
+        self._each("files", [path for path in paths if path.is_file()])
+
+    def close(self, outcome: str) -> None:
+        self._each("close", outcome)
+
+    def _each(self, method: str, *args) -> None:
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as e:
+                log.warning("report_to=%s failed (%s: %s): it gets nothing more from this job", tracker.name,
+                            type(e).__name__, e)
+                self.trackers.remove(tracker)
+
+
+@contextmanager
+def tracked(report_to: tuple[str, ...], paths: OptML, params: dict) -> Iterator[Tracking]:
+    """Open the trackers (on the first process), and close them with the job's outcome: finished,
+    failed, or stopped (a SIGTERM: W&B marks it preempted, MLflow killed; the restarted job continues it)."""
+    names = [name for name in report_to if name != "none"]
+    if not names or int(os.environ.get("RANK", "0")) != 0:
+        yield Tracking([])
+        return
+    job = os.environ.get("TRAINING_JOB_NAME", "")  # SageMaker's, the same across a spot job's restarts
+    state_file = paths.checkpoints_dir / STATE_FILE
+    saved = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    resume = saved if saved.get("job") == job else {}
+    run_name = job or f"{DEFAULT_PROJECT}-{params.get('method', 'run')}"
+    trackers = []
+    try:
+        for name in names:
+            if name == "tensorboard":
+                trackers.append(TensorBoard(paths.tensorboard_dir, params))
+            elif name == "mlflow":
+                trackers.append(MLflow(run_name, params, resume.get(name)))
+            else:
+                trackers.append(WandB(run_name, params, resume.get(name), paths.output_dir / "data"))
+    except Exception as e:
+        Tracking(trackers).close("failed")
+        raise ConfigError(f"report_to={name} could not start a run: {type(e).__name__}: {shown_uri(str(e))}") from e
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps({"job": job, **{t.name: t.run_id for t in trackers if t.run_id}}) + "\n")
+    tracking, outcome = Tracking(trackers), "failed"
+    try:
+        yield tracking
+        outcome = "finished"
+    except TrainingInterrupted:
+        outcome = "stopped"
+        raise
+    finally:
+        tracking.close(outcome)
