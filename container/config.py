@@ -92,14 +92,15 @@ def from_strings(cls: type[T], raw: Mapping[str, str], what: str) -> T:
         choices = fields[key].metadata.get("choices")
         if choices is not None and isinstance(value, str):
             value = value.strip().lower()  # SDK v2 sends str(True) = "True" for a bool-like choice
-        if choices is not None and isinstance(value, tuple):  # a list of choices: each one must be valid
-            value = tuple(item.strip().lower() for item in value)
-        for item in (value if isinstance(value, tuple) else (value,)) if choices is not None else ():
-            if item not in choices:
-                raise ConfigError(
-                    f"{what} {key}={_shown(value)} is not valid: did you mean '{nearest(str(item), choices)}'? "
-                    f"(valid: {', '.join(choices)})"
-                )
+        if choices is not None:
+            if isinstance(value, tuple):  # a list of choices: each one must be valid
+                value = tuple(item.strip().lower() for item in value)
+            for item in value if isinstance(value, tuple) else (value,):
+                if item not in choices:
+                    raise ConfigError(
+                        f"{what} {key}={_shown(value)} is not valid: did you mean '{nearest(str(item), choices)}'? "
+                        f"(valid: {', '.join(choices)})"
+                    )
         values[key] = value
     return cls(**values)
 

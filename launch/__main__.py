@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch.api import (WANDB_ENV, autoscaling_requests, base_component, component_autoscaling_requests,
+from launch.api import (MLFLOW_ENV, WANDB_ENV, autoscaling_requests, base_component, component_autoscaling_requests,
                         component_endpoint_requests, endpoint_requests, no_capacity_alarm, redacted, sse_events,
                         training_job_request, transform_requests)
 
@@ -143,7 +143,7 @@ def run_train(args, clients) -> int:
     channels = {name: getattr(args, name.replace("-", "_")) for name in
                 ("train", "validation", "preference", "preference-validation", "model")}
     channels = {name.replace("-", "_"): uri for name, uri in channels.items() if uri}
-    passed = ("HF_TOKEN",) + (WANDB_ENV if args.wandb else ())
+    passed = ("HF_TOKEN",) + (WANDB_ENV if args.wandb else ()) + (MLFLOW_ENV if args.mlflow else ())
     environment = {k: os.environ[k] for k in passed if os.environ.get(k)}
     try:
         request = training_job_request(

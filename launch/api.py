@@ -15,6 +15,7 @@ from train.metrics import METRIC_DEFINITIONS
 
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
 WANDB_ENV = ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_BASE_URL")  # what --wandb passes on
+MLFLOW_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")  # and --mlflow
 MLFLOW_ARN = re.compile(r"arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:[0-9]{12}:mlflow-(tracking-server|app)/.+")
 
 # The image is CUDA 13.0 (driver 580+, or 535+ with forward compatibility). SageMaker's default host
@@ -63,9 +64,14 @@ def training_job_request(*, name: str, image: str, role: str, channels: dict[str
         if mlflow.startswith("arn:") and not MLFLOW_ARN.fullmatch(mlflow):
             raise ValueError(f"--mlflow {mlflow}: not a SageMaker MLflow tracking-server ARN "
                              "(arn:aws:sagemaker:REGION:ACCOUNT:mlflow-tracking-server/NAME)")
+        if re.search(r"//[^/]*@", mlflow):
+            raise ValueError("--mlflow: the URI holds a user and password, which would be printed and stored with "
+                             "the job: export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead")
         environment["MLFLOW_TRACKING_URI"] = mlflow
         if mlflow_experiment:
             environment["MLFLOW_EXPERIMENT_NAME"] = mlflow_experiment
+    elif mlflow_experiment:
+        raise ValueError("--mlflow-experiment names an experiment on the --mlflow tracking server: give --mlflow too")
     if wandb and not environment.get("WANDB_API_KEY"):
         raise ValueError("--wandb needs WANDB_API_KEY (your W&B key) in the environment, to pass to the job")
     for tracker, wanted in (("tensorboard", tensorboard_s3), ("mlflow", mlflow), ("wandb", wandb)):

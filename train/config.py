@@ -120,9 +120,10 @@ class TrainConfig:
                 raise ConfigError(f"hyperparameter {steps}={getattr(self, steps)} must be positive, or -1 to use {epochs}")
             if getattr(self, steps) == -1 and getattr(self, epochs) <= 0:
                 raise ConfigError(f"hyperparameter {epochs}={getattr(self, epochs)} must be greater than 0")
-        if not self.report_to or ("none" in self.report_to and len(self.report_to) > 1):
+        if not self.report_to or ("none" in self.report_to and len(self.report_to) > 1) or \
+                len(set(self.report_to)) < len(self.report_to):
             raise ConfigError(f"hyperparameter report_to={','.join(self.report_to)}: name trackers (e.g. "
-                              "tensorboard,mlflow), or none alone")
+                              "tensorboard,mlflow), each once, or none alone")
         if not self.lora_target_modules:
             raise ConfigError("hyperparameter lora_target_modules is empty: name modules or use all-linear")
         if self.adapter == "full" and self.export != "merged":

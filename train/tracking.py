@@ -5,15 +5,19 @@
   uploads them from (written by tensorboardX: no TensorFlow).
 - mlflow: a run on MLFLOW_TRACKING_URI: a SageMaker managed MLflow tracking-server ARN (the sagemaker-mlflow
   plugin signs the requests with the job's role) or any tracking server or store, in the experiment
-  MLFLOW_EXPERIMENT_NAME (default llm-twin). Metrics are sent in the background, not in the training loop.
+  MLFLOW_EXPERIMENT_NAME (default llm-twin). Metrics are sent in the background, not in the training loop;
+  a request gives up after MLFLOW_HTTP_REQUEST_MAX_RETRIES (default here 3) tries of
+  MLFLOW_HTTP_REQUEST_TIMEOUT (default here 20) seconds.
 - wandb: a run in WANDB_PROJECT (default llm-twin) with WANDB_API_KEY, or WANDB_MODE=offline. Its local
   files go to /opt/ml/output/data/wandb, which SageMaker uploads with the job's output (`wandb sync` them).
 
 One run per job, opened by the first process only; stages prefix the names (sft/train/loss, dpo/eval/loss).
 A spot job that restarts (the same training job) continues its MLflow and W&B runs: their ids are kept
-with the checkpoints. A tracker that cannot start fails the job at once, not after the training; one that
-fails later is dropped with a warning and the training goes on. Credentials stay in the environment, read
-by each tracker's own client, and are never logged: a URI is shown without its user and password.
+with the checkpoints. A tracker that cannot start fails the job at once, not after the training (a restart
+drops it with a warning instead: the work so far is worth more); one that fails later is dropped with a
+warning and the training goes on. Credentials stay in the environment, read by each tracker's own client,
+and are never logged: a tracking URI holding a password is refused (MLFLOW_TRACKING_USERNAME and
+MLFLOW_TRACKING_PASSWORD carry one).
 """
 
 from __future__ import annotations
@@ -39,18 +43,17 @@ STATE_FILE = "tracking.json"  # in the checkpoints folder: the run ids a restart
 
 
 def check_environment(report_to: tuple[str, ...], environ=os.environ) -> None:
-    """Refuse, before any work, a tracker whose address or key is missing."""
-    if "mlflow" in report_to and not environ.get("MLFLOW_TRACKING_URI"):
+    """Refuse, before any work, a tracker whose address or key is missing, or a URI that would show a password."""
+    uri = environ.get("MLFLOW_TRACKING_URI", "")
+    if "mlflow" in report_to and not uri:
         raise ConfigError("report_to=mlflow needs MLFLOW_TRACKING_URI: a SageMaker managed MLflow tracking-server ARN "
                           "(launch train --mlflow ARN sets it) or a tracking server's URI")
+    if "mlflow" in report_to and re.search(r"//[^/]*@", uri):
+        raise ConfigError("MLFLOW_TRACKING_URI holds a user and password, which would show wherever the URI is "
+                          "logged: put them in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
     if "wandb" in report_to and not environ.get("WANDB_API_KEY") and environ.get("WANDB_MODE") not in ("offline", "disabled"):
         raise ConfigError("report_to=wandb needs WANDB_API_KEY in the job's environment (launch train --wandb passes "
                           "yours), or WANDB_MODE=offline to write the run to the job's output for `wandb sync`")
-
-
-def shown_uri(uri: str) -> str:
-    """A URI as it may be logged: without the user and password some servers take in it."""
-    return re.sub(r"//[^/@]*@", "//****@", uri)
 
 
 class TensorBoard:
@@ -91,8 +94,12 @@ class MLflow:
     def __init__(self, run_name: str, params: dict, resume: str | None):
         import mlflow
 
-        self.mlflow = mlflow
+        self.mlflow, self.pending = mlflow, []
         uri = os.environ["MLFLOW_TRACKING_URI"]
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # MLflow's own: 7 tries of 120 s each
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        if not uri.startswith("arn:"):  # sagemaker-mlflow's header plugin warns on every request to other servers
+            logging.getLogger("mlflow.tracking.request_header.registry").setLevel(logging.ERROR)
         mlflow.set_tracking_uri(uri)
         experiment = mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_PROJECT)
         run = None
@@ -105,11 +112,15 @@ class MLflow:
             run = mlflow.start_run(run_name=run_name)
             mlflow.log_params(params)
         self.run_id = run.info.run_id
-        log.info("mlflow: run %s (%s) in experiment '%s' at %s", self.run_id, run_name, experiment.name, shown_uri(uri))
+        log.info("mlflow: run %s (%s) in experiment '%s' at %s", self.run_id, run_name, experiment.name, uri)
 
     def log(self, stage: str, step: int, metrics: dict) -> None:
-        self.mlflow.log_metrics({f"{stage}/{name}": value for name, value in metrics.items()}, step=step,
-                                synchronous=False)
+        for future in [f for f in self.pending if f.done()]:  # the background sends so far: raise their failure
+            self.pending.remove(future)
+            future.result()
+        operations = self.mlflow.log_metrics({f"{stage}/{name}": value for name, value in metrics.items()}, step=step,
+                                             synchronous=False)
+        self.pending += operations._operation_futures if operations else []
 
     def files(self, paths: list[Path]) -> None:
         for path in paths:
@@ -126,21 +137,25 @@ class WandB:
         import wandb
 
         directory.mkdir(parents=True, exist_ok=True)
+        # sagemaker_disable: W&B's SageMaker integration would replace the run id (so a restart could not
+        # continue the run) and add the raw hyperparameters.json to the config
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT, name=run_name, config=params,
-                              id=resume, resume="allow" if resume else None, dir=str(directory))
-        self.run_id, self.stages = self.run.id, set()
+                              id=resume, resume="allow" if resume else None, dir=str(directory),
+                              settings=wandb.Settings(sagemaker_disable=True))
+        self.run_id, self.defined = self.run.id, set()
         log.info("wandb: run %s (%s) in project '%s'%s", self.run_id, run_name, self.run.project,
                  f" at {self.run.url}" if self.run.url else f", offline in {directory}")
 
     def log(self, stage: str, step: int, metrics: dict) -> None:
-        if stage not in self.stages:  # each stage counts its own steps: its own x-axis
-            self.run.define_metric(f"{stage}/step")
-            self.run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
-            self.stages.add(stage)
-        self.run.log({f"{stage}/step": step, **{f"{stage}/{name}": value for name, value in metrics.items()}})
+        named = {f"{stage}/{name}": value for name, value in metrics.items()}
+        for name in set(named) - self.defined:  # each stage counts its own steps: its own x-axis
+            self.run.define_metric(name, step_metric=f"{stage}/step")
+            self.defined.add(name)
+        self.run.log({f"{stage}/step": step, **named})
 
     def files(self, paths: list[Path]) -> None:
-        for path in paths:  # a copy in the run's own folder: an offline run synced later still has it
+        for path in paths:  # copied into the run's folder: saving would link to /opt/ml/model, which an offline
+                            # run's folder (uploaded with the job's output, synced later) does not have
             copy = Path(self.run.dir) / path.name
             shutil.copy2(path, copy)
             self.run.save(str(copy), base_path=self.run.dir, policy="now")
@@ -178,6 +193,11 @@ class Tracking:
                 log.warning("report_to=%s failed (%s: %s): it gets nothing more from this job", tracker.name,
                             type(e).__name__, e)
                 self.trackers.remove(tracker)
+                if method != "close":
+                    try:  # best effort: the run shows as failed, not as finished by the client's exit handler
+                        tracker.close("failed")
+                    except Exception:
+                        pass
 
 
 @contextmanager
@@ -190,24 +210,31 @@ def tracked(report_to: tuple[str, ...], paths: OptML, params: dict) -> Iterator[
         return
     job = os.environ.get("TRAINING_JOB_NAME", "")  # SageMaker's, the same across a spot job's restarts
     state_file = paths.checkpoints_dir / STATE_FILE
-    saved = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    saved = _read_state(state_file)
     resume = saved if saved.get("job") == job else {}
     run_name = job or f"{DEFAULT_PROJECT}-{params.get('method', 'run')}"
-    trackers = []
-    try:
-        for name in names:
+    tracking = Tracking([])
+    for name in names:
+        try:
             if name == "tensorboard":
-                trackers.append(TensorBoard(paths.tensorboard_dir, params))
+                tracker = TensorBoard(paths.tensorboard_dir, params)
             elif name == "mlflow":
-                trackers.append(MLflow(run_name, params, resume.get(name)))
+                tracker = MLflow(run_name, params, resume.get(name))
             else:
-                trackers.append(WandB(run_name, params, resume.get(name), paths.output_dir / "data"))
-    except Exception as e:
-        Tracking(trackers).close("failed")
-        raise ConfigError(f"report_to={name} could not start a run: {type(e).__name__}: {shown_uri(str(e))}") from e
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps({"job": job, **{t.name: t.run_id for t in trackers if t.run_id}}) + "\n")
-    tracking, outcome = Tracking(trackers), "failed"
+                tracker = WandB(run_name, params, resume.get(name), paths.output_dir / "data")
+        except Exception as e:
+            if resume:  # a restarted job: the training so far is worth more than the tracking
+                log.warning("report_to=%s could not continue its run (%s: %s): the job goes on without it", name,
+                            type(e).__name__, e)
+                continue
+            tracking.close("failed")
+            raise ConfigError(f"report_to={name} could not start a run: {type(e).__name__}: {e}") from e
+        except TrainingInterrupted:
+            tracking.close("stopped")
+            raise
+        tracking.trackers.append(tracker)
+        _write_state(state_file, {"job": job, **{t.name: t.run_id for t in tracking.trackers if t.run_id}})
+    outcome = "failed"
     try:
         yield tracking
         outcome = "finished"
@@ -216,3 +243,18 @@ def tracked(report_to: tuple[str, ...], paths: OptML, params: dict) -> Iterator[
         raise
     finally:
         tracking.close(outcome)
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        log.warning("%s is unreadable (%s): new tracking runs are started", path, e)
+        return {}
+
+
+def _write_state(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(state) + "\n")
+    partial.rename(path)

@@ -59,8 +59,9 @@ def test_mlflow_and_wandb_runs_hold_the_params_metrics_and_model_card_and_a_rest
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps its file store for those who ask
 
     store = tmp_path / "mlruns"
+    # SM_TRAINING_ENV: what W&B takes for SageMaker (its integration would replace the run's id)
     env = {"MLFLOW_TRACKING_URI": store.as_uri(), "MLFLOW_ALLOW_FILE_STORE": "true", "WANDB_MODE": "offline",
-           "TRAINING_JOB_NAME": "twin-job-1", **SECRETS}
+           "TRAINING_JOB_NAME": "twin-job-1", "SM_TRAINING_ENV": "{}", **SECRETS}
     root = make_tree(tmp_path / "ml", {**FAST, "max_steps": "2", "eval_steps": "2", "voice_eval_prompts": "2",
                                        "report_to": "tensorboard,mlflow,wandb"},
                      {"train/d.jsonl": jsonl(TINY_ROWS), "validation/v.jsonl": jsonl(HELD_OUT)})
@@ -125,11 +126,17 @@ def test_a_tracker_without_its_address_or_key_fails_the_job_before_any_work(tmp_
 def test_a_tracking_server_that_cannot_be_reached_fails_the_job_at_the_start_without_showing_its_password(tmp_path, tiny_model):
     root = make_tree(tmp_path, {**FAST, "max_steps": "2", "report_to": "mlflow"}, {"train/d.jsonl": jsonl(TINY_ROWS)})
     link_model_channel(root, tiny_model)
-    result = run_train(root, MLFLOW_TRACKING_URI="http://twin:hunter2-secret@127.0.0.1:9/",
-                       MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    result = run_train(root, MLFLOW_TRACKING_URI="http://127.0.0.1:9/", MLFLOW_TRACKING_USERNAME="twin",
+                       MLFLOW_TRACKING_PASSWORD="hunter2-secret", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
     failure = (root / "output" / "failure").read_text()
     assert failure.startswith("report_to=mlflow could not start a run"), failure
     assert "hunter2-secret" not in failure + result.stdout + result.stderr
     assert "stage=sft step=" not in result.stdout  # nothing was trained
     assert not (root / "model").exists() or not any((root / "model").iterdir())
+
+    root = make_tree(tmp_path / "with-password", {"report_to": "mlflow"}, {"train/d.jsonl": jsonl(TINY_ROWS)})
+    result = run_train(root, MLFLOW_TRACKING_URI="http://twin:hunter2-secret@127.0.0.1:9/")
+    assert result.returncode == 2
+    assert "MLFLOW_TRACKING_PASSWORD" in (root / "output" / "failure").read_text()
+    assert "hunter2-secret" not in result.stdout + result.stderr + (root / "output" / "failure").read_text()

@@ -43,8 +43,9 @@ def test_report_to_takes_a_list_of_trackers_each_checked():
     assert TrainConfig.from_hyperparameters({"report_to": '["wandb"]'}).report_to == ("wandb",)
     with pytest.raises(ConfigError, match="report_to=tensorboard,mlfow is not valid: did you mean 'mlflow'"):
         TrainConfig.from_hyperparameters({"report_to": "tensorboard,mlfow"})
-    with pytest.raises(ConfigError, match="report_to=none,mlflow: name trackers"):
-        TrainConfig.from_hyperparameters({"report_to": "none,mlflow"})
+    for wrong in ("none,mlflow", "mlflow,mlflow"):
+        with pytest.raises(ConfigError, match=f"report_to={wrong}: name trackers"):
+            TrainConfig.from_hyperparameters({"report_to": wrong})
 
 
 @pytest.mark.parametrize("key,value,message", [

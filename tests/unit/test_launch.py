@@ -299,6 +299,8 @@ def test_train_with_mlflow_and_wandb_passes_the_tracking_server_and_the_key_and_
 @pytest.mark.parametrize("argv, message", [
     (["--mlflow", "arn:aws:sagemaker:us-east-1:111122223333:endpoint/twins"], "not a SageMaker MLflow tracking-server ARN"),
     (["--wandb"], "--wandb needs WANDB_API_KEY"),
+    (["--mlflow", "https://me:pw@mlflow.example.com/"], "export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"),
+    (["--mlflow-experiment", "voices"], "give --mlflow too"),
 ])
 def test_train_refuses_a_tracking_server_that_is_not_one_and_wandb_without_a_key(monkeypatch, argv, message):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

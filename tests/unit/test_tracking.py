@@ -1,8 +1,12 @@
-"""The tracking policy: a tracker failing mid-job is dropped, the others go on; passwords are masked."""
+"""The tracking policy: a tracker failing mid-job is dropped and closed, the others go on; a password in a
+tracking URI is refused."""
 
 import logging
 
-from train.tracking import Tracking, shown_uri
+import pytest
+
+from container.config import ConfigError
+from train.tracking import Tracking, check_environment
 
 
 class Recorder:
@@ -15,7 +19,7 @@ class Recorder:
         self.calls.append((stage, step, metrics))
 
     def close(self, outcome):
-        self.calls.append(outcome)
+        self.calls.append(outcome)  # even a broken one: its run is closed
 
 
 def test_a_tracker_that_fails_is_dropped_with_a_warning_and_the_others_keep_their_metrics(caplog):
@@ -26,13 +30,13 @@ def test_a_tracker_that_fails_is_dropped_with_a_warning_and_the_others_keep_thei
         tracking.log("sft", 4, {"loss": 1.25})
         tracking.close("finished")
     assert "report_to=mlflow failed (ConnectionError: tracking server went away)" in caplog.text
-    assert tracking.trackers == [working] and broken.calls == []
+    assert tracking.trackers == [working] and broken.calls == ["failed"]  # dropped, and its run closed as failed
     assert working.calls == [("sft", 3, {"train/loss": 1.5, "eval/loss": 1.25, "voice/overlap": 0.5}),
                              ("sft", 4, {"train/loss": 1.25}), "finished"]
 
 
-def test_a_uri_is_shown_without_its_password():
-    assert shown_uri("https://me:s3cret@mlflow.example.com/x") == "https://****@mlflow.example.com/x"
-    assert shown_uri("arn:aws:sagemaker:us-east-1:111122223333:mlflow-tracking-server/t") == \
-        "arn:aws:sagemaker:us-east-1:111122223333:mlflow-tracking-server/t"
-    assert "s3cret" not in shown_uri("failed to reach http://u:s3cret@h:9/api and https://v:s3cret@h2/")
+def test_a_tracking_uri_holding_a_password_is_refused_before_it_can_be_logged():
+    check_environment(("mlflow",), {"MLFLOW_TRACKING_URI": "https://mlflow.example.com/x"})
+    check_environment(("mlflow",), {"MLFLOW_TRACKING_URI": "arn:aws:sagemaker:us-east-1:111122223333:mlflow-tracking-server/t"})
+    with pytest.raises(ConfigError, match="put them in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"):
+        check_environment(("mlflow",), {"MLFLOW_TRACKING_URI": "https://me:s3cret@mlflow.example.com/x"})
