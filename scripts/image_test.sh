@@ -105,14 +105,18 @@ label="$("${podman[@]}" image inspect --format '{{index .Config.Labels "com.amaz
 step "the DeepSpeed op the build asked for is prebuilt"
 "${run[@]}" "$image" python -c "from deepspeed.git_version_info import installed_ops as ops; assert ops['cpu_adam'], ops; print(ops)"
 
-step "podman run IMAGE train, on local_test/test_dir mounted at /opt/ml"
+step "podman run IMAGE train, on local_test/test_dir mounted at /opt/ml, tracked by all three trackers"
 rm -rf "$tree" && mkdir -p "$tree"
 cp -r "$repo/local_test/test_dir/input" "$tree/"
-printf '{"max_steps": "2", "per_device_train_batch_size": "2", "max_length": "128", "validation_split": "0"}\n' \
-  > "$tree/input/config/hyperparameters.json"
-"${run[@]}" -v "$tree:/opt/ml" "$image" train
+printf '{"max_steps": "2", "per_device_train_batch_size": "2", "max_length": "128", "validation_split": "0", %s}\n' \
+  '"report_to": "tensorboard,mlflow,wandb"' > "$tree/input/config/hyperparameters.json"
+"${run[@]}" -v "$tree:/opt/ml" -e MLFLOW_TRACKING_URI=file:///opt/ml/output/mlruns -e MLFLOW_ALLOW_FILE_STORE=true \
+  -e WANDB_MODE=offline -e TRAINING_JOB_NAME=image-test "$image" train
 ls -l "$tree/model"
 [[ -f "$tree/model/serving.json" ]] || { echo "train did not publish a model" >&2; exit 1; }
+ls "$tree"/output/tensorboard/sft/events.out.tfevents.* "$tree"/output/data/wandb/offline-run-*/run-*.wandb \
+  "$tree"/output/mlruns/*/*/metrics/sft/train/loss "$tree"/output/mlruns/*/*/artifacts/README.md \
+  || { echo "a tracker wrote nothing" >&2; exit 1; }
 
 step "serve with docker run's 64 MiB /dev/shm: refused at once, naming the fix (vLLM needs about 400 MiB there)"
 if refusal="$("${run[@]}" -v "$tree/model:/opt/ml/model:ro" "$image" serve 2>&1)"; then

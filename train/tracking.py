@@ -144,7 +144,7 @@ class WandB:
                               settings=wandb.Settings(sagemaker_disable=True))
         self.run_id, self.defined = self.run.id, set()
         log.info("wandb: run %s (%s) in project '%s'%s", self.run_id, run_name, self.run.project,
-                 f" at {self.run.url}" if self.run.url else f", offline in {directory}")
+                 f", offline in {directory}" if self.run.offline else f" at {self.run.url}")
 
     def log(self, stage: str, step: int, metrics: dict) -> None:
         named = {f"{stage}/{name}": value for name, value in metrics.items()}

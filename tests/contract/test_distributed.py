@@ -85,17 +85,26 @@ def test_a_failing_rank_fails_every_host_fast_with_a_failure_file_on_each(tmp_pa
     assert not (roots[0] / "model").exists() or not any((roots[0] / "model").iterdir())
 
 
-def test_sft_then_dpo_across_processes_and_full_fine_tuning_under_zero3(tmp_path, tiny_model, serve_tree):
+def test_sft_then_dpo_across_processes_and_full_fine_tuning_under_zero3(tmp_path, tiny_model, serve_tree, monkeypatch):
     preferences = [{"prompt": f"Write about lesson {i}.", "chosen": f"Lesson {i}: measure first.",
                     "rejected": f"Great question! Lesson {i} is crucial."} for i in range(6)]
     root = make_tree(tmp_path / "dpo", {**FAST, "method": "sft+dpo", "dpo_max_steps": "2", "processes_per_host": "2",
-                                        "master_port": str(free_port())},
+                                        "master_port": str(free_port()), "report_to": "mlflow"},
                      {"train/d.jsonl": jsonl(TINY_ROWS), "preference/p.jsonl": jsonl(preferences)})
     link_model_channel(root, tiny_model)
-    result = run_train(root)
+    store = (tmp_path / "mlruns").as_uri()
+    result = run_train(root, MLFLOW_TRACKING_URI=store, MLFLOW_ALLOW_FILE_STORE="true")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     stages = report(root)["stages"]
     assert stages["sft"]["world_size"] == stages["dpo"]["world_size"] == 2
+
+    # one tracking run for the job (the first process's), holding both stages
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = mlflow.MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("llm-twin").experiment_id])
+    assert len(runs) == 1 and {"sft/train/loss", "dpo/train/loss"} <= set(runs[0].data.metrics)
 
     full = make_tree(tmp_path / "full", {**FAST, "adapter": "full", "distributed": "zero3", "processes_per_host": "2",
                                          "master_port": str(free_port())}, {"train/d.jsonl": jsonl(TINY_ROWS)})
