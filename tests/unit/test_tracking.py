@@ -40,3 +40,22 @@ def test_a_tracking_uri_holding_a_password_is_refused_before_it_can_be_logged():
     check_environment(("mlflow",), {"MLFLOW_TRACKING_URI": "arn:aws:sagemaker:us-east-1:111122223333:mlflow-tracking-server/t"})
     with pytest.raises(ConfigError, match="put them in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"):
         check_environment(("mlflow",), {"MLFLOW_TRACKING_URI": "https://me:s3cret@mlflow.example.com/x"})
+
+
+def test_a_sagemaker_mlflow_arn_reaches_sagemakers_tracking_endpoint_signed_with_the_jobs_role(monkeypatch):
+    """With the pinned packages, an ARN as MLFLOW_TRACKING_URI is the sagemaker-mlflow plugin's: requests go to
+    the region's SageMaker MLflow endpoint, name the server in a header, and are signed by its auth provider
+    (the job role's credentials). The request itself needs AWS, which this test does not have."""
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import _get_store
+    from mlflow.tracking.request_header.registry import resolve_request_headers
+
+    arn = "arn:aws:sagemaker:eu-west-1:111122223333:mlflow-tracking-server/twins"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", arn)
+    credentials = _get_store(arn).get_host_creds()
+    assert credentials.host == "https://eu-west-1.experiments.sagemaker.aws" and credentials.auth == "arn"
+    mlflow.set_tracking_uri(arn)
+    try:
+        assert resolve_request_headers()["x-mlflow-sm-tracking-server-arn"] == arn
+    finally:
+        mlflow.set_tracking_uri(None)
