@@ -12,7 +12,7 @@ from train.config import TrainConfig
 
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded model's name on the Hub
 
-VOICE_ROWS = (("perplexity", "perplexity on the person's held-out text", "lower"),
+VOICE_ROWS = (("perplexity", "perplexity of the person's held-out answers", "lower"),
               ("voice_style_distance", "style distance (function words, punctuation)", "lower"),
               ("voice_overlap", "word overlap with the real answers (unigram F1)", "higher"),
               ("voice_length_ratio", "answer length / the person's", "near 1"),

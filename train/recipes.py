@@ -25,7 +25,7 @@ from train.config import TrainConfig
 from train.metrics import TokenRate, format_log_line
 from train.stop import Stop
 from train.tracking import Tracking
-from train.voice import held_out_prompts, measure, perplexity
+from train.voice import held_out_prompts, measure
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +321,6 @@ class VoiceCallback(TrainerCallback):
         scores = {}
         if state.is_world_process_zero:
             scores = self.measure(model)
-            if self.stage == "sft":  # a preference stage's eval loss is its own loss, not the text's
-                scores["perplexity"] = perplexity(metrics.get("eval_loss"))
             self.after = scores
             print(format_log_line(self.stage, state.global_step, scores), flush=True)
             self.tracking.log(self.stage, state.global_step, scores)

@@ -10,7 +10,8 @@ measures, each a number a user can read:
                            profile of function words and punctuation (how often "I", "just", "—", "!"...):
                            a stylometric fingerprint that does not depend on topic (0: the same habits)
     voice_overlap          mean unigram F1 between each answer and the real one (shared words)
-    perplexity             exp(eval_loss): how surprised the model is by the person's real text
+    perplexity             exp(mean loss of the person's real answers to those prompts, through the chat
+                           template): how surprised the model is by what the person wrote (lower: less)
 
 The same measures for the base model are taken before training, so the report shows the move.
 """
@@ -75,8 +76,32 @@ def score(answers: list[str], references: list[str]) -> dict[str, float]:
             "voice_overlap": round(sum(map(unigram_f1, answers, references)) / len(answers), 4)}
 
 
-def perplexity(eval_loss: float | None) -> float | None:
-    return round(math.exp(min(eval_loss, 50.0)), 4) if eval_loss is not None else None
+def reference_perplexity(model, tokenizer, prompts: list[list[dict]], references: list[str]) -> float:
+    """exp of the mean loss per token of each real answer, after its prompt as `serve` renders it (the
+    same rows before and after training, so the two numbers compare; every stage, not only SFT)."""
+    import torch
+
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for prompt, reference in zip(prompts, references):
+            asked = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            whole = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reference}], tokenize=False)
+            prefix = tokenizer(asked, add_special_tokens=False)["input_ids"]
+            ids = tokenizer(whole, add_special_tokens=False)["input_ids"]
+            if ids[:len(prefix)] != prefix:  # a template that renders the answer's turn differently: the answer alone
+                ids = prefix + tokenizer(reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            labels = [-100] * len(prefix) + ids[len(prefix):]
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([ids], device=model.device),
+                            labels=torch.tensor([labels], device=model.device))
+            answered = len(ids) - len(prefix)  # the answer's tokens, each predicted once (the loss is their mean)
+            total += out.loss.item() * answered
+            count += answered
+    finally:
+        model.train(was_training)
+    return round(math.exp(min(total / max(count, 1), 50.0)), 4)
 
 
 def held_out_prompts(rows: list[dict], count: int) -> tuple[list[list[dict]], list[str]]:
@@ -137,4 +162,6 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
 
 def measure(model, tokenizer, prompts: list[list[dict]], references: list[str], max_new_tokens: int) -> tuple[dict, list[str]]:
     answers = generate(model, tokenizer, prompts, max_new_tokens)
-    return score(answers, references), answers
+    scores = score(answers, references)
+    scores["perplexity"] = reference_perplexity(onto_gpu(model), tokenizer, prompts, references)
+    return scores, answers

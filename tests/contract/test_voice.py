@@ -40,7 +40,8 @@ def test_voice_metrics_are_logged_at_every_evaluation_and_reported_before_and_af
     assert all("perplexity=" in line and "voice_overlap=" in line for line in lines)
     voice = report["stages"]["sft"]["voice"]
     keys = {"voice_length_ratio", "voice_distinct2", "voice_style_distance", "voice_overlap"}
-    assert keys <= set(voice["before"]) and keys | {"perplexity"} <= set(voice["after"])
+    assert keys | {"perplexity"} <= set(voice["before"]) and keys | {"perplexity"} <= set(voice["after"])
+    assert voice["before"]["perplexity"] > voice["after"]["perplexity"] > 1.0  # the person's text: less surprising
     assert all(0.0 <= voice["after"][k] <= 1.0 for k in ("voice_style_distance", "voice_overlap", "voice_distinct2"))
     assert [s["reference"] for s in voice["samples"]] == [r["output"] for r in HELD_OUT[:2]]
     assert all("before" in s and "after" in s for s in voice["samples"])
