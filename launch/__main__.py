@@ -337,12 +337,11 @@ def _delete_component_autoscaling(clients, base: str, components: list[str]) -> 
     alarms = [no_capacity_alarm(name) for name in components]
     if clients["cloudwatch"].describe_alarms(AlarmNames=alarms)["MetricAlarms"]:
         clients["cloudwatch"].delete_alarms(AlarmNames=alarms)
-    scalable = {"ServiceNamespace": "sagemaker", "ResourceIds": [f"inference-component/{base}"],
-                "ScalableDimension": "sagemaker:inference-component:DesiredCopyCount"}
+    target = {"ServiceNamespace": "sagemaker", "ScalableDimension": "sagemaker:inference-component:DesiredCopyCount"}
+    resource = f"inference-component/{base}"
     autoscaling = clients["application-autoscaling"]
-    if autoscaling.describe_scalable_targets(**scalable)["ScalableTargets"]:
-        autoscaling.deregister_scalable_target(ServiceNamespace="sagemaker", ResourceId=f"inference-component/{base}",
-                                               ScalableDimension="sagemaker:inference-component:DesiredCopyCount")
+    if autoscaling.describe_scalable_targets(**target, ResourceIds=[resource])["ScalableTargets"]:
+        autoscaling.deregister_scalable_target(**target, ResourceId=resource)
 
 
 def _components(sm, endpoint: str) -> list[dict]:

@@ -11,7 +11,9 @@ import json
 import re
 from typing import Iterable, Iterator
 
+from container.config import coerce
 from train.metrics import METRIC_DEFINITIONS
+from train.tracking import URI_WITH_PASSWORD
 
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
 WANDB_ENV = ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_BASE_URL")  # what --wandb passes on
@@ -64,7 +66,7 @@ def training_job_request(*, name: str, image: str, role: str, channels: dict[str
         if mlflow.startswith("arn:") and not MLFLOW_ARN.fullmatch(mlflow):
             raise ValueError(f"--mlflow {mlflow}: not a SageMaker MLflow tracking-server ARN "
                              "(arn:aws:sagemaker:REGION:ACCOUNT:mlflow-tracking-server/NAME)")
-        if re.search(r"//[^/]*@", mlflow):
+        if URI_WITH_PASSWORD.search(mlflow):
             raise ValueError("--mlflow: the URI holds a user and password, which would be printed and stored with "
                              "the job: export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead")
         environment["MLFLOW_TRACKING_URI"] = mlflow
@@ -104,14 +106,10 @@ def training_job_request(*, name: str, image: str, role: str, channels: dict[str
 
 
 def with_tracker(report_to, tracker: str) -> str:
-    """report_to (a list, or a string: "none", "mlflow", "tensorboard,mlflow", '["mlflow"]') with tracker added."""
-    if isinstance(report_to, str):
-        try:
-            report_to = json.loads(report_to)
-        except ValueError:
-            report_to = report_to.split(",")
-    names = [str(name).strip() for name in ([report_to] if isinstance(report_to, str) else report_to)]
-    names = [name for name in names if name and name != "none"]
+    """report_to (a list, or a string as `train` reads it: "none", "tensorboard,mlflow", '["mlflow"]') with
+    tracker added."""
+    raw = report_to if isinstance(report_to, str) else json.dumps(report_to)
+    names = [name for name in coerce("report_to", raw, tuple[str, ...]) if name != "none"]
     return ",".join(names + ([tracker] if tracker not in names else []))
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
+from container.model_dir import TRAINING_REPORT_FILE
 from container.opt_ml import OptML
 from train.checkpoints import Markers, is_complete, mark_complete
 from train.config import TrainConfig
-from container.model_dir import TRAINING_REPORT_FILE
 from train.export import MODEL_CARD_FILE, export_model
 from train.model import BaseModel, load_for_training, load_tokenizer, load_trained
 from train.preferences import PAIRS_FILE, build_pairs, kto_rows, read_pairs, rows_digest, write_pairs

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PROJECT = "llm-twin"  # the MLflow experiment and the W&B project, unless the environment names one
 STATE_FILE = "tracking.json"  # in the checkpoints folder: the run ids a restarted job continues
+URI_WITH_PASSWORD = re.compile(r"//[^/]*@")  # scheme://user:password@host: refused, it would be logged
 
 
 def check_environment(report_to: tuple[str, ...], environ=os.environ) -> None:
@@ -48,7 +49,7 @@ def check_environment(report_to: tuple[str, ...], environ=os.environ) -> None:
     if "mlflow" in report_to and not uri:
         raise ConfigError("report_to=mlflow needs MLFLOW_TRACKING_URI: a SageMaker managed MLflow tracking-server ARN "
                           "(launch train --mlflow ARN sets it) or a tracking server's URI")
-    if "mlflow" in report_to and re.search(r"//[^/]*@", uri):
+    if "mlflow" in report_to and URI_WITH_PASSWORD.search(uri):
         raise ConfigError("MLFLOW_TRACKING_URI holds a user and password, which would show wherever the URI is "
                           "logged: put them in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
     if "wandb" in report_to and not environ.get("WANDB_API_KEY") and environ.get("WANDB_MODE") not in ("offline", "disabled"):
@@ -67,7 +68,7 @@ class TensorBoard:
         if stage not in self.writers:
             from tensorboardX import SummaryWriter
 
-            self.writers[stage] = SummaryWriter(log_dir=str(self.root / stage))
+            self.writers[stage] = SummaryWriter(log_dir=str(self.root / stage), flush_secs=30)  # SageMaker uploads as they grow
             self.writers[stage].add_text("hyperparameters", "```\n" + json.dumps(self.params, indent=1) + "\n```", 0)
         return self.writers[stage]
 
@@ -75,12 +76,11 @@ class TensorBoard:
         writer = self._writer(stage)
         for name, value in metrics.items():
             writer.add_scalar(name, value, step)
-        writer.flush()
 
     def files(self, paths: list[Path]) -> None:
-        for path in paths:
-            if path.suffix == ".md" and self.writers:
-                next(reversed(self.writers.values())).add_text(path.stem, path.read_text(encoding="utf-8"), 0)
+        card = next((path for path in paths if path.suffix == ".md"), None)
+        if card is not None and self.writers:  # with the stage that made the model, which TensorBoard renders
+            list(self.writers.values())[-1].add_text("model_card", card.read_text(encoding="utf-8"), 0)
 
     def close(self, outcome: str) -> None:
         for writer in self.writers.values():
