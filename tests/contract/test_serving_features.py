@@ -4,6 +4,7 @@ TGI's own routes, truncate and seeds."""
 import json
 import re
 import shutil
+import time
 
 import pytest
 import requests
@@ -70,6 +71,15 @@ def component_server(tiny_served_model, tmp_path_factory):
     shutil.copytree(tiny_served_model / "model", root / "model")
     server = Server(root, ENABLE_LORA="true", SAGEMAKER_MODEL_SERVER_WORKERS="2")
     server.wait_ready(timeout=240)
+    # /ping is one worker's answer: the other may still be loading. Ready once 40 pings in a row, each on a
+    # new connection (which either worker may take), answer 200.
+    deadline, in_a_row = time.monotonic() + 240, 0
+    while in_a_row < 40:
+        assert time.monotonic() < deadline, f"both workers not ready after 240 s; /ping codes {server.ping_codes[-5:]}"
+        code = requests.get(server.url + "/ping", timeout=5).status_code
+        server.ping_codes.append(code)
+        in_a_row = in_a_row + 1 if code == 200 else 0
+        time.sleep(0.02 if code == 200 else 0.5)
     yield server, root
     server.stop()
 
