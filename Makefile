@@ -4,19 +4,24 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL_DIR := .cache/models/SmolLM2-135M-Instruct
+# DeepSpeed compiles its CPU communication op on first use (about a minute on 2 cores): built once per clone
+# here, before the tests, and found there by every `train` the tests start.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+DEEPSPEED_OP := $(TORCH_EXTENSIONS_DIR)/.built
 
 .PHONY: demo test test-fast model venv lint lock image-test sdk-local-test gpu-check soak chaos clean
 
 demo: model ## train on local_test/test_dir with the embedded model, serve it, ask it something
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash local_test/demo.sh
 
-test: model ## the whole test suite (CI runs this)
+test: model $(DEEPSPEED_OP) ## the whole test suite (CI runs this)
 	$(BIN)/pytest
 
-test-fast: venv ## everything but the tests that use the embedded SmolLM2 model
+test-fast: venv $(DEEPSPEED_OP) ## everything but the tests that use the embedded SmolLM2 model
 	$(BIN)/pytest -m "not smollm2"
 
-lint: venv
+lint: venv ## ruff (lines of at most 120 characters, pyflakes, sorted imports), hadolint, shellcheck; CI runs it
+	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/shellcheck build_and_push.sh local_test/*.sh scripts/*.sh .ci/run
 
@@ -51,6 +56,10 @@ $(STAMP): requirements.txt requirements-cpu.txt requirements-cpu.lock requiremen
 	touch $@
 
 model: $(MODEL_DIR)/model.safetensors
+
+$(DEEPSPEED_OP): $(STAMP)
+	$(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
+	touch $@
 
 $(MODEL_DIR)/model.safetensors: $(STAMP) scripts/prepare_default_model.py
 	$(BIN)/python scripts/prepare_default_model.py $(MODEL_DIR)

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ sys.path.insert(0, str(REPO))
 import requests  # noqa: E402
 
 from container.model_dir import ServingSpec, embedded_model_dir  # noqa: E402
+from local_test.harness import free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TOPICS = ["LoRA ranks", "GPU costs", "evaluation sets", "data drift", "RAG chunking", "spot instances", "DPO pairs",
@@ -46,12 +46,6 @@ ROUNDS = 2  # each client sends this many requests back to back; the offline eng
 def prompts(n: int, offset: int = 0) -> list[str]:
     return [f"Write a long LinkedIn post about {TOPICS[i % len(TOPICS)]} and lesson {i} from our team."
             for i in range(offset, offset + n)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(command: list[str], env: dict, port: int) -> tuple[subprocess.Popen, float]:
@@ -143,7 +137,8 @@ def offline(model_dir: str, clients: int, new_tokens: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     def batch(offset: int, n: int) -> list:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                               tokenize=False)
                  for p in prompts(n, offset)]
         return [TokensPrompt(prompt_token_ids=tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
@@ -218,8 +213,10 @@ def main() -> None:
     for name in ("greedy", "twin_sampling"):
         ratio = ours[name]["tokens_per_second"] / vllm[name]["tokens_per_second"]
         print(f"throughput {name}: ours/vLLM offline {ratio:.2f}x (target >= 0.9)")
-    print(f"one-stream latency ours/vLLM offline: {ours['one_stream_latency_s'] / vllm['one_stream_latency_s']:.2f}x (target <= 1.15)")
-    print(f"/ping p99 under load: {ours['greedy']['ping_p99_ms']} ms greedy, {ours['twin_sampling']['ping_p99_ms']} ms sampling (target < 100)")
+    print(f"one-stream latency ours/vLLM offline: {ours['one_stream_latency_s'] / vllm['one_stream_latency_s']:.2f}x "
+          "(target <= 1.15)")
+    print(f"/ping p99 under load: {ours['greedy']['ping_p99_ms']} ms greedy, "
+          f"{ours['twin_sampling']['ping_p99_ms']} ms sampling (target < 100)")
     print(f"start to /ping 200: {ours['start_to_ping_200_s']} s (vLLM offline engine start: {vllm['start_s']} s)")
     if "naive" in results:
         ratio = ours["greedy"]["tokens_per_second"] / results["naive"]["greedy"]["tokens_per_second"]

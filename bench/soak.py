@@ -1,18 +1,21 @@
 """Soak: the real server under sustained mixed traffic, watched for errors, latency of /ping and leaks.
 
     .venv/bin/python bench/soak.py [--minutes 10] [--clients 32] [--model-dir DIR]   (make soak)
-    .venv/bin/python bench/soak.py --seconds 20 --ping-p99-ms 1000                   (the short run in make test)
+    .venv/bin/python bench/soak.py --seconds 20 --ping-p99-ms 1000 --url URL --pid PID
+                                 (the short run in make test, against the suite's shared server)
 
 `serve` runs as SageMaker runs it (gunicorn, vLLM), on the tiny model by default (--model-dir: any model
-folder, e.g. the embedded SmolLM2). The clients loop over a mix: TGI requests plain and streamed, chat
-plain and streamed, streams the client drops after a few tokens, bodies that are not JSON, bodies over
-6 MiB, and jsonlines batches. Each answer is checked against what that kind must get (200 with the right
-shape, or the right 4xx). A pinger asks /ping every 100 ms. The server's process tree is measured after
-a warm-up and at the end: resident memory, open file descriptors, threads.
+folder, e.g. the embedded SmolLM2), or is one already running (--url, and --pid to measure its processes).
+The clients loop over a mix: TGI requests plain and streamed, chat plain and streamed, streams the client
+drops after a few tokens, bodies that are not JSON, bodies over 6 MiB, and jsonlines batches. Each answer
+is checked against what that kind must get (200 with the right shape, or the right 4xx). A pinger asks
+/ping every 100 ms. The server's process tree is measured after a warm-up and at the end: resident memory,
+open file descriptors, threads.
 
 Prints the counts by kind, and exits 1 when a check fails: a 5xx or a wrong answer, /ping p99 over
-100 ms (--ping-p99-ms; make test's short run allows 1000 on a shared 2-core machine), resident memory grown by more than 10% + 64 MiB, file descriptors or threads grown by more
-than 16 (a leak per request would grow them by thousands).
+100 ms (--ping-p99-ms; make test's short run allows 1000 on a shared 2-core machine), resident memory
+grown by more than 10% + 64 MiB, file descriptors or threads grown by more than 16 (a leak per request
+would grow them by thousands).
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from container.model_dir import ServingSpec  # noqa: E402
+from local_test.harness import free_port, process_tree  # noqa: E402
 from local_test.tiny_model import build_tiny_model  # noqa: E402
 
 SERVE = Path(sys.executable).parent / "serve"
@@ -47,25 +50,10 @@ MEMORY_GROWTH = (1.10, 64 * 2**20)  # end <= start * 1.10 + 64 MiB
 HANDLE_GROWTH = 16
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tree(pid: int) -> list[int]:
-    pids, todo = [pid], [pid]
-    while todo:
-        out = subprocess.run(["pgrep", "-P", str(todo.pop())], capture_output=True, text=True).stdout.split()
-        pids += map(int, out)
-        todo += map(int, out)
-    return pids
-
-
 def measure(pid: int) -> dict:
     """Resident memory, open descriptors and threads of the server's whole process tree."""
     totals = Counter()
-    for p in tree(pid):
+    for p in process_tree(pid):
         try:
             status = Path(f"/proc/{p}/status").read_text()
             fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
@@ -90,7 +78,8 @@ def one_request(url: str, kind: str, rng: random.Random) -> str:
         return "ok" if r.status_code == 200 and r.json()["choices"][0]["message"] else f"{r.status_code} {r.text[:80]}"
     if kind in ("tgi_stream", "chat_stream", "dropped_stream"):
         body = {**chat, "stream": True} if kind == "chat_stream" else \
-            {"inputs": prompt, "parameters": {"max_new_tokens": 200 if kind == "dropped_stream" else tokens}, "stream": True}
+            {"inputs": prompt, "parameters": {"max_new_tokens": 200 if kind == "dropped_stream" else tokens},
+             "stream": True}
         with requests.post(url, json=body, timeout=60, stream=True) as r:
             if r.status_code != 200:
                 return f"{r.status_code} {r.text[:80]}"
@@ -105,16 +94,21 @@ def one_request(url: str, kind: str, rng: random.Random) -> str:
         last = events[-1][5:].strip() if events else b""
         if kind == "chat_stream":
             return "ok" if last == b"[DONE]" else f"stream ended with {last[:80]!r}"
-        return "ok" if last and json.loads(last).get("generated_text") is not None else f"stream ended with {last[:80]!r}"
+        return ("ok" if last and json.loads(last).get("generated_text") is not None
+                else f"stream ended with {last[:80]!r}")
     if kind == "bad_body":
-        r = requests.post(url, data=b'{"inputs": "unterminated', headers={"Content-Type": "application/json"}, timeout=60)
-        return "ok" if r.status_code == 400 and r.json()["error_type"] == "bad_request" else f"{r.status_code} {r.text[:80]}"
+        r = requests.post(url, data=b'{"inputs": "unterminated', headers={"Content-Type": "application/json"},
+                          timeout=60)
+        return ("ok" if r.status_code == 400 and r.json()["error_type"] == "bad_request"
+                else f"{r.status_code} {r.text[:80]}")
     if kind == "oversize":
         r = requests.post(url, data=b"x" * (7 * 2**20), headers={"Content-Type": "application/json"}, timeout=60)
         return "ok" if r.status_code == 413 else f"{r.status_code} {r.text[:80]}"
     if kind == "jsonlines":
-        lines = [json.dumps({"inputs": f"{prompt} part {i}", "parameters": {"max_new_tokens": tokens}}) for i in range(3)]
-        r = requests.post(url, data="\n".join(lines) + "\n", headers={"Content-Type": "application/jsonlines"}, timeout=60)
+        lines = [json.dumps({"inputs": f"{prompt} part {i}", "parameters": {"max_new_tokens": tokens}})
+                 for i in range(3)]
+        r = requests.post(url, data="\n".join(lines) + "\n", headers={"Content-Type": "application/jsonlines"},
+                          timeout=60)
         answers = r.text.strip().splitlines()
         good = r.status_code == 200 and len(answers) == 3 and all("generated_text" in json.loads(a) for a in answers)
         return "ok" if good else f"{r.status_code} {r.text[:80]}"
@@ -127,11 +121,17 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, help="overrides --minutes (the short CI run)")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--model-dir", type=Path, help="a model folder to serve (default: the tiny model)")
+    parser.add_argument("--url", help="soak this running server instead of starting one")
+    parser.add_argument("--pid", type=int, help="with --url: the server's process, whose tree is measured")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ping-p99-ms", type=float, default=PING_P99_LIMIT_MS,
                         help=f"the /ping p99 allowed (default {PING_P99_LIMIT_MS}; SageMaker's own limit is 2000)")
     args = parser.parse_args()
     duration = args.seconds if args.seconds is not None else args.minutes * 60
+    if args.url:
+        if args.pid is None:
+            parser.error("--url needs --pid: the server's process tree is measured for leaks")
+        return soak(args.url, args.pid, duration, args.clients, args.seed, args.ping_p99_ms)
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     model = work / "model"
     if args.model_dir:

@@ -5,9 +5,10 @@
 Both train LoRA (same rank, all linear layers), or every weight with --adapter full, on the embedded
 SmolLM2-135M-Instruct (or --model-dir) with the sample data in local_test/test_dir (variable-length posts
 and conversations), for the same number of steps and the same batch size: fp32 on the CPU, each side's
-own precision on a GPU (bf16 where the GPU has it: TRL's default, and ours). A forward pre-hook on the model counts, for every micro-batch, the positions
-it computes and the real ones among them (attention mask set: not padding). Printed for each: real
-tokens per second, padding fraction; then the ratio ours / plain TRL.
+own precision on a GPU (bf16 where the GPU has it: TRL's default, and ours). A forward pre-hook on the
+model counts, for every micro-batch, the positions it computes and the real ones among them (attention
+mask set: not padding). Printed for each: real tokens per second, padding fraction; then the ratio
+ours / plain TRL.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from peft import LoraConfig  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from container.model_dir import embedded_model_dir  # noqa: E402
-from train.stop import Stop  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import load_sft_rows  # noqa: E402
 from train.model import load_for_training, load_tokenizer  # noqa: E402
-from train.recipes import detect_device, train_stage  # noqa: E402
+from train.recipes import RunContext, StageRows, detect_device, train_stage  # noqa: E402
+from train.stop import Stop  # noqa: E402
 
 
 class TokenCounter:
@@ -56,7 +57,8 @@ def plain_trl(model, tokenizer, rows, steps, batch_size, out, adapter: str = "lo
     cpu = {} if torch.cuda.is_available() else {"use_cpu": True, "bf16": False}
     args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size, report_to="none",
                      save_strategy="no", disable_tqdm=True, logging_steps=steps, **cpu)
-    lora = LoraConfig(r=32, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if adapter == "lora" else None
+    lora = (LoraConfig(r=32, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+            if adapter == "lora" else None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=lora)
     started = time.perf_counter()
@@ -68,7 +70,8 @@ def ours(model, tokenizer, rows, steps, batch_size, out, adapter: str = "lora") 
     config = TrainConfig(max_steps=steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
                          max_length=1024, save_steps=10_000, validation_split=0.0, logging_steps=steps, adapter=adapter)
     started = time.perf_counter()
-    train_stage("sft", config, model, tokenizer, rows, [], Path(out), detect_device(config), Stop())
+    train_stage("sft", config, model, tokenizer, StageRows(rows, []), Path(out),
+                RunContext(detect_device(config), Stop()))
     return time.perf_counter() - started
 
 
@@ -104,7 +107,8 @@ def main() -> None:
     results = compare(options.model_dir, rows, options.steps, options.batch_size, options.adapter)
     print(json.dumps(results, indent=2))
     ratio = results["ours"]["real_tokens_per_second"] / results["plain TRL defaults"]["real_tokens_per_second"]
-    print(f"steps={options.steps} batch_size={options.batch_size} examples={len(rows)} threads={torch.get_num_threads()}")
+    print(f"steps={options.steps} batch_size={options.batch_size} examples={len(rows)} "
+          f"threads={torch.get_num_threads()}")
     print(f"ratio (ours / plain TRL, real tokens per second): {ratio:.2f}")
 
 

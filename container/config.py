@@ -1,7 +1,7 @@
 """Strict, typed configuration from string maps (hyperparameters.json, environment variables).
 
 SageMaker hands hyperparameters over as strings, encoded differently by each client
-(reference/sagemaker-contract.md §1.3):
+(SageMaker's "Use hyperparameters" guide and the SDKs' own serialisers):
 
     raw API / CLI, SDK v2 Estimator:   "0.1"  "True"  "abc"      "['q_proj', 'v_proj']"
     SDK v2 Framework/source_dir:       "0.1"  "true"  "\"abc\""  "[\"q_proj\", \"v_proj\"]"
@@ -18,10 +18,13 @@ import ast
 import dataclasses
 import difflib
 import json
+import re
 import typing
 from typing import Any, Mapping, TypeVar
 
 T = TypeVar("T")
+# scheme://user:password@host: refused wherever a URI is configured (train and launch), as it would be logged.
+URI_WITH_PASSWORD = re.compile(r"//[^/]*@")
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 

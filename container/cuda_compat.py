@@ -37,8 +37,8 @@ OLDEST_FORWARD_COMPATIBLE_DRIVER: Version = (535,)
 # What gives a SageMaker job a driver this image can use (580 natively; 535 with forward compatibility).
 NEWER_DRIVER = {
     "serve": "deploy with InferenceAmiVersion=al2023-ami-sagemaker-inference-gpu-4-1 (driver 580; `python -m launch "
-             "deploy` sets it on GPU instances), or for batch transform TransformAmiVersion=al2-ami-sagemaker-batch-gpu-535 "
-             "(`python -m launch batch` sets it)",
+             "deploy` sets it on GPU instances), or for batch transform "
+             "TransformAmiVersion=al2-ami-sagemaker-batch-gpu-535 (`python -m launch batch` sets it)",
     "train": "training jobs have no host-image setting: use an instance family whose hosts run driver 535 or newer, "
              "or rebuild the image on an older CUDA",
 }

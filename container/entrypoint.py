@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import sys
-
 from pathlib import Path
 from typing import Mapping
 

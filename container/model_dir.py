@@ -71,7 +71,8 @@ class ServingSpec:
             raise ModelDirError(f"{path}: unreadable serving spec ({e})") from e
         if spec.format_version != FORMAT_VERSION:
             raise ModelDirError(
-                f"{path}: format_version {spec.format_version} is not supported by this image (expects {FORMAT_VERSION})"
+                f"{path}: format_version {spec.format_version} is not supported by this image "
+                f"(expects {FORMAT_VERSION})"
             )
         return spec
 

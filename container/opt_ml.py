@@ -107,7 +107,7 @@ class OptML:
     def read_hyperparameters(self) -> dict[str, str]:
         """The raw string map from hyperparameters.json, without the SDKs' reserved keys.
 
-        Decoding to typed values is `container.hyperparameters.coerce`'s job, because it needs the type.
+        Decoding to typed values is `container.config.coerce`'s job, because it needs the type.
         A missing file means no hyperparameters (a local run)."""
         raw = _read_json_object(self.hyperparameters_file, missing={})
         return {

@@ -58,8 +58,8 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--tensorboard", metavar="S3URI",
                        help="TensorBoardOutputConfig: the job's event files (report_to=tensorboard) go to S3URI")
     train.add_argument("--mlflow", metavar="ARN",
-                       help="report_to=mlflow: a SageMaker managed MLflow tracking-server ARN (or a tracking server's URI); "
-                            "the job's role needs sagemaker-mlflow:* on it")
+                       help="report_to=mlflow: a SageMaker managed MLflow tracking-server ARN "
+                            "(or a tracking server's URI); the job's role needs sagemaker-mlflow:* on it")
     train.add_argument("--mlflow-experiment", metavar="NAME", help="the MLflow experiment (default llm-twin)")
     train.add_argument("--wandb", action="store_true",
                        help="report_to=wandb: passes WANDB_API_KEY (and WANDB_PROJECT, WANDB_ENTITY, WANDB_BASE_URL) "
@@ -86,7 +86,8 @@ def parser() -> argparse.ArgumentParser:
     deploy.add_argument("--autoscale-target", type=float, default=16.0,
                         help="concurrent requests per model copy that --autoscale keeps to (default 16)")
     deploy.add_argument("--inference-components", action="store_true",
-                        help="host the model as an inference component (implied by --adapter): allows --autoscale 0:MAX")
+                        help="host the model as an inference component (implied by --adapter): "
+                             "allows --autoscale 0:MAX")
     deploy.add_argument("--adapter", action="append", default=[], metavar="NAME=S3URI",
                         help="a LoRA adapter's model.tar.gz as its own inference component NAME-ADAPTER on the base "
                              "model's (repeatable)")
@@ -316,7 +317,8 @@ def run_delete(args, clients) -> int:
             left = [c for c in _components(sm, args.name) if c["InferenceComponentName"] in names]
             failed = [c["InferenceComponentName"] for c in left if c.get("InferenceComponentStatus") == "Failed"]
             if failed:
-                raise SystemExit(f"inference component(s) {', '.join(failed)} failed to delete: see the SageMaker console")
+                raise SystemExit(f"inference component(s) {', '.join(failed)} failed to delete: "
+                                 "see the SageMaker console")
             if not left:
                 break
             if time.monotonic() > deadline:

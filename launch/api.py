@@ -11,11 +11,11 @@ import json
 import re
 from typing import Iterable, Iterator
 
-from container.config import coerce
-from train.metrics import METRIC_DEFINITIONS
-from train.tracking import URI_WITH_PASSWORD
+from container.config import URI_WITH_PASSWORD, coerce
+from container.metrics import METRIC_DEFINITIONS
 
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN",
+              "MLFLOW_TRACKING_PASSWORD")
 WANDB_ENV = ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_BASE_URL")  # what --wandb passes on
 MLFLOW_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")  # and --mlflow
 MLFLOW_ARN = re.compile(r"arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:[0-9]{12}:mlflow-(tracking-server|app)/.+")
@@ -242,7 +242,8 @@ def component_autoscaling_requests(*, component: str, min_copies: int, max_copie
             **scalable, "PolicyName": f"{component}-from-zero", "PolicyType": "StepScaling",
             "StepScalingPolicyConfiguration": {"AdjustmentType": "ChangeInCapacity", "MetricAggregationType": "Maximum",
                                                "Cooldown": 60,
-                                               "StepAdjustments": [{"MetricIntervalLowerBound": 0, "ScalingAdjustment": 1}]}}
+                                               "StepAdjustments": [{"MetricIntervalLowerBound": 0,
+                                                                    "ScalingAdjustment": 1}]}}
         requests["alarms"] = [{
             "AlarmName": no_capacity_alarm(name), "MetricName": "NoCapacityInvocationFailures",
             "Namespace": "AWS/SageMaker", "Statistic": "Maximum",
@@ -289,7 +290,8 @@ def transform_requests(*, name: str, image: str, role: str, model_data: str, inp
         "model": model_request(name=name, image=image, role=role, model_data=model_data, environment=environment),
         "job": {
             "TransformJobName": name, "ModelName": name,
-            "ModelClientConfig": {"InvocationsTimeoutInSeconds": TRANSFORM_INVOCATION_TIMEOUT, "InvocationsMaxRetries": 1},
+            "ModelClientConfig": {"InvocationsTimeoutInSeconds": TRANSFORM_INVOCATION_TIMEOUT,
+                                  "InvocationsMaxRetries": 1},
             "Environment": {"SAGEMAKER_BATCH": "true", "SAGEMAKER_MODEL_SERVER_TIMEOUT": str(TRANSFORM_SERVER_TIMEOUT)},
             "TransformInput": {"DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": input_s3}},
                                "ContentType": "application/jsonlines", "SplitType": "Line", "CompressionType": "None"},
@@ -324,6 +326,7 @@ def sse_events(parts: Iterable[dict]) -> Iterator[dict]:
         buffer += part["PayloadPart"]["Bytes"]
         while b"\n\n" in buffer:
             event, buffer = buffer.split(b"\n\n", 1)
-            data = "\n".join(line[5:].lstrip() for line in event.decode("utf-8").splitlines() if line.startswith("data:"))
+            data = "\n".join(line[5:].lstrip() for line in event.decode("utf-8").splitlines()
+                             if line.startswith("data:"))
             if data and data != "[DONE]":
                 yield json.loads(data)

@@ -9,9 +9,10 @@
 tarball: the SDK extracts it into /opt/ml/model, runs `IMAGE serve`, waits for /ping, and `predict` sends a
 TGI request through the SDK's local runtime client. `book` deploys as the LLM Twin book does: the SDK's
 `HuggingFaceModel(image_uri=..., env={"HF_MODEL_ID": ..., ...})` with no model data (here HF_MODEL_ID is
-the model embedded in the image: no hub from this machine), asked the book's payload. Each SDK version runs in its own environment (they are
-one distribution, `sagemaker`, at different major versions); scripts/sdk_local_test.sh sets both up, and a
-`docker`/`docker-compose` that reach podman. Neither SDK is ever installed in the image.
+the model embedded in the image: no hub from this machine), asked the book's payload. Each SDK version
+runs in its own environment (they are one distribution, `sagemaker`, at different major versions);
+scripts/sdk_local_test.sh sets both up, and a `docker`/`docker-compose` that reach podman. Neither SDK is
+ever installed in the image.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def book(image: str, workdir: Path) -> str:
 
     session = _local_session(workdir / "book")
     env = {"HF_MODEL_ID": "/opt/models/SmolLM2-135M-Instruct", "SM_NUM_GPUS": "1", "MAX_INPUT_LENGTH": "1024",
-           "MAX_TOTAL_TOKENS": "2048", "MAX_BATCH_TOTAL_TOKENS": "8192", "HUGGING_FACE_HUB_TOKEN": "hf_not_a_real_token"}
+           "MAX_TOTAL_TOKENS": "2048", "MAX_BATCH_TOTAL_TOKENS": "8192",
+           "HUGGING_FACE_HUB_TOKEN": "hf_not_a_real_token"}
     # SDK v2 local mode cannot start an endpoint without ModelDataUrl (sagemaker/local/entities.py reads it
     # unconditionally), where SageMaker itself can: an empty model.tar.gz stands in, leaving /opt/ml/model
     # empty as SageMaker does. code_location: HuggingFaceModel looks for a bucket for code even when there is

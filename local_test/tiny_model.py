@@ -12,7 +12,10 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 # Training rows with short completions, so the tiny model's steps take milliseconds.
-TINY_ROWS = [{"instruction": f"Write a short note about lesson {i}.", "output": f"Lesson {i}: measure before you optimise."} for i in range(8)]
+TINY_ROWS = [
+    {"instruction": f"Write a short note about lesson {i}.", "output": f"Lesson {i}: measure before you optimise."}
+    for i in range(8)
+]
 
 
 def build_tiny_model(out: Path) -> Path:
@@ -28,10 +31,14 @@ def build_tiny_model(out: Path) -> Path:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(
-        texts, trainers.BpeTrainer(vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
     )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>"
+        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
     )
     tokenizer.chat_template = CHATML
     config = LlamaConfig(

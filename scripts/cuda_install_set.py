@@ -131,7 +131,8 @@ def check() -> int:
         return 1
     print(f"the CUDA image's install set resolves from PyPI for CPython {PYTHON_VERSION} on manylinux x86-64: "
           f"{len(resolved)} wheels, exactly the lock (torch {resolved['torch']}, CUDA runtime "
-          f"{resolved.get('nvidia-cuda-runtime', '?')}, vllm {resolved['vllm']}), plus the {SDIST_ONLY} {deepspeed} sdist")
+          f"{resolved.get('nvidia-cuda-runtime', '?')}, vllm {resolved['vllm']}), "
+          f"plus the {SDIST_ONLY} {deepspeed} sdist")
     return 0
 
 

@@ -1,31 +1,51 @@
-"""LoRA adapters registered while the server runs: SageMaker's adapter inference components.
+"""LoRA adapters: which ones a request may name, and those registered while the server runs.
 
-When an adapter component is created on an endpoint, SageMaker unpacks its model.tar.gz on the instance
-and calls the base component's container: `POST /adapters` with `name` and `src` (a local folder), as a
-JSON body or as query parameters; deleting the component calls `DELETE /adapters/{name}`. Invocations of
-the adapter component then carry `X-Amzn-SageMaker-Adapter-Identifier: {name}`. (The interface is the one
-AWS's model-hosting-container-standards library and DJL-Serving implement; SageMaker's guide does not
-document the container side.)
+Fixed adapters come with the start: TGI's LORA_ADAPTERS, and the model directory's own adapter when it
+holds only an adapter (weights="adapter"), which is what a request that names none gets.
+
+Registered adapters are SageMaker's adapter inference components. When one is created on an endpoint,
+SageMaker unpacks its model.tar.gz on the instance and calls the base component's container:
+`POST /adapters` with `name` and `src` (a local folder), as a JSON body or as query parameters; deleting
+the component calls `DELETE /adapters/{name}`. Invocations of the adapter component then carry
+`X-Amzn-SageMaker-Adapter-Identifier: {name}`. (The interface is the one AWS's
+model-hosting-container-standards library and DJL-Serving implement; SageMaker's guide does not document
+the container side.)
 
 Each gunicorn worker runs its own engine, and a registration reaches only one of them, so the registry
 lives in a folder all workers share: one JSON file per adapter, written whole by rename. A worker looks an
-adapter up there when a request names it, and vLLM loads it on first use.
+adapter up there when a request names it, and vLLM loads it on first use. Nothing here knows vLLM: an
+`Adapter` is what the engine turns into vLLM's LoRARequest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from container.model_dir import ADAPTER_DIR
 from serve.errors import BadRequest, NotFound, ValidationError
+from serve.schemas import GenerateRequest
+
+log = logging.getLogger(__name__)
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # matched whole (fullmatch)
-FIRST_REGISTERED_ID = 1 << 20  # vLLM's adapter ids: LORA_ADAPTERS take 1..N, registered ones are above
+FIRST_REGISTERED_ID = 1 << 20  # vLLM's adapter ids: fixed adapters take 1..N, registered ones are above
+MODEL_ADAPTER = "model"  # the name of an adapter-only model directory's own adapter
+DEFAULT_RANK = 16  # peft's LoraConfig default, for an adapter_config.json that names no rank
+
+
+@dataclass(frozen=True)
+class Adapter:
+    name: str
+    number: int  # vLLM's adapter id: a new one for every registration, so vLLM never answers from stale weights
+    path: Path
 
 
 def adapter_folder(src: str) -> Path:
@@ -44,56 +64,88 @@ def adapter_folder(src: str) -> Path:
     raise ValidationError(f"adapter {src} holds no adapter_config.json (neither at its top nor in {ADAPTER_DIR}/)")
 
 
-def adapter_rank(folder: Path) -> int:
+def adapter_rank(folder: Path | str) -> int:
+    """The LoRA rank in a peft adapter's adapter_config.json: the one place it is read."""
     try:
-        with open(folder / "adapter_config.json", encoding="utf-8") as f:
-            return int(json.load(f).get("r", 16))
+        with open(Path(folder) / "adapter_config.json", encoding="utf-8") as f:
+            return int(json.load(f).get("r", DEFAULT_RANK))
     except (ValueError, TypeError, AttributeError) as e:  # not JSON, not an object, or a rank that is no number
         raise ValidationError(f"adapter {folder}: adapter_config.json is not a peft adapter config ({e})") from None
 
 
-class AdapterRegistry:
-    """The adapters registered on this server, by name: {name: (folder, vLLM adapter id)}."""
+class Adapters:
+    """Every adapter a request may name. `registry` is the folder the workers share, or None when the
+    endpoint takes no registrations (started without ENABLE_LORA, or serving a custom predict_fn)."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def check(self, name: str, src: str, max_rank: int) -> tuple[Path, int]:
-        """The adapter folder `src` holds, checked, and a new vLLM id for it; nothing is recorded yet."""
-        if not NAME.fullmatch(name or ""):
-            raise BadRequest(f"adapter name {name!r} is not valid: 1-128 letters, digits, '.', '_' or '-'")
-        adapter = adapter_folder(src)
-        rank = adapter_rank(adapter)
-        if rank > max_rank:
-            raise ValidationError(f"adapter {name!r} has LoRA rank {rank}, above this endpoint's MAX_LORA_RANK="
-                                  f"{max_rank}: redeploy the base with MAX_LORA_RANK={rank} or more")
-        # A new id on every registration: vLLM caches adapters by id, so one re-registered from another
-        # folder must not be answered from the old weights.
-        digest = hashlib.sha256(f"{name}\0{adapter}\0{time.time_ns()}".encode()).digest()
-        return adapter, FIRST_REGISTERED_ID + int.from_bytes(digest[:4], "big") % (2**31 - FIRST_REGISTERED_ID)
-
-    def record(self, name: str, folder: Path, number: int) -> None:
-        """Make the adapter known to every worker, written whole (a temporary file renamed into place)."""
-        staging = self.folder / f".{name}.{os.getpid()}.tmp"
-        staging.write_text(json.dumps({"name": name, "src": str(folder), "id": number}), encoding="utf-8")
-        staging.replace(self.folder / f"{name}.json")
-
-    def unregister(self, name: str) -> int:
-        """Forget `name`; its vLLM id, so the engine can drop it. NotFound when it was never registered."""
-        entry = self.lookup(name)
-        if entry is None:
-            raise NotFound(f"adapter {name!r} is not registered")
-        (self.folder / f"{name}.json").unlink(missing_ok=True)
-        return entry[1]
-
-    def lookup(self, name: str) -> tuple[Path, int] | None:
-        if not NAME.fullmatch(name or ""):
-            return None
-        try:
-            entry = json.loads((self.folder / f"{name}.json").read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        return Path(entry["src"]), int(entry["id"])
+    def __init__(self, fixed: dict[str, str], registry: Path | None = None, max_rank: int = 0):
+        self.fixed = {name: Adapter(name, number, Path(path))
+                      for number, (name, path) in enumerate(sorted(fixed.items()), 1)}
+        self.registry = registry
+        self.max_rank = max_rank  # the engine's max_lora_rank: a registered adapter above it cannot load
 
     def names(self) -> list[str]:
-        return sorted(p.stem for p in self.folder.glob("*.json"))
+        """Every adapter a request may name: the fixed ones and those registered since the start."""
+        registered = [p.stem for p in self.registry.glob("*.json")] if self.registry is not None else []
+        return sorted(set(self.fixed) | set(registered))
+
+    def for_request(self, request: GenerateRequest) -> Adapter | None:
+        """The adapter a request asks for (TGI's adapter_id, OpenAI's model, SageMaker's adapter header),
+        or the model directory's own adapter, or none."""
+        name = request.params.adapter_id
+        if name is None and request.model and self.find(request.model) is not None:
+            name = request.model
+        if name is None:
+            return self.fixed.get(MODEL_ADAPTER)
+        adapter = self.find(name)
+        if adapter is None:
+            known = ", ".join(self.names()) or "none: this endpoint serves no adapters"
+            raise ValidationError(f"unknown adapter {name!r}; known adapters: {known}")
+        return adapter
+
+    def find(self, name: str) -> Adapter | None:
+        if name in self.fixed:
+            return self.fixed[name]
+        if self.registry is None or not NAME.fullmatch(name or ""):
+            return None
+        try:
+            entry = json.loads((self.registry / f"{name}.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        return Adapter(name, int(entry["id"]), Path(entry["src"]))
+
+    def register(self, name: str, src: str, load: Callable[[Adapter], None]) -> dict:
+        """SageMaker's adapter component arriving: check it, `load` it into this worker's engine (so an
+        adapter the engine cannot load fails here rather than on a user's request), then record it for
+        every worker."""
+        if self.registry is None:
+            raise BadRequest("this endpoint cannot take adapters: it was started without ENABLE_LORA=true (set "
+                             "it on the base model; `launch deploy --adapter` does), or a custom predict_fn serves it")
+        if not NAME.fullmatch(name or ""):
+            raise BadRequest(f"adapter name {name!r} is not valid: 1-128 letters, digits, '.', '_' or '-'")
+        if name in self.fixed:
+            raise BadRequest(f"adapter {name!r} is already served from LORA_ADAPTERS")
+        folder = adapter_folder(src)
+        rank = adapter_rank(folder)
+        if rank > self.max_rank:
+            raise ValidationError(f"adapter {name!r} has LoRA rank {rank}, above this endpoint's MAX_LORA_RANK="
+                                  f"{self.max_rank}: redeploy the base with MAX_LORA_RANK={rank} or more")
+        digest = hashlib.sha256(f"{name}\0{folder}\0{time.time_ns()}".encode()).digest()
+        adapter = Adapter(name, FIRST_REGISTERED_ID + int.from_bytes(digest[:4], "big") % (2**31 - FIRST_REGISTERED_ID),
+                          folder)
+        load(adapter)  # loaded here first: other workers only ever see an adapter that loaded
+        staging = self.registry / f".{name}.{os.getpid()}.tmp"
+        staging.write_text(json.dumps({"name": name, "src": str(folder), "id": adapter.number}), encoding="utf-8")
+        staging.replace(self.registry / f"{name}.json")
+        log.info("adapter %s registered from %s", name, folder)
+        return {"name": name, "src": str(folder)}
+
+    def unregister(self, name: str, unload: Callable[[Adapter], None]) -> None:
+        """Forget `name` for every worker and `unload` it from this one; NotFound when it is not registered."""
+        if self.registry is None:
+            raise NotFound(f"adapter {name!r} is not registered: this endpoint takes no adapters (ENABLE_LORA)")
+        adapter = self.find(name) if name not in self.fixed else None
+        if adapter is None:
+            raise NotFound(f"adapter {name!r} is not registered")
+        (self.registry / f"{name}.json").unlink(missing_ok=True)
+        unload(adapter)
+        log.info("adapter %s unregistered", name)

@@ -18,15 +18,21 @@ import socket
 import threading
 import time
 from collections import Counter, deque
+from typing import Protocol
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from serve import openai
+from serve import openai, tgi
+from serve.adapters import Adapter, Adapters
+from serve.admission import Ticket
+from serve.custom import CustomHandlers
 from serve.errors import (BadRequest, ClientGone, GenerationError, NotReady, Overloaded, ServeError,
                           UnsupportedMediaType, ValidationError, not_finished)
 from serve.schemas import (MAX_BEST_OF, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS, GenerateRequest, GenerateResult,
-                           Sequence, parse_chat, parse_completion, parse_generate, parse_request)
+                           parse_chat, parse_completion, parse_generate, parse_request)
+from serve.startup import Startup
+from serve.translate import Limits
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +43,56 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 ADAPTER_HEADER = "X-Amzn-SageMaker-Adapter-Identifier"  # inference components' adapter (LoRA) selection
 
 
-def create_app(engine) -> Flask:
+class Engine(Protocol):
+    """All the app knows of an engine: serve/engine.py's (vLLM) or serve/predict.py's (a custom predict_fn);
+    tests/unit/test_app.py's in-memory one."""
+
+    limits: Limits
+
+    @property
+    def state(self) -> str:
+        """"loading", "ready" or "failed" (after a fatal fault: the worker is about to restart)."""
+
+    @property
+    def capacity(self) -> int:
+        """Requests admitted at once now (lowered after an out-of-memory fault)."""
+
+    def submit(self, request: GenerateRequest, wait: float = 0.0) -> Ticket:
+        """Admit and start one generation; Overloaded when no slot frees up within `wait` seconds."""
+
+    def predict(self, data: object) -> object:
+        """A custom predict_fn's answer to `data`."""
+
+    def load_adapter(self, adapter: Adapter) -> None: ...
+
+    def unload_adapter(self, adapter: Adapter) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
     app = Flask("serve")
+    config = startup.config
     # A batch transform mini-batch is up to MaxPayloadInMB (at most 100 MB); a real-time body up to 6 MB.
-    batch_bytes = engine.config.execution_parameters["MaxPayloadInMB"] * 2**20 if engine.config.batch else 0
+    batch_bytes = config.execution_parameters["MaxPayloadInMB"] * 2**20 if config.batch else 0
     app.config["MAX_CONTENT_LENGTH"] = max(MAX_BODY_BYTES, batch_bytes)
     app.extensions["engine"] = engine  # gunicorn's worker_exit hook shuts it down
-    timeout = engine.config.timeout
     metrics = Metrics()
+
+    def check_ready() -> None:
+        if engine.state == "loading":
+            raise NotReady("model is loading")
+
+    def generate(request: GenerateRequest, one_object: bool = False) -> Response:
+        check_ready()
+        return _generate(engine, request, config.timeout, config.stream_timeout, metrics, one_object)
 
     @app.get("/ping")
     def ping():
-        if not engine.ready:
+        state = engine.state
+        if state == "loading":
             return _error(503, "healthcheck", "model is loading")
-        if not engine.healthy:
+        if state == "failed":
             return _error(500, "healthcheck", "the engine has failed")
         return Response(status=200)
 
@@ -62,27 +104,27 @@ def create_app(engine) -> Flask:
     def execution_parameters():
         """Batch transform asks this once, for what the job leaves unset (serve/config.py says how they
         are chosen: within SageMaker's 100 MB product, sized to finish inside the invocation timeout)."""
-        return _json(200, engine.config.execution_parameters)
+        return _json(200, config.execution_parameters)
 
     @app.get("/info")
     def info():
         """TGI's /info, with the values this server enforces."""
-        return _json(200, {"model_id": engine.spec.base_model, "model_dtype": engine.config.dtype,
-                           "model_device_type": "vllm", "max_input_tokens": engine.max_input_tokens,
-                           "max_total_tokens": engine.max_total_tokens, "max_best_of": MAX_BEST_OF,
+        return _json(200, {"model_id": startup.spec.base_model, "model_dtype": config.dtype,
+                           "model_device_type": "vllm", "max_input_tokens": engine.limits.max_input_tokens,
+                           "max_total_tokens": engine.limits.max_total_tokens, "max_best_of": MAX_BEST_OF,
                            "max_stop_sequences": MAX_STOP_SEQUENCES, "max_top_n_tokens": MAX_TOP_N_TOKENS,
-                           "max_concurrent_requests": engine.config.max_concurrent_requests,
-                           "adapters": engine.adapter_names(), "router": "llm-twin", "version": "0.1.0"})
+                           "max_concurrent_requests": config.max_concurrent_requests,
+                           "adapters": adapters.names(), "router": "llm-twin", "version": "0.1.0"})
 
     @app.get("/v1/models")
     def models():
-        return _json(200, openai.models(engine.adapter_names()))
+        return _json(200, openai.models(adapters.names()))
 
     @app.post("/adapters")
     def register_adapter():
         """SageMaker creating an adapter inference component (serve/adapters.py): `name` and `src`, in a
         JSON body or as query parameters."""
-        _check_ready(engine)
+        check_ready()
         fields = dict(request.args)
         if request.content_length:
             fields.update(_object(_body()))
@@ -90,49 +132,44 @@ def create_app(engine) -> Flask:
         if missing:
             raise BadRequest(f"registering an adapter needs {' and '.join(missing)} (strings): "
                              '{"name": "alice", "src": "/path/to/adapter"}')
-        return _json(200, engine.register_adapter(fields["name"], fields["src"]))
+        return _json(200, adapters.register(fields["name"], fields["src"], engine.load_adapter))
 
     @app.delete("/adapters/<name>")
     def unregister_adapter(name: str):
-        _check_ready(engine)
-        engine.unregister_adapter(name)
+        check_ready()
+        adapters.unregister(name, engine.unload_adapter)
         return _json(200, {"name": name})
 
     @app.get("/metrics")
     def prometheus():
-        admission = f"# TYPE llm_twin_admission_limit gauge\nllm_twin_admission_limit {engine.admission.limit}\n"
+        admission = f"# TYPE llm_twin_admission_limit gauge\nllm_twin_admission_limit {engine.capacity}\n"
         return Response(metrics.text() + admission, mimetype="text/plain; version=0.0.4")
 
     @app.post("/invocations")
     @app.post("/")
     def invocations():
-        _check_ready(engine)
-        if engine.custom is not None:
-            return _custom(engine, timeout)
+        check_ready()
+        if startup.custom is not None:
+            return _custom(engine, startup.custom, config.timeout)
         if request.mimetype in JSONLINES_TYPES:
-            return _jsonlines(engine, request.get_data(cache=False), timeout)
-        return _generate(engine, parse_request(_body(), request.headers.get(ADAPTER_HEADER)), timeout, metrics)
+            return _jsonlines(engine, request.get_data(cache=False), config.timeout)
+        return generate(parse_request(_body(), request.headers.get(ADAPTER_HEADER)))
 
     @app.post("/generate")
-    def generate():
-        _check_ready(engine)
-        generate = parse_generate({**_object(_body()), "stream": False})
-        return _generate(engine, generate, timeout, metrics, one_object=True)
+    def tgi_generate():
+        return generate(parse_generate({**_object(_body()), "stream": False}), one_object=True)
 
     @app.post("/generate_stream")
-    def generate_stream():
-        _check_ready(engine)
-        return _generate(engine, parse_generate({**_object(_body()), "stream": True}), timeout, metrics)
+    def tgi_generate_stream():
+        return generate(parse_generate({**_object(_body()), "stream": True}))
 
     @app.post("/v1/chat/completions")
     def chat_completions():
-        _check_ready(engine)
-        return _generate(engine, parse_chat(_object(_body())), timeout, metrics)
+        return generate(parse_chat(_object(_body())))
 
     @app.post("/v1/completions")
     def completions():
-        _check_ready(engine)
-        return _generate(engine, parse_completion(_body()), timeout, metrics)
+        return generate(parse_completion(_body()))
 
     @app.errorhandler(ServeError)
     def serve_error(e: ServeError):
@@ -178,11 +215,6 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-def _check_ready(engine) -> None:
-    if not engine.ready:
-        raise NotReady("model is loading")
-
-
 def _body():
     if request.mimetype not in JSON_TYPES:
         raise UnsupportedMediaType(
@@ -203,13 +235,14 @@ def _parse_json(data: bytes):
         raise BadRequest(f"request body is not valid JSON: {type(e).__name__}: {e}") from None
 
 
-def _generate(engine, generate: GenerateRequest, timeout: float, metrics: Metrics, one_object: bool = False) -> Response:
+def _generate(engine: Engine, generate: GenerateRequest, timeout: float, stream_timeout: float, metrics: Metrics,
+              one_object: bool = False) -> Response:
     """one_object: TGI's /generate answers the item itself, not a list of one. A stream has its own timeout.
     A client that leaves a stream stops it at the next write; one that leaves a plain request is noticed
     while it waits (gunicorn gives the connection's socket), and its generation is aborted."""
     ticket = engine.submit(generate)
     if generate.stream:
-        return _stream(ticket, generate, engine.config.stream_timeout, metrics)
+        return _stream(ticket, generate, stream_timeout, metrics)
     sock = request.environ.get("gunicorn.socket")
     try:
         result = ticket.result(timeout, client_gone=lambda: _client_gone(sock))
@@ -238,44 +271,38 @@ def _client_gone(sock) -> bool:
         return True
 
 
+def _openai_shaped(generate: GenerateRequest) -> bool:
+    return generate.messages is not None or generate.completion
+
+
 def _response(generate: GenerateRequest, result: GenerateResult):
-    if generate.messages is not None or generate.completion:
-        return openai.response(generate, result)
-    text = generate.inputs + result.text if generate.params.return_full_text else result.text
-    item = {"generated_text": text}
-    if generate.params.details:
-        item["details"] = _details(generate, result)
-    return [item]
+    return openai.response(generate, result) if _openai_shaped(generate) else tgi.response(generate, result)
 
 
-def _details(generate: GenerateRequest, result: GenerateResult) -> dict:
-    details = {**_sequence_details(result.best, result.seed), "input_length": result.input_tokens,
-               "prefill": result.prefill}
-    if result.others:
-        details["best_of_sequences"] = [{"generated_text": s.text, **_sequence_details(s, None), "prefill": result.prefill}
-                                        for s in result.others]
-    return details
-
-
-def _sequence_details(sequence: Sequence, seed) -> dict:
-    details = {"finish_reason": sequence.finish_reason, "generated_tokens": sequence.generated_tokens, "seed": seed,
-               "tokens": sequence.tokens}
-    if sequence.top_tokens is not None:
-        details["top_tokens"] = sequence.top_tokens
-    return details
-
-
-def _stream(ticket, generate: GenerateRequest, timeout: float, metrics: Metrics) -> Response:
+def _stream(ticket: Ticket, generate: GenerateRequest, timeout: float, metrics: Metrics) -> Response:
+    """SSE in the request's dialect. Nothing is sent before the first event: a request that fails before
+    it gets a 4xx/424 of its own; one that fails later ends with an error event of the same body."""
     events = ticket.stream(timeout)
     first = next(events)
-    if first[0] == "error":  # nothing sent yet: a proper 4xx/424 instead of an error event
+    if first[0] == "error":
         events.close()
         raise first[1]
-    openai_shaped = generate.messages is not None or generate.completion
+
+    def engine_events():
+        for kind, payload in _chain(first, events):
+            if kind == "error":
+                raise payload
+            if kind == "done":
+                metrics.count(200, payload.generated_tokens)
+            yield kind, payload
 
     def body():
         try:
-            yield from (_openai_events if openai_shaped else _tgi_events)(generate, _chain(first, events), metrics)
+            if _openai_shaped(generate):
+                yield from (_sse(chunk) for chunk in openai.stream(generate, engine_events()))
+                yield "data: [DONE]\n\n"
+            else:
+                yield from (_sse(event) for event in tgi.stream(generate, engine_events()))
         except ServeError as e:
             yield _sse({"error": e.message, "error_type": e.error_type})
         except TimeoutError as e:
@@ -286,51 +313,8 @@ def _stream(ticket, generate: GenerateRequest, timeout: float, metrics: Metrics)
     return Response(body(), mimetype="text/event-stream", headers=SSE_HEADERS)
 
 
-def _tgi_events(generate, events, metrics):
-    """TGI's stream: one event per token; the last also carries generated_text (and details if asked)."""
-    held, index = None, 0
-    for kind, payload in events:
-        if kind == "error":
-            raise payload
-        if kind == "token":
-            if held is not None:
-                yield _sse(held)
-            index += 1
-            held = {"index": index, "token": payload["token"], "top_tokens": payload["top_tokens"],
-                    "generated_text": None, "details": None}
-        elif kind == "done":
-            metrics.count(200, payload.generated_tokens)
-            text = generate.inputs + payload.text if generate.params.return_full_text else payload.text
-            final = held or {"index": index, "token": None, "generated_text": None, "details": None}
-            final["generated_text"] = text
-            if generate.params.details:
-                final["details"] = {"finish_reason": payload.finish_reason, "generated_tokens": payload.generated_tokens,
-                                    "input_length": payload.input_tokens, "seed": payload.seed}
-            yield _sse(final)
-
-
-def _openai_events(generate, events, metrics):
-    """OpenAI's stream: chunks with deltas, a last chunk with finish_reason and usage, then [DONE]."""
-    chunks = openai.Chunks(generate)
-    first = chunks.first()
-    if first is not None:
-        yield _sse(first)
-    for kind, payload in events:
-        if kind == "error":
-            raise payload
-        if kind == "token":
-            chunk = chunks.token(payload["token"])
-            if chunk is not None:
-                yield _sse(chunk)
-        elif kind == "done":
-            metrics.count(200, payload.generated_tokens)
-            yield _sse(chunks.last(payload))
-    yield "data: [DONE]\n\n"
-
-
-def _custom(engine, timeout: float) -> Response:
+def _custom(engine: Engine, custom: CustomHandlers, timeout: float) -> Response:
     """code/inference.py's handlers, each replacing the built-in step it names (serve/custom.py)."""
-    custom = engine.custom
     accept = request.headers.get("Accept", "application/json")
     accept = "application/json" if accept in ("", "*/*") else accept
     data = request.get_data(cache=False)
@@ -342,7 +326,7 @@ def _custom(engine, timeout: float) -> Response:
     else:
         data = _parse_json(data)
     if "predict_fn" in custom:  # its failures go through the engine's fault policy (serve/faults.py)
-        prediction = engine.run_job(lambda model: custom["predict_fn"](data, model))
+        prediction = engine.predict(data)
     else:
         generate = parse_request(data)
         if generate.stream:
@@ -356,7 +340,7 @@ def _custom(engine, timeout: float) -> Response:
         raise GenerationError(f"output_fn failed: {type(e).__name__}: {e}") from None
 
 
-def _jsonlines(engine, data: bytes, timeout: float) -> Response:
+def _jsonlines(engine: Engine, data: bytes, timeout: float) -> Response:
     """Batch transform: one request per line, one JSON line per answer, in order, all within one timeout.
     A line that is itself invalid gets an error line; every other line is answered. Lines wait for engine
     capacity instead of being refused: when no admission slot is free, this request first finishes its own

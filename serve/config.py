@@ -4,14 +4,14 @@ Names follow TGI's launcher (`MAX_INPUT_TOKENS`, `MAX_TOTAL_TOKENS`, `MAX_BATCH_
 `MAX_BATCH_TOTAL_TOKENS`, `MAX_BATCH_SIZE`, `MAX_CONCURRENT_REQUESTS`, `NUM_SHARD`, `DTYPE`, `QUANTIZE`,
 `CUDA_MEMORY_FRACTION`, `CUDA_GRAPHS`, `PREFIX_CACHING`, `LORA_ADAPTERS`; `ENABLE_LORA`, `MAX_LORAS` and
 `MAX_LORA_RANK` as vLLM's SageMaker images name them) and SageMaker's model-server
-conventions, so a TGI deployment's environment carries over unchanged. serve/engine.py turns them into
-vLLM's engine arguments.
+conventions, so a TGI deployment's environment carries over unchanged. serve/engine_args.py turns them
+into vLLM's engine arguments. Read once, by serve/startup.py, in the gunicorn master.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -35,9 +35,6 @@ BATCH_TIMEOUT = 540  # under SageMaker's default InvocationsTimeoutInSeconds for
 # SAGEMAKER_MODEL_SERVER_TIMEOUT, when set, is every request's limit (async endpoints allow up to 3600 s).
 # Unset, a plain answer must come inside InvokeEndpoint's 60 s, or SageMaker has already answered the
 # client with an error while the generation runs on; a stream keeps the longer default it had.
-ENGINE_COPIES_ENV = "LLM_TWIN_ENGINE_COPIES"  # set by gunicorn_conf.py: the worker count it planned
-MODEL_DIR_ENV = "LLM_TWIN_MODEL_DIR"  # set by `serve` when HF_MODEL_ID chose the model (serve/model_source.py)
-ADAPTER_REGISTRY_ENV = "LLM_TWIN_ADAPTER_REGISTRY"  # set by `serve` with ENABLE_LORA: the workers' shared registry
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's engine accepts as max_lora_rank
 REGISTERED_LORA_RANK = 64  # max_lora_rank when adapters may be registered later, unless MAX_LORA_RANK says
 REGISTERED_LORAS = 4  # adapters in one batch when adapters may be registered later, unless MAX_LORAS says
@@ -66,12 +63,11 @@ class ServeConfig:
     enable_lora: bool = False  # ENABLE_LORA: adapters may be registered while serving (POST /adapters)
     max_loras: int = 0  # adapters one batch may mix; 0 = as many as LORA_ADAPTERS, or REGISTERED_LORAS
     max_lora_rank: int = 0  # 0 = the largest of LORA_ADAPTERS', or REGISTERED_LORA_RANK
-    adapter_registry: Path | None = None  # the folder where registered adapters are kept
     batch: bool = False  # SAGEMAKER_BATCH: a batch transform job's container
     max_payload_mb: int = 0  # SAGEMAKER_MAX_PAYLOAD_IN_MB; 0 = BATCH_PAYLOAD_MB
     max_concurrent_transforms: int = 0  # SAGEMAKER_MAX_CONCURRENT_TRANSFORMS; 0 = from the engine copies
     batch_strategy: str = "MULTI_RECORD"  # SAGEMAKER_BATCH_STRATEGY
-    engine_copies: int = 1  # gunicorn workers, each with its own engine
+    engine_copies: int = 1  # gunicorn workers, each with its own engine (serve/startup.py sets it)
     hf_model_id: str = ""  # TGI's SageMaker HF_MODEL_ID: a hub id or a folder, used when model_dir holds no model
     hf_model_revision: str = ""
     trust_remote_code: bool = False  # HF_MODEL_TRUST_REMOTE_CODE: run a hub model's own Python code
@@ -108,7 +104,7 @@ class ServeConfig:
 
         batch = get(("SAGEMAKER_BATCH",), bool, cls.batch)
         config = cls(
-            model_dir=Path(environ[MODEL_DIR_ENV]) if environ.get(MODEL_DIR_ENV) else OptML.from_env(environ).model_dir,
+            model_dir=OptML.from_env(environ).model_dir,
             port=serving_port(environ),
             workers=get((MODEL_SERVER_WORKERS_ENV,), int, cls.workers),
             timeout=get((MODEL_SERVER_TIMEOUT_ENV,), int, BATCH_TIMEOUT if batch else cls.timeout),
@@ -129,12 +125,10 @@ class ServeConfig:
             enable_lora=get(("ENABLE_LORA", "SM_VLLM_ENABLE_LORA"), bool, cls.enable_lora),
             max_loras=get(("MAX_LORAS", "SM_VLLM_MAX_LORAS"), int, cls.max_loras),
             max_lora_rank=get(("MAX_LORA_RANK", "SM_VLLM_MAX_LORA_RANK"), int, cls.max_lora_rank),
-            adapter_registry=Path(environ[ADAPTER_REGISTRY_ENV]) if environ.get(ADAPTER_REGISTRY_ENV) else None,
             batch=batch,
             max_payload_mb=get(("SAGEMAKER_MAX_PAYLOAD_IN_MB",), int, cls.max_payload_mb),
             max_concurrent_transforms=get(("SAGEMAKER_MAX_CONCURRENT_TRANSFORMS",), int, cls.max_concurrent_transforms),
             batch_strategy=_batch_strategy(get(("SAGEMAKER_BATCH_STRATEGY",), str, cls.batch_strategy)),
-            engine_copies=get((ENGINE_COPIES_ENV,), int, cls.engine_copies),
             hf_model_id=get(("HF_MODEL_ID",), str, cls.hf_model_id),
             hf_model_revision=get(("HF_MODEL_REVISION",), str, cls.hf_model_revision),
             trust_remote_code=get(("HF_MODEL_TRUST_REMOTE_CODE", "TRUST_REMOTE_CODE"), bool, cls.trust_remote_code),
@@ -145,24 +139,18 @@ class ServeConfig:
             raise ConfigError("QUANTIZE=bitsandbytes is TGI's 8-bit, which vLLM cannot quantize to in flight: "
                               "use bitsandbytes-nf4 (4-bit), or serve a pre-quantized awq/gptq/fp8 model")
         if config.quantize not in QUANTIZE:
-            raise ConfigError(f"QUANTIZE={config.quantize!r} is not valid: use one of {', '.join(QUANTIZE[1:])}, or leave it unset")
+            raise ConfigError(f"QUANTIZE={config.quantize!r} is not valid: use one of {', '.join(QUANTIZE[1:])}, "
+                              "or leave it unset")
         for name in ("timeout", "stream_timeout", "max_concurrent_requests"):
             if getattr(config, name) < 1:
                 raise ConfigError(f"{name.upper()} must be at least 1, got {getattr(config, name)}")
         if config.batch_strategy not in BATCH_STRATEGIES:
             raise ConfigError(f"SAGEMAKER_BATCH_STRATEGY={config.batch_strategy!r} is not valid: use MULTI_RECORD or "
                               "SINGLE_RECORD")
-        batch = config.execution_parameters
-        if batch["MaxConcurrentTransforms"] * batch["MaxPayloadInMB"] > BATCH_PAYLOAD_LIMIT_MB:
-            raise ConfigError(f"SAGEMAKER_MAX_CONCURRENT_TRANSFORMS x SAGEMAKER_MAX_PAYLOAD_IN_MB must be at most "
-                              f"{BATCH_PAYLOAD_LIMIT_MB} (SageMaker refuses the transform job otherwise), got "
-                              f"{batch['MaxConcurrentTransforms']} x {batch['MaxPayloadInMB']}")
         for name in ("workers", "max_input_tokens", "max_total_tokens", "max_batch_size", "max_batch_prefill_tokens",
                      "max_batch_total_tokens", "num_shard", "max_payload_mb", "max_concurrent_transforms", "max_loras"):
             if getattr(config, name) < 0:
                 raise ConfigError(f"{name.upper()} must not be negative, got {getattr(config, name)}")
-        if config.engine_copies < 1:
-            raise ConfigError(f"{ENGINE_COPIES_ENV} must be at least 1, got {config.engine_copies}")
         if not 0.05 <= config.cuda_memory_fraction <= 1.0:
             raise ConfigError(f"CUDA_MEMORY_FRACTION must be between 0.05 and 1.0, got {config.cuda_memory_fraction}")
         if config.max_lora_rank and config.max_lora_rank not in LORA_RANKS:
@@ -172,6 +160,17 @@ class ServeConfig:
             if not Path(path).is_dir():
                 raise ConfigError(f"LORA_ADAPTERS: adapter {name!r} is not a folder: {path} (hub ids are not "
                                   "downloaded at serve time; put the adapter in the model directory or the image)")
+        return config.with_engine_copies(1)
+
+    def with_engine_copies(self, copies: int) -> "ServeConfig":
+        """The config for `copies` workers: batch transform's concurrency grows with them, within SageMaker's
+        100 MB product of concurrency and payload."""
+        config = replace(self, engine_copies=copies)
+        batch = config.execution_parameters
+        if batch["MaxConcurrentTransforms"] * batch["MaxPayloadInMB"] > BATCH_PAYLOAD_LIMIT_MB:
+            raise ConfigError(f"SAGEMAKER_MAX_CONCURRENT_TRANSFORMS x SAGEMAKER_MAX_PAYLOAD_IN_MB must be at most "
+                              f"{BATCH_PAYLOAD_LIMIT_MB} (SageMaker refuses the transform job otherwise), got "
+                              f"{batch['MaxConcurrentTransforms']} x {batch['MaxPayloadInMB']}")
         return config
 
 

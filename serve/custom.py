@@ -4,12 +4,13 @@ built-in step of the same name:
 
     model_fn(model_dir)                    -> model       default: the built-in engine's model
     input_fn(body, content_type)           -> data        default: JSON (a TGI or chat request)
-    predict_fn(data, model)                -> prediction  default: generate through the batching engine
+    predict_fn(data, model)                -> prediction  default: generate through the vLLM engine
     output_fn(prediction, accept)          -> body        default: JSON
 
-predict_fn runs on the engine thread (between decode steps), so it may use the model freely. Without
-a model_fn, `model` is {"model": <transformers model>, "tokenizer": <tokenizer>}. A custom model_fn
-needs a predict_fn: the built-in one only knows the built-in model.
+With a predict_fn no vLLM engine starts: serve/predict.py runs it, one call at a time. Without a
+model_fn, `model` is {"model": <transformers model>, "tokenizer": <tokenizer>}. A custom model_fn needs a
+predict_fn: the built-in one only knows the built-in model. The module is imported once, by `serve`
+before gunicorn forks its workers (serve/startup.py).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def load_custom_handlers(model_dir: Path) -> CustomHandlers | None:
     if not functions:
         raise CustomCodeError(f"{path} defines none of {', '.join(HANDLERS)}")
     if "model_fn" in functions and "predict_fn" not in functions:
-        raise CustomCodeError(f"{path} defines model_fn without predict_fn: the built-in predict_fn only serves the built-in model")
+        raise CustomCodeError(f"{path} defines model_fn without predict_fn: "
+                              "the built-in predict_fn only serves the built-in model")
     return CustomHandlers(path, functions)
 
 
@@ -80,4 +82,5 @@ def _bind(name: str, function, context: Context) -> Callable:
         return function
     if count == expected + 1:
         return lambda *args: function(*args, context)
-    raise CustomCodeError(f"inference.py: {name} takes {count} arguments; expected {expected}, or {expected + 1} with context")
+    raise CustomCodeError(f"inference.py: {name} takes {count} arguments; "
+                          f"expected {expected}, or {expected + 1} with context")

@@ -12,6 +12,7 @@ import os
 
 from container.config import ConfigError
 from container.model_dir import ADAPTER_DIR, ServingSpec, resolve_base
+from serve.adapters import MODEL_ADAPTER, adapter_rank
 from serve.config import LORA_RANKS, REGISTERED_LORA_RANK, REGISTERED_LORAS, ServeConfig
 
 CPU_KV_CACHE_SHARE = 0.25  # of the host's available memory, at most, when MAX_BATCH_TOTAL_TOKENS is unset
@@ -24,8 +25,9 @@ def model_length(config: ServeConfig, spec: ServingSpec) -> int:
     return min(config.max_total_tokens or spec.max_total_tokens, spec.max_total_tokens)
 
 
-def engine_arguments(config: ServeConfig, spec: ServingSpec) -> tuple[dict, dict]:
-    """vLLM's AsyncEngineArgs from TGI's variables, and the environment its CPU engine reads."""
+def engine_arguments(config: ServeConfig, spec: ServingSpec, lora_rank: int) -> tuple[dict, dict]:
+    """vLLM's AsyncEngineArgs from TGI's variables, and the environment its CPU engine reads. `lora_rank`:
+    max_lora_rank(), computed once at start; 0 without adapters."""
     cpu = not _cuda_available()
     adapter_only = spec.weights == "adapter"
     max_total = model_length(config, spec)
@@ -55,25 +57,32 @@ def engine_arguments(config: ServeConfig, spec: ServingSpec) -> tuple[dict, dict
                                                             config.max_batch_size)
     if config.quantize:
         arguments["quantization"] = "bitsandbytes" if config.quantize.startswith("bitsandbytes") else config.quantize
-    if adapter_only or config.adapters or config.enable_lora:
+    if lora_wanted(config, spec):
         known = len(config.adapters) + adapter_only
         arguments.update(enable_lora=True,
                          max_loras=config.max_loras or max(known, REGISTERED_LORAS if config.enable_lora else 1),
-                         max_lora_rank=max_lora_rank(config, spec))
+                         max_lora_rank=lora_rank)
     environment = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}  # never fork a threaded gunicorn worker
     if cpu:  # vLLM's CPU engine keeps a core for the frontend by default: on 2 cores that cost 35% of its throughput
         environment["VLLM_CPU_NUM_OF_RESERVED_CPU"] = os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     return arguments, environment
 
 
+def lora_wanted(config: ServeConfig, spec: ServingSpec) -> bool:
+    """Adapters may be served: LORA_ADAPTERS, ENABLE_LORA, or a model directory that holds only an adapter."""
+    return bool(config.adapters) or config.enable_lora or spec.weights == "adapter"
+
+
+def fixed_adapters(config: ServeConfig, spec: ServingSpec) -> dict[str, str]:
+    """LORA_ADAPTERS, and an adapter-only model directory's own adapter (what a request naming none gets)."""
+    own = {MODEL_ADAPTER: str(config.model_dir / ADAPTER_DIR)} if spec.weights == "adapter" else {}
+    return {**config.adapters, **own}
+
+
 def max_lora_rank(config: ServeConfig, spec: ServingSpec) -> int:
     """MAX_LORA_RANK, or the smallest rank vLLM accepts that holds every known adapter (and, when adapters may
     be registered later, REGISTERED_LORA_RANK). A known adapter above MAX_LORA_RANK is a ConfigError."""
-    folders = list(config.adapters.values()) + ([str(config.model_dir / ADAPTER_DIR)] if spec.weights == "adapter" else [])
-    ranks = {}
-    for folder in folders:
-        with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as f:
-            ranks[folder] = json.load(f).get("r", 16)
+    ranks = {folder: adapter_rank(folder) for folder in fixed_adapters(config, spec).values()}
     if config.max_lora_rank:
         too_large = {folder: r for folder, r in ranks.items() if r > config.max_lora_rank}
         if too_large:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from serve.errors import GenerationError, ServeError
 
 REQUEST, MEMORY, FATAL = "request", "memory", "fatal"
+WORKER_BOOT_ERROR = 3  # a worker whose model fails to load exits with this: gunicorn then stops the server
 
 # What CUDA, its libraries and NCCL put in the messages of errors after which the device cannot be trusted.
 DEVICE_FAULTS = ("cuda error", "device-side assert", "illegal memory access", "illegal instruction",

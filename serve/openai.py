@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Iterable, Iterator
 
 from serve.schemas import GenerateRequest, GenerateResult, Sequence
 
@@ -34,6 +35,21 @@ def response(request: GenerateRequest, result: GenerateResult) -> dict:
                 "logprobs": _logprobs(s) if request.params.logprobs else None,
                 "finish_reason": FINISH[s.finish_reason]} for i, s in enumerate(sequences)]
     return _envelope("chatcmpl", "chat.completion", request, choices, usage=usage(result))
+
+
+def stream(request: GenerateRequest, events: Iterable[tuple[str, object]]) -> Iterator[dict]:
+    """A stream's chunks, from the engine's "token" and "done" events (the caller sends `[DONE]` after them)."""
+    chunks = Chunks(request)
+    first = chunks.first()
+    if first is not None:
+        yield first
+    for kind, payload in events:
+        if kind == "token":
+            chunk = chunks.token(payload["token"])
+            if chunk is not None:
+                yield chunk
+        elif kind == "done":
+            yield chunks.last(payload)
 
 
 class Chunks:
@@ -91,4 +107,5 @@ def _logprobs_of(tokens: list[dict]) -> dict:
 
 def _entry(token: dict, top: list[dict]) -> dict:
     return {"token": token["text"], "logprob": token["logprob"], "bytes": list(token["text"].encode()),
-            "top_logprobs": [{"token": t["text"], "logprob": t["logprob"], "bytes": list(t["text"].encode())} for t in top]}
+            "top_logprobs": [{"token": t["text"], "logprob": t["logprob"], "bytes": list(t["text"].encode())}
+                             for t in top]}

@@ -1,4 +1,4 @@
-"""/invocations request schemas, validated into typed requests (reference/serving.md §1.4).
+"""/invocations request schemas, validated into typed requests (TGI's `GenerateRequest` and OpenAI's chat).
 
 Routed on the body like TGI: `inputs` → TGI generate, `messages` → OpenAI chat completion.
 
@@ -105,7 +105,8 @@ def parse_generate(body: object) -> GenerateRequest:
         raise ValidationError(f"request body must be a JSON object, got {_json_type(body)}")
     unknown = sorted(set(body) - {"inputs", "parameters", "stream"})
     if unknown:
-        raise ValidationError(f"unknown field '{unknown[0]}': did you mean '{nearest(unknown[0], ('inputs', 'parameters', 'stream', 'messages'))}'?")
+        raise ValidationError(f"unknown field '{unknown[0]}': did you mean "
+                              f"'{nearest(unknown[0], ('inputs', 'parameters', 'stream', 'messages'))}'?")
     if "inputs" not in body:
         raise ValidationError("missing field 'inputs' (the prompt string), or 'messages' for a chat completion")
     inputs = body["inputs"]
@@ -159,7 +160,8 @@ def parse_chat(body: dict) -> GenerateRequest:
     temperature = _number(values, "temperature", float, minimum=0.0, maximum=2.0)
     greedy = temperature == 0.0  # OpenAI: temperature 0 is greedy, whatever top_p says
     raw = {"max_new_tokens": values.get("max_completion_tokens", values.get("max_tokens")),
-           "top_p": None if greedy else values.get("top_p"), "stop": values.get("stop"), "seed": values.get("seed"), "repetition_penalty": values.get("repetition_penalty"),
+           "top_p": None if greedy else values.get("top_p"), "stop": values.get("stop"), "seed": values.get("seed"),
+           "repetition_penalty": values.get("repetition_penalty"),
            "frequency_penalty": values.get("frequency_penalty"), "top_n_tokens": top_logprobs or None}
     if not greedy:
         raw.update(do_sample=True, temperature=temperature)
@@ -233,7 +235,8 @@ def _grammar(raw: object) -> Grammar | None:
     """TGI's grammar: {"type": "json", "value": <JSON schema>} or {"type": "regex", "value": "<pattern>"}."""
     if raw is None:
         return None
-    if not isinstance(raw, dict) or raw.get("type") not in ("json", "json_object", "regex") or set(raw) - {"type", "value"}:
+    if (not isinstance(raw, dict) or raw.get("type") not in ("json", "json_object", "regex")
+            or set(raw) - {"type", "value"}):
         raise ValidationError("parameter 'grammar' must be {\"type\": \"json\" | \"regex\", \"value\": ...}")
     value = raw.get("value")
     if raw["type"] == "regex":

@@ -1,26 +1,25 @@
 """Shared fixtures: a tiny random Llama with a real BPE tokenizer, /opt/ml trees, and a live `serve`.
 
 Tests run the real `train` and `serve` entrypoints as subprocesses (the same executables the image's
-ENTRYPOINT runs) against temporary /opt/ml trees selected with SAGEMAKER_BASE_DIR.
+ENTRYPOINT runs) against temporary /opt/ml trees selected with SAGEMAKER_BASE_DIR (tests/helpers.py).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-from local_test.tiny_model import TINY_ROWS, build_tiny_model  # noqa: F401 (tests import TINY_ROWS from here)
+from tests.helpers import REPO, STOPPING, Server, build_tiny_model, make_tree, run_train
+
+
+@pytest.fixture(scope="session", autouse=True)
+def servers_exit():
+    """Every server a test stopped without waiting has exited by the end of the session."""
+    yield
+    for server in STOPPING:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -39,103 +38,18 @@ def tiny_served_model(tiny_model, tmp_path_factory) -> Path:
     return root
 
 
-def make_tree(root: Path, hyperparameters: dict | None = None, files: dict[str, str] | None = None) -> Path:
-    """A SageMaker /opt/ml tree: hyperparameters.json (values as given: strings, as SageMaker sends them)
-    and channel files ({"train/data.jsonl": text})."""
-    (root / "input" / "config").mkdir(parents=True, exist_ok=True)
-    (root / "input" / "config" / "hyperparameters.json").write_text(json.dumps(hyperparameters or {}))
-    for relative, text in (files or {}).items():
-        path = root / "input" / "data" / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+@pytest.fixture(scope="session")
+def smollm2_twin(tmp_path_factory) -> Path:
+    """The demo's path on the real embedded model, trained once for the tests that need a real twin: `train`
+    with no model named (so the embedded SmolLM2), a short SFT on local_test's sample data."""
+    root = tmp_path_factory.mktemp("smollm2-twin")
+    shutil.copytree(REPO / "local_test" / "test_dir" / "input", root / "input",
+                    ignore=shutil.ignore_patterns("scratch"))
+    make_tree(root, {"max_steps": "2", "per_device_train_batch_size": "4", "gradient_accumulation_steps": "1",
+                     "max_length": "256", "warmup_steps": "0", "learning_rate": "1e-4", "validation_split": "0"})
+    result = run_train(root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root
-
-
-def jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(row) + "\n" for row in rows)
-
-
-def link_model_channel(root: Path, model: Path) -> None:
-    channel = root / "input" / "data" / "model"
-    channel.parent.mkdir(parents=True, exist_ok=True)
-    channel.symlink_to(model, target_is_directory=True)
-
-
-def run_train(root: Path, timeout: int = 600, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "train")], env={**os.environ, "SAGEMAKER_BASE_DIR": str(root), **env},
-        capture_output=True, text=True, timeout=timeout,
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A real `serve` process (gunicorn + Flask) on a free port."""
-
-    def __init__(self, root: Path, **env):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [str(BIN / "serve")],
-            env={**os.environ, "SAGEMAKER_BASE_DIR": str(root), "SAGEMAKER_BIND_TO_PORT": str(self.port), **env},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        self.ping_codes: list[int] = []
-        self.output: str | None = None
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"serve exited with {self.process.returncode}:\n{self.process.stdout.read()}")
-            try:
-                code = requests.get(self.url + "/ping", timeout=2).status_code
-            except requests.ConnectionError:
-                time.sleep(0.05)
-                continue
-            self.ping_codes.append(code)
-            if code == 200:
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"serve not ready after {timeout} s; /ping codes {self.ping_codes[-5:]}")
-
-    def invoke(self, body, **kwargs) -> requests.Response:
-        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-        headers = kwargs.pop("headers", {"Content-Type": "application/json"})
-        timeout = kwargs.pop("timeout", 120)
-        return requests.post(self.url + "/invocations", data=data, headers=headers, timeout=timeout, **kwargs)
-
-    def stop(self) -> str:
-        """SIGTERM (what SageMaker sends), then the server's whole output. Safe to call twice."""
-        if self.output is None:
-            self.process.terminate()
-            try:
-                self.output, _ = self.process.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.output, _ = self.process.communicate()
-        return self.output
-
-
-def loads_and_generates(root: Path) -> None:
-    """The model directory `train` published is complete and generates, checked with plain transformers:
-    for tests about training, where starting a real server (vLLM: about 20 s here) would add nothing."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from container.model_dir import load_spec
-
-    assert load_spec(root / "model").weights == "merged"
-    tokenizer = AutoTokenizer.from_pretrained(root / "model")
-    model = AutoModelForCausalLM.from_pretrained(root / "model", use_safetensors=True)
-    with torch.inference_mode():
-        out = model.generate(**tokenizer("Write about lesson 1.", return_tensors="pt"), max_new_tokens=3, do_sample=False)
-    assert out.shape[1] > 3
 
 
 @pytest.fixture(scope="session")
@@ -146,7 +60,7 @@ def server(tiny_served_model):
     server = Server(tiny_served_model, DTYPE="float32")
     server.wait_ready()
     yield server
-    server.stop()
+    server.stop_soon()
 
 
 @pytest.fixture
@@ -162,4 +76,4 @@ def serve_tree():
 
     yield start
     for server in servers:
-        server.stop()
+        server.stop_soon()

@@ -35,51 +35,79 @@ def _f(default, help: str, choices: tuple | None = None):
 @dataclass(frozen=True)
 class TrainConfig:
     # what to train
-    model_id: str = _f("", "Hub id or local path of the base model. Empty: the `model` channel (a model folder or model.tar.gz), else the embedded SmolLM2-135M-Instruct.")
+    model_id: str = _f("", "Hub id or local path of the base model. Empty: the `model` channel (a model folder or "
+                           "model.tar.gz), else the embedded SmolLM2-135M-Instruct.")
     model_revision: str = _f("", "Hub revision (branch, tag or commit) of model_id.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub. Off unless you trust the repository.")
-    method: str = _f("sft", "sft: the `train` channel; dpo: the `preference` channel; sft+dpo: SFT, then DPO on the SFT model; orpo: SFT and preference in one stage (ORPO, no reference model); simpo: reference-free preference optimisation; kto: unpaired good/bad examples; sft+simpo, sft+kto: SFT first.", choices=METHODS)
-    preference: str = _f("channel", "Where the preference stage's data comes from: the `preference` channel, or auto: pairs built in the job from the `train` channel (the person's answer chosen, the model's own answer to the same prompt rejected), saved with the model as preference_pairs.jsonl.", choices=("channel", "auto"))
-    adapter: str = _f("lora", "lora; qlora (4-bit nf4 base + LoRA); full (every weight).", choices=("lora", "qlora", "full"))
-    export: str = _f("merged", "What the model dir holds: merged 16-bit weights, the adapter only (served on its base), or both.", choices=("merged", "adapter", "both"))
+    method: str = _f("sft", "sft: the `train` channel; dpo: the `preference` channel; sft+dpo: SFT, then DPO on the "
+                            "SFT model; orpo: SFT and preference in one stage (ORPO, no reference model); simpo: "
+                            "reference-free preference optimisation; kto: unpaired good/bad examples; sft+simpo, "
+                            "sft+kto: SFT first.", choices=METHODS)
+    preference: str = _f("channel", "Where the preference stage's data comes from: the `preference` channel, or auto: "
+                                    "pairs built in the job from the `train` channel (the person's answer chosen, the "
+                                    "model's own answer to the same prompt rejected), saved with the model as "
+                                    "preference_pairs.jsonl.", choices=("channel", "auto"))
+    adapter: str = _f("lora", "lora; qlora (4-bit nf4 base + LoRA); full (every weight).",
+                      choices=("lora", "qlora", "full"))
+    export: str = _f("merged", "What the model dir holds: merged 16-bit weights, the adapter only (served on its "
+                               "base), or both.", choices=("merged", "adapter", "both"))
     # LoRA
     lora_r: int = _f(32, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA scaling numerator (scale = lora_alpha / lora_r).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
-    lora_target_modules: tuple[str, ...] = _f(("all-linear",), "Modules that get LoRA adapters; all-linear = every linear layer but the head.")
+    lora_target_modules: tuple[str, ...] = _f(("all-linear",), "Modules that get LoRA adapters; all-linear = every "
+                                                               "linear layer but the head.")
     # optimisation (SFT)
     learning_rate: float = _f(0.0, "SFT peak learning rate; 0 = auto: 2e-4 with adapters, 2e-5 for full.")
     num_train_epochs: float = _f(3.0, "SFT epochs (ignored when max_steps > 0).")
     max_steps: int = _f(-1, "SFT optimizer steps; -1 = use num_train_epochs.")
-    lr_scheduler_type: str = _f("linear", "Learning-rate schedule.", choices=("linear", "cosine", "constant", "constant_with_warmup"))
+    lr_scheduler_type: str = _f("linear", "Learning-rate schedule.",
+                                choices=("linear", "cosine", "constant", "constant_with_warmup"))
     warmup_steps: int = _f(10, "Linear warmup steps.")
     weight_decay: float = _f(0.01, "AdamW weight decay.")
     per_device_train_batch_size: int = _f(2, "Examples per device per forward pass.")
     gradient_accumulation_steps: int = _f(8, "Forward passes per optimizer step.")
-    max_length: int = _f(2048, "Longest tokenized example (prompt + response); longer ones are truncated, and counted in the log.")
+    max_length: int = _f(2048, "Longest tokenized example (prompt + response); longer ones are truncated, and counted "
+                               "in the log.")
     # the preference stage (DPO, ORPO, SimPO or KTO)
-    dpo_learning_rate: float = _f(0.0, "Preference stage peak learning rate; 0 = auto: with adapters 5e-6 (DPO, SimPO, KTO) or 8e-5 (ORPO), a tenth of that for full.")
+    dpo_learning_rate: float = _f(0.0, "Preference stage peak learning rate; 0 = auto: with adapters 5e-6 (DPO, SimPO, "
+                                       "KTO) or 8e-5 (ORPO), a tenth of that for full.")
     dpo_num_train_epochs: float = _f(1.0, "Preference stage epochs (ignored when dpo_max_steps > 0).")
     dpo_max_steps: int = _f(-1, "Preference stage optimizer steps; -1 = use dpo_num_train_epochs.")
-    beta: float = _f(0.0, "DPO/KTO beta (how far the policy may move from the reference), ORPO's lambda, SimPO's reward scale; 0 = auto: 0.5 DPO (LLM Twin), 0.1 ORPO and KTO, 2.0 SimPO.")
+    beta: float = _f(0.0, "DPO/KTO beta (how far the policy may move from the reference), ORPO's lambda, SimPO's "
+                          "reward scale; 0 = auto: 0.5 DPO (LLM Twin), 0.1 ORPO and KTO, 2.0 SimPO.")
     simpo_gamma: float = _f(0.5, "SimPO's target reward margin.")
     preference_max_new_tokens: int = _f(256, "Longest rejected answer generated for preference=auto.")
     dpo_loss_type: str = _f("sigmoid", "DPO loss (TRL's loss_type).", choices=DPO_LOSS_TYPES)
     # evaluation
-    validation_split: float = _f(0.05, "Fraction held out for eval loss when there is no `validation` (SFT) / `preference_validation` (DPO) channel; 0 = none.")
+    validation_split: float = _f(0.05, "Fraction held out for eval loss when there is no `validation` (SFT) / "
+                                       "`preference_validation` (DPO) channel; 0 = none.")
     eval_steps: int = _f(0, "Evaluate every this many steps; 0 = at the end of each stage.")
-    voice_eval_prompts: int = _f(8, "Held-out prompts the model answers at every evaluation, scored against the person's real answers (voice metrics, also for the base model before training); 0 = off.")
+    voice_eval_prompts: int = _f(8, "Held-out prompts the model answers at every evaluation, scored against the "
+                                    "person's real answers (voice metrics, also for the base model before training); "
+                                    "0 = off.")
     voice_max_new_tokens: int = _f(128, "Longest answer generated for the voice metrics.")
-    early_stopping_patience: int = _f(0, "End a stage after this many evaluations without improvement of metric_for_best_model; 0 = off. Needs eval_steps > 0 and held-out data.")
-    metric_for_best_model: str = _f("eval_loss", "What early stopping and load_best_model_at_end compare: the held-out loss, or a voice metric.", choices=("eval_loss", "voice_style_distance", "voice_overlap"))
-    load_best_model_at_end: bool = _f(False, "End each stage with its best checkpoint's weights (by metric_for_best_model), not the last. Needs eval_steps > 0, save_steps a multiple of it, and held-out data.")
+    early_stopping_patience: int = _f(0, "End a stage after this many evaluations without improvement of "
+                                         "metric_for_best_model; 0 = off. Needs eval_steps > 0 and held-out data.")
+    metric_for_best_model: str = _f("eval_loss", "What early stopping and load_best_model_at_end compare: the held-out "
+                                                 "loss, or a voice metric.",
+                                    choices=("eval_loss", "voice_style_distance", "voice_overlap"))
+    load_best_model_at_end: bool = _f(False, "End each stage with its best checkpoint's weights (by "
+                                             "metric_for_best_model), not the last. Needs eval_steps > 0, save_steps a "
+                                             "multiple of it, and held-out data.")
     # efficiency and hardware
-    packing: str = _f("auto", "Padding-free packing (no cross-example attention). auto = on where flash-attention 2 is installed (GPU), else off.", choices=("auto", "true", "false"))
+    packing: str = _f("auto", "Padding-free packing (no cross-example attention). auto = on where flash-attention 2 is "
+                              "installed (GPU), else off.", choices=("auto", "true", "false"))
     group_by_length: bool = _f(True, "Without packing, batch examples of similar length (less padding).")
-    gradient_checkpointing: str = _f("auto", "Recompute activations to save memory (about 30% more compute). auto = on when the GPU would otherwise be tight.", choices=("auto", "true", "false"))
-    bf16: str = _f("auto", "bfloat16 mixed precision: auto = on GPUs that support it.", choices=("auto", "true", "false"))
+    gradient_checkpointing: str = _f("auto", "Recompute activations to save memory (about 30% more compute). auto = on "
+                                             "when the GPU would otherwise be tight.",
+                                     choices=("auto", "true", "false"))
+    bf16: str = _f("auto", "bfloat16 mixed precision: auto = on GPUs that support it.",
+                   choices=("auto", "true", "false"))
     # distribution (one GPU, many GPUs, many instances)
-    distributed: str = _f("auto", "auto: one process per GPU on every instance, DDP when the model and its optimizer state fit one GPU, else DeepSpeed ZeRO-3; or force ddp, zero2, zero3, fsdp.", choices=("auto", "ddp", "zero2", "zero3", "fsdp"))
+    distributed: str = _f("auto", "auto: one process per GPU on every instance, DDP when the model and its optimizer "
+                                  "state fit one GPU, else DeepSpeed ZeRO-3; or force ddp, zero2, zero3, fsdp.",
+                          choices=("auto", "ddp", "zero2", "zero3", "fsdp"))
     processes_per_host: int = _f(0, "Training processes per instance; 0 = one per GPU (1 on the CPU).")
     master_port: int = _f(7777, "TCP port of the rendezvous on the first instance.")
     ddp_timeout: int = _f(1800, "Seconds a collective may wait for a peer before the job fails.")
@@ -88,7 +116,14 @@ class TrainConfig:
     save_steps: int = _f(50, "Checkpoint to /opt/ml/checkpoints every this many steps (and on SIGTERM).")
     save_total_limit: int = _f(2, "Checkpoints kept per stage; older ones are deleted.")
     logging_steps: int = _f(1, "Log metrics every this many optimizer steps.")
-    report_to: tuple[str, ...] = _f(("none",), "Experiment tracking, one or more of: tensorboard (event files in /opt/ml/output/tensorboard/<stage>, uploaded by the job's TensorBoardOutputConfig: launch train --tensorboard S3URI); mlflow (a run on MLFLOW_TRACKING_URI, a SageMaker managed MLflow tracking-server ARN or any tracking server: launch train --mlflow ARN); wandb (a run in WANDB_PROJECT with WANDB_API_KEY, or WANDB_MODE=offline: launch train --wandb). Hyperparameters, training, eval and voice metrics, the model card.", choices=("none", "tensorboard", "mlflow", "wandb"))
+    report_to: tuple[str, ...] = _f(("none",), "Experiment tracking, one or more of: tensorboard (event files in "
+                                               "/opt/ml/output/tensorboard/<stage>, uploaded by the job's "
+                                               "TensorBoardOutputConfig: launch train --tensorboard S3URI); mlflow (a "
+                                               "run on MLFLOW_TRACKING_URI, a SageMaker managed MLflow tracking-server "
+                                               "ARN or any tracking server: launch train --mlflow ARN); wandb (a run "
+                                               "in WANDB_PROJECT with WANDB_API_KEY, or WANDB_MODE=offline: launch "
+                                               "train --wandb). Hyperparameters, training, eval and voice metrics, the "
+                                               "model card.", choices=("none", "tensorboard", "mlflow", "wandb"))
     seed: int = _f(42, "Random seed for data order, the validation split and LoRA initialisation.")
     max_new_tokens: int = _f(256, "Default max_new_tokens written to the model's serving defaults.")
 
@@ -106,8 +141,8 @@ class TrainConfig:
         if self.beta < 0:
             raise ConfigError(f"hyperparameter beta={self.beta} must be greater than 0, or 0 for each method's default")
         if "kto" in self.stages and self.per_device_train_batch_size < 2:
-            raise ConfigError("KTO estimates its KL term from the other examples of a batch: per_device_train_batch_size "
-                              "must be at least 2")
+            raise ConfigError("KTO estimates its KL term from the other examples of a batch: "
+                              "per_device_train_batch_size must be at least 2")
         if self.preference == "auto" and not any(stage in PREFERENCE_STAGES for stage in self.stages):
             raise ConfigError(f"preference=auto builds data for a preference stage, but method={self.method} has none: "
                               "use method=sft+dpo (or dpo, orpo, simpo, kto)")
@@ -117,7 +152,8 @@ class TrainConfig:
             raise ConfigError(f"hyperparameter validation_split={self.validation_split} must be in [0, 1)")
         for steps, epochs in (("max_steps", "num_train_epochs"), ("dpo_max_steps", "dpo_num_train_epochs")):
             if getattr(self, steps) <= 0 and getattr(self, steps) != -1:
-                raise ConfigError(f"hyperparameter {steps}={getattr(self, steps)} must be positive, or -1 to use {epochs}")
+                raise ConfigError(f"hyperparameter {steps}={getattr(self, steps)} must be positive, "
+                                  f"or -1 to use {epochs}")
             if getattr(self, steps) == -1 and getattr(self, epochs) <= 0:
                 raise ConfigError(f"hyperparameter {epochs}={getattr(self, epochs)} must be greater than 0")
         if not self.report_to or ("none" in self.report_to and len(self.report_to) > 1) or \
@@ -127,11 +163,14 @@ class TrainConfig:
         if not self.lora_target_modules:
             raise ConfigError("hyperparameter lora_target_modules is empty: name modules or use all-linear")
         if self.adapter == "full" and self.export != "merged":
-            raise ConfigError(f"export={self.export} needs an adapter, but adapter=full trains every weight: use export=merged")
+            raise ConfigError(f"export={self.export} needs an adapter, but adapter=full trains every weight: use "
+                              "export=merged")
         if self.adapter == "qlora" and self.distributed in ("zero3", "fsdp"):
             raise ConfigError(f"adapter=qlora with distributed={self.distributed} is not supported here (bitsandbytes "
-                              "4-bit weights cannot be sharded by this stack): use distributed=ddp or zero2, or adapter=lora")
-        if self.processes_per_host < 0 or not 0 < self.master_port < 65536 or self.ddp_timeout <= 0 or self.dns_timeout < 0:
+                              "4-bit weights cannot be sharded by this stack): use distributed=ddp or zero2, "
+                              "or adapter=lora")
+        if (self.processes_per_host < 0 or not 0 < self.master_port < 65536 or self.ddp_timeout <= 0
+                or self.dns_timeout < 0):
             raise ConfigError("hyperparameters processes_per_host >= 0, 0 < master_port < 65536, ddp_timeout > 0 and "
                               "dns_timeout >= 0 are required")
         if (self.early_stopping_patience or self.load_best_model_at_end) and not self.eval_steps:
@@ -139,8 +178,9 @@ class TrainConfig:
                               "set eval_steps (e.g. eval_steps=50) and keep held-out data (a validation channel or "
                               "validation_split > 0)")
         if self.load_best_model_at_end and self.save_steps % self.eval_steps:
-            raise ConfigError(f"load_best_model_at_end needs a checkpoint at every evaluation: save_steps={self.save_steps} "
-                              f"must be a multiple of eval_steps={self.eval_steps} (e.g. save_steps={self.eval_steps})")
+            raise ConfigError("load_best_model_at_end needs a checkpoint at every evaluation: "
+                              f"save_steps={self.save_steps} must be a multiple of eval_steps={self.eval_steps} "
+                              f"(e.g. save_steps={self.eval_steps})")
         if self.metric_for_best_model.startswith("voice_") and not self.voice_eval_prompts:
             raise ConfigError(f"metric_for_best_model={self.metric_for_best_model} is a voice metric, but "
                               "voice_eval_prompts=0 turns them off")

@@ -197,7 +197,8 @@ def to_sft_row(record: object, where: str) -> dict:
 def to_preference_row(record: object, where: str) -> dict:
     record = _object(record, where)
     if not ("chosen" in record and "rejected" in record):
-        raise DataError(f"{where}: unrecognised preference row with keys {sorted(record)}: expected {PREFERENCE_FORMATS}")
+        raise DataError(f"{where}: unrecognised preference row with keys {sorted(record)}: "
+                        f"expected {PREFERENCE_FORMATS}")
     if "prompt" in record:
         prompt = _turns(record, "prompt", where, _user)
         chosen = _turns(record, "chosen", where, _assistant)
@@ -249,7 +250,8 @@ def _messages(value: object, where: str, key: str) -> list[dict]:
 
 def _ends_with_assistant(messages: list[dict], where: str, key: str) -> None:
     if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
-        raise DataError(f"{where}: the last message of '{key}' must be a non-empty assistant reply (it is what the model learns)")
+        raise DataError(f"{where}: the last message of '{key}' must be a non-empty assistant reply "
+                        "(it is what the model learns)")
 
 
 def _user(text: str) -> dict:

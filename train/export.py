@@ -62,7 +62,7 @@ def export_model(config: TrainConfig, paths: OptML, tokenizer, base: BaseModel, 
     ).write(staging)
     report["export"] = {"weights": weights, "adapter": config.export in ("adapter", "both")}
     (staging / TRAINING_REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (staging / MODEL_CARD_FILE).write_text(model_card(config, report, base.reference or base.source, base.source, weights),
-                                           encoding="utf-8")
+    (staging / MODEL_CARD_FILE).write_text(
+        model_card(config, report, base.reference or base.source, base.source, weights), encoding="utf-8")
     publish(staging, paths.model_dir)
     log.info("model written to %s: %s", paths.model_dir, ", ".join(sorted(p.name for p in paths.model_dir.iterdir())))

@@ -82,7 +82,8 @@ def torchrun_command(top: Topology, config: TrainConfig, master_addr: str) -> li
                "--nproc_per_node", str(top.processes_per_host), "--max_restarts", "0",
                "--shutdown_timeout", str(SHUTDOWN_TIMEOUT)]
     if len(top.hosts) > 1:
-        command += ["--node_rank", str(top.node_rank), "--master_addr", master_addr, "--master_port", str(config.master_port)]
+        command += ["--node_rank", str(top.node_rank), "--master_addr", master_addr,
+                    "--master_port", str(config.master_port)]
     else:
         command += ["--master_addr", "127.0.0.1", "--master_port", str(config.master_port)]
     return command + ["-m", "train"]

@@ -1,32 +1,14 @@
-"""Training metrics: one regex-friendly log line per logging step, and the SageMaker MetricDefinitions
-that read them (the launcher passes these to CreateTrainingJob). No torch import here.
+"""Training metrics: one regex-friendly log line per logging step, which container/metrics.py's SageMaker
+MetricDefinitions read (the launcher passes these to CreateTrainingJob). No torch import here.
 
     stage=sft step=10 train_loss=1.234 learning_rate=0.0002 grad_norm=0.5 tokens_per_second=812.3 epoch=0.5
     stage=sft step=40 eval_loss=1.101
     stage=sft step=40 voice_length_ratio=0.93 voice_distinct2=0.88 voice_style_distance=0.21 voice_overlap=0.31 perplexity=3.01
-"""
+"""  # noqa: E501 (the example log line is one line)
 
 from __future__ import annotations
 
 import time
-
-_NUMBER = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
-
-METRIC_DEFINITIONS = [
-    {"Name": "train:loss", "Regex": rf"stage=\S+ step=\d+ train_loss={_NUMBER}"},
-    {"Name": "eval:loss", "Regex": rf"eval_loss={_NUMBER}"},
-    {"Name": "train:learning_rate", "Regex": rf" learning_rate={_NUMBER}"},
-    {"Name": "train:grad_norm", "Regex": rf" grad_norm={_NUMBER}"},
-    {"Name": "train:tokens_per_second", "Regex": rf" tokens_per_second={_NUMBER}"},
-    {"Name": "train:epoch", "Regex": rf" epoch={_NUMBER}"},
-    {"Name": "dpo:rewards_accuracies", "Regex": rf" rewards_accuracies={_NUMBER}"},
-    {"Name": "dpo:rewards_margins", "Regex": rf" rewards_margins={_NUMBER}"},
-    {"Name": "voice:length_ratio", "Regex": rf" voice_length_ratio={_NUMBER}"},
-    {"Name": "voice:distinct2", "Regex": rf" voice_distinct2={_NUMBER}"},
-    {"Name": "voice:style_distance", "Regex": rf" voice_style_distance={_NUMBER}"},
-    {"Name": "voice:overlap", "Regex": rf" voice_overlap={_NUMBER}"},
-    {"Name": "eval:perplexity", "Regex": rf" perplexity={_NUMBER}"},
-]
 
 
 def log_fields(logs: dict) -> dict:

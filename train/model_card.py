@@ -50,7 +50,8 @@ def model_card(config: TrainConfig, report: dict, base_name: str, base_source: s
             lines += [f"- {json.dumps(item)}" for item in value]
     lines += ["---", "", f"# LLM Twin fine-tuned from {hub_id}", "",
               f"Trained with {' then '.join(s.upper() for s in config.stages)} ({config.adapter}) by the llm-twin "
-              f"SageMaker image; exported as {'an adapter on its base' if weights == 'adapter' else 'merged 16-bit weights'}.",
+              "SageMaker image; exported as "
+              f"{'an adapter on its base' if weights == 'adapter' else 'merged 16-bit weights'}.",
               "", "## Data", "", "| stage | training examples | held-out examples | steps | resumed from step |",
               "| --- | --- | --- | --- | --- |"]
     for stage, values in report["stages"].items():
@@ -73,7 +74,8 @@ def model_card(config: TrainConfig, report: dict, base_name: str, base_source: s
                       f"  - twin: {_one_line(sample.get('after', ''))}"]
     metrics = {stage: values.get("metrics", {}) for stage, values in report["stages"].items()}
     lines += ["", "## Metrics", "", "```json", json.dumps(metrics, indent=2, sort_keys=True), "```",
-              "", "## Hyperparameters", "", "```json", json.dumps(report["config"], indent=2, sort_keys=True, default=list),
+              "", "## Hyperparameters", "", "```json",
+              json.dumps(report["config"], indent=2, sort_keys=True, default=list),
               "```", "", f"Device: {report.get('device')}, precision {report.get('precision')}. Serve it with the same "
               "image (`docker run IMAGE serve`); its TGI and OpenAI routes answer.", ""]
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from train.config import TrainConfig
 from train.export import MODEL_CARD_FILE, export_model
 from train.model import BaseModel, load_for_training, load_tokenizer, load_trained
 from train.preferences import PAIRS_FILE, build_pairs, kto_rows, read_pairs, rows_digest, write_pairs
-from train.recipes import detect_device, train_stage
+from train.recipes import RunContext, StageRows, detect_device, train_stage
 from train.stop import Stop
 from train.tracking import Tracking, tracked
 
@@ -56,6 +56,7 @@ def _train_stages(config: TrainConfig, paths: OptML, data: dict[str, tuple[list,
     extras: dict[str, Path] = {}  # files shipped with the model besides what export writes
     resources = paths.read_resource_config()
     markers = Markers.for_hosts(resources.current_host, resources.hosts)
+    run = RunContext(device, stop, markers, tracking)
     for index, stage in enumerate(config.stages):
         stage_dir = paths.checkpoints_dir / stage
         final = stage_dir / "final"
@@ -72,8 +73,8 @@ def _train_stages(config: TrainConfig, paths: OptML, data: dict[str, tuple[list,
             with stop.phase(f"building {stage}'s preference pairs (preference=auto)"):
                 train_rows, eval_rows = _auto_pairs(stage, config, model, tokenizer, train_rows, eval_rows, stage_dir)
             extras[PAIRS_FILE] = stage_dir / PAIRS_FILE
-        trained, stage_report = train_stage(stage, config, model, tokenizer, train_rows, eval_rows, stage_dir, device, stop,
-                                            markers, tracking)
+        rows = StageRows(train_rows, eval_rows)
+        trained, stage_report = train_stage(stage, config, model, tokenizer, rows, stage_dir, run)
         report["stages"][stage] = stage_report
         del model
         _free_memory()
@@ -103,7 +104,8 @@ def _auto_pairs(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
     from accelerate.utils import broadcast_object_list, gather_object
 
     state = PartialState()  # under torchrun: the process group the Trainer would start anyway, started now
-    files = [stage_dir / f"{name}-{rows_digest(rows)}.jsonl" for name, rows in (("train", train_rows), ("eval", eval_rows))]
+    files = [stage_dir / f"{name}-{rows_digest(rows)}.jsonl"
+             for name, rows in (("train", train_rows), ("eval", eval_rows))]
     found = [[read_pairs(f) for f in files] if state.is_main_process and all(f.is_file() for f in files) else None]
     broadcast_object_list(found)  # the first process's view decides, for every process
     if found[0] is not None:
@@ -112,7 +114,8 @@ def _auto_pairs(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
         pairs = []
         for rows in (train_rows, eval_rows):
             share = list(range(state.process_index, len(rows), state.num_processes))
-            built = build_pairs(model, tokenizer, [rows[i] for i in share], config.preference_max_new_tokens) if share else []
+            built = (build_pairs(model, tokenizer, [rows[i] for i in share], config.preference_max_new_tokens)
+                     if share else [])
             pairs.append([pair for _, pair in sorted(gather_object([(i, pair) for i, pair in zip(share, built)
                                                                      if pair is not None]), key=lambda item: item[0])])
     if state.is_local_main_process:

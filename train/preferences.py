@@ -24,10 +24,12 @@ PAIRS_FILE = "preference_pairs.jsonl"
 def build_pairs(model, tokenizer, rows: list[dict], max_new_tokens: int) -> list[dict | None]:
     """One pair per row, in order; None for a row whose generated answer is the person's own."""
     if any("completion" not in row for row in rows):
-        raise DataError("preference=auto needs conversation rows in the 'train' channel ({\"instruction\", \"output\"}, "
-                        "{\"prompt\", \"completion\"} or {\"messages\"}): plain {\"text\"} rows have no answer to prefer")
+        raise DataError("preference=auto needs conversation rows in the 'train' channel "
+                        "({\"instruction\", \"output\"}, {\"prompt\", \"completion\"} or {\"messages\"}): "
+                        "plain {\"text\"} rows have no answer to prefer")
     answers = generate(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens)
-    return [{"prompt": row["prompt"], "chosen": row["completion"], "rejected": [{"role": "assistant", "content": answer}]}
+    return [{"prompt": row["prompt"], "chosen": row["completion"],
+             "rejected": [{"role": "assistant", "content": answer}]}
             if answer.strip() != row["completion"][-1]["content"].strip() else None
             for row, answer in zip(rows, answers)]
 

@@ -1,5 +1,8 @@
-"""The two training stages, each one TRL trainer: SFTTrainer (loss on completions only) and DPOTrainer
-(the PEFT base, adapter disabled, is the reference: no second model copy). LoRA, QLoRA or full.
+"""The training stages, one TRL trainer each: SFT (SFTTrainer, loss on completions only) and the preference
+stages DPO (DPOTrainer), ORPO (ORPOTrainer), SimPO (CPOTrainer with loss_type=simpo and no SFT term) and KTO
+(KTOTrainer, unpaired good and bad examples). DPO and KTO compare with a reference model: the PEFT base with
+the adapter disabled (no second model copy), or a frozen copy for full fine-tuning; ORPO and SimPO need none.
+LoRA, QLoRA or full.
 
 Imports torch and TRL: `train.__main__` imports this only after config and data are checked.
 """
@@ -20,8 +23,8 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrai
 
 from container.config import ConfigError
 from train.checkpoints import MarkComplete, Markers, StopAtStepBoundary, latest_checkpoint
-from train.errors import TrainingInterrupted
 from train.config import TrainConfig
+from train.errors import TrainingInterrupted
 from train.metrics import TokenRate, format_log_line
 from train.stop import Stop
 from train.tracking import Tracking
@@ -101,7 +104,8 @@ def strategy(config: TrainConfig, model) -> str:
     total = torch.cuda.get_device_properties(0).total_memory
     choice = "ddp" if need < 0.8 * total else "zero3"
     log.info("distributed=auto: about %.1f GiB per replica on %.1f GiB GPUs -> %s", need / 2**30, total / 2**30,
-             "DDP (a replica fits one GPU)" if choice == "ddp" else "ZeRO-3 (shard weights, gradients and optimizer state)")
+             "DDP (a replica fits one GPU)" if choice == "ddp"
+             else "ZeRO-3 (shard weights, gradients and optimizer state)")
     return choice
 
 
@@ -121,14 +125,34 @@ def lora_config(config: TrainConfig) -> LoraConfig | None:
         return None
     targets = config.lora_target_modules
     return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules="all-linear" if targets == ("all-linear",) else list(targets), task_type="CAUSAL_LM")
+                      target_modules="all-linear" if targets == ("all-linear",) else list(targets),
+                      task_type="CAUSAL_LM")
 
 
-def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: list[dict], eval_rows: list[dict],
-                stage_dir: Path, device: Device, stop: Stop, markers: Markers = Markers(),
-                tracking: Tracking = Tracking([])) -> tuple[Path, dict]:
+@dataclass(frozen=True)
+class StageRows:
+    """A stage's data: its training rows and its held-out evaluation rows (possibly none)."""
+
+    train: list[dict]
+    eval: list[dict]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every stage of one job shares: the device, the SIGTERM stop, the checkpoint markers, the trackers."""
+
+    device: Device
+    stop: Stop
+    markers: Markers = Markers()
+    tracking: Tracking = Tracking([])
+
+
+def train_stage(stage: str, config: TrainConfig, model, tokenizer, rows: StageRows, stage_dir: Path,
+                run: RunContext) -> tuple[Path, dict]:
     """Train one stage (resuming from its newest complete checkpoint). Every rank saves the result (ZeRO-3
     gathers the weights then) to `stage_dir/trained`: the adapter, or the full model. Returns it and a report."""
+    train_rows, eval_rows = rows.train, rows.eval
+    device, stop, markers, tracking = run.device, run.stop, run.markers, run.tracking
     packing = stage == "sft" and use_packing(config, device)
     comparing = bool(config.early_stopping_patience or config.load_best_model_at_end)
     checkpointing = use_gradient_checkpointing(config, model)
@@ -161,7 +185,8 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
         # TRL names the lengths `input_ids` only for SFT; DPO batches pairs, so it keeps random order
-        train_sampling_strategy="group_by_length" if stage == "sft" and config.group_by_length and not packing else "random",
+        train_sampling_strategy=("group_by_length" if stage == "sft" and config.group_by_length and not packing
+                                 else "random"),
         report_to="none",
         disable_tqdm=True,
         **distributed_args(config, choice),
@@ -202,13 +227,15 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
         newest = latest_checkpoint(stage_dir, markers)  # the step's own, or (past the last decision) an earlier one
         saved = f"the newest checkpoint is {newest}" if newest else "no checkpoint was written yet"
         raise TrainingInterrupted(
-            f"training stopped by SIGTERM during {stage} at step {trainer.state.global_step} of {trainer.state.max_steps}; "
+            f"training stopped by SIGTERM during {stage} at step {trainer.state.global_step} "
+            f"of {trainer.state.max_steps}; "
             f"{saved}: start the job again with the same checkpoint location to resume")
     metrics = dict(result.metrics)
     if eval_rows:
         with stop.phase(f"evaluating {stage}"):
             metrics.update(trainer.evaluate())
-    report.update(steps=trainer.state.global_step, metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+    report.update(steps=trainer.state.global_step,
+                  metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                   tokens_per_second=callbacks[0].mean_tokens_per_second())
     if trainer.state.best_model_checkpoint:
         report["best"] = {"metric": config.metric_for_best_model, "value": trainer.state.best_metric,
@@ -248,8 +275,8 @@ def preference_trainer(stage: str, config: TrainConfig, common: dict, model, tok
     beta = config.stage_beta(stage)
     shared = dict(processing_class=tokenizer, peft_config=lora_config(config), callbacks=callbacks, **datasets)
     if stage == "dpo":
-        return DPOTrainer(model=model, ref_model=None, args=DPOConfig(**common, beta=beta, loss_type=[config.dpo_loss_type]),
-                          **shared)
+        return DPOTrainer(model=model, ref_model=None,
+                          args=DPOConfig(**common, beta=beta, loss_type=[config.dpo_loss_type]), **shared)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # chosen knowingly; the warning would repeat per rank
     if stage == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -306,7 +333,8 @@ class VoiceCallback(TrainerCallback):
         self.samples: list[dict] = []
 
     def measure(self, model) -> dict:
-        scores, answers = measure(model, self.tokenizer, self.prompts, self.references, self.config.voice_max_new_tokens)
+        scores, answers = measure(model, self.tokenizer, self.prompts, self.references,
+                                  self.config.voice_max_new_tokens)
         if not self.samples:
             self.samples = [{"prompt": p[-1]["content"], "reference": r, "before": a}
                             for p, r, a in zip(self.prompts, self.references, answers)]

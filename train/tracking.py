@@ -25,13 +25,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from container.config import ConfigError
+from container.config import URI_WITH_PASSWORD, ConfigError
 from container.opt_ml import OptML
 from train.errors import TrainingInterrupted
 from train.metrics import log_fields, metric_name
@@ -40,7 +39,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PROJECT = "llm-twin"  # the MLflow experiment and the W&B project, unless the environment names one
 STATE_FILE = "tracking.json"  # in the checkpoints folder: the run ids a restarted job continues
-URI_WITH_PASSWORD = re.compile(r"//[^/]*@")  # scheme://user:password@host: refused, it would be logged
 
 
 def check_environment(report_to: tuple[str, ...], environ=os.environ) -> None:
@@ -52,7 +50,8 @@ def check_environment(report_to: tuple[str, ...], environ=os.environ) -> None:
     if "mlflow" in report_to and URI_WITH_PASSWORD.search(uri):
         raise ConfigError("MLFLOW_TRACKING_URI holds a user and password, which would show wherever the URI is "
                           "logged: put them in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
-    if "wandb" in report_to and not environ.get("WANDB_API_KEY") and environ.get("WANDB_MODE") not in ("offline", "disabled"):
+    if ("wandb" in report_to and not environ.get("WANDB_API_KEY")
+            and environ.get("WANDB_MODE") not in ("offline", "disabled")):
         raise ConfigError("report_to=wandb needs WANDB_API_KEY in the job's environment (launch train --wandb passes "
                           "yours), or WANDB_MODE=offline to write the run to the job's output for `wandb sync`")
 
@@ -68,7 +67,8 @@ class TensorBoard:
         if stage not in self.writers:
             from tensorboardX import SummaryWriter
 
-            self.writers[stage] = SummaryWriter(log_dir=str(self.root / stage), flush_secs=30)  # SageMaker uploads as they grow
+            # SageMaker uploads as they grow
+            self.writers[stage] = SummaryWriter(log_dir=str(self.root / stage), flush_secs=30)
             self.writers[stage].add_text("hyperparameters", "```\n" + json.dumps(self.params, indent=1) + "\n```", 0)
         return self.writers[stage]
 

@@ -87,7 +87,8 @@ def reference_perplexity(model, tokenizer, prompts: list[list[dict]], references
     try:
         for prompt, reference in zip(prompts, references):
             asked = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-            whole = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reference}], tokenize=False)
+            whole = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reference}],
+                                                  tokenize=False)
             prefix = tokenizer(asked, add_special_tokens=False)["input_ids"]
             ids = tokenizer(whole, add_special_tokens=False)["input_ids"]
             if ids[:len(prefix)] != prefix:  # a template that renders the answer's turn differently: the answer alone
@@ -160,7 +161,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
     return answers
 
 
-def measure(model, tokenizer, prompts: list[list[dict]], references: list[str], max_new_tokens: int) -> tuple[dict, list[str]]:
+def measure(model, tokenizer, prompts: list[list[dict]], references: list[str],
+            max_new_tokens: int) -> tuple[dict, list[str]]:
     answers = generate(model, tokenizer, prompts, max_new_tokens)
     scores = score(answers, references)
     scores["perplexity"] = reference_perplexity(onto_gpu(model), tokenizer, prompts, references)

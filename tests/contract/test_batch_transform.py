@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from tests.conftest import Server
+from tests.helpers import Server
 
 JSONLINES = {"Content-Type": "application/jsonlines"}
 RECORD_BYTES = 8 * 1024  # each record padded with JSON whitespace: a 1 MB mini-batch is 127 records
@@ -21,7 +21,7 @@ def test_every_record_of_concurrent_full_mini_batches_is_answered_in_order(tiny_
     server = Server(tiny_served_model, DTYPE="float32", SAGEMAKER_BATCH="true", MAX_CONCURRENT_REQUESTS="8")
     try:
         server.wait_ready()
-        parameters = requests.get(server.url + "/execution-parameters", timeout=5).json()
+        parameters = requests.get(server.url + "/execution-parameters", timeout=30).json()
         assert parameters["BatchStrategy"] == "MULTI_RECORD"
         assert parameters["MaxConcurrentTransforms"] * parameters["MaxPayloadInMB"] <= 100
         per_request = parameters["MaxPayloadInMB"] * 2**20 // (RECORD_BYTES + 1)
@@ -45,8 +45,9 @@ def test_every_record_of_concurrent_full_mini_batches_is_answered_in_order(tiny_
                     continue
                 assert "error" not in answer, answer  # no record refused as overloaded
                 assert answer["details"]["generated_tokens"] == 2
-                assert input_length.setdefault(count, answer["details"]["input_length"]) == answer["details"]["input_length"]
+                assert (input_length.setdefault(count, answer["details"]["input_length"])
+                        == answer["details"]["input_length"])
         lengths = [input_length[count] for count in sorted(input_length)]
         assert lengths == sorted(lengths) and len(set(lengths)) == len(lengths)  # answers sit on their own lines
     finally:
-        server.stop()
+        server.stop_soon()

@@ -3,7 +3,7 @@
 import shutil
 import subprocess
 
-from tests.conftest import BIN
+from tests.helpers import BIN
 
 WRAPPING_HANDLERS = '''
 import json
@@ -15,7 +15,8 @@ def input_fn(body, content_type, context):
     return json.loads(body)
 
 def output_fn(prediction, accept):
-    return json.dumps({"answer": prediction[0]["generated_text"], "tokens": prediction[0]["details"]["generated_tokens"],
+    answer = prediction[0]
+    return json.dumps({"answer": answer["generated_text"], "tokens": answer["details"]["generated_tokens"],
                        "accept": accept})
 '''
 
@@ -36,7 +37,8 @@ def test_input_and_output_fn_wrap_the_built_in_model(tmp_path, tiny_served_model
     (root / "model" / "code").mkdir()
     (root / "model" / "code" / "inference.py").write_text(WRAPPING_HANDLERS)
     server = serve_tree(root)
-    response = server.invoke("Write about evals", headers={"Content-Type": "text/plain", "Accept": "application/x-custom"})
+    response = server.invoke("Write about evals",
+                             headers={"Content-Type": "text/plain", "Accept": "application/x-custom"})
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["tokens"] == 3 and answer["accept"] == "application/x-custom" and answer["answer"]

@@ -8,25 +8,24 @@ import time
 
 import pytest
 
-from tests.conftest import BIN, TINY_ROWS, free_port, jsonl, link_model_channel, loads_and_generates, make_tree, run_train
+from tests.helpers import (BIN, TINY_ROWS, free_port, jsonl, link_model_channel, loads_and_generates, make_tree,
+                           run_train, training_report)
 
 FAST = {"max_steps": "3", "per_device_train_batch_size": "2", "gradient_accumulation_steps": "1", "max_length": "64",
         "warmup_steps": "0", "validation_split": "0"}
 
 
-def report(root):
-    return json.loads((root / "model" / "training_report.json").read_text())
-
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "fsdp"])
 def test_two_processes_on_one_host_train_a_model_that_generates(tmp_path, tiny_model, strategy):
-    root = make_tree(tmp_path, {**FAST, "processes_per_host": "2", "distributed": strategy, "master_port": str(free_port())},
+    root = make_tree(tmp_path, {**FAST, "processes_per_host": "2", "distributed": strategy,
+                                "master_port": str(free_port())},
                      {"train/d.jsonl": jsonl(TINY_ROWS)})
     link_model_channel(root, tiny_model)
     result = run_train(root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "world size 2" in result.stdout
-    sft = report(root)["stages"]["sft"]
+    sft = training_report(root)["stages"]["sft"]
     assert (sft["distributed"], sft["world_size"], sft["steps"]) == (strategy, 2, 3)
     loads_and_generates(root)  # served for real below, after full fine-tuning under ZeRO-3
 
@@ -52,7 +51,7 @@ def test_two_hosts_train_together_and_only_the_first_writes_the_model(tmp_path, 
     outputs = [p.communicate(timeout=600)[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert "host 127.0.0.1 (rank 0 of 2)" in outputs[0] and "host localhost (rank 1 of 2)" in outputs[1]
-    assert report(roots[0])["stages"]["sft"]["world_size"] == 2
+    assert training_report(roots[0])["stages"]["sft"]["world_size"] == 2
     assert (roots[0] / "model" / "serving.json").is_file()
     assert not (roots[1] / "model").exists() or not any((roots[1] / "model").iterdir())
     assert (roots[1] / "checkpoints" / "sft" / "trained").is_dir()  # every host keeps what it needs to resume
@@ -85,7 +84,7 @@ def test_a_failing_rank_fails_every_host_fast_with_a_failure_file_on_each(tmp_pa
     assert not (roots[0] / "model").exists() or not any((roots[0] / "model").iterdir())
 
 
-def test_sft_then_dpo_across_processes_and_full_fine_tuning_under_zero3(tmp_path, tiny_model, serve_tree, monkeypatch):
+def test_sft_then_dpo_across_processes_and_full_fine_tuning_under_zero3(tmp_path, tiny_model, monkeypatch):
     preferences = [{"prompt": f"Write about lesson {i}.", "chosen": f"Lesson {i}: measure first.",
                     "rejected": f"Great question! Lesson {i} is crucial."} for i in range(6)]
     root = make_tree(tmp_path / "dpo", {**FAST, "method": "sft+dpo", "dpo_max_steps": "2", "processes_per_host": "2",
@@ -95,7 +94,7 @@ def test_sft_then_dpo_across_processes_and_full_fine_tuning_under_zero3(tmp_path
     store = (tmp_path / "mlruns").as_uri()
     result = run_train(root, MLFLOW_TRACKING_URI=store, MLFLOW_ALLOW_FILE_STORE="true")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    stages = report(root)["stages"]
+    stages = training_report(root)["stages"]
     assert stages["sft"]["world_size"] == stages["dpo"]["world_size"] == 2
 
     # one tracking run for the job (the first process's), holding both stages
@@ -111,8 +110,7 @@ def test_sft_then_dpo_across_processes_and_full_fine_tuning_under_zero3(tmp_path
     link_model_channel(full, tiny_model)
     result = run_train(full)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    server = serve_tree(full)
-    assert server.invoke({"inputs": "Hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
+    loads_and_generates(full)  # ZeRO-3's partitions gathered into one merged model (what serve loads)
 
 
 def test_sigterm_to_the_launcher_checkpoints_every_rank_and_the_job_resumes(tmp_path, tiny_model):
@@ -135,4 +133,4 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_and_the_job_resumes(tmp_
     result = run_train(root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"(step {step})" in result.stdout and "stage=sft step=300 " in result.stdout
-    assert report(root)["stages"]["sft"]["resumed_from_step"] == step
+    assert training_report(root)["stages"]["sft"]["resumed_from_step"] == step

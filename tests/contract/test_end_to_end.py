@@ -1,39 +1,71 @@
-"""Data in a channel → `train` → /opt/ml/model → `serve` → an answer over HTTP."""
+"""The demo's path on the embedded SmolLM2: the person's writing in a channel → `train` (no model named) →
+/opt/ml/model → `serve` → an English answer over HTTP; and, on that endpoint, what a slow answer gets. (The
+tiny model's run of the same path is tests/contract/test_local_test_scripts.py.)"""
 
-import shutil
+import json
+import socket
+import time
 
 import pytest
+import requests
 
-from tests.conftest import REPO, TINY_ROWS, jsonl, link_model_channel, make_tree, run_train
 from tests.contract.test_serve import LLM_TWIN_BODY
+from tests.helpers import Server, sse_events
+
+pytestmark = pytest.mark.smollm2
 
 
-def test_train_then_serve_the_tiny_model(tmp_path, tiny_model, serve_tree):
-    root = make_tree(tmp_path, {"max_steps": "3", "per_device_train_batch_size": "4", "max_length": "64"},
-                     {"train/posts.jsonl": jsonl(TINY_ROWS)})
-    link_model_channel(root, tiny_model)
-    result = run_train(root)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-    server = serve_tree(root)
-    response = server.invoke(LLM_TWIN_BODY)
-    assert response.status_code == 200, response.text
-    assert response.json()[0]["generated_text"].strip()
+@pytest.fixture(scope="module")
+def twin_endpoint(smollm2_twin):
+    """The twin as a real-time endpoint whose plain answers must come within 8 s, one request at a time."""
+    server = Server(smollm2_twin, SAGEMAKER_MODEL_SERVER_TIMEOUT="8", MAX_CONCURRENT_REQUESTS="1",
+                    MAX_TOTAL_TOKENS="2048")
+    server.wait_ready()
+    yield server
+    server.stop_soon()
 
 
-@pytest.mark.smollm2
-def test_smollm2_twin_trained_on_the_sample_data_answers(tmp_path, serve_tree):
-    """The demo's path on the real embedded model: a short SFT on local_test's data, then a real answer."""
-    root = tmp_path / "opt_ml"
-    shutil.copytree(REPO / "local_test" / "test_dir" / "input", root / "input", ignore=shutil.ignore_patterns("scratch"))
-    make_tree(root, {"max_steps": "4", "per_device_train_batch_size": "4", "gradient_accumulation_steps": "1",
-                     "max_length": "256", "warmup_steps": "0", "learning_rate": "1e-4"})
-    result = run_train(root)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-    server = serve_tree(root)
+def test_smollm2_twin_trained_on_the_sample_data_answers(twin_endpoint):
     body = {**LLM_TWIN_BODY, "parameters": {**LLM_TWIN_BODY["parameters"], "max_new_tokens": 40}}
-    text = server.invoke(body).json()[0]["generated_text"]
-    words = text.split()
-    assert len(words) >= 5, text
-    assert sum(w.isascii() for w in words) / len(words) > 0.8, text  # English prose, not token soup
+    answer = twin_endpoint.invoke(body)
+    assert answer.status_code == 200, answer.text
+    words = answer.json()[0]["generated_text"].split()
+    assert len(words) >= 5, words
+    assert sum(w.isascii() for w in words) / len(words) > 0.8, words  # English prose, not token soup
+
+
+def test_past_the_timeout_a_424_names_the_fixes_and_a_client_that_leaves_frees_its_slot(twin_endpoint):
+    """A plain answer must come inside InvokeEndpoint's 60 s (the default, 55 s, is unit-tested). Here the
+    timeout is 8 s and the model SmolLM2 (30 to 100 tokens/s on 2 cores), so 2000 tokens overrun it; with one
+    admission slot, what holds the slot shows at once."""
+    server = twin_endpoint
+    # Sampled near-uniformly (temperature 1.9, a fixed seed), so the end-of-text token, one of 49k, does not
+    # come early: the answer really is 2000 tokens long.
+    body = {"inputs": "Write a long post about testing",
+            "parameters": {"max_new_tokens": 2000, "do_sample": True, "temperature": 1.9, "seed": 7}}
+    slow = server.invoke(body)
+    assert slow.status_code == 424, slow.text
+    assert slow.json()["error"].startswith("generation did not finish within 8 s")
+    assert "stream the answer" in slow.json()["error"]
+    # A stream that overruns it ends with a last event saying why; one that overran it before its first
+    # token (a busy CPU) is a plain 424.
+    streamed = server.invoke({**body, "stream": True}, stream=True)
+    if streamed.status_code == 200:
+        assert sse_events(streamed.text)[-1]["error_type"] == "generation"
+    else:
+        assert streamed.status_code == 424 and streamed.json()["error_type"] == "generation"
+
+    # A client that sends a plain request and leaves: its generation is aborted and the slot freed within a
+    # second or so (the check runs twice a second), before the 8 s timeout would have freed it.
+    payload = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as client:
+        client.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        time.sleep(0.5)
+    left = time.monotonic()
+    while (answer := server.invoke({"inputs": "Hi", "parameters": {"max_new_tokens": 2}})).status_code == 429:
+        assert time.monotonic() - left < 60, "the slot of the client that left was never freed"
+        time.sleep(0.1)
+    assert answer.status_code == 200 and time.monotonic() - left < 6.0
+    metrics = requests.get(server.url + "/metrics", timeout=30).text
+    assert 'llm_twin_responses_total{status="499"} 1' in metrics  # answered as gone: generation aborted

@@ -1,5 +1,5 @@
 """The fine-tuning recipes through the real `train` entrypoint; the model directories they publish load and
-generate, and the kinds `serve` treats differently (a DPO model from a tarball, adapter exports) are served for real."""
+generate, and the kind `serve` treats differently (an adapter-only export on its base) is served for real."""
 
 import json
 import os
@@ -8,10 +8,11 @@ import subprocess
 import tarfile
 
 import pyarrow as pa
-import pytest
 import pyarrow.parquet as pq
+import pytest
 
-from tests.conftest import BIN, TINY_ROWS, jsonl, link_model_channel, loads_and_generates, make_tree, run_train
+from tests.helpers import (BIN, TINY_ROWS, jsonl, link_model_channel, loads_and_generates, make_tree, run_train,
+                           training_report)
 
 FAST = {"max_steps": "3", "dpo_max_steps": "2", "per_device_train_batch_size": "2", "gradient_accumulation_steps": "1",
         "max_length": "64", "warmup_steps": "0", "validation_split": "0"}
@@ -25,16 +26,13 @@ def trained(root, **env):
     return result
 
 
-def report(root):
-    return json.loads((root / "model" / "training_report.json").read_text())
-
 
 def answers(serve_tree, root, **env):
     server = serve_tree(root, **env)
     response = server.invoke({"inputs": "Write about lesson 1.", "parameters": {"max_new_tokens": 4, "details": True}})
     assert response.status_code == 200, response.text
     assert response.json()[0]["details"]["generated_tokens"] >= 1
-    server.stop()
+    server.stop_soon()
 
 
 def test_every_format_and_file_type_trains(tmp_path, tiny_model):
@@ -50,7 +48,7 @@ def test_every_format_and_file_type_trains(tmp_path, tiny_model):
     result = trained(root)
     assert "sft: 7 training examples from 'train', 2 for evaluation" in result.stdout
     assert "eval_loss=" in result.stdout
-    sft = report(root)["stages"]["sft"]
+    sft = training_report(root)["stages"]["sft"]
     assert sft["examples"] == 7 and sft["eval_examples"] == 2 and "eval_loss" in sft["metrics"]
     loads_and_generates(root)
 
@@ -62,7 +60,7 @@ def test_plain_text_rows_with_a_validation_channel_and_packing(tmp_path, tiny_mo
     link_model_channel(root, tiny_model)
     result = trained(root)
     assert "sft: 6 training examples from 'train', 2 for evaluation (the 'validation' channel)" in result.stdout
-    sft = report(root)["stages"]["sft"]
+    sft = training_report(root)["stages"]["sft"]
     assert sft["packing"] is True and "eval_loss" in sft["metrics"]
 
 
@@ -72,17 +70,17 @@ def test_long_rows_are_counted_not_dropped_silently(tmp_path, tiny_model):
     link_model_channel(root, tiny_model)
     result = trained(root)
     assert "examples truncated to max_length=32" in result.stdout
-    assert report(root)["stages"]["sft"]["truncated"] >= 2
+    assert training_report(root)["stages"]["sft"]["truncated"] >= 2
 
 
-def test_sft_then_dpo_and_dpo_alone_from_a_model_tarball(tmp_path, tiny_model, serve_tree):
+def test_sft_then_dpo_and_dpo_alone_from_a_model_tarball(tmp_path, tiny_model):
     first = make_tree(tmp_path / "first", {**FAST, "method": "sft+dpo"},
                       {"train/d.jsonl": jsonl(TINY_ROWS), "preference/p.jsonl": jsonl(PREFERENCES)})
     link_model_channel(first, tiny_model)
     result = trained(first)
     assert "stage=sft step=3 " in result.stdout and "stage=dpo step=2 " in result.stdout
     assert "rewards_margins=" in result.stdout
-    assert set(report(first)["stages"]) == {"sft", "dpo"}
+    assert set(training_report(first)["stages"]) == {"sft", "dpo"}
     loads_and_generates(first)
 
     # An earlier job's model.tar.gz as the `model` channel: DPO continues from it.
@@ -95,7 +93,7 @@ def test_sft_then_dpo_and_dpo_alone_from_a_model_tarball(tmp_path, tiny_model, s
             archive.add(path, arcname=path.name)
     result = trained(second)
     assert "extracting" in result.stdout and "stage=dpo step=2 " in result.stdout
-    answers(serve_tree, second)
+    loads_and_generates(second)
 
 
 def test_qlora_loads_4bit_and_merges_onto_the_16bit_base(tmp_path, tiny_model):
@@ -118,7 +116,7 @@ def test_full_fine_tuning(tmp_path, tiny_model):
     root = make_tree(tmp_path, {**FAST, "adapter": "full"}, {"train/d.jsonl": jsonl(TINY_ROWS)})
     link_model_channel(root, tiny_model)
     trained(root)
-    assert report(root)["stages"]["sft"]["learning_rate"] == 2e-5
+    assert training_report(root)["stages"]["sft"]["learning_rate"] == 2e-5
     loads_and_generates(root)
 
 
@@ -164,7 +162,7 @@ def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes_to_the_planned_end(
     assert "removing incomplete checkpoint" in result.stdout
     assert "stage=sft step=400 " in result.stdout
     assert f"stage=sft step={stopped_at} train_loss" not in result.stdout  # no step is run twice
-    sft = report(root)["stages"]["sft"]
+    sft = training_report(root)["stages"]["sft"]
     assert sft["steps"] == 400 and sft["resumed_from_step"] == stopped_at
     assert not (root / "output" / "failure").exists()
 
@@ -172,9 +170,11 @@ def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes_to_the_planned_end(
 def test_metric_definitions_match_the_log_lines():
     import re
 
-    from train.metrics import METRIC_DEFINITIONS, format_log_line
+    from container.metrics import METRIC_DEFINITIONS
+    from train.metrics import format_log_line
 
-    line = format_log_line("sft", 10, {"loss": 1.5, "learning_rate": 2e-4, "grad_norm": 0.5, "tokens_per_second": 812.3, "epoch": 0.5})
+    line = format_log_line("sft", 10, {"loss": 1.5, "learning_rate": 2e-4, "grad_norm": 0.5, "tokens_per_second": 812.3,
+                                       "epoch": 0.5})
     eval_line = format_log_line("sft", 10, {"eval_loss": 1.25})
     dpo_line = format_log_line("dpo", 3, {"loss": 0.69, "rewards/accuracies": 0.75, "rewards/margins": 0.01})
     found = {}
@@ -205,7 +205,7 @@ def test_orpo_simpo_and_kto_train_a_few_steps_into_a_model_that_generates(tmp_pa
     link_model_channel(root, tiny_model)
     trained(root)
     stage = method.split("+")[-1]
-    assert report(root)["stages"][stage]["steps"] == 2
+    assert training_report(root)["stages"][stage]["steps"] == 2
     loads_and_generates(root)
 
 
@@ -220,7 +220,8 @@ def test_preference_auto_builds_pairs_from_the_persons_writing_and_dpo_trains_on
     for pair in pairs:  # the person's answer chosen, the SFT model's own answer rejected
         assert pair["chosen"][-1]["content"] in answers and pair["rejected"][-1]["content"] not in answers
         assert pair["rejected"][-1]["role"] == "assistant"
-    assert report(root)["stages"]["dpo"]["examples"] == len(pairs) and report(root)["stages"]["dpo"]["steps"] == 2
+    assert (training_report(root)["stages"]["dpo"]["examples"] == len(pairs)
+            and training_report(root)["stages"]["dpo"]["steps"] == 2)
 
 
 def test_a_kto_row_without_a_boolean_label_names_its_file_and_line(tmp_path, tiny_model):

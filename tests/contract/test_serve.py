@@ -1,14 +1,18 @@
 """The real `serve` entrypoint (gunicorn + Flask) over real HTTP."""
 
+import json
+import signal
 import subprocess
+import time
 
 import pytest
 import requests
 
-from tests.conftest import BIN
+from tests.helpers import BIN, Server
 
-LLM_TWIN_BODY = {"inputs": "\nYou are a content creator. Write what the user asked you to while using the provided context "
-                           "as the primary source of information for the content.\nUser query: Write a post about LoRA\n"
+LLM_TWIN_BODY = {"inputs": "\nYou are a content creator. Write what the user asked you to while using the provided "
+                           "context as the primary source of information for the content.\n"
+                           "User query: Write a post about LoRA\n"
                            "Context: LoRA trains small adapters.\n            ",
                  "parameters": {"max_new_tokens": 12, "top_p": 0.9, "temperature": 0.01, "return_full_text": False,
                                 "repetition_penalty": 1.1}}
@@ -17,7 +21,7 @@ LLM_TWIN_BODY = {"inputs": "\nYou are a content creator. Write what the user ask
 def test_ping_is_503_while_loading_then_200(server):
     assert 503 in server.ping_codes, server.ping_codes  # answered while vLLM was starting
     assert server.ping_codes[-1] == 200
-    body = requests.get(server.url + "/ping", timeout=2)
+    body = requests.get(server.url + "/ping", timeout=10)
     assert body.status_code == 200 and body.text == ""
 
 
@@ -32,7 +36,8 @@ def test_llm_twin_request_returns_a_completion_without_the_prompt(server):
 
 
 def test_return_full_text_prepends_the_inputs_and_details_count_tokens(server):
-    body = {"inputs": "Write about evals", "parameters": {"max_new_tokens": 5, "return_full_text": True, "details": True}}
+    body = {"inputs": "Write about evals",
+            "parameters": {"max_new_tokens": 5, "return_full_text": True, "details": True}}
     item = server.invoke(body).json()[0]
     assert item["generated_text"].startswith("Write about evals")
     details = item["details"]
@@ -53,13 +58,17 @@ def test_greedy_is_deterministic_and_seed_makes_sampling_reproducible(server):
     ("{not json", {"Content-Type": "application/json"}, 400, "bad_request"),
     ('{"parameters": {}}', {"Content-Type": "application/json"}, 422, "validation"),
     ('{"inputs": 42}', {"Content-Type": "application/json"}, 422, "validation"),
-    ('{"inputs": "x", "parameters": {"max_new_tokens": "ten"}}', {"Content-Type": "application/json"}, 422, "validation"),
-    ('{"inputs": "x", "parameters": {"max_new_tokens": 100000}}', {"Content-Type": "application/json"}, 422, "validation"),
+    ('{"inputs": "x", "parameters": {"max_new_tokens": "ten"}}',
+     {"Content-Type": "application/json"}, 422, "validation"),
+    ('{"inputs": "x", "parameters": {"max_new_tokens": 100000}}',
+     {"Content-Type": "application/json"}, 422, "validation"),
     ('{"inputs": "x"}', {"Content-Type": "text/csv"}, 415, "unsupported_media_type"),
     (b"\xff\xfe", {"Content-Type": "application/json"}, 400, "bad_request"),
     ("[" * 100000 + "]" * 100000, {"Content-Type": "application/json"}, 400, "bad_request"),
-    ('{"inputs": "x", "parameters": {"seed": 1' + "0" * 5000 + "}}", {"Content-Type": "application/json"}, 400, "bad_request"),
-    ('{"inputs": "x", "parameters": {"temperature": 1' + "0" * 400 + "}}", {"Content-Type": "application/json"}, 422, "validation"),
+    ('{"inputs": "x", "parameters": {"seed": 1' + "0" * 5000 + "}}",
+     {"Content-Type": "application/json"}, 400, "bad_request"),
+    ('{"inputs": "x", "parameters": {"temperature": 1' + "0" * 400 + "}}",
+     {"Content-Type": "application/json"}, 422, "validation"),
 ])
 def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server, data, headers, status, error_type):
     response = server.invoke(data, headers=headers)
@@ -74,9 +83,9 @@ def test_oversized_body_is_413(server):
 
 
 def test_unknown_routes_are_json_errors(server):
-    response = requests.get(server.url + "/nope", timeout=5)
+    response = requests.get(server.url + "/nope", timeout=30)
     assert response.status_code == 404 and response.json()["error_type"] == "not_found"
-    assert requests.get(server.url + "/invocations", timeout=5).status_code == 405
+    assert requests.get(server.url + "/invocations", timeout=30).status_code == 405
 
 
 def test_serve_refuses_a_missing_model_with_a_clear_message(tmp_path):
@@ -86,23 +95,47 @@ def test_serve_refuses_a_missing_model_with_a_clear_message(tmp_path):
     assert "holds no model" in result.stderr
 
 
-def test_hf_model_id_serves_the_llm_twin_books_deployment_when_opt_ml_model_is_empty(tmp_path, tiny_model, serve_tree):
+def test_the_books_deployment_by_hf_model_id_keeps_tgis_limits_refuses_overload_and_drains_on_sigterm(tmp_path,
+                                                                                                     tiny_model):
     """The book deploys TGI with HF_MODEL_ID, SM_NUM_GPUS, TGI's token limits and a hub token, no model data.
-    Here HF_MODEL_ID is a local folder (no hub from this machine); the hub id path is the next test."""
+    Here HF_MODEL_ID is a local folder (no hub from this machine); the hub id path is the next test. The same
+    server then shows backpressure (the request past MAX_CONCURRENT_REQUESTS is a 429 at once, not queued) and
+    SageMaker's scale-in (SIGTERM: what was accepted finishes, then the server exits 0)."""
     (tmp_path / "model").mkdir()  # SageMaker's /opt/ml/model with no ModelDataUrl: empty
-    server = serve_tree(tmp_path, HF_MODEL_ID=str(tiny_model), SM_NUM_GPUS="1", MAX_INPUT_LENGTH="200",
-                        MAX_TOTAL_TOKENS="256", MAX_BATCH_TOTAL_TOKENS="2048", HUGGING_FACE_HUB_TOKEN="hf_book_secret",
-                        DTYPE="float32")
-    response = server.invoke(LLM_TWIN_BODY)
-    assert response.status_code == 200, response.text
-    assert response.json()[0]["generated_text"].strip()
-    output = server.stop()
+    server = Server(tmp_path, HF_MODEL_ID=str(tiny_model), SM_NUM_GPUS="1", MAX_INPUT_LENGTH="200",
+                    MAX_TOTAL_TOKENS="256", MAX_BATCH_TOTAL_TOKENS="2048", HUGGING_FACE_HUB_TOKEN="hf_book_secret",
+                    DTYPE="float32", MAX_CONCURRENT_REQUESTS="2", MAX_BATCH_SIZE="2")
+    try:
+        server.wait_ready()
+        response = server.invoke(LLM_TWIN_BODY)
+        assert response.status_code == 200, response.text
+        assert response.json()[0]["generated_text"].strip()
+        too_long = server.invoke({"inputs": "word " * 250})
+        assert too_long.status_code == 422 and "inputs must have less than 200 tokens" in too_long.json()["error"]
+        too_many = server.invoke({"inputs": "hi", "parameters": {"max_new_tokens": 255}})
+        assert too_many.status_code == 422 and "must be <= 256" in too_many.json()["error"]
+
+        slow = {"inputs": "Write a long post", "parameters": {"max_new_tokens": 230}, "stream": True}
+        streams = [requests.post(server.url + "/invocations", json=slow, stream=True, timeout=60) for _ in range(2)]
+        events = [stream.iter_lines(decode_unicode=True) for stream in streams]
+        assert all(next(line for line in lines if line).startswith("data:") for lines in events)  # both admitted
+        started = time.perf_counter()
+        refused = server.invoke({"inputs": "one more", "parameters": {"max_new_tokens": 2}})
+        assert refused.status_code == 429 and refused.json()["error_type"] == "overloaded"
+        assert time.perf_counter() - started < 2.0  # at once (milliseconds on an idle machine), not after a wait
+        server.process.send_signal(signal.SIGTERM)  # SageMaker scaling in: finish what was accepted
+        lasts = [json.loads([line for line in lines if line][-1].removeprefix("data:")) for lines in events]
+        assert all(last["generated_text"] for last in lasts), lasts
+        assert server.process.wait(timeout=60) == 0
+    finally:
+        output = server.stop()
     assert f"serving HF_MODEL_ID={tiny_model}" in output and "hf_book_secret" not in output
 
 
 def test_hf_model_id_that_cannot_be_downloaded_is_named_and_the_token_never_printed(tmp_path):
     env = {"SAGEMAKER_BASE_DIR": str(tmp_path), "PATH": str(BIN), "HF_MODEL_ID": "twin-org/no-such-model",
-           "HF_MODEL_REVISION": "v1", "HF_TOKEN": "hf_secret_value", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+           "HF_MODEL_REVISION": "v1", "HF_TOKEN": "hf_secret_value", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf")}
     result = subprocess.run([str(BIN / "serve")], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "could not download HF_MODEL_ID=twin-org/no-such-model from the Hugging Face Hub" in result.stderr

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import BIN
+from tests.helpers import BIN
 
 
 def test_sagemaker_sdk_local_runtime_client_gets_an_answer(server):
@@ -30,7 +30,8 @@ json_values = st.recursive(
     max_leaves=8,
 )
 parameter_names = st.sampled_from(["max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample",
-                                   "stop", "stop_sequences", "seed", "return_full_text", "details", "truncate", "best_of"])
+                                   "stop", "stop_sequences", "seed", "return_full_text", "details", "truncate",
+                                   "best_of"])
 small_values = st.one_of(st.integers(-2, 8), st.floats(-1, 3), st.booleans(), st.none(), st.text(max_size=5),
                          st.lists(st.text(max_size=4), max_size=6))
 bodies = st.one_of(
@@ -41,11 +42,13 @@ bodies = st.one_of(
     st.fixed_dictionaries({"messages": st.one_of(
         st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "bot"]),
                                         "content": st.one_of(st.text(max_size=20), json_values)}), max_size=3),
-        json_values)}, optional={"max_tokens": st.integers(-1, 6), "temperature": small_values, "stream": st.booleans()}),
+        json_values)}, optional={"max_tokens": st.integers(-1, 6), "temperature": small_values,
+                                 "stream": st.booleans()}),
 )
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(body=bodies)
 def test_fuzzed_bodies_get_2xx_or_4xx_json_and_the_server_keeps_serving(server, body):
     response = server.invoke(json.dumps(body))
@@ -62,13 +65,15 @@ def test_fuzzed_bodies_get_2xx_or_4xx_json_and_the_server_keeps_serving(server, 
 
 
 @pytest.mark.parametrize("quantize,message", [
-    ("bitsandbytes", "QUANTIZE=bitsandbytes is TGI's 8-bit, which vLLM cannot quantize to in flight: use bitsandbytes-nf4"),
+    ("bitsandbytes", "QUANTIZE=bitsandbytes is TGI's 8-bit, which vLLM cannot quantize to in flight: "
+                     "use bitsandbytes-nf4"),
     ("bitsandbytes-nf4", "QUANTIZE=bitsandbytes-nf4 needs a GPU: vLLM's CPU engine has no bitsandbytes kernels"),
     ("int3", "QUANTIZE='int3' is not valid: use one of bitsandbytes-nf4, awq, gptq, fp8"),
 ])
 def test_quantize_values_that_cannot_run_here_are_refused_at_start(tiny_served_model, quantize, message):
     result = subprocess.run([str(BIN / "serve")], env={**os.environ, "SAGEMAKER_BASE_DIR": str(tiny_served_model),
-                                                       "QUANTIZE": quantize}, capture_output=True, text=True, timeout=60)
+                                                       "QUANTIZE": quantize},
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and message in result.stderr, result.stderr
 
 
@@ -77,7 +82,8 @@ def test_quantize_values_that_cannot_run_here_are_refused_at_start(tiny_served_m
 def _stop_inside_a_token(server) -> tuple[str, list[dict]]:
     """A stop sequence that ends inside a generated token: the free text up to one character before the
     end of the first token that is two or more characters long."""
-    free = server.invoke({"inputs": "Write about evals", "parameters": {"max_new_tokens": 12, "details": True}}).json()[0]
+    free = server.invoke({"inputs": "Write about evals",
+                          "parameters": {"max_new_tokens": 12, "details": True}}).json()[0]
     text = ""
     for token in free["details"]["tokens"]:
         if len(token["text"]) >= 2:

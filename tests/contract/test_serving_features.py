@@ -9,7 +9,8 @@ import time
 import pytest
 import requests
 
-from tests.conftest import Server
+from serve.app import ADAPTER_HEADER
+from tests.helpers import Server, sse_events, wait_for_ping
 
 
 def make_adapter(base, out, seed: int):
@@ -27,14 +28,23 @@ def make_adapter(base, out, seed: int):
 
 @pytest.fixture(scope="module")
 def adapter_server(tiny_served_model, tmp_path_factory):
+    """The base of an inference-component endpoint, as SageMaker runs it: ENABLE_LORA, two workers (two
+    engines), and two adapters served from the start (TGI's LORA_ADAPTERS)."""
     root = tmp_path_factory.mktemp("adapters")
     shutil.copytree(tiny_served_model / "model", root / "model")
     dana = make_adapter(root / "model", root / "dana", seed=1)
     sam = make_adapter(root / "model", root / "sam", seed=2)
-    server = Server(root, LORA_ADAPTERS=f"dana={dana},sam={sam}")
-    server.wait_ready(timeout=180)
-    yield server
-    server.stop()
+    server = Server(root, LORA_ADAPTERS=f"dana={dana},sam={sam}", ENABLE_LORA="true",
+                    SAGEMAKER_MODEL_SERVER_WORKERS="2")
+    server.wait_ready(timeout=240)
+    # /ping is one worker's answer: the other may still be loading. Ready once 40 pings in a row, each on a
+    # new connection (which either worker may take), answer 200.
+    deadline, in_a_row = time.monotonic() + 240, 0
+    while in_a_row < 40:
+        codes = wait_for_ping(server.url, 200, timeout=deadline - time.monotonic())
+        in_a_row = in_a_row + 1 if len(codes) == 1 else 0  # 200 at the first try
+    yield server, root
+    server.stop_soon()
 
 
 def answer(server, **parameters) -> str:
@@ -45,86 +55,68 @@ def answer(server, **parameters) -> str:
 
 
 def test_adapters_are_chosen_per_request_by_adapter_id_model_or_sagemaker_header(adapter_server):
-    base, dana, sam = answer(adapter_server), answer(adapter_server, adapter_id="dana"), answer(adapter_server, adapter_id="sam")
+    server, _ = adapter_server
+    base, dana, sam = answer(server), answer(server, adapter_id="dana"), answer(server, adapter_id="sam")
     assert len({base, dana, sam}) == 3, (base, dana, sam)  # each adapter changes the answer
-    header = adapter_server.invoke({"inputs": "Write about lesson 3", "parameters": {"max_new_tokens": 8}},
-                                   headers={"Content-Type": "application/json", "X-Amzn-SageMaker-Adapter-Identifier": "sam"})
+    header = server.invoke({"inputs": "Write about lesson 3", "parameters": {"max_new_tokens": 8}},
+                           headers={"Content-Type": "application/json", ADAPTER_HEADER: "sam"})
     assert header.json()[0]["generated_text"] == sam
     chat = {"messages": [{"role": "user", "content": "Write about lesson 3"}], "max_tokens": 8, "temperature": 0}
-    by_model = requests.post(adapter_server.url + "/v1/chat/completions", json={**chat, "model": "dana"}, timeout=60).json()
+    by_model = requests.post(server.url + "/v1/chat/completions", json={**chat, "model": "dana"}, timeout=60).json()
     assert by_model["choices"][0]["message"]["content"] == dana and by_model["model"] == "dana"
-    models = requests.get(adapter_server.url + "/v1/models", timeout=5).json()
+    models = requests.get(server.url + "/v1/models", timeout=30).json()
     assert [m["id"] for m in models["data"]] == ["llm-twin", "dana", "sam"]
-
-
-def test_an_unknown_adapter_is_a_422_naming_the_known_ones(adapter_server):
-    response = adapter_server.invoke({"inputs": "x", "parameters": {"adapter_id": "dan"}})
+    response = server.invoke({"inputs": "x", "parameters": {"adapter_id": "dan"}})
     assert response.status_code == 422
     assert response.json()["error"] == "unknown adapter 'dan'; known adapters: dana, sam"
 
 
-@pytest.fixture(scope="module")
-def component_server(tiny_served_model, tmp_path_factory):
-    """The base of an inference-component endpoint: started with ENABLE_LORA and no adapters, two workers
-    (two engines), as SageMaker runs it before any adapter component exists."""
-    root = tmp_path_factory.mktemp("components")
-    shutil.copytree(tiny_served_model / "model", root / "model")
-    server = Server(root, ENABLE_LORA="true", SAGEMAKER_MODEL_SERVER_WORKERS="2")
-    server.wait_ready(timeout=240)
-    # /ping is one worker's answer: the other may still be loading. Ready once 40 pings in a row, each on a
-    # new connection (which either worker may take), answer 200.
-    deadline, in_a_row = time.monotonic() + 240, 0
-    while in_a_row < 40:
-        assert time.monotonic() < deadline, f"both workers not ready after 240 s; /ping codes {server.ping_codes[-5:]}"
-        code = requests.get(server.url + "/ping", timeout=5).status_code
-        server.ping_codes.append(code)
-        in_a_row = in_a_row + 1 if code == 200 else 0
-        time.sleep(0.02 if code == 200 else 0.5)
-    yield server, root
-    server.stop()
-
-
-def test_adapter_components_register_answer_on_every_worker_and_unregister(component_server):
+def test_adapter_components_register_answer_on_every_worker_and_unregister(adapter_server):
     """SageMaker's adapter inference component: POST /adapters (JSON body, or query parameters) with the
     folder it unpacked, then invocations carrying X-Amzn-SageMaker-Adapter-Identifier, then DELETE."""
-    server, root = component_server
-    alice = make_adapter(root / "model", root / "alice", seed=1)
+    server, root = adapter_server
+    alice = make_adapter(root / "model", root / "alice", seed=3)
     twin = root / "bob-twin"  # a model directory `train` wrote (adapter-only): its adapter/ is used
-    make_adapter(root / "model", twin / "adapter", seed=2)
+    make_adapter(root / "model", twin / "adapter", seed=4)
     base = answer(server)
     registered = requests.post(server.url + "/adapters", json={"name": "alice", "src": str(alice)}, timeout=60)
     assert registered.status_code == 200, registered.text
-    assert requests.post(server.url + "/adapters", params={"name": "bob", "src": str(twin)}, timeout=60).status_code == 200
+    assert requests.post(server.url + "/adapters", params={"name": "bob", "src": str(twin)},
+                         timeout=60).status_code == 200
 
     def ask(adapter):
         response = server.invoke({"inputs": "Write about lesson 3", "parameters": {"max_new_tokens": 8}},
-                                 headers={"Content-Type": "application/json", "X-Amzn-SageMaker-Adapter-Identifier": adapter})
+                                 headers={"Content-Type": "application/json", ADAPTER_HEADER: adapter})
         assert response.status_code == 200, response.text
         return response.json()[0]["generated_text"]
 
-    # Each request on a new connection: gunicorn hands them to both workers, and each must know both adapters.
-    alices, bobs = {ask("alice") for _ in range(8)}, {ask("bob") for _ in range(8)}
-    assert len(alices) == 1 and len(bobs) == 1 and len({base, *alices, *bobs}) == 3, (base, alices, bobs)
-    assert requests.get(server.url + "/info", timeout=5).json()["adapters"] == ["alice", "bob"]
-    assert requests.delete(server.url + "/adapters/alice", timeout=60).status_code == 200
-    gone = server.invoke({"inputs": "x"}, headers={"Content-Type": "application/json",
-                                                   "X-Amzn-SageMaker-Adapter-Identifier": "alice"})
-    assert gone.status_code == 422 and gone.json()["error"] == "unknown adapter 'alice'; known adapters: bob"
-    assert requests.delete(server.url + "/adapters/alice", timeout=60).status_code == 404
+    try:  # each request on a new connection: gunicorn hands them to both workers, and each must know both adapters
+        alices, bobs = {ask("alice") for _ in range(8)}, {ask("bob") for _ in range(8)}
+        assert len(alices) == 1 and len(bobs) == 1 and len({base, *alices, *bobs}) == 3, (base, alices, bobs)
+        assert requests.get(server.url + "/info", timeout=30).json()["adapters"] == ["alice", "bob", "dana", "sam"]
+        assert requests.delete(server.url + "/adapters/alice", timeout=60).status_code == 200
+        gone = server.invoke({"inputs": "x"}, headers={"Content-Type": "application/json", ADAPTER_HEADER: "alice"})
+        assert (gone.status_code == 422
+                and gone.json()["error"] == "unknown adapter 'alice'; known adapters: bob, dana, sam")
+        assert requests.delete(server.url + "/adapters/alice", timeout=60).status_code == 404
+    finally:  # the module's other tests see the adapters the server started with
+        for name in ("alice", "bob"):
+            requests.delete(server.url + f"/adapters/{name}", timeout=60)
 
 
-def test_a_bad_adapter_registration_is_a_clear_4xx(component_server):
-    server, root = component_server
+def test_a_bad_adapter_registration_is_a_clear_4xx(adapter_server):
+    server, root = adapter_server
     empty = root / "empty"
     empty.mkdir()
     cases = [({"name": "x"}, 400, "registering an adapter needs src"),
              ({"name": "x", "src": "s3://b/a.tar.gz"}, 422, "must be a local absolute path"),
              ({"name": "x", "src": str(empty)}, 422, "holds no adapter_config.json"),
-             ({"name": "../x", "src": str(empty)}, 400, "adapter name '../x' is not valid")]
+             ({"name": "../x", "src": str(empty)}, 400, "adapter name '../x' is not valid"),
+             ({"name": "dana", "src": str(empty)}, 400, "adapter 'dana' is already served from LORA_ADAPTERS")]
     for body, status, message in cases:
         response = requests.post(server.url + "/adapters", json=body, timeout=30)
         assert response.status_code == status and message in response.json()["error"], (body, response.text)
-    wide = make_adapter(root / "model", root / "wide", seed=3)
+    wide = make_adapter(root / "model", root / "wide", seed=5)
     config = json.loads((wide / "adapter_config.json").read_text())
     (wide / "adapter_config.json").write_text(json.dumps({**config, "r": 128}))
     response = requests.post(server.url + "/adapters", json={"name": "wide", "src": str(wide)}, timeout=30)
@@ -150,13 +142,13 @@ def test_tgi_routes_answer_with_the_same_handlers(server):
     generate = requests.post(server.url + "/generate", json=body, timeout=60).json()
     assert generate == via_invocations  # TGI's /generate answers one object, not a list
     stream = requests.post(server.url + "/generate_stream", json=body, timeout=60)
-    last = json.loads(stream.text.strip().split("\n\n")[-1].removeprefix("data:"))
+    last = sse_events(stream.text)[-1]
     assert stream.headers["Content-Type"].startswith("text/event-stream")
     assert last["generated_text"] == via_invocations["generated_text"]
-    info = requests.get(server.url + "/info", timeout=5).json()
+    info = requests.get(server.url + "/info", timeout=30).json()
     assert info["max_total_tokens"] == 512 and info["max_input_tokens"] == 400 and info["max_best_of"] >= 2
-    assert requests.get(server.url + "/health", timeout=5).status_code == 200
-    metrics = requests.get(server.url + "/metrics", timeout=5)
+    assert requests.get(server.url + "/health", timeout=30).status_code == 200
+    metrics = requests.get(server.url + "/metrics", timeout=30)
     assert metrics.headers["Content-Type"].startswith("text/plain")
     assert re.search(r"^tgi_request_success \d+$", metrics.text, re.M) and "tgi_request_count" in metrics.text
 
@@ -174,10 +166,12 @@ def test_truncate_keeps_the_last_input_tokens_inside_the_chat_template(server):
 
 
 def test_sampling_without_a_seed_reports_the_seed_that_reproduces_it(server):
-    first = server.invoke({"inputs": "Hello", "parameters": {"max_new_tokens": 8, "do_sample": True, "details": True}}).json()[0]
+    first = server.invoke({"inputs": "Hello",
+                           "parameters": {"max_new_tokens": 8, "do_sample": True, "details": True}}).json()[0]
     seed = first["details"]["seed"]
     assert isinstance(seed, int)
-    again = server.invoke({"inputs": "Hello", "parameters": {"max_new_tokens": 8, "do_sample": True, "seed": seed}}).json()[0]
+    again = server.invoke({"inputs": "Hello",
+                           "parameters": {"max_new_tokens": 8, "do_sample": True, "seed": seed}}).json()[0]
     assert again["generated_text"] == first["generated_text"]
 
 
@@ -195,5 +189,5 @@ def test_what_vllm_refuses_is_a_422_naming_it_never_a_500(server, route, body, m
 
 def test_streamed_events_carry_top_tokens_when_asked(server):
     body = {"inputs": "Hello", "parameters": {"max_new_tokens": 3, "top_n_tokens": 2}, "stream": True}
-    events = [json.loads(block.removeprefix("data:")) for block in server.invoke(body).text.strip().split("\n\n")]
+    events = sse_events(server.invoke(body).text)
     assert len(events) == 3 and all(len(e["top_tokens"]) == 2 for e in events)

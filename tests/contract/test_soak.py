@@ -1,16 +1,17 @@
-"""The short soak (bench/soak.py): 20 s of 32 clients of mixed traffic against the real server, with no
-5xx, no wrong answer and no leak of memory, files or threads."""
+"""The short soak (bench/soak.py): 20 s of 32 clients of mixed traffic against the suite's shared real
+server, with no 5xx, no wrong answer and no leak of memory, files or threads."""
 
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
-def test_a_short_soak_serves_mixed_traffic_without_errors_or_leaks():
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "soak.py"), "--seconds", "20", "--ping-p99-ms", "1000"],
-                            capture_output=True, text=True, timeout=600)
+def test_a_short_soak_serves_mixed_traffic_without_errors_or_leaks(server):
+    command = [sys.executable, str(REPO / "bench" / "soak.py"), "--seconds", "20", "--ping-p99-ms", "1000",
+               "--url", server.url, "--pid", str(server.process.pid)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     summary = [line for line in result.stdout.splitlines() if line.startswith(("soak:", "  "))]
     assert result.returncode == 0, "\n".join(summary) or result.stdout[-3000:] + result.stderr[-3000:]
     assert " 0 wrong" in summary[0]
+    assert server.invoke({"inputs": "still there?", "parameters": {"max_new_tokens": 2}}).status_code == 200

@@ -20,11 +20,17 @@ def tarball(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tarball, tmp_path_factory):
+    """What the same job writes when nothing stops it."""
+    reference = make_job(tmp_path_factory.mktemp("reference"), tarball)
+    assert run(reference).code == 0
+    return model_summary(reference)
+
+
 @pytest.mark.parametrize("phase, delay", [("loading the libraries", 0.0), ("SFT merge and save", 0.0)])
 def test_sigterm_outside_the_training_loop_exits_143_with_its_failure_file_and_the_rerun_finishes(
-        tmp_path, tarball, phase, delay):
-    reference = make_job(tmp_path / "reference", tarball)
-    assert run(reference).code == 0
+        tmp_path, tarball, uninterrupted, phase, delay):
     root = make_job(tmp_path / "job", tarball)
     stopped = run(root, (signal.SIGTERM, phase, delay))
     assert stopped.signalled and stopped.code == 143, stopped.lines[-20:]
@@ -33,4 +39,4 @@ def test_sigterm_outside_the_training_loop_exits_143_with_its_failure_file_and_t
     assert failure.startswith("training stopped by SIGTERM "), failure
     assert not stopped.torn_looks and not (root / "model").exists()  # nothing published, nothing half-written
     again = run(root)
-    assert again.code == 0 and model_summary(root) == model_summary(reference)
+    assert again.code == 0 and model_summary(root) == uninterrupted

@@ -5,10 +5,11 @@ the same job continues the same runs; no credential reaches a log or a file."""
 import json
 import struct
 
-from tests.conftest import TINY_ROWS, jsonl, link_model_channel, make_tree, run_train
 from tests.contract.test_voice import FAST, HELD_OUT
+from tests.helpers import TINY_ROWS, jsonl, link_model_channel, make_tree, run_train
 
-SECRETS = {"WANDB_API_KEY": "wandb-key-do-not-log-0123456789abcdef01234567", "MLFLOW_TRACKING_TOKEN": "mlflow-token-do-not-log"}
+SECRETS = {"WANDB_API_KEY": "wandb-key-do-not-log-0123456789abcdef01234567",
+           "MLFLOW_TRACKING_TOKEN": "mlflow-token-do-not-log"}
 
 
 def wandb_records(path):
@@ -79,7 +80,8 @@ def test_mlflow_and_wandb_runs_hold_the_params_metrics_and_model_card_and_a_rest
     assert run.data.params["report_to"] == "tensorboard,mlflow,wandb"
     losses = client.get_metric_history(run.info.run_id, "sft/train/loss")
     assert [m.step for m in losses] == [1, 2]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "sft/eval/loss")] == [2, 2]  # at step 2, and final
+    # at step 2, and final
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "sft/eval/loss")] == [2, 2]
     voice = client.get_metric_history(run.info.run_id, "sft/voice/style_distance")
     assert [m.step for m in voice][0] == 0 and len(voice) == 3  # the base model's, then each evaluation's
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -123,7 +125,8 @@ def test_a_tracker_without_its_address_or_key_fails_the_job_before_any_work(tmp_
     assert (root / "output" / "failure").read_text().startswith("report_to=wandb needs WANDB_API_KEY")
 
 
-def test_a_tracking_server_that_cannot_be_reached_fails_the_job_at_the_start_without_showing_its_password(tmp_path, tiny_model):
+def test_a_tracking_server_that_cannot_be_reached_fails_the_job_at_the_start_without_showing_its_password(
+        tmp_path, tiny_model):
     root = make_tree(tmp_path, {**FAST, "max_steps": "2", "report_to": "mlflow"}, {"train/d.jsonl": jsonl(TINY_ROWS)})
     link_model_channel(root, tiny_model)
     result = run_train(root, MLFLOW_TRACKING_URI="http://127.0.0.1:9/", MLFLOW_TRACKING_USERNAME="twin",

@@ -4,11 +4,12 @@ import json
 
 import pytest
 
-from tests.conftest import TINY_ROWS, jsonl, link_model_channel, make_tree, run_train
+from tests.helpers import TINY_ROWS, jsonl, link_model_channel, make_tree, run_train
 
 FAST = {"per_device_train_batch_size": "2", "gradient_accumulation_steps": "1", "max_length": "64",
         "warmup_steps": "0", "voice_max_new_tokens": "6"}
-HELD_OUT = [{"instruction": f"Write about lesson {i}.", "output": f"Lesson {i}: measure first, then tune!"} for i in range(3)]
+HELD_OUT = [{"instruction": f"Write about lesson {i}.", "output": f"Lesson {i}: measure first, then tune!"}
+            for i in range(3)]
 
 
 def read_records(path):
@@ -29,7 +30,8 @@ def train(root):
     return result.stdout, json.loads((root / "model" / "training_report.json").read_text())
 
 
-def test_voice_metrics_are_logged_at_every_evaluation_and_reported_before_and_after_in_the_model_card(tmp_path, tiny_model):
+def test_voice_metrics_are_logged_at_every_evaluation_and_reported_before_and_after_in_the_model_card(
+        tmp_path, tiny_model):
     root = make_tree(tmp_path, {**FAST, "max_steps": "4", "eval_steps": "2", "voice_eval_prompts": "2",
                                 "report_to": "tensorboard"},
                      {"train/d.jsonl": jsonl(TINY_ROWS), "validation/v.jsonl": jsonl(HELD_OUT)})
@@ -65,12 +67,13 @@ def test_voice_metrics_are_logged_at_every_evaluation_and_reported_before_and_af
     assert "| style distance (function words, punctuation) |" in card and "Lesson 0: measure first, then tune!" in card
 
 
-def test_early_stopping_ends_a_stage_whose_eval_loss_stops_improving_and_exports_the_best_checkpoint(tmp_path, tiny_model):
+def test_early_stopping_ends_a_stage_whose_eval_loss_stops_improving_and_exports_the_best_checkpoint(
+        tmp_path, tiny_model):
     """A learning rate far too high: the held-out loss gets worse after the first evaluations, so with
     patience 2 the stage ends long before its 40 steps, and the best checkpoint's weights are exported."""
-    root = make_tree(tmp_path, {**FAST, "max_steps": "40", "eval_steps": "1", "save_steps": "1", "save_total_limit": "2",
-                                "learning_rate": "0.5", "early_stopping_patience": "2", "load_best_model_at_end": "true",
-                                "voice_eval_prompts": "0"},
+    root = make_tree(tmp_path, {**FAST, "max_steps": "40", "eval_steps": "1", "save_steps": "1",
+                                "save_total_limit": "2", "learning_rate": "0.5", "early_stopping_patience": "2",
+                                "load_best_model_at_end": "true", "voice_eval_prompts": "0"},
                      {"train/d.jsonl": jsonl(TINY_ROWS), "validation/v.jsonl": jsonl(HELD_OUT)})
     link_model_channel(root, tiny_model)
     stdout, report = train(root)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import TINY_ROWS, jsonl, link_model_channel, make_tree, run_train
+from tests.helpers import TINY_ROWS, jsonl, link_model_channel, make_tree, run_train
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -10,7 +10,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_train_in_bf16_on_cuda_then_serve_on_cuda(tmp_path, tiny_model, serve_tree):
     pytest.importorskip("vllm", reason="serving needs vLLM (the GPU check machine cannot carry its CUDA wheel)")
-    root = make_tree(tmp_path, {"max_steps": "3", "per_device_train_batch_size": "4", "max_length": "64", "bf16": "auto"},
+    root = make_tree(tmp_path, {"max_steps": "3", "per_device_train_batch_size": "4", "max_length": "64",
+                                "bf16": "auto"},
                      {"train/posts.jsonl": jsonl(TINY_ROWS)})
     link_model_channel(root, tiny_model)
     result = run_train(root)
@@ -32,7 +33,8 @@ def test_serve_bitsandbytes_nf4_on_cuda(tiny_served_model, serve_tree):
 
 
 def test_qlora_4bit_on_cuda(tmp_path, tiny_model):
-    root = make_tree(tmp_path, {"max_steps": "3", "per_device_train_batch_size": "4", "max_length": "64", "adapter": "qlora"},
+    root = make_tree(tmp_path, {"max_steps": "3", "per_device_train_batch_size": "4", "max_length": "64",
+                                "adapter": "qlora"},
                      {"train/posts.jsonl": jsonl(TINY_ROWS)})
     link_model_channel(root, tiny_model)
     result = run_train(root)
@@ -43,7 +45,7 @@ def test_qlora_4bit_on_cuda(tmp_path, tiny_model):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("strategy", ["ddp", "zero3"])
 def test_two_gpus_over_nccl(tmp_path, tiny_model, strategy):
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     root = make_tree(tmp_path, {"max_steps": "3", "per_device_train_batch_size": "4", "max_length": "64",
                                 "distributed": strategy, "master_port": str(free_port())},

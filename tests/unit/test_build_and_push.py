@@ -1,11 +1,10 @@
 """build_and_push.sh with fake `aws` and `docker` on PATH: the commands it runs, per partition."""
 
 import subprocess
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 FAKE = """#!/usr/bin/env bash
 echo "$(basename "$0") $*" >> "$CALLS"
@@ -42,12 +41,14 @@ def test_builds_tags_and_pushes_to_the_partitions_registry(fake_cli, region, dom
     assert lines[:3] == [
         "aws sts get-caller-identity --query Account --output text",
         f"aws ecr describe-repositories --region {region} --repository-names twin",
-        f"aws ecr create-repository --region {region} --repository-name twin --image-scanning-configuration scanOnPush=true",
+        f"aws ecr create-repository --region {region} --repository-name twin "
+        "--image-scanning-configuration scanOnPush=true",
     ]
     assert set(lines[3:5]) == {f"aws ecr get-login-password --region {region}",  # one pipeline: either order
                                f"docker login --username AWS --password-stdin {registry}"}
     assert lines[5:] == [
-        f"docker build --platform linux/amd64 --provenance=false --sbom=false -t twin:v7 {REPO}",  # no attestation index
+        # no attestation index
+        f"docker build --platform linux/amd64 --provenance=false --sbom=false -t twin:v7 {REPO}",
         f"docker tag twin:v7 {registry}/twin:v7",
         f"docker push {registry}/twin:v7",
     ]
@@ -56,7 +57,8 @@ def test_builds_tags_and_pushes_to_the_partitions_registry(fake_cli, region, dom
 
 def test_existing_repository_and_region_from_the_environment(fake_cli):
     env, calls = fake_cli
-    result = subprocess.run([str(REPO / "build_and_push.sh")], env={**env, "REPO_EXISTS": "1", "AWS_REGION": "eu-west-1"},
+    result = subprocess.run([str(REPO / "build_and_push.sh")],
+                            env={**env, "REPO_EXISTS": "1", "AWS_REGION": "eu-west-1"},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     log = calls.read_text()

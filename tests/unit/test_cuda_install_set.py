@@ -9,9 +9,9 @@ against PyPI (about 15 s; needs network to PyPI, as `make venv` does).
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
 sys.path.insert(0, str(REPO / "scripts"))
 import cuda_install_set  # noqa: E402
 

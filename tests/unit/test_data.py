@@ -83,8 +83,10 @@ def test_text_rows_and_mixing_kinds(tmp_path):
     ('{"question": "x", "answer": "y"}', "unrecognised row with keys \\['answer', 'question'\\]"),
     ('{"instruction": "x", "output": 3}', "'output' must be a string"),
     ('{"instruction": " ", "output": "y"}', "must not be empty"),
-    ('{"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}', "messages\\[1\\] has role 'bot'"),
-    ('{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}', "last message of 'messages'"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}',
+     "messages\\[1\\] has role 'bot'"),
+    ('{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}',
+     "last message of 'messages'"),
     ('{"prompt": "x", "completion": [{"role": "user", "content": "y"}]}', "last message of 'completion'"),
 ])
 def test_malformed_rows_name_file_and_line(tmp_path, line, message):
@@ -121,7 +123,8 @@ def test_preference_rows_standard_conversational_and_implicit_prompt(tmp_path):
 
 @pytest.mark.parametrize("record,message", [
     ({"prompt": "x", "chosen": "y"}, "unrecognised preference row"),
-    ({"chosen": [USER, ASSISTANT], "rejected": [{"role": "user", "content": "other"}, ASSISTANT]}, "differ only in their last"),
+    ({"chosen": [USER, ASSISTANT], "rejected": [{"role": "user", "content": "other"}, ASSISTANT]},
+     "differ only in their last"),
     ({"prompt": "x", "chosen": "", "rejected": "z"}, "'chosen' must not be empty"),
 ])
 def test_bad_preference_rows(tmp_path, record, message):
@@ -143,7 +146,8 @@ def test_kto_takes_unpaired_rows_and_splits_pairs_into_a_good_and_a_bad_one(tmp_
     from train.data import load_kto_rows
 
     (tmp_path / "u.jsonl").write_text(json.dumps({"prompt": "Hi", "completion": "Hello!", "label": True}) + "\n" +
-                                      json.dumps({"prompt": "Hi", "chosen": "Hey.", "rejected": "Greetings, user."}) + "\n")
+                                      json.dumps({"prompt": "Hi", "chosen": "Hey.", "rejected": "Greetings, user."})
+                                      + "\n")
     rows = load_kto_rows(tmp_path)
     assert [(r["completion"][-1]["content"], r["label"]) for r in rows] == [("Hello!", True), ("Hey.", True),
                                                                             ("Greetings, user.", False)]

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from serve.engine import token_texts
+from serve.translate import token_texts
 
 SMOLLM2 = Path(__file__).resolve().parents[2] / ".cache" / "models" / "SmolLM2-135M-Instruct"
 texts = st.lists(st.sampled_from(["a", "b", " ", ".", ",", "\n", "é", "ß", "✓", "日本", "😀", "  ", "Dana's"]),
@@ -40,12 +40,16 @@ def test_pieces_join_to_the_whole_decode_of_random_tokens(tiny_tokenizer, ids):
     check_joins_to_the_whole_decode(tiny_tokenizer, ids)
 
 
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    return AutoTokenizer.from_pretrained(SMOLLM2)
+
+
 @pytest.mark.smollm2
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=texts)
-def test_pieces_join_to_the_whole_decode_with_smollm2(text):
-    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
-    check_joins_to_the_whole_decode(tokenizer, tokenizer.encode(text, add_special_tokens=False))
+def test_pieces_join_to_the_whole_decode_with_smollm2(smollm2_tokenizer, text):
+    check_joins_to_the_whole_decode(smollm2_tokenizer, smollm2_tokenizer.encode(text, add_special_tokens=False))
 
 
 def test_a_character_split_across_tokens_is_given_to_the_token_that_completes_it(tiny_tokenizer):

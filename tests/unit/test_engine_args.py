@@ -7,7 +7,7 @@ import pytest
 from container.config import ConfigError
 from container.model_dir import ServingSpec
 from serve.config import ServeConfig
-from serve.engine_args import engine_arguments
+from serve.engine_args import engine_arguments, lora_wanted, max_lora_rank
 
 SPEC = ServingSpec(base_model="tiny", max_input_tokens=400, max_total_tokens=512)
 
@@ -16,7 +16,7 @@ def arguments(model_dir, spec=SPEC, **env):
     """Engine arguments for a model directory that sits at $SAGEMAKER_BASE_DIR/model."""
     assert model_dir.name == "model"
     config = ServeConfig.from_env({"SAGEMAKER_BASE_DIR": str(model_dir.parent), **env})
-    return engine_arguments(config, spec)
+    return engine_arguments(config, spec, max_lora_rank(config, spec) if lora_wanted(config, spec) else 0)
 
 
 @pytest.fixture
@@ -37,7 +37,8 @@ def test_tgi_variables_map_onto_the_scheduler_and_the_kv_cache(served):
     args, _ = arguments(served, MAX_BATCH_SIZE="8", MAX_BATCH_PREFILL_TOKENS="1024", MAX_BATCH_TOTAL_TOKENS="1000",
                         MAX_TOTAL_TOKENS="256", PREFIX_CACHING="false", DTYPE="float32")
     config = json.loads((served / "config.json").read_text())
-    per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * (config["hidden_size"] // config["num_attention_heads"]) * 2
+    per_token = (2 * config["num_hidden_layers"] * config["num_key_value_heads"]
+                 * (config["hidden_size"] // config["num_attention_heads"]) * 2)
     assert (args["max_num_seqs"], args["max_num_batched_tokens"], args["max_model_len"]) == (8, 1024, 256)
     assert args["kv_cache_memory_bytes"] == 1000 * per_token
     assert not args["enable_prefix_caching"] and args["dtype"] == "float32"
@@ -70,7 +71,7 @@ def test_batch_transform_parameters_stay_within_sagemakers_100_mb_and_honour_its
     assert batch().execution_parameters == {"MaxConcurrentTransforms": 2, "BatchStrategy": "MULTI_RECORD",
                                             "MaxPayloadInMB": 1}
     assert batch().timeout == 540  # under the transform job's default invocation timeout, 600 s
-    assert batch(LLM_TWIN_ENGINE_COPIES="8").execution_parameters["MaxConcurrentTransforms"] == 16
+    assert batch().with_engine_copies(8).execution_parameters["MaxConcurrentTransforms"] == 16
     chosen = batch(SAGEMAKER_MAX_PAYLOAD_IN_MB="4", SAGEMAKER_MAX_CONCURRENT_TRANSFORMS="25",
                    SAGEMAKER_BATCH_STRATEGY="SingleRecord", SAGEMAKER_MODEL_SERVER_TIMEOUT="3500")
     assert chosen.execution_parameters == {"MaxConcurrentTransforms": 25, "BatchStrategy": "SINGLE_RECORD",

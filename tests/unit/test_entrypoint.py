@@ -29,12 +29,15 @@ def test_no_argument_means_train(tmp_path):
     assert "input channel 'train' is missing" in (tmp_path / "output" / "failure").read_text()
 
 
-PROPRIETARY = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.183.01  Sun May 12 19:39:15 UTC 2024\nGCC version: gcc 7\n"
-TOO_OLD = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  470.256.02  Thu May  2 14:37:44 UTC 2024\nGCC version: gcc 7\n"
+PROPRIETARY = ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.183.01  Sun May 12 19:39:15 UTC 2024\n"
+               "GCC version: gcc 7\n")
+TOO_OLD = ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  470.256.02  Thu May  2 14:37:44 UTC 2024\n"
+           "GCC version: gcc 7\n")
 OPEN_MODULE = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.95.05  Release Build  (dvs-builder)\n"
 
 
-def fake_gpu_host(tmp_path, driver_line, compat_libs=("libcuda.so.1", "libcuda.so.580.95.05", "libnvidia-ptxjitcompiler.so.580.95.05")):
+def fake_gpu_host(tmp_path, driver_line,
+                  compat_libs=("libcuda.so.1", "libcuda.so.580.95.05", "libnvidia-ptxjitcompiler.so.580.95.05")):
     version_file = tmp_path / "version"
     version_file.write_text(driver_line)
     compat = tmp_path / "compat"
@@ -155,4 +158,5 @@ def test_a_sigterm_held_across_the_exec_is_taken_by_trains_handler(tmp_path):
     result = subprocess.run([sys.executable, "-c", held], env={**os.environ, "SAGEMAKER_BASE_DIR": str(tmp_path)},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 143, result.stdout + result.stderr
-    assert (tmp_path / "output" / "failure").read_text().startswith("training stopped by SIGTERM while reading the configuration")
+    assert (tmp_path / "output" / "failure").read_text().startswith(
+        "training stopped by SIGTERM while reading the configuration")

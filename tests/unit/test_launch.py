@@ -8,9 +8,9 @@ import pytest
 from botocore.response import StreamingBody
 from botocore.stub import Stubber
 
+from container.metrics import METRIC_DEFINITIONS
 from launch.__main__ import main
 from launch.api import sse_events
-from train.metrics import METRIC_DEFINITIONS
 
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/llm-twin-sagemaker:abc123"
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
@@ -27,7 +27,8 @@ def test_train_sends_the_exact_request_with_spot_metrics_and_a_secret_never_prin
     sm = client("sagemaker")
     expected = {
         "TrainingJobName": "twin-1",
-        "AlgorithmSpecification": {"TrainingImage": IMAGE, "TrainingInputMode": "File", "MetricDefinitions": METRIC_DEFINITIONS},
+        "AlgorithmSpecification": {"TrainingImage": IMAGE, "TrainingInputMode": "File",
+                                   "MetricDefinitions": METRIC_DEFINITIONS},
         "RoleArn": ROLE,
         "HyperParameters": {"method": "sft+dpo", "num_train_epochs": "3", "model_id": "meta-llama/Llama-3.1-8B"},
         "InputDataConfig": [
@@ -42,10 +43,13 @@ def test_train_sends_the_exact_request_with_spot_metrics_and_a_secret_never_prin
         "CheckpointConfig": {"S3Uri": "s3://b/ckpt/", "LocalPath": "/opt/ml/checkpoints"},
     }
     with Stubber(sm) as stub:
-        stub.add_response("create_training_job", {"TrainingJobArn": "arn:aws:sagemaker:us-east-1:1:training-job/twin-1"}, expected)
+        stub.add_response("create_training_job",
+                          {"TrainingJobArn": "arn:aws:sagemaker:us-east-1:1:training-job/twin-1"}, expected)
         code = main(["train", "--image", IMAGE, "--role", ROLE, "--train", "s3://b/train/", "--preference", "s3://b/pref/",
-                     "--output", "s3://b/out/", "--hyperparameters", str(hp), "--hp", "model_id=meta-llama/Llama-3.1-8B",
-                     "--max-run", "3600", "--spot", "--max-wait", "7200", "--checkpoints", "s3://b/ckpt/", "--name", "twin-1"],
+                     "--output", "s3://b/out/", "--hyperparameters", str(hp),
+                     "--hp", "model_id=meta-llama/Llama-3.1-8B",
+                     "--max-run", "3600", "--spot", "--max-wait", "7200", "--checkpoints", "s3://b/ckpt/",
+                     "--name", "twin-1"],
                     clients={"sagemaker": sm})
         stub.assert_no_pending_responses()
     assert code == 0
@@ -66,19 +70,23 @@ def test_deploy_and_delete_send_the_exact_requests():
             "ModelName": "twin", "ExecutionRoleArn": ROLE,
             "PrimaryContainer": {"Image": IMAGE, "ModelDataUrl": "s3://b/out/model.tar.gz",
                                  "Environment": {"MAX_BATCH_SIZE": "16"}}})
-        stub.add_response("create_endpoint_config", {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint-config/twin"}, {
+        stub.add_response("create_endpoint_config",
+                          {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint-config/twin"}, {
             "EndpointConfigName": "twin", "ProductionVariants": [{
-                "VariantName": "AllTraffic", "ModelName": "twin", "InstanceType": "ml.g5.xlarge", "InitialInstanceCount": 1,
+                "VariantName": "AllTraffic", "ModelName": "twin", "InstanceType": "ml.g5.xlarge",
+                "InitialInstanceCount": 1,
                 "ContainerStartupHealthCheckTimeoutInSeconds": 600,
                 "InferenceAmiVersion": "al2-ami-sagemaker-inference-gpu-3-1"}]})
-        stub.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/twin"}, {"EndpointName": "twin", "EndpointConfigName": "twin"})
+        stub.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/twin"},
+                          {"EndpointName": "twin", "EndpointConfigName": "twin"})
         stub.add_response("list_inference_components", {"InferenceComponents": []},
                           {"EndpointNameEquals": "twin", "MaxResults": 100})
         stub.add_response("delete_endpoint", {}, {"EndpointName": "twin"})
         stub.add_response("delete_endpoint_config", {}, {"EndpointConfigName": "twin"})
         stub.add_response("delete_model", {}, {"ModelName": "twin"})
-        assert main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/out/model.tar.gz", "--name", "twin",
-                     "--instance-type", "ml.g5.xlarge", "--startup-timeout", "600", "--env", "MAX_BATCH_SIZE=16",
+        assert main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/out/model.tar.gz",
+                     "--name", "twin", "--instance-type", "ml.g5.xlarge", "--startup-timeout", "600",
+                     "--env", "MAX_BATCH_SIZE=16",
                      "--inference-ami-version", "al2-ami-sagemaker-inference-gpu-3-1"],
                     clients={"sagemaker": sm}) == 0
         assert main(["delete", "--name", "twin"], clients={"sagemaker": sm}) == 0
@@ -98,11 +106,14 @@ def test_gpu_endpoints_get_the_driver_580_host_image_by_default():
     assert "InferenceAmiVersion" not in variant("ml.m5.xlarge")
     assert "InferenceAmiVersion" not in variant("ml.g5.2xlarge", ami_version=None)
     sm = client("sagemaker")
-    assert "al2023-ami-sagemaker-inference-gpu-4-1" in sm.meta.service_model.shape_for("ProductionVariantInferenceAmiVersion").enum
+    assert "al2023-ami-sagemaker-inference-gpu-4-1" in sm.meta.service_model.shape_for(
+        "ProductionVariantInferenceAmiVersion").enum
     with Stubber(sm) as stub:
         stub.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:us-east-1:1:model/t"})
-        stub.add_response("create_endpoint_config", {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:endpoint-config/t"}, {
-            "EndpointConfigName": "t", "ProductionVariants": [variant("ml.g5.2xlarge", startup_timeout=900) | {"ModelName": "t"}]})
+        stub.add_response("create_endpoint_config",
+                          {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:endpoint-config/t"},
+                          {"EndpointConfigName": "t",
+                           "ProductionVariants": [variant("ml.g5.2xlarge", startup_timeout=900) | {"ModelName": "t"}]})
         stub.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/t"})
         assert main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/m.tar.gz", "--name", "t"],
                     clients={"sagemaker": sm}) == 0
@@ -116,14 +127,17 @@ def test_invoke_sends_the_llm_twin_request(capsys):
     with Stubber(runtime) as stub:
         stub.add_response("invoke_endpoint", {"Body": StreamingBody(io.BytesIO(answer), len(answer))},
                           {"EndpointName": "twin", "ContentType": "application/json", "Body": json.dumps(body)})
-        assert main(["invoke", "--name", "twin", "--inputs", "Write a post"], clients={"sagemaker-runtime": runtime}) == 0
+        assert main(["invoke", "--name", "twin", "--inputs", "Write a post"],
+                    clients={"sagemaker-runtime": runtime}) == 0
     assert capsys.readouterr().out.strip() == "Measure first."
 
 
 STREAM = ("data:" + json.dumps({"index": 1, "token": {"id": 5, "text": "Caf\u00e9 ", "special": False}}) + "\n\n"
-          + "data:" + json.dumps({"index": 2, "token": {"id": 6, "text": "\u2713 done", "special": False}}, ensure_ascii=False)
+          + "data:" + json.dumps({"index": 2, "token": {"id": 6, "text": "\u2713 done", "special": False}},
+                                 ensure_ascii=False)
           + "\n\n" + "data:" + json.dumps({"index": 3, "token": {"id": 2, "text": "", "special": True},
-                                           "generated_text": "Caf\u00e9 \u2713 done"}, ensure_ascii=False) + "\n\n").encode()
+                                           "generated_text": "Caf\u00e9 \u2713 done"}, ensure_ascii=False)
+          + "\n\n").encode()
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 64, len(STREAM)])
@@ -144,14 +158,17 @@ def test_batch_sends_the_exact_transform_job_with_the_driver_535_host_image():
     with Stubber(sm) as stub:
         stub.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:us-east-1:1:model/twin-batch"}, {
             "ModelName": "twin-batch", "ExecutionRoleArn": ROLE,
-            "PrimaryContainer": {"Image": IMAGE, "ModelDataUrl": "s3://b/out/model.tar.gz", "Environment": {"MAX_BATCH_SIZE": "64"}}})
-        stub.add_response("create_transform_job", {"TransformJobArn": "arn:aws:sagemaker:us-east-1:1:transform-job/twin-batch"}, {
+            "PrimaryContainer": {"Image": IMAGE, "ModelDataUrl": "s3://b/out/model.tar.gz",
+                                 "Environment": {"MAX_BATCH_SIZE": "64"}}})
+        stub.add_response("create_transform_job",
+                          {"TransformJobArn": "arn:aws:sagemaker:us-east-1:1:transform-job/twin-batch"}, {
             "TransformJobName": "twin-batch", "ModelName": "twin-batch",
             "ModelClientConfig": {"InvocationsTimeoutInSeconds": 3600, "InvocationsMaxRetries": 1},
             "Environment": {"SAGEMAKER_BATCH": "true", "SAGEMAKER_MODEL_SERVER_TIMEOUT": "3540"},
             "TransformInput": {"DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": "s3://b/prompts/"}},
                                "ContentType": "application/jsonlines", "SplitType": "Line", "CompressionType": "None"},
-            "TransformOutput": {"S3OutputPath": "s3://b/answers/", "Accept": "application/jsonlines", "AssembleWith": "Line"},
+            "TransformOutput": {"S3OutputPath": "s3://b/answers/", "Accept": "application/jsonlines",
+                                "AssembleWith": "Line"},
             "TransformResources": {"InstanceType": "ml.g5.2xlarge", "InstanceCount": 2,
                                    "TransformAmiVersion": "al2-ami-sagemaker-batch-gpu-535"}})
         assert main(["batch", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/out/model.tar.gz",
@@ -173,16 +190,19 @@ def test_deploy_uncompressed_model_data_async_and_autoscaling_send_the_exact_req
                 "Image": IMAGE, "Environment": {},
                 "ModelDataSource": {"S3DataSource": {"S3Uri": "s3://b/out/job/output/model/", "S3DataType": "S3Prefix",
                                                      "CompressionType": "None"}}}})
-        stub.add_response("create_endpoint_config", {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:endpoint-config/big"}, {
+        stub.add_response("create_endpoint_config",
+                          {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:endpoint-config/big"}, {
             "EndpointConfigName": "big", "ProductionVariants": [{
-                "VariantName": "AllTraffic", "ModelName": "big", "InstanceType": "ml.g6e.12xlarge", "InitialInstanceCount": 1,
+                "VariantName": "AllTraffic", "ModelName": "big", "InstanceType": "ml.g6e.12xlarge",
+                "InitialInstanceCount": 1,
                 "ContainerStartupHealthCheckTimeoutInSeconds": 1800, "ModelDataDownloadTimeoutInSeconds": 2400,
                 "InferenceAmiVersion": "al2023-ami-sagemaker-inference-gpu-4-1"}]})
         stub.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/big"},
                           {"EndpointName": "big", "EndpointConfigName": "big"})
         stub.add_response("describe_endpoint", {  # the waiter: autoscaling registers an in-service variant
-            "EndpointName": "big", "EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/big", "EndpointConfigName": "big",
-            "EndpointStatus": "InService", "CreationTime": "2026-11-27T00:00:00Z", "LastModifiedTime": "2026-11-27T00:00:00Z"},
+            "EndpointName": "big", "EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/big",
+            "EndpointConfigName": "big", "EndpointStatus": "InService", "CreationTime": "2026-11-27T00:00:00Z",
+            "LastModifiedTime": "2026-11-27T00:00:00Z"},
             {"EndpointName": "big"})
         resource = {"ServiceNamespace": "sagemaker", "ResourceId": "endpoint/big/variant/AllTraffic",
                     "ScalableDimension": "sagemaker:variant:DesiredInstanceCount"}
@@ -191,7 +211,8 @@ def test_deploy_uncompressed_model_data_async_and_autoscaling_send_the_exact_req
             **resource, "PolicyName": "big-concurrent-requests", "PolicyType": "TargetTrackingScaling",
             "TargetTrackingScalingPolicyConfiguration": {
                 "TargetValue": 24.0, "ScaleOutCooldown": 60, "ScaleInCooldown": 300,
-                "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantConcurrentRequestsPerModelHighResolution"}}})
+                "PredefinedMetricSpecification": {
+                    "PredefinedMetricType": "SageMakerVariantConcurrentRequestsPerModelHighResolution"}}})
         assert main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/out/job/output/model",
                      "--name", "big", "--instance-type", "ml.g6e.12xlarge", "--startup-timeout", "1800",
                      "--download-timeout", "2400", "--autoscale", "1:4", "--autoscale-target", "24"],
@@ -209,8 +230,8 @@ def test_deploy_uncompressed_model_data_async_and_autoscaling_send_the_exact_req
 def test_deploy_async_writes_answers_to_s3_and_lets_requests_run_long():
     from launch.api import endpoint_requests
 
-    requests = endpoint_requests(name="a", image=IMAGE, role=ROLE, model_data="s3://b/m.tgz", instance_type="ml.g5.xlarge",
-                                 async_output="s3://b/async/", async_concurrency=8)
+    requests = endpoint_requests(name="a", image=IMAGE, role=ROLE, model_data="s3://b/m.tgz",
+                                 instance_type="ml.g5.xlarge", async_output="s3://b/async/", async_concurrency=8)
     assert requests["config"]["AsyncInferenceConfig"] == {"OutputConfig": {"S3OutputPath": "s3://b/async/"},
                                                           "ClientConfig": {"MaxConcurrentInvocationsPerInstance": 8}}
     container = requests["model"]["PrimaryContainer"]
@@ -229,9 +250,11 @@ def test_deploy_by_hf_model_id_needs_no_model_data_and_never_prints_the_token(ca
     sm = client("sagemaker")
     with Stubber(sm) as stub:
         stub.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:us-east-1:1:model/book"})
-        stub.add_response("create_endpoint_config", {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:endpoint-config/book"})
+        stub.add_response("create_endpoint_config",
+                          {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:endpoint-config/book"})
         stub.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/book"})
-        main(["deploy", "--image", IMAGE, "--role", ROLE, "--name", "book", "--env", "HF_MODEL_ID=meta-llama/Llama-3.1-8B",
+        main(["deploy", "--image", IMAGE, "--role", ROLE, "--name", "book",
+              "--env", "HF_MODEL_ID=meta-llama/Llama-3.1-8B",
               "--env", "HUGGING_FACE_HUB_TOKEN=hf_secret_token"], clients={"sagemaker": sm})
     out = capsys.readouterr().out
     assert "hf_secret_token" not in out and '"HUGGING_FACE_HUB_TOKEN": "****"' in out
@@ -257,7 +280,8 @@ def test_train_with_tensorboard_sends_its_output_config_and_turns_the_tracking_o
 
     request = training_job_request(name="t", image=IMAGE, role=ROLE, channels={"train": "s3://b/t/"}, output="s3://b/o/",
                                    hyperparameters={}, instance_type="ml.g5.2xlarge", tensorboard_s3="s3://b/tb/")
-    assert request["TensorBoardOutputConfig"] == {"S3OutputPath": "s3://b/tb/", "LocalPath": "/opt/ml/output/tensorboard"}
+    assert request["TensorBoardOutputConfig"] == {"S3OutputPath": "s3://b/tb/",
+                                                  "LocalPath": "/opt/ml/output/tensorboard"}
     assert request["HyperParameters"] == {"report_to": "tensorboard"}
     sm = client("sagemaker")
     with Stubber(sm) as stub:
@@ -285,7 +309,8 @@ def test_train_with_mlflow_and_wandb_passes_the_tracking_server_and_the_key_and_
         assert expected["HyperParameters"]["report_to"] == "tensorboard,mlflow,wandb"
         assert expected["Environment"] == {"MLFLOW_TRACKING_URI": arn, "MLFLOW_EXPERIMENT_NAME": "voices",
                                            "WANDB_API_KEY": "wandb-secret-key", "WANDB_PROJECT": "twins"}
-        stub.add_response("create_training_job", {"TrainingJobArn": "arn:aws:sagemaker:us-east-1:1:training-job/t"}, expected)
+        stub.add_response("create_training_job", {"TrainingJobArn": "arn:aws:sagemaker:us-east-1:1:training-job/t"},
+                          expected)
         assert main(["train", "--image", IMAGE, "--role", ROLE, "--train", "s3://b/t/", "--output", "s3://b/o/",
                      "--name", "t", "--hp", "report_to=tensorboard", "--tensorboard", "s3://b/tb/", "--mlflow", arn,
                      "--mlflow-experiment", "voices", "--wandb"], clients={"sagemaker": sm}) == 0
@@ -297,7 +322,8 @@ def test_train_with_mlflow_and_wandb_passes_the_tracking_server_and_the_key_and_
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--mlflow", "arn:aws:sagemaker:us-east-1:111122223333:endpoint/twins"], "not a SageMaker MLflow tracking-server ARN"),
+    (["--mlflow", "arn:aws:sagemaker:us-east-1:111122223333:endpoint/twins"],
+     "not a SageMaker MLflow tracking-server ARN"),
     (["--wandb"], "--wandb needs WANDB_API_KEY"),
     (["--mlflow", "https://me:pw@mlflow.example.com/"], "export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"),
     (["--mlflow-experiment", "voices"], "give --mlflow too"),
@@ -310,9 +336,11 @@ def test_train_refuses_a_tracking_server_that_is_not_one_and_wandb_without_a_key
 
 
 def _component(name, status="InService"):
-    return {"InferenceComponentName": name, "InferenceComponentArn": f"arn:aws:sagemaker:us-east-1:1:inference-component/{name}",
-            "EndpointName": "twins", "EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/twins", "VariantName": "AllTraffic",
-            "InferenceComponentStatus": status, "CreationTime": "2026-11-27T00:00:00Z", "LastModifiedTime": "2026-11-27T00:00:00Z"}
+    return {"InferenceComponentName": name,
+            "InferenceComponentArn": f"arn:aws:sagemaker:us-east-1:1:inference-component/{name}",
+            "EndpointName": "twins", "EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/twins",
+            "VariantName": "AllTraffic", "InferenceComponentStatus": status, "CreationTime": "2026-11-27T00:00:00Z",
+            "LastModifiedTime": "2026-11-27T00:00:00Z"}
 
 
 def test_deploy_inference_components_with_adapters_and_scale_to_zero_send_the_exact_requests(monkeypatch, capsys):
@@ -330,7 +358,8 @@ def test_deploy_inference_components_with_adapters_and_scale_to_zero_send_the_ex
                 "Image": IMAGE, "Environment": {"ENABLE_LORA": "true"},
                 "ModelDataSource": {"S3DataSource": {"S3Uri": "s3://b/base/", "S3DataType": "S3Prefix",
                                                      "CompressionType": "None"}}}})
-        stub.add_response("create_endpoint_config", {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:endpoint-config/twins"}, {
+        stub.add_response("create_endpoint_config",
+                          {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:endpoint-config/twins"}, {
             "EndpointConfigName": "twins", "ExecutionRoleArn": ROLE, "ProductionVariants": [{
                 "VariantName": "AllTraffic", "InstanceType": "ml.g5.2xlarge", "InitialInstanceCount": 1,
                 "ManagedInstanceScaling": {"Status": "ENABLED", "MinInstanceCount": 0, "MaxInstanceCount": 2},
@@ -339,14 +368,17 @@ def test_deploy_inference_components_with_adapters_and_scale_to_zero_send_the_ex
         stub.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/twins"},
                           {"EndpointName": "twins", "EndpointConfigName": "twins"})
         stub.add_response("describe_endpoint", {
-            "EndpointName": "twins", "EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/twins", "EndpointConfigName": "twins",
-            "EndpointStatus": "InService", "CreationTime": "2026-11-27T00:00:00Z", "LastModifiedTime": "2026-11-27T00:00:00Z"},
+            "EndpointName": "twins", "EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/twins",
+            "EndpointConfigName": "twins", "EndpointStatus": "InService", "CreationTime": "2026-11-27T00:00:00Z",
+            "LastModifiedTime": "2026-11-27T00:00:00Z"},
             {"EndpointName": "twins"})
-        stub.add_response("create_inference_component", {"InferenceComponentArn": "arn:aws:sagemaker:us-east-1:1:inference-component/twins-base"}, {
+        stub.add_response("create_inference_component",
+                          {"InferenceComponentArn": "arn:aws:sagemaker:us-east-1:1:inference-component/twins-base"}, {
             "InferenceComponentName": "twins-base", "EndpointName": "twins", "VariantName": "AllTraffic",
             "Specification": {"ModelName": "twins",
                               "StartupParameters": {"ContainerStartupHealthCheckTimeoutInSeconds": 900},
-                              "ComputeResourceRequirements": {"NumberOfCpuCoresRequired": 2, "MinMemoryRequiredInMb": 5120,
+                              "ComputeResourceRequirements": {"NumberOfCpuCoresRequired": 2,
+                                                              "MinMemoryRequiredInMb": 5120,
                                                               "NumberOfAcceleratorDevicesRequired": 1}},
             "RuntimeConfig": {"CopyCount": 1}})
         for status in ("Creating", "InService"):
@@ -354,24 +386,28 @@ def test_deploy_inference_components_with_adapters_and_scale_to_zero_send_the_ex
             stub.add_response("describe_inference_component", {**described, "InferenceComponentStatus": status},
                               {"InferenceComponentName": "twins-base"})
         for adapter in ("alice", "bob"):
-            stub.add_response("create_inference_component", {"InferenceComponentArn": f"arn:aws:sagemaker:us-east-1:1:inference-component/twins-{adapter}"}, {
+            stub.add_response("create_inference_component", {
+                "InferenceComponentArn": f"arn:aws:sagemaker:us-east-1:1:inference-component/twins-{adapter}"}, {
                 "InferenceComponentName": f"twins-{adapter}", "EndpointName": "twins",
                 "Specification": {"BaseInferenceComponentName": "twins-base",
                                   "Container": {"ArtifactUrl": f"s3://b/{adapter}/model.tar.gz"}}})
         resource = {"ServiceNamespace": "sagemaker", "ResourceId": "inference-component/twins-base",
                     "ScalableDimension": "sagemaker:inference-component:DesiredCopyCount"}
         scaling.add_response("register_scalable_target", {}, {**resource, "MinCapacity": 0, "MaxCapacity": 2})
-        scaling.add_response("put_scaling_policy", {"PolicyARN": "arn:aws:autoscaling:us-east-1:1:scalingPolicy:track"}, {
+        scaling.add_response("put_scaling_policy",
+                             {"PolicyARN": "arn:aws:autoscaling:us-east-1:1:scalingPolicy:track"}, {
             **resource, "PolicyName": "twins-base-concurrent-requests", "PolicyType": "TargetTrackingScaling",
             "TargetTrackingScalingPolicyConfiguration": {
                 "TargetValue": 16.0, "ScaleOutCooldown": 60, "ScaleInCooldown": 300,
                 "PredefinedMetricSpecification": {
                     "PredefinedMetricType": "SageMakerInferenceComponentConcurrentRequestsPerCopyHighResolution"}}})
-        scaling.add_response("put_scaling_policy", {"PolicyARN": "arn:aws:autoscaling:us-east-1:1:scalingPolicy:zero"}, {
+        scaling.add_response("put_scaling_policy",
+                             {"PolicyARN": "arn:aws:autoscaling:us-east-1:1:scalingPolicy:zero"}, {
             **resource, "PolicyName": "twins-base-from-zero", "PolicyType": "StepScaling",
             "StepScalingPolicyConfiguration": {"AdjustmentType": "ChangeInCapacity", "MetricAggregationType": "Maximum",
                                                "Cooldown": 60,
-                                               "StepAdjustments": [{"MetricIntervalLowerBound": 0, "ScalingAdjustment": 1}]}})
+                                               "StepAdjustments": [{"MetricIntervalLowerBound": 0,
+                                                                    "ScalingAdjustment": 1}]}})
         for component in ("twins-base", "twins-alice", "twins-bob"):  # a request to any of them may find no copy
             alarms.add_response("put_metric_alarm", {}, {
                 "AlarmName": f"{component}-no-capacity", "MetricName": "NoCapacityInvocationFailures",
@@ -382,11 +418,13 @@ def test_deploy_inference_components_with_adapters_and_scale_to_zero_send_the_ex
                 "AlarmActions": ["arn:aws:autoscaling:us-east-1:1:scalingPolicy:zero"]})
         rt.add_response("invoke_endpoint", {"Body": StreamingBody(io.BytesIO(b'[{"generated_text": "hi"}]'), 26)}, {
             "EndpointName": "twins", "InferenceComponentName": "twins-alice", "ContentType": "application/json",
-            "Body": json.dumps({"inputs": "Write a post", "parameters": {"max_new_tokens": 150, "return_full_text": False},
+            "Body": json.dumps({"inputs": "Write a post",
+                                "parameters": {"max_new_tokens": 150, "return_full_text": False},
                                 "stream": False})})
         everything = [_component(n) for n in ("twins-base", "twins-alice", "twins-bob")]
         listing = {"EndpointNameEquals": "twins", "MaxResults": 100}
-        stub.add_response("list_inference_components", {"InferenceComponents": everything[:2], "NextToken": "page2"}, listing)
+        stub.add_response("list_inference_components", {"InferenceComponents": everything[:2], "NextToken": "page2"},
+                          listing)
         stub.add_response("list_inference_components", {"InferenceComponents": everything[2:]},
                           {**listing, "NextToken": "page2"})  # pages are followed: none is left behind
         for adapter in ("alice", "bob"):
@@ -407,11 +445,13 @@ def test_deploy_inference_components_with_adapters_and_scale_to_zero_send_the_ex
         stub.add_response("delete_endpoint", {}, {"EndpointName": "twins"})
         stub.add_response("delete_endpoint_config", {}, {"EndpointConfigName": "twins"})
         stub.add_response("delete_model", {}, {"ModelName": "twins"})
-        clients = {"sagemaker": sm, "application-autoscaling": autoscaling, "cloudwatch": cloudwatch, "sagemaker-runtime": runtime}
+        clients = {"sagemaker": sm, "application-autoscaling": autoscaling, "cloudwatch": cloudwatch,
+                   "sagemaker-runtime": runtime}
         assert main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/base/", "--name", "twins",
                      "--adapter", "alice=s3://b/alice/model.tar.gz", "--adapter", "bob=s3://b/bob/model.tar.gz",
                      "--autoscale", "0:2"], clients=clients) == 0
-        assert main(["invoke", "--name", "twins", "--component", "twins-alice", "--inputs", "Write a post"], clients=clients) == 0
+        assert main(["invoke", "--name", "twins", "--component", "twins-alice", "--inputs", "Write a post"],
+                    clients=clients) == 0
         assert main(["delete", "--name", "twins"], clients=clients) == 0
         for stubbed in (stub, scaling, alarms, rt):
             stubbed.assert_no_pending_responses()

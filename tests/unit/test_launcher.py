@@ -30,10 +30,12 @@ def test_two_hosts_eight_gpus_second_host():
     assert top.world_size == 16 and top.node_rank == 1
     assert torchrun_command(top, CONFIG, "10.0.0.5") == [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "8", "--max_restarts", "0",
-        "--shutdown_timeout", "110", "--node_rank", "1", "--master_addr", "10.0.0.5", "--master_port", "7777", "-m", "train"]
+        "--shutdown_timeout", "110", "--node_rank", "1", "--master_addr", "10.0.0.5", "--master_port", "7777",
+        "-m", "train"]
 
 
-@pytest.mark.parametrize("instance_type,efa", [("ml.p4d.24xlarge", True), ("ml.p5.48xlarge", True), ("ml.g5.48xlarge", False)])
+@pytest.mark.parametrize("instance_type,efa", [("ml.p4d.24xlarge", True), ("ml.p5.48xlarge", True),
+                                               ("ml.g5.48xlarge", False)])
 def test_network_settings_with_and_without_efa(instance_type, efa):
     env = launch_env(topo(["algo-1", "algo-2"], "algo-1", 8, instance_type, interface="eth1"))
     assert env["NCCL_SOCKET_IFNAME"] == "eth1" and env["GLOO_SOCKET_IFNAME"] == "eth1"

@@ -1,13 +1,19 @@
-"""The Dockerfile and shell scripts lint clean, and the Dockerfile keeps SageMaker's must-haves."""
+"""The Python code, the Dockerfile and the shell scripts lint clean, and the Dockerfile keeps SageMaker's
+must-haves."""
 
 import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from tests.helpers import BIN, REPO
+
 SHELL_SCRIPTS = [REPO / "build_and_push.sh", REPO / ".ci" / "run", *sorted((REPO / "local_test").glob("*.sh")),
                  *sorted((REPO / "scripts").glob("*.sh"))]
+
+
+def test_ruff_finds_nothing():
+    """Lines of at most 120 characters, no unused names, sorted imports (pyproject.toml's [tool.ruff])."""
+    result = subprocess.run([str(BIN / "ruff"), "check", "--output-format", "concise", str(REPO)], capture_output=True,
+                            text=True, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
 
 
 def test_hadolint_dockerfile():

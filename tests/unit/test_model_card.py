@@ -17,7 +17,8 @@ def header(card: str) -> str:
 def test_the_embedded_base_is_named_by_its_hub_id_with_the_license_its_own_card_states(tmp_path):
     (tmp_path / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n# SmolLM2\n")
     card = model_card(TrainConfig(), REPORT, "embedded", str(tmp_path), "merged")
-    assert 'base_model: "HuggingFaceTB/SmolLM2-135M-Instruct"' in header(card) and 'license: "apache-2.0"' in header(card)
+    assert ('base_model: "HuggingFaceTB/SmolLM2-135M-Instruct"' in header(card)
+            and 'license: "apache-2.0"' in header(card))
     assert "| word overlap with the real answers (unigram F1) | 0.1 | 0.3 | higher |" in card
     assert "- **Prompt:** Hi there" in card  # one line: no newline breaks the Markdown list
 

@@ -3,8 +3,8 @@ from collections import namedtuple
 import pytest
 
 from container.config import ConfigError
-from serve.__main__ import check_shared_memory
 from serve.placement import Placement, free_gpu, plan
+from serve.startup import check_shared_memory
 
 GIB = 2**30
 
@@ -42,7 +42,8 @@ def test_a_restarted_worker_takes_the_free_gpu():
 def test_too_little_shared_memory_for_vllm_is_refused_with_the_fix(monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr("shutil.disk_usage", lambda path: usage(64 * 2**20, 2 * 2**20, 62 * 2**20))
-    with pytest.raises(ConfigError, match=r"/dev/shm has 62 MiB free; .* --shm-size=1g \(docker run's default is 64 MiB\)"):
+    with pytest.raises(ConfigError,
+                       match=r"/dev/shm has 62 MiB free; .* --shm-size=1g \(docker run's default is 64 MiB\)"):
         check_shared_memory()
     monkeypatch.setattr("shutil.disk_usage", lambda path: usage(2**30, 0, 2**30))
     check_shared_memory()  # 1 GiB: enough

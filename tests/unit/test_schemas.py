@@ -47,9 +47,11 @@ def test_stop_sequences_is_an_alias_of_stop():
     ({"messages": []}, "'messages' must be a non-empty array"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages\\[0\\].role must be system, user or assistant"),
     ({"messages": [{"role": "user", "content": "x"}], "n": 9}, "'n' must be <= 4"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2, "stream": True}, "'n' > 1 is not supported when 'stream'"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2, "stream": True},
+     "'n' > 1 is not supported when 'stream'"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "'tools' is not supported"),
-    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}}, "'response_format' must be"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}},
+     "'response_format' must be"),
     ({"inputs": "x", "parameters": {"typical_p": 0.5}}, "'typical_p' is not supported"),
     ({"inputs": "x", "parameters": {"watermark": True}}, "'watermark' is not supported"),
     ({"inputs": "x", "parameters": {"best_of": 2}}, "'best_of' > 1 needs sampling"),
@@ -59,7 +61,8 @@ def test_stop_sequences_is_an_alias_of_stop():
     ({"inputs": "x", "parameters": {"grammar": {"type": "xml", "value": "x"}}}, "'grammar' must be"),
     ({"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": ""}}}, "non-empty pattern"),
     ({"inputs": "x", "parameters": {"adapter_id": 3}}, "'adapter_id' must be a non-empty string"),
-    ({"messages": [{"role": "user", "content": "x"}], "max_tokenz": 2}, "unknown field 'max_tokenz': did you mean 'max_tokens'"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokenz": 2},
+     "unknown field 'max_tokenz': did you mean 'max_tokens'"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "'temperature' must be <= 2.0"),
 ])
 def test_invalid_requests_are_validation_errors_naming_the_field(body, message):
@@ -92,13 +95,14 @@ def test_grammar_best_of_and_top_n_tokens_parse():
     p = parse_generate({"inputs": "x", "parameters": {"grammar": {"type": "json", "value": {"type": "object"}},
                                                       "best_of": 2, "do_sample": True, "top_n_tokens": 3}}).params
     assert (p.grammar.kind, p.grammar.value, p.best_of, p.top_n_tokens) == ("json", {"type": "object"}, 2, 3)
-    assert parse_generate({"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": "[0-9]+"}}}).params.grammar.value == "[0-9]+"
+    assert (parse_generate({"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": "[0-9]+"}}})
+            .params.grammar.value == "[0-9]+")
 
 
 def test_openai_chat_fields_map_onto_the_same_parameters():
-    request = parse_request({"messages": [{"role": "user", "content": "Hi"}], "n": 2, "temperature": 0.5, "logprobs": True,
-                             "top_logprobs": 2, "response_format": {"type": "json_object"}, "tools": None,
-                             "frequency_penalty": 0.5, "presence_penalty": 0.1, "model": "dana"})
+    request = parse_request({"messages": [{"role": "user", "content": "Hi"}], "n": 2, "temperature": 0.5,
+                             "logprobs": True, "top_logprobs": 2, "response_format": {"type": "json_object"},
+                             "tools": None, "frequency_penalty": 0.5, "presence_penalty": 0.1, "model": "dana"})
     p = request.params
     assert (p.best_of, p.logprobs, p.top_n_tokens, p.grammar.kind, p.grammar.value) == (2, True, 2, "json", None)
     assert (p.frequency_penalty, p.presence_penalty, request.model) == (0.5, 0.1, "dana")
@@ -108,4 +112,5 @@ def test_completions_use_the_raw_prompt_and_the_adapter_header_picks_an_adapter(
     request = parse_completion({"model": "x", "prompt": "Once upon", "max_tokens": 5, "temperature": 0})
     assert request.completion and request.inputs == "Once upon" and request.params.max_new_tokens == 5
     assert parse_request({"inputs": "x"}, adapter_header="dana").params.adapter_id == "dana"
-    assert parse_request({"inputs": "x", "parameters": {"adapter_id": "sam"}}, adapter_header="dana").params.adapter_id == "sam"
+    assert parse_request({"inputs": "x", "parameters": {"adapter_id": "sam"}},
+                         adapter_header="dana").params.adapter_id == "sam"

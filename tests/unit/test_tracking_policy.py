@@ -37,7 +37,8 @@ def test_a_tracker_that_fails_is_dropped_with_a_warning_and_the_others_keep_thei
 
 def test_a_tracking_uri_holding_a_password_is_refused_before_it_can_be_logged():
     check_environment(("mlflow",), {"MLFLOW_TRACKING_URI": "https://mlflow.example.com/x"})
-    check_environment(("mlflow",), {"MLFLOW_TRACKING_URI": "arn:aws:sagemaker:us-east-1:111122223333:mlflow-tracking-server/t"})
+    check_environment(("mlflow",),
+                      {"MLFLOW_TRACKING_URI": "arn:aws:sagemaker:us-east-1:111122223333:mlflow-tracking-server/t"})
     with pytest.raises(ConfigError, match="put them in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"):
         check_environment(("mlflow",), {"MLFLOW_TRACKING_URI": "https://me:s3cret@mlflow.example.com/x"})
 

@@ -1,0 +1,81 @@
+"""gunicorn, run in-process with the Startup computed once: its settings, its fork hooks, and what each
+worker builds (its engine, the adapters it knows, the Flask app). Threaded workers: HTTP threads wait on
+the engine's thread."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from gunicorn.app.base import BaseApplication
+
+from serve.adapters import Adapters
+from serve.app import create_app
+from serve.placement import free_gpu
+from serve.startup import Startup
+
+GRACEFUL_SECONDS = 25  # SageMaker sends SIGKILL 30 s after SIGTERM
+KEEPALIVE_SECONDS = 75
+
+
+class Server(BaseApplication):
+    def __init__(self, startup: Startup):
+        self.startup = startup
+        super().__init__()
+
+    def load_config(self) -> None:
+        config = self.startup.config
+        settings = {
+            "proc_name": "llm-twin-serve",
+            "bind": f"0.0.0.0:{config.port}",
+            "workers": self.startup.placement.workers,
+            "worker_class": "gthread",
+            "threads": config.threads,  # max_concurrent_requests + a few kept free for /ping
+            "timeout": max(config.timeout, config.stream_timeout) + 30,  # only after its requests could have
+            "graceful_timeout": GRACEFUL_SECONDS,
+            "keepalive": KEEPALIVE_SECONDS,
+            "errorlog": "-",
+            "loglevel": "info",
+            "control_socket_disable": True,  # gunicorn 27's admin socket: unused, and one path per user would clash
+            "pre_fork": self.pre_fork,
+            "post_fork": self.post_fork,
+            "worker_exit": worker_exit,
+        }
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        """In each worker, once: start its engine (loading in the engine's thread; /ping says 503 until it is
+        warm) and answer with the app."""
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        startup = self.startup
+        adapters = Adapters(startup.fixed_adapters, startup.adapter_registry, startup.lora_rank)
+        if startup.predicts:
+            from serve.predict import PredictEngine
+
+            engine = PredictEngine(startup.config, startup.spec, startup.custom)
+        else:
+            from serve.engine import VllmEngine
+
+            engine = VllmEngine(startup.config, startup.spec, adapters, startup.lora_rank)
+        engine.start()
+        return create_app(engine, adapters, startup)
+
+    def pre_fork(self, server, worker) -> None:
+        if self.startup.placement.pin_gpus:
+            worker.gpu = free_gpu({getattr(w, "gpu", -1) for w in server.WORKERS.values()}, self.startup.gpus)
+
+    def post_fork(self, server, worker) -> None:
+        if self.startup.placement.pin_gpus:  # the device id among those this container may use
+            visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible[worker.gpu] if worker.gpu < len(visible) else str(worker.gpu)
+            server.log.info("worker %s serves GPU %s", worker.pid, worker.gpu)
+        elif self.startup.config.num_shard > 1:
+            server.log.info("worker %s shards the model over %d GPUs", worker.pid, self.startup.config.num_shard)
+
+
+def worker_exit(server, worker) -> None:
+    """Stop vLLM's engine processes with the worker (SIGTERM drain, or a worker gunicorn replaces)."""
+    engine = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("engine")
+    if engine is not None:
+        engine.shutdown()

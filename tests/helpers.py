@@ -1,0 +1,144 @@
+"""Helpers the tests share: /opt/ml trees, the real `train` and `serve` as subprocesses, and what they answer.
+Fixtures live in tests/conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from local_test.harness import free_port, process_tree, sse_events  # noqa: F401 (the tests import them from here)
+from local_test.tiny_model import TINY_ROWS, build_tiny_model  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def make_tree(root: Path, hyperparameters: dict | None = None, files: dict[str, str] | None = None) -> Path:
+    """A SageMaker /opt/ml tree: hyperparameters.json (values as given: strings, as SageMaker sends them)
+    and channel files ({"train/data.jsonl": text})."""
+    (root / "input" / "config").mkdir(parents=True, exist_ok=True)
+    (root / "input" / "config" / "hyperparameters.json").write_text(json.dumps(hyperparameters or {}))
+    for relative, text in (files or {}).items():
+        path = root / "input" / "data" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def link_model_channel(root: Path, model: Path) -> None:
+    channel = root / "input" / "data" / "model"
+    channel.parent.mkdir(parents=True, exist_ok=True)
+    channel.symlink_to(model, target_is_directory=True)
+
+
+def run_train(root: Path, timeout: int = 600, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "train")], env={**os.environ, "SAGEMAKER_BASE_DIR": str(root), **env},
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+STOPPING: list["Server"] = []  # servers told to stop, still draining (conftest.py waits for them at the end)
+
+
+class Server:
+    """A real `serve` process (gunicorn + Flask) on a free port."""
+
+    def __init__(self, root: Path, **env):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [str(BIN / "serve")],
+            env={**os.environ, "SAGEMAKER_BASE_DIR": str(root), "SAGEMAKER_BIND_TO_PORT": str(self.port), **env},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.ping_codes: list[int] = []
+        self.output: str | None = None
+        self._reaper: threading.Thread | None = None
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        """Until /ping answers 200. A refused connection or a slow answer (a worker still importing, a loaded
+        machine) is retried until the deadline; a server that exits fails at once with its output."""
+        self.ping_codes += wait_for_ping(self.url, 200, timeout, process=self.process)
+
+    def invoke(self, body, **kwargs) -> requests.Response:
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        headers = kwargs.pop("headers", {"Content-Type": "application/json"})
+        timeout = kwargs.pop("timeout", 120)
+        return requests.post(self.url + "/invocations", data=data, headers=headers, timeout=timeout, **kwargs)
+
+    def stop(self) -> str:
+        """SIGTERM (what SageMaker sends), then the server's whole output once it has exited. Safe to call
+        twice."""
+        self.stop_soon()
+        self._reaper.join()
+        return self.output
+
+    def stop_soon(self) -> None:
+        """SIGTERM, without waiting: gunicorn and vLLM take about 7 s to drain and exit, idle, while the next
+        test starts. The output is collected in the background; conftest.py waits for every server at the end."""
+        if self._reaper is None:
+            self.process.terminate()
+            self._reaper = threading.Thread(target=self._reap, daemon=True)
+            self._reaper.start()
+            STOPPING.append(self)
+
+    def _reap(self) -> None:
+        try:
+            self.output, _ = self.process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.output, _ = self.process.communicate()
+
+
+def wait_for_ping(url: str, wanted: int, timeout: float, process: subprocess.Popen | None = None) -> list[int]:
+    """Ask /ping until it answers `wanted`; the codes it answered on the way. Each try may take up to 5 s
+    (a busy worker); connection errors and slow answers are retried until `timeout`, then it fails saying
+    what /ping answered."""
+    deadline = time.monotonic() + timeout
+    codes: list = []
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            output = process.stdout.read() if process.stdout is not None else ""
+            raise RuntimeError(f"serve exited with {process.returncode}:\n{output}")
+        try:
+            codes.append(requests.get(url + "/ping", timeout=min(5.0, max(0.1, deadline - time.monotonic())))
+                         .status_code)
+        except requests.RequestException as e:  # refused (not listening yet, or between workers), or slow
+            codes.append(type(e).__name__)
+        if codes[-1] == wanted:
+            return codes
+        time.sleep(0.05)
+    raise TimeoutError(f"/ping did not answer {wanted} within {timeout} s; it answered {codes[-5:]}")
+
+
+def training_report(root: Path) -> dict:
+    return json.loads((root / "model" / "training_report.json").read_text())
+
+
+def loads_and_generates(root: Path) -> None:
+    """The model directory `train` published is complete and generates, checked with plain transformers:
+    for tests about training, where starting a real server (vLLM: about 20 s here) would add nothing."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from container.model_dir import load_spec
+
+    assert load_spec(root / "model").weights == "merged"
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    model = AutoModelForCausalLM.from_pretrained(root / "model", use_safetensors=True)
+    with torch.inference_mode():
+        out = model.generate(**tokenizer("Write about lesson 1.", return_tensors="pt"), max_new_tokens=3,
+                             do_sample=False)
+    assert out.shape[1] > 3

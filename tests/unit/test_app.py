@@ -1,0 +1,326 @@
+"""The HTTP layer (serve/app.py) through Flask's test client, against an in-memory engine that implements
+the app's Engine interface: routing, payload dialects, SSE encodings, errors, admission and the fault
+policy, in milliseconds. What depends on vLLM is proven through real gunicorn + vLLM in tests/contract/."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from container.model_dir import ServingSpec
+from serve.adapters import Adapters
+from serve.admission import Admission
+from serve.app import create_app
+from serve.config import ServeConfig
+from serve.custom import CustomHandlers
+from serve.errors import ValidationError
+from serve.placement import Placement
+from serve.predict import PredictEngine
+from serve.schemas import GenerateResult, Sequence
+from serve.startup import Startup
+from serve.translate import Limits
+from tests.helpers import sse_events
+
+JSONLINES = {"Content-Type": "application/jsonlines"}
+
+
+class MemoryEngine:
+    """Answers each request with the words of its prompt in capitals, one token per word, up to
+    max_new_tokens (finish "length") or all of them (finish "eos_token"). `hold` keeps every request in
+    flight until it is set; `fail_after` makes a stream fail after that many tokens."""
+
+    def __init__(self, limit: int = 4):
+        self.limits = Limits(max_input_tokens=50, max_total_tokens=80, default_max_new_tokens=16)
+        self.admission = Admission(limit, exit_worker=lambda: None)
+        self.state = "ready"
+        self.hold = threading.Event()
+        self.hold.set()
+        self.fail_after: int | None = None
+        self.loaded: list[str] = []
+        self.admitted = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.admission.limit
+
+    def submit(self, request, wait=0.0):
+        ticket = self.admission.ticket(request, wait)
+        words = (request.messages[-1]["content"] if request.messages else request.inputs).split()
+        if len(words) > self.limits.max_input_tokens:
+            ticket.close()
+            raise ValidationError(f"inputs must have less than {self.limits.max_input_tokens} tokens")
+        self.admission.track(ticket)
+        self.admitted += 1
+        threading.Thread(target=self._generate, args=(ticket, request, words), daemon=True).start()
+        return ticket
+
+    def _generate(self, ticket, request, words):
+        self.hold.wait()
+        limit = request.params.max_new_tokens or self.limits.default_max_new_tokens
+        answer = [w.upper() for w in words][:limit]
+        tokens = []
+        for i, word in enumerate(answer):
+            if self.fail_after is not None and i == self.fail_after:
+                ticket.emit("error", self.admission.fault(RuntimeError("boom"), "the request failed"))
+                return
+            tokens.append({"id": i, "text": " " + word, "logprob": -1.0, "special": False})
+            if request.stream:
+                ticket.emit("token", {"token": tokens[-1], "top_tokens": None})
+        finish = "length" if len(words) > limit else "eos_token"
+        best = Sequence("".join(t["text"] for t in tokens), finish, len(tokens), tokens)
+        ticket.emit("done", GenerateResult(best, input_tokens=len(words), seed=None))
+
+    def predict(self, data):
+        raise AssertionError("not a predict_fn engine")
+
+    def load_adapter(self, adapter):
+        self.loaded.append(adapter.name)
+
+    def unload_adapter(self, adapter):
+        self.loaded.remove(adapter.name)
+
+    def shutdown(self):
+        pass
+
+
+def startup(tmp_path: Path, custom: CustomHandlers | None = None, **env) -> Startup:
+    config = ServeConfig.from_env({"SAGEMAKER_BASE_DIR": str(tmp_path), **env})
+    spec = ServingSpec(base_model="tiny", max_input_tokens=50, max_total_tokens=80)
+    return Startup(config, spec, custom, Placement(1, pin_gpus=False, span_gpus=False), gpus=0, fixed_adapters={},
+                   lora_rank=64, adapter_registry=None)
+
+
+@pytest.fixture
+def engine():
+    return MemoryEngine()
+
+
+@pytest.fixture
+def client(engine, tmp_path):
+    (tmp_path / "registry").mkdir()
+    adapters = Adapters({"dana": "/adapters/dana"}, tmp_path / "registry", max_rank=64)
+    return create_app(engine, adapters, startup(tmp_path)).test_client()
+
+
+def wait_until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not come true within the deadline"
+        time.sleep(0.01)
+
+
+def post(client, body, route="/invocations", **kwargs):
+    return client.post(route, data=json.dumps(body), content_type="application/json", **kwargs)
+
+
+def test_ping_follows_the_engine_state(client, engine):
+    engine.state = "loading"
+    assert client.get("/ping").status_code == 503
+    assert post(client, {"inputs": "hi"}).json == {"error": "model is loading", "error_type": "healthcheck"}
+    engine.state = "ready"
+    assert client.get("/ping").status_code == 200 and client.get("/ping").data == b""
+    engine.state = "failed"
+    assert client.get("/ping").status_code == 500 and client.get("/health").status_code == 500
+
+
+def test_tgi_generate_answers_a_list_and_generate_answers_one_object(client):
+    body = {"inputs": "write about evals", "parameters": {"max_new_tokens": 2, "details": True}}
+    answer = post(client, body)
+    assert answer.status_code == 200 and answer.content_type == "application/json"
+    item = answer.json[0]
+    assert item["generated_text"] == " WRITE ABOUT"
+    assert item["details"]["finish_reason"] == "length" and item["details"]["generated_tokens"] == 2
+    assert item["details"]["input_length"] == 3 and len(item["details"]["tokens"]) == 2
+    assert post(client, body, "/generate").json == item
+    full = post(client, {"inputs": "hi", "parameters": {"return_full_text": True}}).json[0]
+    assert full == {"generated_text": "hi HI"}
+
+
+def test_tgi_stream_holds_each_event_until_the_next_so_the_last_carries_the_text(client):
+    body = {"inputs": "one two three", "parameters": {"details": True}, "stream": True}
+    for response in (post(client, body), post(client, {**body, "stream": False}, "/generate_stream")):
+        assert response.content_type.startswith("text/event-stream")
+        events = sse_events(response.get_data(as_text=True))
+        assert [e["index"] for e in events] == [1, 2, 3]
+        assert [e["generated_text"] for e in events] == [None, None, " ONE TWO THREE"]
+        assert events[-1]["details"] == {"finish_reason": "eos_token", "generated_tokens": 3, "input_length": 3,
+                                         "seed": None}
+        assert "".join(e["token"]["text"] for e in events) == events[-1]["generated_text"]
+
+
+def test_openai_chat_and_completions_whole_and_streamed(client):
+    chat = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 5, "temperature": 0}
+    for route in ("/invocations", "/v1/chat/completions"):
+        answer = post(client, chat, route).json
+        assert answer["object"] == "chat.completion" and answer["model"] == "llm-twin"
+        assert answer["choices"][0]["message"] == {"role": "assistant", "content": " HELLO THERE"}
+        assert answer["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+    events = sse_events(post(client, {**chat, "stream": True}).get_data(as_text=True))
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == " HELLO THERE"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["usage"]["completion_tokens"] == 2
+    completion = post(client, {"prompt": "a b c", "max_tokens": 2}, "/v1/completions").json
+    assert completion["object"] == "text_completion" and completion["choices"][0]["text"] == " A B"
+    assert completion["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("data, content_type, status, error_type, message", [
+    ("{not json", "application/json", 400, "bad_request", "request body is not valid JSON"),
+    ('{"inputs": "x"}', "text/csv", 415, "unsupported_media_type", "Content-Type 'text/csv' is not supported"),
+    ('{"inputs": 42}', "application/json", 422, "validation", "'inputs' must be a string"),
+    ('{"inputs": "x", "parameters": {"max_new_token": 2}}', "application/json", 422, "validation",
+     "did you mean 'max_new_tokens'"),
+    ("[" * 100000 + "]" * 100000, "application/json", 400, "bad_request", "RecursionError"),
+    ('{"inputs": "' + "w " * 60 + '"}', "application/json", 422, "validation", "less than 50 tokens"),
+])
+def test_bad_requests_are_4xx_json_saying_what_is_wrong(client, data, content_type, status, error_type, message):
+    response = client.post("/invocations", data=data, content_type=content_type)
+    assert response.status_code == status and response.json["error_type"] == error_type
+    assert message in response.json["error"]
+
+
+def test_routes_and_sizes_outside_the_contract_are_json_errors(client):
+    assert client.get("/nope").json["error_type"] == "not_found"
+    assert client.get("/invocations").status_code == 405
+    huge = client.post("/invocations", data=b'{"inputs": "' + b"a" * (6 * 2**20) + b'"}',
+                       content_type="application/json")
+    assert huge.status_code == 413 and huge.json["error"]
+
+
+def test_admission_refuses_at_once_past_its_limit_and_frees_the_slot_when_the_answer_is_done(engine, client):
+    engine.hold.clear()  # every request stays in flight
+    results = []
+    waiting = [threading.Thread(target=lambda: results.append(post(client, {"inputs": "slow"}))) for _ in range(4)]
+    for thread in waiting:
+        thread.start()
+    wait_until(lambda: engine.admitted == 4)  # the four threads took the four slots
+    refused = post(client, {"inputs": "one more"})
+    assert refused.status_code == 429 and refused.json["error_type"] == "overloaded"
+    assert "more than 4 requests in flight" in refused.json["error"]
+    engine.hold.set()
+    for thread in waiting:
+        thread.join(timeout=10)
+    assert [r.status_code for r in results] == [200] * 4
+    assert post(client, {"inputs": "now"}).status_code == 200
+
+
+def test_a_jsonlines_batch_waits_for_slots_instead_of_refusing_and_answers_line_for_line(tmp_path):
+    engine = MemoryEngine(limit=1)
+    client = create_app(engine, Adapters({}), startup(tmp_path)).test_client()
+    lines = [json.dumps({"inputs": f"line {i}"}) for i in range(5)]
+    lines.insert(2, '{"inputs": 5}')
+    response = client.post("/invocations", data="\n".join(lines) + "\n", headers=JSONLINES)
+    assert response.status_code == 200 and response.content_type.startswith("application/jsonlines")
+    answers = [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
+    assert [a.get("generated_text") for a in answers] == [" LINE 0", " LINE 1", None, " LINE 2", " LINE 3", " LINE 4"]
+    assert answers[2]["error_type"] == "validation" and answers[2]["error"].startswith("line 3:")
+    empty = client.post("/invocations", data="\n\n", headers=JSONLINES)
+    assert empty.status_code == 422 and "no lines" in empty.json["error"]
+
+
+def test_past_the_timeout_a_plain_request_is_a_424_naming_the_fixes(engine, tmp_path):
+    client = create_app(engine, Adapters({}), startup(tmp_path, SAGEMAKER_MODEL_SERVER_TIMEOUT="1")).test_client()
+    engine.hold.clear()
+    slow = post(client, {"inputs": "slow"})
+    engine.hold.set()
+    assert slow.status_code == 424 and slow.json["error"].startswith("generation did not finish within 1 s")
+    assert "stream the answer" in slow.json["error"]
+
+
+def test_a_stream_that_fails_after_its_first_token_ends_with_an_error_event(engine, client):
+    engine.fail_after = 2  # TGI's stream holds each token's event until the next: the first is sent, then the error
+    events = sse_events(post(client, {"inputs": "one two three", "stream": True}).get_data(as_text=True))
+    assert [e.get("token", {}).get("text") for e in events] == [" ONE", None]
+    assert events[-1] == {"error": "the request failed: RuntimeError: boom", "error_type": "generation"}
+    engine.fail_after = 0  # failing before the first token: a plain error answer, not a stream
+    failed = post(client, {"inputs": "one two", "stream": True})
+    assert failed.status_code == 424 and failed.json["error"] == "the request failed: RuntimeError: boom"
+
+
+def test_info_models_metrics_and_execution_parameters(client, engine):
+    info = client.get("/info").json
+    assert (info["model_id"], info["max_input_tokens"], info["max_total_tokens"]) == ("tiny", 50, 80)
+    assert info["adapters"] == ["dana"] and info["max_concurrent_requests"] == 128
+    assert [m["id"] for m in client.get("/v1/models").json["data"]] == ["llm-twin", "dana"]
+    post(client, {"inputs": "count me"})
+    post(client, {"inputs": 5})
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "tgi_request_success 1\n" in metrics and "tgi_request_failure 1\n" in metrics
+    assert "llm_twin_admission_limit 4\n" in metrics
+    assert client.get("/execution-parameters").json == {"MaxConcurrentTransforms": 2, "BatchStrategy": "MULTI_RECORD",
+                                                        "MaxPayloadInMB": 1}
+
+
+def test_adapters_register_through_the_engine_and_unregister(client, engine, tmp_path):
+    folder = tmp_path / "alice"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    registered = post(client, {"name": "alice", "src": str(folder)}, "/adapters")
+    assert registered.status_code == 200 and registered.json == {"name": "alice", "src": str(folder)}
+    assert engine.loaded == ["alice"] and client.get("/info").json["adapters"] == ["alice", "dana"]
+    by_query = client.post("/adapters", query_string={"name": "bob", "src": str(folder)})
+    assert by_query.status_code == 200 and engine.loaded == ["alice", "bob"]
+    missing = post(client, {"name": "x"}, "/adapters")
+    assert missing.status_code == 400 and "needs src" in missing.json["error"]
+    assert client.delete("/adapters/alice").status_code == 200 and engine.loaded == ["bob"]
+    assert client.delete("/adapters/alice").status_code == 404
+
+
+FAULTS = {"oom": MemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+          "cuda": RuntimeError("CUDA error: an illegal memory access was encountered"), "bug": KeyError("text")}
+
+
+def predict_fn(data, model):
+    if data.get("fault"):
+        raise FAULTS[data["fault"]]
+    return {"ok": model}
+
+
+def test_the_fault_policy_a_bug_fails_its_request_oom_halves_admission_a_cuda_error_fails_the_worker(tmp_path):
+    custom = CustomHandlers(tmp_path / "inference.py",
+                            {"model_fn": lambda model_dir: "model", "predict_fn": predict_fn})
+    start = startup(tmp_path, custom, MAX_CONCURRENT_REQUESTS="8")
+    engine = PredictEngine(start.config, start.spec, custom)
+    exits = []
+    engine.admission = Admission(8, exit_worker=lambda: exits.append(True))
+    engine.start()
+    client = create_app(engine, Adapters({}), start).test_client()
+    wait_until(lambda: client.get("/ping").status_code == 200)
+    assert post(client, {}).json == {"ok": "model"}
+
+    bug = post(client, {"fault": "bug"})
+    assert bug.status_code == 424 and bug.json["error"] == "predict_fn failed: KeyError: 'text'"
+    oom = post(client, {"fault": "oom"})
+    assert oom.status_code == 503 and oom.json["error_type"] == "out_of_memory"
+    assert engine.capacity == 4 and client.get("/ping").status_code == 200
+    assert post(client, {}).json == {"ok": "model"}  # only the request that caused it failed
+
+    cuda = post(client, {"fault": "cuda"})
+    assert cuda.status_code == 500 and cuda.json["error_type"] == "engine"
+    assert "illegal memory access" in cuda.json["error"]
+    assert client.get("/ping").status_code == 500  # at once; the worker exits a second later
+    refused = post(client, {})
+    assert refused.status_code == 500 and "this worker restarts" in refused.json["error"]
+    wait_until(lambda: exits == [True])
+
+
+def test_custom_input_and_output_fn_wrap_the_built_in_generation(engine, tmp_path):
+    def input_fn(body, content_type):
+        return {"inputs": body.decode(), "parameters": {"max_new_tokens": 2}}
+
+    def output_fn(prediction, accept):
+        return json.dumps({"answer": prediction[0]["generated_text"], "accept": accept})
+
+    custom = CustomHandlers(tmp_path / "inference.py", {"input_fn": input_fn, "output_fn": output_fn})
+    client = create_app(engine, Adapters({}), startup(tmp_path, custom)).test_client()
+    answer = client.post("/invocations", data="one two three", content_type="text/plain",
+                         headers={"Accept": "application/x-custom"})
+    assert answer.status_code == 200 and answer.content_type.startswith("application/x-custom")
+    assert json.loads(answer.data) == {"answer": " ONE TWO", "accept": "application/x-custom"}
