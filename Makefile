@@ -9,16 +9,19 @@ MODEL_DIR := .cache/models/SmolLM2-135M-Instruct
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 DEEPSPEED_OP := $(TORCH_EXTENSIONS_DIR)/.built
 
-.PHONY: demo test test-fast model venv lint lock image-test sdk-local-test gpu-check soak chaos clean
+.PHONY: demo test test-scenarios test-fast model venv lint lock image-test sdk-local-test gpu-check soak chaos clean
 
 demo: model ## train on local_test/test_dir with the embedded model, serve it, ask it something
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash local_test/demo.sh
 
-test: model $(DEEPSPEED_OP) ## the whole test suite (CI runs this)
-	$(BIN)/pytest
+test: model $(DEEPSPEED_OP) ## the test suite but its long scenarios (CI runs this, then test-scenarios)
+	$(BIN)/pytest -m "not scenario"
+
+test-scenarios: model $(DEEPSPEED_OP) ## the long scenarios: spot stops and resumes, the soak, batch at its limits, gpu-check's dry run
+	$(BIN)/pytest -m scenario
 
 test-fast: venv $(DEEPSPEED_OP) ## everything but the tests that use the embedded SmolLM2 model
-	$(BIN)/pytest -m "not smollm2"
+	$(BIN)/pytest -m "not smollm2 and not scenario"
 
 lint: venv ## ruff (lines of at most 120 characters, pyflakes, sorted imports), hadolint, shellcheck; CI runs it
 	$(BIN)/ruff check .

@@ -45,8 +45,8 @@ def smollm2_twin(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("smollm2-twin")
     shutil.copytree(REPO / "local_test" / "test_dir" / "input", root / "input",
                     ignore=shutil.ignore_patterns("scratch"))
-    make_tree(root, {"max_steps": "2", "per_device_train_batch_size": "4", "gradient_accumulation_steps": "1",
-                     "max_length": "256", "warmup_steps": "0", "learning_rate": "1e-4", "validation_split": "0"})
+    make_tree(root, {"max_steps": "2", "per_device_train_batch_size": "2", "gradient_accumulation_steps": "1",
+                     "max_length": "128", "warmup_steps": "0", "learning_rate": "1e-4", "validation_split": "0"})
     result = run_train(root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root

@@ -4,9 +4,12 @@ at the advertised size, against a server with far fewer admission slots than rec
 import json
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 
 from tests.helpers import Server
+
+pytestmark = pytest.mark.scenario  # make test-scenarios (CI runs it after make test)
 
 JSONLINES = {"Content-Type": "application/jsonlines"}
 RECORD_BYTES = 8 * 1024  # each record padded with JSON whitespace: a 1 MB mini-batch is 127 records

@@ -113,6 +113,7 @@ def test_sft_then_dpo_across_processes_and_full_fine_tuning_under_zero3(tmp_path
     loads_and_generates(full)  # ZeRO-3's partitions gathered into one merged model (what serve loads)
 
 
+@pytest.mark.scenario  # make test-scenarios
 def test_sigterm_to_the_launcher_checkpoints_every_rank_and_the_job_resumes(tmp_path, tiny_model):
     root = make_tree(tmp_path, {**FAST, "max_steps": "300", "save_steps": "1000", "processes_per_host": "2",
                                 "master_port": str(free_port())}, {"train/d.jsonl": jsonl(TINY_ROWS)})

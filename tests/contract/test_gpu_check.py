@@ -4,7 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO
+
+pytestmark = pytest.mark.scenario  # make test-scenarios (CI runs it after make test)
 
 
 def test_gpu_check_dry_run_passes_every_row(tmp_path):

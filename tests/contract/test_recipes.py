@@ -120,7 +120,7 @@ def test_full_fine_tuning(tmp_path, tiny_model):
     loads_and_generates(root)
 
 
-def test_adapter_and_both_exports_are_served(tmp_path, tiny_model, serve_tree):
+def test_an_adapter_export_is_served_on_its_base(tmp_path, tiny_model, serve_tree):
     embedded = {"LLM_TWIN_EMBEDDED_MODEL_DIR": str(tiny_model)}  # the tiny model plays the embedded base
     adapter = make_tree(tmp_path / "adapter", {**FAST, "export": "adapter"}, {"train/d.jsonl": jsonl(TINY_ROWS)})
     trained(adapter, **embedded)
@@ -129,11 +129,8 @@ def test_adapter_and_both_exports_are_served(tmp_path, tiny_model, serve_tree):
     assert json.loads((adapter / "model" / "serving.json").read_text())["base_model"] == "embedded"
     answers(serve_tree, adapter, **embedded)
 
-    both = make_tree(tmp_path / "both", {**FAST, "export": "both"}, {"train/d.jsonl": jsonl(TINY_ROWS)})
-    trained(both, **embedded)
-    assert {"adapter", "model.safetensors"} <= {p.name for p in (both / "model").iterdir()}
 
-
+@pytest.mark.scenario  # make test-scenarios
 def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes_to_the_planned_end(tmp_path, tiny_model):
     root = make_tree(tmp_path, {**FAST, "max_steps": "400", "save_steps": "1000", "logging_steps": "1"},
                      {"train/d.jsonl": jsonl(TINY_ROWS)})

@@ -4,7 +4,11 @@ server, with no 5xx, no wrong answer and no leak of memory, files or threads."""
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO
+
+pytestmark = pytest.mark.scenario  # make test-scenarios (CI runs it after make test)
 
 
 def test_a_short_soak_serves_mixed_traffic_without_errors_or_leaks(server):

@@ -10,6 +10,8 @@ import pytest
 from bench.chaos_train import make_job, model_summary, run
 from local_test.tiny_model import build_tiny_model
 
+pytestmark = pytest.mark.scenario  # make test-scenarios (CI runs it after make test)
+
 
 @pytest.fixture(scope="module")
 def tarball(tmp_path_factory):

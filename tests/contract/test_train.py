@@ -13,8 +13,8 @@ FAST = {"max_steps": "2", "per_device_train_batch_size": "2", "gradient_accumula
 
 def test_trains_on_instruction_and_messages_data_and_writes_a_loadable_model(tmp_path, tiny_model):
     messages = [{"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]}] * 3
-    root = make_tree(tmp_path, FAST, {"train/posts.jsonl": jsonl(TINY_ROWS),
-                                      "train/chat/conversations.jsonl": jsonl(messages)})
+    root = make_tree(tmp_path, {**FAST, "export": "both"}, {"train/posts.jsonl": jsonl(TINY_ROWS),
+                                                            "train/chat/conversations.jsonl": jsonl(messages)})
     link_model_channel(root, tiny_model)
 
     result = run_train(root)
@@ -27,7 +27,8 @@ def test_trains_on_instruction_and_messages_data_and_writes_a_loadable_model(tmp
     assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", SERVING_SPEC_FILE,
             "training_report.json"} <= {p.name for p in model_dir.iterdir()}
     assert not (root / "model.partial").exists()
-    assert load_spec(model_dir).weights == "merged"
+    assert load_spec(model_dir).weights == "merged" and load_spec(model_dir).has_adapter  # export=both
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (model_dir / "adapter").iterdir()}
     report = json.loads((model_dir / "training_report.json").read_text())
     assert report["stages"]["sft"]["steps"] == 2 and report["stages"]["sft"]["examples"] == 11
     assert report["config"]["lora_r"] == 32 and report["stages"]["sft"]["metrics"]["train_loss"] > 0
