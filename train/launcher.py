@@ -139,7 +139,7 @@ def launch(config: TrainConfig, top: Topology) -> tuple[int, tuple[str, str] | N
         process = subprocess.Popen(command, env=environment)
         if signalled:  # it came while torchrun was being started
             process.send_signal(signal.SIGTERM)
-        code = process.wait()
+        code = _wait_handling_signals(process)
     finally:
         signal.signal(signal.SIGTERM, previous)
     reports = read_rank_failures(failures)
@@ -153,6 +153,17 @@ def launch(config: TrainConfig, top: Topology) -> tuple[int, tuple[str, str] | N
     if signalled or (every_rank and all(report[2] == EXIT_INTERRUPTED for report in reports)):
         code = EXIT_INTERRUPTED
     return code, failure_summary(reports, top, code)
+
+
+def _wait_handling_signals(process: subprocess.Popen) -> int:
+    """process.wait(), in short steps. Python runs a signal's handler in the main thread only, and when the
+    kernel hands SIGTERM to another thread of this process, a main thread blocked in waitpid() is not woken:
+    the forward would wait until torchrun exits on its own. Waiting with a timeout keeps it running."""
+    while True:
+        try:
+            return process.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def write_rank_failure(message: str, code: int, environ: Mapping[str, str] = os.environ) -> None:

@@ -114,7 +114,9 @@ def test_the_launcher_passes_sigterm_on_from_its_start_and_reads_typed_reports(t
             def notice():
                 while not started.exists():
                     time.sleep(0.05)
-                os.kill(os.getpid(), signal.SIGTERM)
+                # The kernel hands a process's SIGTERM to any of its threads: here to this one, not the main
+                # thread, which is blocked waiting for torchrun (what a loaded machine did, now and then).
+                signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
             threading.Thread(target=notice, daemon=True).start()
         return popen(*args, **kwargs)
 
