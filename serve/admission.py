@@ -91,6 +91,12 @@ class Admission:
         self._in_flight: weakref.WeakSet = weakref.WeakSet()  # tickets a fatal fault must answer (under the lock)
         self._exit_worker = exit_worker  # gunicorn then starts a fresh worker
 
+    def state(self, ready: bool) -> str:
+        """An engine's state for /ping: "failed" after a fatal fault, else "ready" or "loading"."""
+        if self.failure is not None:
+            return "failed"
+        return "ready" if ready else "loading"
+
     def acquire(self, wait: float = 0.0) -> None:
         """One slot; EngineFailed after a fatal fault, Overloaded when none frees up within `wait` seconds."""
         if self.failure is not None:

@@ -52,9 +52,9 @@ class VllmEngine:
     @property
     def state(self) -> str:
         """"loading" until warmed; "failed" after a fatal fault or once vLLM's engine process has died."""
-        if self.admission.failure is not None or (self.llm is not None and self.llm.errored):
+        if self.llm is not None and self.llm.errored:
             return "failed"
-        return "ready" if self._ready.is_set() else "loading"
+        return self.admission.state(self._ready.is_set())
 
     @property
     def capacity(self) -> int:

@@ -39,9 +39,7 @@ class PredictEngine:
 
     @property
     def state(self) -> str:
-        if self.admission.failure is not None:
-            return "failed"
-        return "ready" if self._ready.is_set() else "loading"
+        return self.admission.state(self._ready.is_set())
 
     @property
     def capacity(self) -> int:
