@@ -6,6 +6,8 @@ starts training containers with no command at all, while every serving path pass
 Any other first argument runs that command (e.g. `bash`), for debugging inside the image.
 Before it execs any of them it turns on CUDA forward compatibility where the host driver is too old
 (`container/cuda_compat.py`), and refuses, naming the SageMaker setting, where even that cannot help.
+It then reads the secrets passed by reference (`NAME_SECRET_ARN`, `container/secrets.py`) into the
+environment of what it execs; one it cannot read stops `train` and `serve` the same way.
 For `train` and `serve` it puts caches and temporary files on SageMaker's storage volume (`scratch_environment`).
 """
 
@@ -18,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from container import cuda_compat
+from container import cuda_compat, secrets
 from container.config import nearest
 from container.opt_ml import OptML
 
@@ -26,6 +28,7 @@ VERBS = ("train", "serve")
 
 
 def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, _stopped)  # as PID 1 a SIGTERM without a handler would be ignored
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
         args = ["train"]
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     if verb not in VERBS and shutil.which(verb) is None:
         sys.exit(f"llm-twin: unknown verb '{verb}': did you mean '{nearest(verb, VERBS)}'? "
                  f"(expected train, serve, or a command on PATH)")
-    refusal = use_cuda_compat(verb)
+    refusal = use_cuda_compat(verb) or secrets.resolve_into(os.environ)
     if refusal and verb in VERBS:
         if verb == "train":
             try:
@@ -45,10 +48,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"llm-twin: {refusal}", file=sys.stderr, flush=True)
     if verb in VERBS:  # the same code as the `train`/`serve` executables, found without relying on PATH
         os.environ.update(scratch_environment(verb, os.environ))
-        if verb == "train":  # held, not lost, until train's handler is in place (the mask survives exec)
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        # Held, not lost, until train's or serve's handler is in place (the mask survives exec; a handler
+        # does not, and a PID 1 without one ignores SIGTERM).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         os.execv(sys.executable, [sys.executable, "-m", verb, *args[1:]])
     os.execvp(verb, args)
+
+
+def _stopped(signum, frame) -> None:
+    sys.exit(f"llm-twin: stopped by SIGTERM before {' '.join(sys.argv[1:2]) or 'train'} started")
 
 
 def use_cuda_compat(verb: str) -> str | None:

@@ -11,9 +11,10 @@ A model directory (SageMaker's /opt/ml/model, shipped as model.tar.gz) holds:
     README.md                              the model card (Hugging Face format), from the same report
     serving.json                           ServingSpec below; written last, so its presence means complete
 
-An adapter-only directory names its base in serving.json: a hub id, or "embedded" for the image's
-default model. `publish` renames a finished staging directory into place, so the model directory appears whole or not
-at all; into a mount point it moves the files under a marker `serve` refuses, serving.json last.
+An adapter-only directory names its base in serving.json: a hub id (with the commit SHA it was trained
+on, which serve loads), or "embedded" for the image's default model. `publish` renames a finished staging
+directory into place, so the model directory appears whole or not at all; into a mount point it moves the
+files under a marker `serve` refuses, serving.json last.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class ServingSpec:
     chat_template_for_inputs: bool = True
     weights: str = "merged"  # "merged": full weights at the top; "adapter": only adapter/ (+ base_model)
     has_adapter: bool = False  # adapter/ present (weights="adapter", or export=both beside merged weights)
+    # The hub commit (SHA) of a hub base_model, resolved once by `train`: every endpoint instance loads exactly
+    # these weights, not whatever the hub's branch holds when it starts. None: a local or the embedded base.
+    base_model_revision: str | None = None
     format_version: int = FORMAT_VERSION
 
     def write(self, model_dir: Path) -> None:

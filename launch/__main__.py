@@ -9,7 +9,7 @@
     python -m launch invoke --name twin --inputs "Write a post about LoRA" [--stream]
     python -m launch delete --name twin
 
-HF_TOKEN, when set in this shell, is passed to the training job's environment and never printed.
+Secrets go only by reference, `--secret HF_TOKEN=arn:aws:secretsmanager:...`: see launch/secrets.py.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 from launch.api import (MLFLOW_ENV, WANDB_ENV, autoscaling_requests, base_component, component_autoscaling_requests,
                         component_endpoint_requests, endpoint_requests, no_capacity_alarm, redacted, sse_events,
                         training_job_request, transform_requests)
+from launch.secrets import environment_arguments, is_secret_name, secret_arguments, shell_secrets, with_secrets
 
 POLL_SECONDS = 15  # how often deploy and delete look at a component's status
 COMPONENT_WAIT_SECONDS = 3600  # how long deploy and delete wait for a component to be created or deleted
@@ -62,8 +63,9 @@ def parser() -> argparse.ArgumentParser:
                             "(or a tracking server's URI); the job's role needs sagemaker-mlflow:* on it")
     train.add_argument("--mlflow-experiment", metavar="NAME", help="the MLflow experiment (default llm-twin)")
     train.add_argument("--wandb", action="store_true",
-                       help="report_to=wandb: passes WANDB_API_KEY (and WANDB_PROJECT, WANDB_ENTITY, WANDB_BASE_URL) "
-                            "from your environment to the job")
+                       help="report_to=wandb: passes WANDB_PROJECT, WANDB_ENTITY, WANDB_BASE_URL from your environment "
+                            "to the job, and WANDB_API_KEY by reference (--secret WANDB_API_KEY=ARN)")
+    _secret_argument(train)
     train.add_argument("--uncompressed-output", action="store_true",
                        help="upload the model as files (OUTPUT/NAME/output/model/), not model.tar.gz: for large models")
     train.set_defaults(run=run_train)
@@ -131,7 +133,16 @@ def _hosting_arguments(p: argparse.ArgumentParser, ami_flag: str, auto_ami: str)
     p.add_argument("--instance-type", default="ml.g5.2xlarge")
     p.add_argument(ami_flag, dest="ami_version", metavar="AMI", default="auto",
                    help=f"the host image, which sets the NVIDIA driver: 'auto' (default) is {auto_ami}")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="a serving variable (repeatable)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE|KEY",
+                   help="a serving variable (repeatable); KEY alone takes KEY's value from your environment (out of "
+                        "argv, masked when printed). A secret's name is refused: use --secret")
+    _secret_argument(p)
+
+
+def _secret_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--secret", action="append", default=[], metavar="NAME=ARN",
+                   help="a secret by reference (repeatable): the ARN of a Secrets Manager secret or an SSM parameter "
+                        "(or its /path/name); the container reads it into NAME at start with its role")
 
 
 def _ami(args) -> str | None:
@@ -145,8 +156,11 @@ def run_train(args, clients) -> int:
                 ("train", "validation", "preference", "preference-validation", "model")}
     channels = {name.replace("-", "_"): uri for name, uri in channels.items() if uri}
     passed = ("HF_TOKEN",) + (WANDB_ENV if args.wandb else ()) + (MLFLOW_ENV if args.mlflow else ())
-    environment = {k: os.environ[k] for k in passed if os.environ.get(k)}
+    environment = {k: os.environ[k] for k in passed if os.environ.get(k) and not is_secret_name(k)}
     try:
+        given = secret_arguments(args.secret)
+        secrets = {**shell_secrets([k for k in passed if is_secret_name(k)], given, os.environ), **given}
+        environment = with_secrets(environment, secrets, region=_region(clients), role=args.role)
         request = training_job_request(
             name=args.name, image=args.image, role=args.role, channels=channels, output=args.output,
             hyperparameters=hyperparameters, instance_type=args.instance_type, instance_count=args.instance_count,
@@ -161,15 +175,34 @@ def run_train(args, clients) -> int:
     return 0
 
 
+def _serving_environment(args, clients) -> tuple[dict[str, str], set[str]]:
+    """The model's Environment from --env and --secret, and the names whose values came from this shell."""
+    try:
+        environment, from_shell = environment_arguments(args.env, os.environ)
+        environment = with_secrets(environment, secret_arguments(args.secret), region=_region(clients),
+                                   role=args.role)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    return environment, from_shell
+
+
+def _region(clients) -> str | None:
+    """The region launch sends to: an SSM parameter given by name is taken there."""
+    return clients["sagemaker"].meta.region_name
+
+
 def run_deploy(args, clients) -> int:
     if args.inference_components or args.adapter:
         return _deploy_components(args, clients)
-    requests = endpoint_requests(name=args.name, image=args.image, role=args.role, model_data=args.model_data,
-                                 instance_type=args.instance_type, environment=_pairs(args.env),
-                                 startup_timeout=args.startup_timeout,
-                                 ami_version=_ami(args),
-                                 download_timeout=args.download_timeout, async_output=args.async_output,
-                                 async_concurrency=args.async_concurrency)
+    environment, from_shell = _serving_environment(args, clients)
+    try:
+        requests = endpoint_requests(name=args.name, image=args.image, role=args.role, model_data=args.model_data,
+                                     instance_type=args.instance_type, environment=environment,
+                                     startup_timeout=args.startup_timeout, ami_version=_ami(args),
+                                     download_timeout=args.download_timeout, async_output=args.async_output,
+                                     async_concurrency=args.async_concurrency)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     scaling = None
     if args.autoscale:
         low, high = _autoscale_range(args.autoscale)
@@ -182,7 +215,7 @@ def run_deploy(args, clients) -> int:
                                            target=args.autoscale_target)
         except ValueError as e:
             raise SystemExit(str(e)) from None
-    sm = _create_endpoint(clients, requests)
+    sm = _create_endpoint(clients, requests, from_shell)
     if scaling is None:
         print(f"creating endpoint {args.name}; it answers once its status is InService")
         return 0
@@ -202,15 +235,16 @@ def _deploy_components(args, clients) -> int:
         raise SystemExit("--async endpoints host one model, not inference components: drop --async or "
                          "--inference-components/--adapter")
     low, high = _autoscale_range(args.autoscale) if args.autoscale else (1, 1)
+    environment, from_shell = _serving_environment(args, clients)
     try:
         requests = component_endpoint_requests(
             name=args.name, image=args.image, role=args.role, model_data=args.model_data,
-            instance_type=args.instance_type, environment=_pairs(args.env), startup_timeout=args.startup_timeout,
+            instance_type=args.instance_type, environment=environment, startup_timeout=args.startup_timeout,
             ami_version=_ami(args), download_timeout=args.download_timeout, min_instances=low, max_instances=high,
             accelerators=args.accelerators, memory_mb=args.memory_mb, adapters=_pairs(args.adapter, "--adapter"))
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    sm = _create_endpoint(clients, requests)
+    sm = _create_endpoint(clients, requests, from_shell)
     print(f"creating endpoint {args.name}; its components follow once it is InService")
     sm.get_waiter("endpoint_in_service").wait(EndpointName=args.name)
     base = requests["base"]["InferenceComponentName"]
@@ -235,9 +269,10 @@ def _deploy_components(args, clients) -> int:
     return 0
 
 
-def _create_endpoint(clients, requests: dict):
-    """CreateModel (printed, secrets masked), CreateEndpointConfig, CreateEndpoint; the SageMaker client."""
-    print(json.dumps(redacted(requests["model"]), indent=2))
+def _create_endpoint(clients, requests: dict, from_shell: set[str]):
+    """CreateModel (printed, secrets and values from the shell masked), CreateEndpointConfig, CreateEndpoint;
+    the SageMaker client."""
+    print(json.dumps(redacted(requests["model"], from_shell), indent=2))
     sm = clients["sagemaker"]
     sm.create_model(**requests["model"])
     sm.create_endpoint_config(**requests["config"])
@@ -266,11 +301,14 @@ def _autoscale_range(text: str) -> tuple[int, int]:
 
 
 def run_batch(args, clients) -> int:
-    requests = transform_requests(
-        name=args.name, image=args.image, role=args.role, model_data=args.model_data, input_s3=args.input,
-        output_s3=args.output, instance_type=args.instance_type, instance_count=args.instance_count,
-        environment=_pairs(args.env),
-        ami_version=_ami(args))
+    environment, _ = _serving_environment(args, clients)
+    try:
+        requests = transform_requests(
+            name=args.name, image=args.image, role=args.role, model_data=args.model_data, input_s3=args.input,
+            output_s3=args.output, instance_type=args.instance_type, instance_count=args.instance_count,
+            environment=environment, ami_version=_ami(args))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     sm = clients["sagemaker"]
     sm.create_model(**requests["model"])
     sm.create_transform_job(**requests["job"])
@@ -358,7 +396,7 @@ def _components(sm, endpoint: str) -> list[dict]:
             return components
 
 
-def _pairs(items: list[str], flag: str = "--env") -> dict[str, str]:
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
     pairs = {}
     for item in items:
         key, sep, value = item.partition("=")

@@ -13,9 +13,8 @@ from typing import Iterable, Iterator
 
 from container.config import URI_WITH_PASSWORD, coerce
 from container.metrics import METRIC_DEFINITIONS
+from launch.secrets import SUFFIX, check_environment, is_secret_name
 
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN",
-              "MLFLOW_TRACKING_PASSWORD")
 WANDB_ENV = ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_BASE_URL")  # what --wandb passes on
 MLFLOW_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")  # and --mlflow
 MLFLOW_ARN = re.compile(r"arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:[0-9]{12}:mlflow-(tracking-server|app)/.+")
@@ -74,8 +73,10 @@ def training_job_request(*, name: str, image: str, role: str, channels: dict[str
             environment["MLFLOW_EXPERIMENT_NAME"] = mlflow_experiment
     elif mlflow_experiment:
         raise ValueError("--mlflow-experiment names an experiment on the --mlflow tracking server: give --mlflow too")
-    if wandb and not environment.get("WANDB_API_KEY"):
-        raise ValueError("--wandb needs WANDB_API_KEY (your W&B key) in the environment, to pass to the job")
+    if wandb and not environment.get("WANDB_API_KEY" + SUFFIX):
+        raise ValueError("--wandb needs WANDB_API_KEY (your W&B key), by reference: store it in Secrets Manager and "
+                         "pass --secret WANDB_API_KEY=ITS_ARN (or export WANDB_API_KEY_SECRET_ARN)")
+    check_environment(environment)
     for tracker, wanted in (("tensorboard", tensorboard_s3), ("mlflow", mlflow), ("wandb", wandb)):
         if wanted:
             hyperparameters["report_to"] = with_tracker(hyperparameters.get("report_to", "none"), tracker)
@@ -264,6 +265,7 @@ def model_request(*, name: str, image: str, role: str, model_data: str | None,
     (ModelDataSource, CompressionType None: no tarball to pack or unpack, for large models), or None when
     the environment names the model (HF_MODEL_ID)."""
     container = {"Image": image, "Environment": dict(environment or {})}
+    check_environment(container["Environment"])
     if model_data and model_data.endswith((".tar.gz", ".tgz")):
         container["ModelDataUrl"] = model_data
     elif model_data:
@@ -301,10 +303,11 @@ def transform_requests(*, name: str, image: str, role: str, model_data: str, inp
     }
 
 
-def redacted(request: dict) -> dict:
-    """The request as it may be printed: secrets in Environment masked."""
+def redacted(request: dict, hidden: frozenset[str] | set[str] = frozenset()) -> dict:
+    """The request as it may be printed: secrets in Environment masked, and the variables named in hidden
+    (values taken from the caller's shell)."""
     def mask(env: dict) -> dict:
-        return {k: ("****" if k in SECRET_ENV else v) for k, v in env.items()}
+        return {k: ("****" if is_secret_name(k) or k in hidden else v) for k, v in env.items()}
 
     copy = json.loads(json.dumps(request))
     if "Environment" in copy:

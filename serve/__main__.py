@@ -3,6 +3,7 @@ the Flask app in this process (serve/server.py); each worker gets the same Start
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from container.config import ConfigError
@@ -13,6 +14,10 @@ from serve.errors import ServeError
 
 
 def main() -> None:
+    """SIGTERM from the first instruction: before gunicorn's own handlers (downloading HF_MODEL_ID, checking
+    the model) it ends the start at once, exit 143; the entrypoint held any that came while it exec'd."""
+    signal.signal(signal.SIGTERM, _stopped)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     from serve.server import Server
     from serve.startup import prepare
 
@@ -26,6 +31,11 @@ def main() -> None:
     print(f"serve: model {startup.spec.base_model} from {config.model_dir}, port {config.port}, "
           f"{startup.placement.workers} worker(s)", flush=True)
     Server(startup).run()
+
+
+def _stopped(signum, frame) -> None:
+    print("serve: stopped by SIGTERM before the server started", file=sys.stderr, flush=True)
+    sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

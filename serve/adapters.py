@@ -11,6 +11,13 @@ the component calls `DELETE /adapters/{name}`. Invocations of the adapter compon
 model-hosting-container-standards library and DJL-Serving implement; SageMaker's guide does not document
 the container side.)
 
+Registration is a privileged route (SageMaker's front end never forwards a caller's request to it), but a
+container run locally has it on an open port: `src` is taken only under ADAPTER_SOURCE_ROOT (/opt/ml
+unless set), symlinks resolved first, with one error for every path outside it, whether it exists or not;
+the body must be JSON (a web page cannot send that cross-origin without the container's consent); and the
+served model's own names (`llm-twin`, `model`) cannot be taken. An error about a request's adapter never
+lists the others: on an endpoint hosting several people's twins, their names are theirs.
+
 Each gunicorn worker runs its own engine, and a registration reaches only one of them, so the registry
 lives in a folder all workers share: one JSON file per adapter, written whole by rename. A worker looks an
 adapter up there when a request names it, and vLLM loads it on first use. Nothing here knows vLLM: an
@@ -24,6 +31,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +39,14 @@ from typing import Callable
 
 from container.model_dir import ADAPTER_DIR
 from serve.errors import BadRequest, NotFound, ValidationError
-from serve.schemas import GenerateRequest
+from serve.schemas import MODEL_NAME, GenerateRequest
 
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # matched whole (fullmatch)
 FIRST_REGISTERED_ID = 1 << 20  # vLLM's adapter ids: fixed adapters take 1..N, registered ones are above
 MODEL_ADAPTER = "model"  # the name of an adapter-only model directory's own adapter
+RESERVED_NAMES = (MODEL_NAME, MODEL_ADAPTER)  # the served model's names: a registration cannot take them
 DEFAULT_RANK = 16  # peft's LoraConfig default, for an adapter_config.json that names no rank
 
 
@@ -48,13 +57,17 @@ class Adapter:
     path: Path
 
 
-def adapter_folder(src: str) -> Path:
+def adapter_folder(src: str, root: Path) -> Path:
     """The peft adapter in `src`: the folder itself, or the adapter/ of a model directory `train` wrote
-    (so a twin's own model.tar.gz can be an adapter component as it is)."""
-    folder = Path(src)
-    if not folder.is_absolute():
+    (so a twin's own model.tar.gz can be an adapter component as it is). `src` must resolve, symlinks
+    followed, to a folder under `root`; the refusal says the same whether or not the path exists."""
+    if not Path(src).is_absolute():
         raise ValidationError(f"adapter src must be a local absolute path (SageMaker unpacks the component's "
                               f"model.tar.gz and passes its folder), got {src!r}")
+    folder = Path(os.path.realpath(src))
+    root = Path(os.path.realpath(root))
+    if folder != root and root not in folder.parents:
+        raise ValidationError(f"adapter src must be a folder under {root} (ADAPTER_SOURCE_ROOT), got {src!r}")
     for candidate in (folder, folder / ADAPTER_DIR):
         if (candidate / "adapter_config.json").is_file():
             if not (candidate / "adapter_model.safetensors").is_file():
@@ -77,11 +90,13 @@ class Adapters:
     """Every adapter a request may name. `registry` is the folder the workers share, or None when the
     endpoint takes no registrations (started without ENABLE_LORA, or serving a custom predict_fn)."""
 
-    def __init__(self, fixed: dict[str, str], registry: Path | None = None, max_rank: int = 0):
+    def __init__(self, fixed: dict[str, str], registry: Path | None = None, max_rank: int = 0,
+                 source_root: Path = Path("/opt/ml")):
         self.fixed = {name: Adapter(name, number, Path(path))
                       for number, (name, path) in enumerate(sorted(fixed.items()), 1)}
         self.registry = registry
         self.max_rank = max_rank  # the engine's max_lora_rank: a registered adapter above it cannot load
+        self.source_root = source_root  # a registration's src must lie under it
 
     def names(self) -> list[str]:
         """Every adapter a request may name: the fixed ones and those registered since the start."""
@@ -97,9 +112,8 @@ class Adapters:
         if name is None:
             return self.fixed.get(MODEL_ADAPTER)
         adapter = self.find(name)
-        if adapter is None:
-            known = ", ".join(self.names()) or "none: this endpoint serves no adapters"
-            raise ValidationError(f"unknown adapter {name!r}; known adapters: {known}")
+        if adapter is None:  # the other adapters' names are not this caller's to know
+            raise ValidationError(f"unknown adapter {name!r}")
         return adapter
 
     def find(self, name: str) -> Adapter | None:
@@ -122,9 +136,11 @@ class Adapters:
                              "it on the base model; `launch deploy --adapter` does), or a custom predict_fn serves it")
         if not NAME.fullmatch(name or ""):
             raise BadRequest(f"adapter name {name!r} is not valid: 1-128 letters, digits, '.', '_' or '-'")
+        if name in RESERVED_NAMES:
+            raise BadRequest(f"adapter name {name!r} is reserved: it names the served model itself")
         if name in self.fixed:
             raise BadRequest(f"adapter {name!r} is already served from LORA_ADAPTERS")
-        folder = adapter_folder(src)
+        folder = adapter_folder(src, self.source_root)
         rank = adapter_rank(folder)
         if rank > self.max_rank:
             raise ValidationError(f"adapter {name!r} has LoRA rank {rank}, above this endpoint's MAX_LORA_RANK="
@@ -133,9 +149,10 @@ class Adapters:
         adapter = Adapter(name, FIRST_REGISTERED_ID + int.from_bytes(digest[:4], "big") % (2**31 - FIRST_REGISTERED_ID),
                           folder)
         load(adapter)  # loaded here first: other workers only ever see an adapter that loaded
-        staging = self.registry / f".{name}.{os.getpid()}.tmp"
-        staging.write_text(json.dumps({"name": name, "src": str(folder), "id": adapter.number}), encoding="utf-8")
-        staging.replace(self.registry / f"{name}.json")
+        descriptor, staging = tempfile.mkstemp(dir=self.registry, prefix=f".{name}.", suffix=".tmp")
+        with os.fdopen(descriptor, "w", encoding="utf-8") as f:  # its own file: registrations may race
+            json.dump({"name": name, "src": str(folder), "id": adapter.number}, f)
+        os.replace(staging, self.registry / f"{name}.json")
         log.info("adapter %s registered from %s", name, folder)
         return {"name": name, "src": str(folder)}
 

@@ -1,8 +1,9 @@
 """Admission: which requests the engine takes at once, the tickets they get, and what a fault does to them
 (serve/faults.py's policy, applied here). No vLLM or torch.
 
-A request holds one slot from admission until the engine is done with it. Out of memory halves the slots;
-a fatal fault answers every ticket in flight, refuses new requests (/ping fails with it, see Engine.healthy)
+A request holds one slot from admission until the engine is done with it. Out of memory halves the slots,
+and they climb back as requests succeed (an eighth of the start's limit after each `limit` successes in a
+row); a fatal fault answers every ticket in flight, refuses new requests (/ping fails with it, see Engine.healthy)
 and exits the worker a second later, so gunicorn starts a fresh one.
 """
 
@@ -46,11 +47,11 @@ class Ticket:
     def emit(self, kind: str, payload) -> None:
         self.events.put((kind, payload))
         if kind in ("done", "error"):  # the engine is done with it: its slot is free before anyone reads it
-            self._free_slot()
+            self._free_slot(succeeded=kind == "done")
 
-    def _free_slot(self) -> None:
+    def _free_slot(self, succeeded: bool = False) -> None:
         if self._released.acquire(blocking=False):  # exactly once
-            self._release()
+            self._release(succeeded)
 
     def stream(self, timeout: float, client_gone: Callable[[], bool] = lambda: False) -> Iterator[tuple[str, object]]:
         """Events until "done" or "error"; releases the request's admission slot at the end. While no event
@@ -84,6 +85,8 @@ class Ticket:
 class Admission:
     def __init__(self, limit: int, exit_worker: Callable[[], None] = lambda: os.kill(os.getpid(), signal.SIGTERM)):
         self.limit = limit  # requests admitted at once; lowered after an out-of-memory fault
+        self.start_limit = limit
+        self._successes = 0  # in a row since the limit last changed (or the last out-of-memory)
         self.failure: str | None = None  # set once by a fatal fault
         self._slots = threading.BoundedSemaphore(limit)
         self._owed = 0  # slots to keep when they come back, until the limit is down to its new value
@@ -104,12 +107,31 @@ class Admission:
         if not (self._slots.acquire(timeout=wait) if wait > 0 else self._slots.acquire(blocking=False)):
             raise Overloaded(f"Model is overloaded: more than {self.limit} requests in flight")
 
-    def release(self) -> None:
+    def release(self, succeeded: bool = False) -> None:
         with self._lock:
+            if succeeded:
+                self._count_success()
             if self._owed:
                 self._owed -= 1
                 return
         self._slots.release()
+
+    def _count_success(self) -> None:
+        """Below the start's limit after an out-of-memory, `limit` successes in a row raise it by an eighth of
+        the start's limit (under the lock)."""
+        if self.limit >= self.start_limit:
+            return
+        self._successes += 1
+        if self._successes < self.limit:
+            return
+        raised = min(self.start_limit, self.limit + max(1, self.start_limit // 8))
+        returned, self._successes = raised - self.limit, 0
+        self.limit = raised
+        kept = min(self._owed, returned)  # slots still owed are simply no longer taken
+        self._owed -= kept
+        for _ in range(returned - kept):
+            self._slots.release()
+        log.info("admitting up to %d requests at once again (%d at the start)", raised, self.start_limit)
 
     def ticket(self, request: GenerateRequest, wait: float = 0.0) -> Ticket:
         self.acquire(wait)
@@ -147,7 +169,7 @@ class Admission:
         with self._lock:
             lowered = max(1, self.limit // 2)
             self._owed += self.limit - lowered
-            self.limit = lowered
+            self.limit, self._successes = lowered, 0
             while self._owed and self._slots.acquire(blocking=False):
                 self._owed -= 1
         log.warning("out of memory: admitting at most %d requests at once from now on", lowered)

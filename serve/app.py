@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -27,10 +28,11 @@ from serve import openai, tgi
 from serve.adapters import Adapter, Adapters
 from serve.admission import Ticket
 from serve.custom import CustomHandlers
-from serve.errors import (BadRequest, ClientGone, GenerationError, NotReady, Overloaded, ServeError,
+from serve.errors import (BadRequest, ClientGone, GenerationError, NotAcceptable, NotReady, Overloaded, ServeError,
                           UnsupportedMediaType, ValidationError, not_finished)
-from serve.schemas import (MAX_BEST_OF, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS, GenerateRequest, GenerateResult,
-                           parse_chat, parse_completion, parse_generate, parse_request)
+from serve.schemas import (ADAPTER_HEADER, MAX_BEST_OF, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS, GenerateRequest,
+                           GenerateResult, bind_to_adapter_header, parse_chat, parse_completion, parse_generate,
+                           parse_request)
 from serve.startup import Startup
 from serve.translate import Limits
 
@@ -40,7 +42,9 @@ MAX_BODY_BYTES = 6 * 1024 * 1024  # InvokeEndpoint's payload limit
 JSON_TYPES = ("application/json", "")
 JSONLINES_TYPES = ("application/jsonlines", "application/x-jsonlines", "application/jsonl")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-ADAPTER_HEADER = "X-Amzn-SageMaker-Adapter-Identifier"  # inference components' adapter (LoRA) selection
+_TOKEN = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,63}"
+MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(\s*;\s*{_TOKEN}={_TOKEN})*")  # one type/subtype, with parameters
+REALTIME_JSONLINES_SHARE = 4  # on a real-time endpoint a jsonlines body holds at most 1/4 of the slots at once
 
 
 class Engine(Protocol):
@@ -83,9 +87,10 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
         if engine.state == "loading":
             raise NotReady("model is loading")
 
-    def generate(request: GenerateRequest, one_object: bool = False) -> Response:
+    def generate(generate_request: GenerateRequest, one_object: bool = False) -> Response:
         check_ready()
-        return _generate(engine, request, config.timeout, config.stream_timeout, metrics, one_object)
+        generate_request = bind_to_adapter_header(generate_request, request.headers.get(ADAPTER_HEADER))
+        return _generate(engine, generate_request, config.timeout, config.stream_timeout, metrics, one_object)
 
     @app.get("/ping")
     def ping():
@@ -122,12 +127,13 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
 
     @app.post("/adapters")
     def register_adapter():
-        """SageMaker creating an adapter inference component (serve/adapters.py): `name` and `src`, in a
-        JSON body or as query parameters."""
+        """SageMaker creating an adapter inference component (serve/adapters.py): `name` and `src` in a JSON
+        body (application/json only: a web page cannot send that to a local container cross-origin)."""
         check_ready()
-        fields = dict(request.args)
-        if request.content_length:
-            fields.update(_object(_body()))
+        if request.mimetype != "application/json":
+            raise UnsupportedMediaType('POST /adapters takes a JSON body (Content-Type: application/json): '
+                                       '{"name": "alice", "src": "/opt/ml/models/alice"}')
+        fields = _object(_body())
         missing = [key for key in ("name", "src") if not isinstance(fields.get(key), str) or not fields[key]]
         if missing:
             raise BadRequest(f"registering an adapter needs {' and '.join(missing)} (strings): "
@@ -152,8 +158,9 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
         if startup.custom is not None:
             return _custom(engine, startup.custom, config.timeout)
         if request.mimetype in JSONLINES_TYPES:
-            return _jsonlines(engine, request.get_data(cache=False), config.timeout)
-        return generate(parse_request(_body(), request.headers.get(ADAPTER_HEADER)))
+            in_flight = engine.capacity if config.batch else max(1, engine.capacity // REALTIME_JSONLINES_SHARE)
+            return _jsonlines(engine, request.get_data(cache=False), config.timeout, in_flight)
+        return generate(parse_request(_body()))
 
     @app.post("/generate")
     def tgi_generate():
@@ -315,8 +322,7 @@ def _stream(ticket: Ticket, generate: GenerateRequest, timeout: float, metrics: 
 
 def _custom(engine: Engine, custom: CustomHandlers, timeout: float) -> Response:
     """code/inference.py's handlers, each replacing the built-in step it names (serve/custom.py)."""
-    accept = request.headers.get("Accept", "application/json")
-    accept = "application/json" if accept in ("", "*/*") else accept
+    accept = _accepted_type(request.headers.get("Accept", ""))
     data = request.get_data(cache=False)
     if "input_fn" in custom:
         try:
@@ -328,20 +334,36 @@ def _custom(engine: Engine, custom: CustomHandlers, timeout: float) -> Response:
     if "predict_fn" in custom:  # its failures go through the engine's fault policy (serve/faults.py)
         prediction = engine.predict(data)
     else:
-        generate = parse_request(data)
+        generate = parse_request(data, request.headers.get(ADAPTER_HEADER))
         if generate.stream:
             raise ValidationError("'stream' is not available with custom input_fn/output_fn")
         prediction = _response(generate, engine.submit(generate).result(timeout))
     if "output_fn" not in custom:
         return _json(200, prediction)
     try:
-        return Response(custom["output_fn"](prediction, accept), status=200, mimetype=accept)
+        body = custom["output_fn"](prediction, accept)
     except Exception as e:
         raise GenerationError(f"output_fn failed: {type(e).__name__}: {e}") from None
+    return Response(body, status=200, mimetype=accept, headers={"X-Content-Type-Options": "nosniff"})
 
 
-def _jsonlines(engine: Engine, data: bytes, timeout: float) -> Response:
+def _accepted_type(accept: str) -> str:
+    """The one media type output_fn is asked for: the client's Accept when it is a single type/subtype (with
+    parameters), application/json when it is empty or */*. Anything else (a list, parameters, a malformed value) is a
+    406 rather than a string copied into the response's Content-Type."""
+    accept = accept.strip()
+    if accept in ("", "*/*"):
+        return "application/json"
+    if not MEDIA_TYPE.fullmatch(accept):
+        raise NotAcceptable(f"Accept must be one media type such as application/json (custom output_fn), got "
+                            f"{accept[:100]!r}")
+    return accept
+
+
+def _jsonlines(engine: Engine, data: bytes, timeout: float, in_flight: int) -> Response:
     """Batch transform: one request per line, one JSON line per answer, in order, all within one timeout.
+    At most `in_flight` of its lines run at once (all of the engine's slots in a batch transform job, a
+    share of them on a real-time endpoint, where other clients must still get in).
     A line that is itself invalid gets an error line; every other line is answered. Lines wait for engine
     capacity instead of being refused: when no admission slot is free, this request first finishes its own
     oldest line, and only with none of its own in flight waits for another request's (a line frees its slot
@@ -369,9 +391,11 @@ def _jsonlines(engine: Engine, data: bytes, timeout: float) -> Response:
                 answers[number] = _line_error(number, not_finished(timeout), "generation")
                 continue
             try:
-                generate = parse_request(_parse_json(line))
+                generate = parse_request(_parse_json(line), request.headers.get(ADAPTER_HEADER))
                 if generate.stream:
                     raise ValidationError("'stream' is not available in a jsonlines batch")
+                if len(pending) >= in_flight:
+                    finish_oldest()
                 while True:
                     try:
                         wait = 0.0 if pending else max(0.001, deadline - time.monotonic())

@@ -61,6 +61,7 @@ class ServeConfig:
     prefix_caching: bool = True  # every request of a twin starts with the same template header
     lora_adapters: str = ""  # TGI's LORA_ADAPTERS: "name=/path,other=/path" served beside the model
     enable_lora: bool = False  # ENABLE_LORA: adapters may be registered while serving (POST /adapters)
+    adapter_source_root: Path = Path("/opt/ml")  # ADAPTER_SOURCE_ROOT: POST /adapters takes src only under it
     max_loras: int = 0  # adapters one batch may mix; 0 = as many as LORA_ADAPTERS, or REGISTERED_LORAS
     max_lora_rank: int = 0  # 0 = the largest of LORA_ADAPTERS', or REGISTERED_LORA_RANK
     batch: bool = False  # SAGEMAKER_BATCH: a batch transform job's container
@@ -123,6 +124,7 @@ class ServeConfig:
             prefix_caching=get(("PREFIX_CACHING",), bool, cls.prefix_caching),
             lora_adapters=get(("LORA_ADAPTERS",), str, cls.lora_adapters),
             enable_lora=get(("ENABLE_LORA", "SM_VLLM_ENABLE_LORA"), bool, cls.enable_lora),
+            adapter_source_root=Path(get(("ADAPTER_SOURCE_ROOT",), str, str(OptML.from_env(environ).root))),
             max_loras=get(("MAX_LORAS", "SM_VLLM_MAX_LORAS"), int, cls.max_loras),
             max_lora_rank=get(("MAX_LORA_RANK", "SM_VLLM_MAX_LORA_RANK"), int, cls.max_lora_rank),
             batch=batch,

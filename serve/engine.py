@@ -16,6 +16,8 @@ import logging
 import os
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from container.model_dir import ServingSpec
 from serve import translate
@@ -46,6 +48,7 @@ class VllmEngine:
         self.special_ids: set[int] = set()
         self.llm = None
         self._loop = asyncio.new_event_loop()
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
@@ -105,6 +108,18 @@ class VllmEngine:
 
         return LoRARequest(adapter.name, adapter.number, str(adapter.path))
 
+    def _answer(self, plan: translate.Plan, outputs: list):
+        """A plain request's answer from its vLLM outputs (in the decode thread)."""
+        sequences: dict[int, translate.SequenceOutput] = {}
+        prefill: list = []
+        for out in outputs:
+            if out.prompt_logprobs is not None and not prefill:
+                prefill = translate.prefill(plan.prompt_ids, out.prompt_logprobs, self.tokenizer.decode)
+            for output in out.outputs:
+                sequence = sequences.setdefault(output.index, translate.SequenceOutput())
+                translate.add_output(sequence, output, plan, self.special_ids, self.tokenizer.decode)
+        return translate.result(plan, sequences, prefill)
+
     # --- the engine loop ---------------------------------------------------------------------------
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -133,12 +148,13 @@ class VllmEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.model_dir,
                                                        trust_remote_code=self.config.trust_remote_code)
         self.special_ids = set(self.tokenizer.all_special_ids)
+        self.limits = replace(self.limits, max_token_chars=translate.longest_token(self.tokenizer))
         arguments, environment = engine_arguments(self.config, self.spec, self.lora_rank)
         os.environ.update(environment)  # read by vLLM's engine processes, which inherit it
         log.info("starting vLLM: %s", json.dumps(arguments, default=str))
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**arguments))
         warmup = GenerateRequest("Hello", GenerateParams(max_new_tokens=2))
-        ticket = Ticket(warmup, lambda: None)
+        ticket = Ticket(warmup, lambda succeeded: None)
         plan = translate.plan(warmup, self.tokenizer, self.limits, self.spec.chat_template_for_inputs)
         await self._generate(ticket, plan, self._lora(self.adapters.for_request(warmup)))
         ticket.result(timeout=1)  # raises what the warm-up generation raised
@@ -150,18 +166,21 @@ class VllmEngine:
         from vllm.inputs import TokensPrompt
 
         sequences: dict[int, translate.SequenceOutput] = {}
-        prefill: list = []
+        outputs = []  # a plain request's: its final output, turned into the answer off this loop
         try:
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=plan.prompt_ids), plan.sampling,
                                                uuid.uuid4().hex, lora_request=lora):
-                if out.prompt_logprobs is not None and not prefill:
-                    prefill = translate.prefill(plan.prompt_ids, out.prompt_logprobs, self.tokenizer.decode)
-                for output in out.outputs:
+                if not plan.stream:
+                    outputs.append(out)
+                    continue
+                for output in out.outputs:  # a stream's delta: a few tokens, decoded here as they come
                     sequence = sequences.setdefault(output.index, translate.SequenceOutput())
-                    events = translate.add_output(sequence, output, plan, self.special_ids, self.tokenizer.decode)
-                    for event in events if plan.stream else ():
+                    for event in translate.add_output(sequence, output, plan, self.special_ids, self.tokenizer.decode):
                         ticket.emit("token", event)
-            answer = translate.result(plan, sequences, prefill)
+            if plan.stream:
+                answer = translate.result(plan, sequences, [])
+            else:  # details and decoder_input_details decode every token: not on the loop every stream waits on
+                answer = await self._loop.run_in_executor(self._decoder, self._answer, plan, outputs)
         except VLLMClientError as e:  # e.g. a grammar vLLM cannot compile
             ticket.emit("error", ValidationError(str(e)))
         except ServeError as e:  # the engine ended or dropped the request

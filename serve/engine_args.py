@@ -44,6 +44,8 @@ def engine_arguments(config: ServeConfig, spec: ServingSpec, lora_rank: int) -> 
         "disable_log_stats": True,
         "seed": 0,
     }
+    if adapter_only and spec.base_model_revision:  # a hub base: the commit the adapter was trained on, not main
+        arguments["revision"] = spec.base_model_revision
     if not cpu:
         arguments["gpu_memory_utilization"] = config.cuda_memory_fraction
         arguments["tensor_parallel_size"] = config.num_shard or 1

@@ -14,8 +14,16 @@ class BadRequest(ServeError):
     status, error_type = 400, "bad_request"
 
 
+class Forbidden(ServeError):
+    status, error_type = 403, "forbidden"
+
+
 class NotFound(ServeError):
     status, error_type = 404, "not_found"
+
+
+class NotAcceptable(ServeError):
+    status, error_type = 406, "not_acceptable"
 
 
 class UnsupportedMediaType(ServeError):

@@ -3,7 +3,8 @@
     request   anything else (a bad grammar vLLM could not compile, a predict_fn bug): that request gets
               a 424 and the worker carries on
     memory    out of memory: that request gets a 503 to retry, and the worker lowers how many requests it
-              admits at once (by half, down to one), so the next ones fit
+              admits at once (by half, down to one), so the next ones fit; it climbs back as requests
+              succeed (serve/admission.py)
     fatal     the device or the engine is poisoned (a CUDA error other than out-of-memory: a device-side
               assert, an illegal memory access, an ECC or NCCL fault; or vLLM's engine process gone): every
               request in flight gets a 500 at once, /ping fails, and the worker exits so that gunicorn
@@ -20,10 +21,12 @@ from serve.errors import GenerationError, ServeError
 REQUEST, MEMORY, FATAL = "request", "memory", "fatal"
 WORKER_BOOT_ERROR = 3  # a worker whose model fails to load exits with this: gunicorn then stops the server
 
-# What CUDA, its libraries and NCCL put in the messages of errors after which the device cannot be trusted.
-DEVICE_FAULTS = ("cuda error", "device-side assert", "illegal memory access", "illegal instruction",
-                 "misaligned address", "unspecified launch failure", "ecc error", "uncorrectable", "nccl error",
-                 "ncclsystemerror", "ncclunhandledcudaerror", "cublas_status", "cudnn_status", "cuda driver error")
+# Classified by the exception's type, never its text: a predict_fn bug whose message quotes "CUDA error"
+# is that request's failure, not the device's. Names, looked up along the type's bases, so that neither
+# torch nor vLLM is imported here: torch's OutOfMemoryError and AcceleratorError (what a CUDA error raises
+# since torch 2.8), torch.distributed's DistBackendError (NCCL), vLLM's EngineDeadError.
+MEMORY_ERRORS = frozenset({"MemoryError", "OutOfMemoryError"})
+FATAL_ERRORS = frozenset({"AcceleratorError", "DistBackendError", "EngineDeadError"})
 
 
 class OutOfMemory(ServeError):
@@ -35,10 +38,10 @@ class EngineFailed(ServeError):
 
 
 def classify(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}".lower()
-    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or "out of memory" in text:
+    names = {kind.__name__ for kind in type(error).__mro__}
+    if names & MEMORY_ERRORS:
         return MEMORY
-    if type(error).__name__ == "EngineDeadError" or any(fault in text for fault in DEVICE_FAULTS):
+    if names & FATAL_ERRORS:
         return FATAL
     return REQUEST
 

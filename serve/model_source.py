@@ -5,12 +5,14 @@ empty, or holds only what is not a model, such as the SDK local mode's own copy 
 names the model the way the LLM Twin book and every TGI/DLC deployment do: a local folder, or
 a Hugging Face Hub id downloaded once, before the workers start, into HF_HOME (on the endpoint's storage
 volume: see container/entrypoint.py), at HF_MODEL_REVISION, with HF_TOKEN or HUGGING_FACE_HUB_TOKEN for
-gated models. Only safetensors weights are fetched; the token is never printed.
+gated models. Only safetensors weights are fetched; the token is never printed. The commit downloaded is
+printed: without HF_MODEL_REVISION, each instance takes the hub's `main` as it is when the instance starts.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from container.config import ConfigError
@@ -19,6 +21,7 @@ from serve.config import ServeConfig
 
 # What serving needs from a hub repository: configs, safetensors weights, the tokenizer, a chat template.
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")  # snapshot_download's folder is named after the commit it holds
 
 
 def model_source(config: ServeConfig) -> Path:
@@ -49,7 +52,16 @@ def _download(repo_id: str, revision: str | None, with_code: bool) -> Path:
     if not any(folder.glob("*.safetensors")):
         raise ConfigError(f"HF_MODEL_ID={repo_id} has no safetensors weights: this image loads no pickled "
                           "(.bin) weights; convert them, or use a repository that has safetensors")
+    _print_commit(repo_id, revision, folder)
     return folder
+
+
+def _print_commit(repo_id: str, revision: str | None, folder: Path) -> None:
+    """Which commit this instance serves; without HF_MODEL_REVISION, how to make every instance serve it."""
+    commit = folder.name if COMMIT_SHA.fullmatch(folder.name) else "(unknown)"
+    advice = "" if revision else (f"; HF_MODEL_REVISION is unset, so this is the hub's main now: set "
+                                  f"HF_MODEL_REVISION={commit} to serve these weights on every instance")
+    print(f"serve: HF_MODEL_ID={repo_id} at commit {commit}{advice}", flush=True)
 
 
 def _holds_a_model(folder: Path) -> bool:

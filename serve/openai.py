@@ -11,9 +11,8 @@ import time
 import uuid
 from typing import Iterable, Iterator
 
-from serve.schemas import GenerateRequest, GenerateResult, Sequence
+from serve.schemas import MODEL_NAME, GenerateRequest, GenerateResult, Sequence
 
-MODEL_NAME = "llm-twin"
 FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 FINGERPRINT = "llm-twin-vllm"
 

@@ -54,17 +54,20 @@ class PredictEngine:
     def predict(self, data: object) -> object:
         """Run predict_fn on the model, one call at a time."""
         self.admission.acquire()
+        succeeded = False
         try:
             if not self._lock.acquire(timeout=self.config.timeout):
                 raise TimeoutError("predict_fn did not get the model within the server timeout")
             try:
-                return self.custom["predict_fn"](data, self.model)
+                prediction = self.custom["predict_fn"](data, self.model)
+                succeeded = True
+                return prediction
             except Exception as e:  # a custom predict_fn: the fault policy decides what its failure ends
                 raise self.admission.fault(e, "predict_fn failed") from None
             finally:
                 self._lock.release()
         finally:
-            self.admission.release()
+            self.admission.release(succeeded)
 
     def submit(self, request: GenerateRequest, wait: float = 0.0) -> Ticket:
         raise BadRequest(f"this endpoint serves {self.custom.path}'s predict_fn: send its requests to /invocations")
@@ -94,7 +97,8 @@ class PredictEngine:
         tokenizer = AutoTokenizer.from_pretrained(self.config.model_dir, trust_remote_code=trust)
         adapter_only = self.spec.weights == "adapter"
         source = resolve_base(self.spec.base_model) if adapter_only else self.config.model_dir
-        model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", use_safetensors=True,
+        revision = self.spec.base_model_revision if adapter_only else None  # a hub base: its trained-on commit
+        model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", use_safetensors=True, revision=revision,
                                                      trust_remote_code=trust)
         if adapter_only:
             from peft import PeftModel

@@ -15,14 +15,26 @@ request without `parameters` decodes greedily like one with them (TGI samples in
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 
 from container.config import nearest
-from serve.errors import ValidationError
+from serve.errors import Forbidden, ValidationError
 
+MODEL_NAME = "llm-twin"  # the served model's name in OpenAI's answers and /v1/models
+ADAPTER_HEADER = "X-Amzn-SageMaker-Adapter-Identifier"  # inference components' adapter (LoRA) selection
+# What OpenAI-style clients send as `model` when they mean "whatever this endpoint serves" (TGI's docs use "tgi").
+NEUTRAL_MODELS = (MODEL_NAME, "tgi")
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_N_TOKENS = 5  # TGI's default limit
 MAX_BEST_OF = 4  # TGI's default limit
+# Grammars are compiled by vLLM's structured-output backend before the first token; its compile timeout
+# leaves the native thread running, so what it is given is bounded here first.
+MAX_GRAMMAR_CHARS = 16_384  # a regex pattern, or a JSON schema as JSON text
+MAX_SCHEMA_DEPTH = 32
+MAX_REPEAT = 1_000  # a regex {n,m}, and a schema's minLength/maxLength/minItems/maxItems/...Properties
+_SCHEMA_COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+_REGEX_COUNT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 _PARAMETERS = (
     "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty", "do_sample",
     "stop", "stop_sequences", "seed", "return_full_text", "details", "decoder_input_details", "truncate",
@@ -90,14 +102,30 @@ class GenerateRequest:
 
 def parse_request(body: object, adapter_header: str | None = None) -> GenerateRequest:
     """Route on the body's keys, as TGI does: `messages` → chat, otherwise TGI generate. SageMaker's
-    adapter header (inference components) picks the adapter when the body does not."""
+    adapter header, when present, decides the adapter (bind_to_adapter_header)."""
     if isinstance(body, dict) and "messages" in body:
         request = parse_chat(body)
     else:
         request = parse_generate(body)
-    if adapter_header and request.params.adapter_id is None:
-        request = _with_adapter(request, adapter_header)
-    return request
+    return bind_to_adapter_header(request, adapter_header)
+
+
+def bind_to_adapter_header(request: GenerateRequest, adapter_header: str | None) -> GenerateRequest:
+    """On an inference-component endpoint SageMaker sets the adapter header from the component the caller
+    was allowed to invoke: it is the authority, and a body naming another adapter (TGI's adapter_id,
+    OpenAI's model) is refused, never obeyed. Without the header (a plain multi-LoRA endpoint, `docker
+    run`), the body chooses. The refusal names no other adapter, and says the same whether or not the
+    named one exists."""
+    if not adapter_header:
+        return request
+    named = request.params.adapter_id
+    if named is not None and named != adapter_header:
+        raise Forbidden(f"this request's adapter is set by SageMaker's {ADAPTER_HEADER} header: leave "
+                        "parameters.adapter_id unset or give the same name")
+    if request.model not in (None, adapter_header, *NEUTRAL_MODELS):
+        raise Forbidden(f"this request's adapter is set by SageMaker's {ADAPTER_HEADER} header: leave 'model' "
+                        f"unset, or give the same name or {MODEL_NAME!r}")
+    return replace(request, params=replace(request.params, adapter_id=adapter_header), model=adapter_header)
 
 
 def parse_generate(body: object) -> GenerateRequest:
@@ -242,8 +270,18 @@ def _grammar(raw: object) -> Grammar | None:
     if raw["type"] == "regex":
         if not isinstance(value, str) or not value:
             raise ValidationError("a 'regex' grammar needs a non-empty pattern string as its 'value'")
-        return Grammar("regex", value)
+        return Grammar("regex", _pattern(value))
     return Grammar("json", _schema(value))
+
+
+def _pattern(pattern: str) -> str:
+    if len(pattern) > MAX_GRAMMAR_CHARS:
+        raise ValidationError(f"a 'regex' grammar may have at most {MAX_GRAMMAR_CHARS} characters, got {len(pattern)}")
+    for match in _REGEX_COUNT.finditer(pattern):
+        counts = [int(n) for n in match.groups() if n]
+        if max(counts) > MAX_REPEAT:
+            raise ValidationError(f"a 'regex' grammar may repeat at most {MAX_REPEAT} times, got {match.group(0)}")
+    return pattern
 
 
 def _response_format(raw: object) -> Grammar | None:
@@ -265,17 +303,37 @@ def _schema(value: object):
     if value is None or value == {}:
         return None  # any JSON object
     if isinstance(value, str):
+        if len(value) > MAX_GRAMMAR_CHARS:
+            raise ValidationError(f"a JSON schema may have at most {MAX_GRAMMAR_CHARS} characters, got {len(value)}")
         try:
             value = json.loads(value)
-        except ValueError as e:
-            raise ValidationError(f"the JSON schema of 'grammar' is not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:
+            raise ValidationError(f"the JSON schema of 'grammar' is not valid JSON: {type(e).__name__}: {e}") from None
     if not isinstance(value, dict):
         raise ValidationError("a 'json' grammar's value must be a JSON schema object")
+    _check_schema_size(value)
     return value
 
 
-def _with_adapter(request: GenerateRequest, adapter: str) -> GenerateRequest:
-    return replace(request, params=_replace(request.params, adapter_id=adapter))
+def _check_schema_size(schema: dict) -> None:
+    """Depth, total size and repetition counts, walked without recursion (a schema can nest deeply)."""
+    if len(json.dumps(schema)) > MAX_GRAMMAR_CHARS:
+        raise ValidationError(f"a JSON schema may have at most {MAX_GRAMMAR_CHARS} characters as JSON")
+    stack = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ValidationError(f"a JSON schema may nest at most {MAX_SCHEMA_DEPTH} levels deep")
+        if isinstance(node, dict):
+            for key in _SCHEMA_COUNTS:
+                count = node.get(key)
+                if isinstance(count, (int, float)) and not isinstance(count, bool) and count > MAX_REPEAT:
+                    raise ValidationError(f"a JSON schema's {key} may be at most {MAX_REPEAT}, got {count}")
+            if isinstance(node.get("pattern"), str):
+                _pattern(node["pattern"])
+            stack.extend((child, depth + 1) for child in node.values())
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node)
 
 
 def _replace(params: GenerateParams, **changes) -> GenerateParams:

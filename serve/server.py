@@ -49,7 +49,8 @@ class Server(BaseApplication):
         warm) and answer with the app."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         startup = self.startup
-        adapters = Adapters(startup.fixed_adapters, startup.adapter_registry, startup.lora_rank)
+        adapters = Adapters(startup.fixed_adapters, startup.adapter_registry, startup.lora_rank,
+                            startup.config.adapter_source_root)
         if startup.predicts:
             from serve.predict import PredictEngine
 

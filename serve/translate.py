@@ -28,6 +28,18 @@ class Limits:
     max_input_tokens: int
     max_total_tokens: int
     default_max_new_tokens: int  # serving.json's, when a request names none
+    max_token_chars: int = 0  # the tokenizer's longest token, in characters (0: prompts are not pre-checked)
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """No prompt longer than this fits in max_input_tokens: each token covers at most max_token_chars."""
+        return self.max_input_tokens * self.max_token_chars
+
+
+def longest_token(tokenizer) -> int:
+    """The longest token of the vocabulary, in characters: an upper bound on the characters one token covers
+    (a byte-level token's text has one character per byte; a sentencepiece piece spells what it covers)."""
+    return max((len(token) for token in tokenizer.get_vocab()), default=0)
 
 
 @dataclass(frozen=True)
@@ -58,8 +70,9 @@ def plan(request: GenerateRequest, tokenizer, limits: Limits, template_for_input
     from vllm.exceptions import VLLMClientError
 
     p = request.params
+    check_prompt_size(request, limits)
     try:
-        ids = prompt_ids(request, tokenizer, template_for_inputs)
+        ids = prompt_ids(request, tokenizer, template_for_inputs, limits.max_token_chars)
     except ServeError:
         raise
     except Exception as e:  # e.g. jinja's TemplateError: "roles must alternate"
@@ -83,13 +96,30 @@ def plan(request: GenerateRequest, tokenizer, limits: Limits, template_for_input
                 wants_tokens=p.details or p.logprobs, stream=request.stream)
 
 
-def prompt_ids(request: GenerateRequest, tokenizer, template_for_inputs: bool) -> list[int]:
+def check_prompt_size(request: GenerateRequest, limits: Limits) -> None:
+    """Refuse, before the chat template and the tokenizer run on it, a prompt that cannot fit: more messages
+    than input tokens (every message costs at least one), or more characters than max_input_tokens tokens
+    can cover. A `truncate` request is cut to its last characters instead (prompt_ids)."""
+    if request.messages is not None and len(request.messages) > limits.max_input_tokens:
+        raise ValidationError(f"'messages' has {len(request.messages)} messages: at most {limits.max_input_tokens} "
+                              f"fit in this model's {limits.max_input_tokens} input tokens")
+    if not limits.max_token_chars or (request.params.truncate is not None and request.messages is None):
+        return
+    chars = sum(len(m["content"]) for m in request.messages) if request.messages is not None else len(request.inputs)
+    if chars > limits.max_prompt_chars:
+        raise ValidationError(f"the prompt has {chars} characters, more than {limits.max_input_tokens} input tokens "
+                              f"can hold (at most {limits.max_prompt_chars} characters with this tokenizer)")
+
+
+def prompt_ids(request: GenerateRequest, tokenizer, template_for_inputs: bool, max_token_chars: int = 0) -> list[int]:
     if request.messages is not None:
         text = tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     inputs = request.inputs
     truncate = request.params.truncate
     if truncate is not None:  # TGI: keep the last `truncate` tokens of the inputs, before any template
+        if max_token_chars:  # the characters before these cannot reach the last `truncate` tokens
+            inputs = inputs[-(truncate + 1) * max_token_chars:]
         ids = tokenizer(inputs, add_special_tokens=False)["input_ids"]
         if len(ids) > truncate:
             inputs = tokenizer.decode(ids[-truncate:])

@@ -21,7 +21,7 @@ from container.opt_ml import ContractError, OptML
 from train.config import TrainConfig
 from train.data import DataError, load_kto_rows, load_preference_rows, load_sft_rows, split_rows
 from train.errors import EXIT_FRAMEWORK_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR, TrainingInterrupted
-from train.launcher import WORKER_ENV, launch, topology, write_rank_failure
+from train.launcher import BASE_REVISION_ENV, WORKER_ENV, launch, topology, write_rank_failure
 from train.model import resolve_base_model
 from train.stop import Stop
 from train.tracking import check_environment
@@ -98,17 +98,17 @@ def run(config: TrainConfig, paths: OptML, worker: bool, stop: Stop) -> None:
         check_job_shape(paths)
         data = load_data(config, paths)
     with stop.phase("getting the base model (download or extraction)"):
-        base = resolve_base_model(config, paths)
+        base = resolve_base_model(config, paths, pinned=os.environ.get(BASE_REVISION_ENV) if worker else None)
     if config.export == "adapter" and base.reference is None:
         raise ConfigError("export=adapter needs a base model the endpoint can load by itself (a hub model_id or the "
                           "embedded model), not a local or channel model: use export=merged or export=both")
-    log.info("base model: %s", base.source)
+    log.info("base model: %s%s", base.source, f" at commit {base.revision}" if base.revision else "")
     with stop.phase("counting the GPUs (loading torch)"):
         top = topology(config, paths)
     # config and data are fine: start the workers (DeepSpeed wants torchrun's rendezvous even for one process)
     if (top.needs_launcher or config.distributed in ("zero2", "zero3")) and not worker:
         with stop.phase("starting the training processes"):
-            code, failure = launch(config, top)
+            code, failure = launch(config, top, base.revision)
         if code != 0:
             raise WorkersFailed(code, *failure)
         return

@@ -33,6 +33,7 @@ from train.errors import EXIT_INTERRUPTED
 SHUTDOWN_TIMEOUT = 110  # after SIGTERM, workers get this long to checkpoint (SageMaker kills at 120 s)
 WORKER_ENV = "LLM_TWIN_WORKER"  # set in workers, so they train instead of launching again
 RANK_FAILURES_ENV = "LLM_TWIN_RANK_FAILURES"  # folder where each failing rank leaves its message
+BASE_REVISION_ENV = "LLM_TWIN_BASE_REVISION"  # a hub base's commit, resolved once by the launcher for its workers
 # Instance types with Elastic Fabric Adapter networking (NCCL over libfabric's EFA provider).
 EFA_INSTANCE_TYPES = ("ml.p4d.24xlarge", "ml.p4de.24xlarge", "ml.p5.48xlarge", "ml.p5e.48xlarge", "ml.p5en.48xlarge",
                       "ml.p6-b200.48xlarge", "ml.trn1.32xlarge", "ml.trn1n.32xlarge")
@@ -111,8 +112,9 @@ def resolve(host: str, timeout: float) -> str:
             time.sleep(2)
 
 
-def launch(config: TrainConfig, top: Topology) -> tuple[int, tuple[str, str] | None]:
+def launch(config: TrainConfig, top: Topology, base_revision: str | None = None) -> tuple[int, tuple[str, str] | None]:
     """Run the workers; return their exit code and, on failure, (first line, details) for the failure file.
+    `base_revision`: the hub base's commit this launcher resolved, which the workers load (not resolved again).
     A SIGTERM (spot) is passed on to torchrun, which passes it to every worker: they checkpoint and stop.
     The exit code is EXIT_INTERRUPTED when this launcher was signalled or every failing rank reported an
     interruption (torchrun itself exits 1 for any failure)."""
@@ -132,6 +134,8 @@ def launch(config: TrainConfig, top: Topology) -> tuple[int, tuple[str, str] | N
     previous = signal.signal(signal.SIGTERM, forward)  # before torchrun exists: a SIGTERM in between is kept
     try:
         environment = {**os.environ, **launch_env(top), RANK_FAILURES_ENV: str(failures)}
+        if base_revision:
+            environment[BASE_REVISION_ENV] = base_revision
         if signalled:  # nothing started yet: nothing to stop
             shutil.rmtree(failures, ignore_errors=True)
             return EXIT_INTERRUPTED, ("training stopped by SIGTERM before its processes started; start the job "

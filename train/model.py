@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from container.config import ConfigError
 from container.model_dir import EMBEDDED_BASE, EMBEDDED_MODEL_ENV, embedded_model_dir
 from container.opt_ml import ContractError, OptML
 from train.config import TrainConfig
@@ -18,6 +20,7 @@ from train.config import TrainConfig
 log = logging.getLogger(__name__)
 
 MODEL_CHANNEL = "model"
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")  # a full hub commit hash: already pinned, nothing to resolve
 
 # Used only when a base model has no chat template (e.g. a pretrained, non-instruct checkpoint).
 # It is saved with the fine-tuned model, so serving prompts exactly as training did.
@@ -34,13 +37,22 @@ FALLBACK_CHAT_TEMPLATE = (
 class BaseModel:
     source: str  # what from_pretrained loads: a hub id or a local folder
     reference: str | None  # how an endpoint finds it again for an adapter-only export (None: it cannot)
+    revision: str | None = None  # a hub base's commit SHA, which every load pins (None: a local folder)
+
+    def revision_of(self, source: str) -> str | None:
+        """The revision to load `source` at: the base's commit, or none for a folder a stage wrote."""
+        return self.revision if source == self.source else None
 
 
-def resolve_base_model(config: TrainConfig, paths: OptML) -> BaseModel:
-    """model_id if given, else the `model` channel (a folder or a model.tar.gz), else the embedded model."""
+def resolve_base_model(config: TrainConfig, paths: OptML, pinned: str | None = None) -> BaseModel:
+    """model_id if given, else the `model` channel (a folder or a model.tar.gz), else the embedded model.
+    A hub model_id's revision is resolved to its commit here, unless `pinned` (the launcher's) already is."""
     if config.model_id:
         local = Path(config.model_id)
-        return BaseModel(config.model_id, None if local.is_absolute() else config.model_id)
+        reference = None if local.is_absolute() else config.model_id
+        if local.is_absolute() or local.is_dir():  # a folder on this machine: no hub revision
+            return BaseModel(config.model_id, reference)
+        return BaseModel(config.model_id, reference, pinned or hub_commit(config.model_id, config.model_revision))
     channel = paths.channel(MODEL_CHANNEL)
     if channel.is_dir():
         return BaseModel(str(_model_folder(channel)), None)
@@ -51,6 +63,30 @@ def resolve_base_model(config: TrainConfig, paths: OptML) -> BaseModel:
             f"is missing at {embedded} (run `make model`, or set {EMBEDDED_MODEL_ENV})"
         )
     return BaseModel(str(embedded), EMBEDDED_BASE)
+
+
+def hub_commit(repo_id: str, revision: str) -> str:
+    """The commit that `revision` (a branch, tag or commit; empty: main) of a hub model names now.
+
+    Resolved once, before any download, and passed to every load: the job's stages, its export (and a
+    trusted repository's code), serving.json and the model card then all mean the same weights, however the
+    branch moves later. huggingface_hub reads HF_TOKEN itself, for gated models."""
+    if COMMIT_SHA.fullmatch(revision):
+        return revision
+    from huggingface_hub import HfApi, get_token
+
+    try:
+        commit = HfApi().model_info(repo_id, revision=revision or None).sha
+    except Exception as e:  # hub, network or access errors: one clear line, never the token
+        token = get_token()
+        message = str(e).replace(token, "****") if token else str(e)
+        raise ConfigError(f"cannot resolve model_id={repo_id} at revision {revision or 'main'} on the Hugging Face "
+                          f"Hub ({type(e).__name__}: {message.splitlines()[0] if message else ''}): check the id, "
+                          "model_revision, and HF_TOKEN for a gated model") from None
+    if not commit:
+        raise ConfigError(f"the Hugging Face Hub names no commit for model_id={repo_id} at {revision or 'main'}")
+    log.info("base model %s: revision %s is commit %s", repo_id, revision or "main", commit)
+    return commit
 
 
 def _model_folder(channel: Path) -> Path:
@@ -96,11 +132,10 @@ def _extract_once(tarball: Path) -> Path:
     return target
 
 
-def load_tokenizer(source: str, config: TrainConfig):
+def load_tokenizer(source: str, config: TrainConfig, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=config.model_revision or None,
-                                              trust_remote_code=config.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=config.trust_remote_code)
     if not tokenizer.chat_template:
         log.info("base model %s has no chat template: using a ChatML template, saved with the model", source)
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
@@ -109,12 +144,14 @@ def load_tokenizer(source: str, config: TrainConfig):
     return tokenizer
 
 
-def load_for_training(source: str, config: TrainConfig, dtype, attn_implementation: str | None):
-    """The base model as the adapter method needs it: 16-bit (or fp32 on CPU), or 4-bit nf4 for QLoRA."""
+def load_for_training(source: str, config: TrainConfig, dtype, attn_implementation: str | None,
+                      revision: str | None = None):
+    """The base model as the adapter method needs it: 16-bit (or fp32 on CPU), or 4-bit nf4 for QLoRA.
+    `revision`: the hub commit to load (BaseModel.revision_of), None for a folder."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs = {"dtype": dtype, "use_safetensors": True, "revision": config.model_revision or None,
+    kwargs = {"dtype": dtype, "use_safetensors": True, "revision": revision,
               "trust_remote_code": config.trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -136,7 +173,7 @@ def load_for_training(source: str, config: TrainConfig, dtype, attn_implementati
     return model
 
 
-def merge_adapter(base_source: str, adapter_dir: Path, config: TrainConfig):
+def merge_adapter(base_source: str, adapter_dir: Path, config: TrainConfig, revision: str | None = None):
     """The base loaded in bf16 with the adapter merged in. Never merges into 4-bit weights: QLoRA's
     adapter is applied to the 16-bit base, as the adapter was trained against its dequantized values."""
     import torch
@@ -144,17 +181,19 @@ def merge_adapter(base_source: str, adapter_dir: Path, config: TrainConfig):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(
-        base_source, dtype=torch.bfloat16, use_safetensors=True, revision=config.model_revision or None,
+        base_source, dtype=torch.bfloat16, use_safetensors=True, revision=revision,
         trust_remote_code=config.trust_remote_code,
     )
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
-def load_trained(source: str, trained: Path, config: TrainConfig):
-    """A stage's result as one bf16 model: the full model as trained, or its adapter merged onto `source`."""
+def load_trained(source: str, trained: Path, config: TrainConfig, revision: str | None = None):
+    """A stage's result as one bf16 model: the full model as trained (a folder: its own code, saved with it,
+    still needs trust_remote_code), or its adapter merged onto `source` at `revision`."""
     if config.adapter == "full":
         import torch
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(trained, dtype=torch.bfloat16, use_safetensors=True)
-    return merge_adapter(source, trained, config)
+        return AutoModelForCausalLM.from_pretrained(trained, dtype=torch.bfloat16, use_safetensors=True,
+                                                    trust_remote_code=config.trust_remote_code)
+    return merge_adapter(source, trained, config, revision)

@@ -52,6 +52,7 @@ def model_card(config: TrainConfig, report: dict, base_name: str, base_source: s
               f"Trained with {' then '.join(s.upper() for s in config.stages)} ({config.adapter}) by the llm-twin "
               "SageMaker image; exported as "
               f"{'an adapter on its base' if weights == 'adapter' else 'merged 16-bit weights'}.",
+              *_revision_lines(report.get("base_model_revision")),
               "", "## Data", "", "| stage | training examples | held-out examples | steps | resumed from step |",
               "| --- | --- | --- | --- | --- |"]
     for stage, values in report["stages"].items():
@@ -79,6 +80,11 @@ def model_card(config: TrainConfig, report: dict, base_name: str, base_source: s
               "```", "", f"Device: {report.get('device')}, precision {report.get('precision')}. Serve it with the same "
               "image (`docker run IMAGE serve`); its TGI and OpenAI routes answer.", ""]
     return "\n".join(lines)
+
+
+def _revision_lines(revision: str | None) -> list[str]:
+    """The base's hub commit, resolved when the job started: the exact weights (and code) it was trained on."""
+    return ["", f"Base model revision: commit `{revision}` on the Hugging Face Hub."] if revision else []
 
 
 def _one_line(text: str, limit: int = 240) -> str:

@@ -36,18 +36,26 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
               stop: Stop) -> None:
     device = detect_device(config)
     with stop.phase("loading the tokenizer"):
-        tokenizer = load_tokenizer(base.source, config)
-    report = {
+        tokenizer = load_tokenizer(base.source, config, base.revision)
+    report = start_report(config, base, device)
+    params = {**{k: ",".join(v) if isinstance(v, tuple) else v for k, v in report["config"].items()},
+              "base_model": base.reference or base.source, "device": report["device"], "precision": report["precision"]}
+    if base.revision:
+        params["base_model_revision"] = base.revision
+    with tracked(config.report_to, paths, params) as tracking:
+        _train_stages(config, paths, data, base, stop, device, tokenizer, report, tracking)
+
+
+def start_report(config: TrainConfig, base: BaseModel, device) -> dict:
+    """The training report before its stages: the config, the base and its hub commit (None for a folder)."""
+    return {
         "config": dataclasses.asdict(config),
         "base_model": base.source,
+        "base_model_revision": base.revision,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "precision": "bf16" if device.bf16 else "fp32",
         "stages": {},
     }
-    params = {**{k: ",".join(v) if isinstance(v, tuple) else v for k, v in report["config"].items()},
-              "base_model": base.reference or base.source, "device": report["device"], "precision": report["precision"]}
-    with tracked(config.report_to, paths, params) as tracking:
-        _train_stages(config, paths, data, base, stop, device, tokenizer, report, tracking)
 
 
 def _train_stages(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, list]], base: BaseModel, stop: Stop,
@@ -68,7 +76,8 @@ def _train_stages(config: TrainConfig, paths: OptML, data: dict[str, tuple[list,
             continue
         train_rows, eval_rows = data[stage]
         with stop.phase(f"loading the model for {stage}"):
-            model = load_for_training(source, config, device.dtype, device.attn_implementation)
+            model = load_for_training(source, config, device.dtype, device.attn_implementation,
+                                      base.revision_of(source))
         if stage != "sft" and config.preference == "auto":
             with stop.phase(f"building {stage}'s preference pairs (preference=auto)"):
                 train_rows, eval_rows = _auto_pairs(stage, config, model, tokenizer, train_rows, eval_rows, stage_dir)
@@ -86,7 +95,7 @@ def _train_stages(config: TrainConfig, paths: OptML, data: dict[str, tuple[list,
             return
         if _rank("LOCAL_RANK") == 0:  # every instance needs the stage model for the next stage
             with stop.phase(f"merging and saving the {stage} model"):
-                merged = load_trained(source, trained, config)
+                merged = load_trained(source, trained, config, base.revision_of(source))
                 _save_stage_model(merged, tokenizer, final, stage_report, markers)
             del merged
             _free_memory()

@@ -27,7 +27,7 @@ def register(adapters, name, src):
 def test_a_registration_is_seen_by_every_worker_and_a_new_one_gets_a_new_id(tmp_path):
     registry = tmp_path / "registry"
     registry.mkdir()
-    first, second = Adapters({}, registry, max_rank=64), Adapters({}, registry, max_rank=64)  # two workers
+    first, second = (Adapters({}, registry, max_rank=64, source_root=tmp_path) for _ in range(2))  # two workers
     alice = adapter(tmp_path / "alice")
     number = register(first, "alice", str(alice)).number
     assert second.find("alice") == Adapter("alice", number, alice) and second.names() == ["alice"]
@@ -42,7 +42,7 @@ def test_a_registration_is_seen_by_every_worker_and_a_new_one_gets_a_new_id(tmp_
 
 
 def test_an_adapter_that_does_not_load_is_not_recorded(tmp_path):
-    adapters = Adapters({}, tmp_path / "registry", max_rank=64)
+    adapters = Adapters({}, tmp_path / "registry", max_rank=64, source_root=tmp_path)
     (tmp_path / "registry").mkdir()
 
     def refuse(adapter):
@@ -60,8 +60,9 @@ def test_a_request_gets_the_adapter_it_names_or_the_models_own(tmp_path):
     assert adapters.for_request(GenerateRequest("Hi", GenerateParams(adapter_id="dana"))).path.name == "dana"
     assert adapters.for_request(GenerateRequest("Hi", GenerateParams(), model="dana")).name == "dana"
     assert adapters.for_request(GenerateRequest("Hi", GenerateParams(), model="llm-twin")).name == "model"
-    with pytest.raises(ValidationError, match="unknown adapter 'dan'; known adapters: dana, model"):
+    with pytest.raises(ValidationError) as unknown:
         adapters.for_request(GenerateRequest("Hi", GenerateParams(adapter_id="dan")))
+    assert unknown.value.message == "unknown adapter 'dan'"  # no other tenant's name in it
     assert Adapters({}).for_request(plain) is None
     with pytest.raises(BadRequest, match="started without ENABLE_LORA"):
         Adapters({}).register("x", "/x", load=print)
@@ -69,25 +70,61 @@ def test_a_request_gets_the_adapter_it_names_or_the_models_own(tmp_path):
 
 def test_a_twin_model_directory_is_an_adapter_through_its_adapter_folder(tmp_path):
     inner = adapter(tmp_path / "twin" / "adapter")
-    assert adapter_folder(str(tmp_path / "twin")) == inner
+    assert adapter_folder(str(tmp_path / "twin"), tmp_path) == inner
 
 
 @pytest.mark.parametrize("name, src, error, message", [
     ("a/b", "/x", BadRequest, "adapter name 'a/b' is not valid"),
     ("ok\n", "/x", BadRequest, "is not valid"),
     ("ok", "relative/path", ValidationError, "must be a local absolute path"),
-    ("ok", "/no/such/folder", ValidationError, "holds no adapter_config.json"),
+    ("ok", "{root}/no/such/folder", ValidationError, "holds no adapter_config.json"),
+    ("llm-twin", "/x", BadRequest, "adapter name 'llm-twin' is reserved"),
+    ("model", "/x", BadRequest, "adapter name 'model' is reserved"),
 ])
 def test_bad_registrations_say_what_is_wrong(tmp_path, name, src, error, message):
     with pytest.raises(error, match=message):
-        register(Adapters({}, tmp_path, max_rank=64), name, src)
+        register(Adapters({}, tmp_path, max_rank=64, source_root=tmp_path), name, src.format(root=tmp_path))
 
 
-def test_pickled_weights_and_too_large_a_rank_are_refused(tmp_path):
-    pickled = adapter(tmp_path / "pickled")
-    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
-    with pytest.raises(ValidationError, match="safetensors only"):
-        register(Adapters({}, tmp_path, max_rank=64), "p", str(pickled))
-    wide = adapter(tmp_path / "wide", rank=128)
-    with pytest.raises(ValidationError, match="rank 128, above this endpoint's MAX_LORA_RANK=64"):
-        register(Adapters({}, tmp_path, max_rank=64), "w", str(wide))
+def test_a_source_outside_the_root_is_refused_alike_whether_it_exists_or_not(tmp_path):
+    root, outside = tmp_path / "root", adapter(tmp_path / "outside")
+    root.mkdir()
+    (root / "link").symlink_to(outside)  # inside by name, outside once resolved
+    adapters = Adapters({}, tmp_path / "registry", max_rank=64, source_root=root)
+    (tmp_path / "registry").mkdir()
+    errors = []
+    for src in (outside, tmp_path / "missing", root / "link", root / ".." / "outside"):
+        with pytest.raises(ValidationError) as refused:
+            register(adapters, "x", str(src))
+        errors.append(refused.value.message.replace(str(src), "SRC"))
+    assert errors == [f"adapter src must be a folder under {root} (ADAPTER_SOURCE_ROOT), got 'SRC'"] * 4
+    assert adapters.names() == []
+
+
+def test_two_registrations_of_one_name_at_once_each_write_their_own_file(tmp_path, monkeypatch):
+    """Both have written their record before either renames it into place (os.replace waits for both)."""
+    import os
+    import threading
+
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    adapters = Adapters({}, registry, max_rank=64, source_root=tmp_path)
+    alice, errors = adapter(tmp_path / "alice"), []
+    both_written, replace = threading.Barrier(2), os.replace
+
+    def replace_after_both(source, target):
+        both_written.wait(timeout=10)
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace_after_both)
+
+    def register_once():
+        try:
+            adapters.register("alice", str(alice), load=lambda a: None)
+        except Exception as e:  # with one temporary file for both, the second rename finds it gone
+            errors.append(e)
+
+    threads = [threading.Thread(target=register_once) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join(timeout=30) for t in threads]
+    assert errors == [] and [p.name for p in registry.iterdir()] == ["alice.json"]

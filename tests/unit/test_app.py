@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from container.model_dir import ServingSpec
 from serve.adapters import Adapters
@@ -17,10 +18,10 @@ from serve.admission import Admission
 from serve.app import create_app
 from serve.config import ServeConfig
 from serve.custom import CustomHandlers
-from serve.errors import ValidationError
+from serve.errors import Overloaded, ValidationError
 from serve.placement import Placement
 from serve.predict import PredictEngine
-from serve.schemas import GenerateResult, Sequence
+from serve.schemas import GenerateParams, GenerateRequest, GenerateResult, Sequence
 from serve.startup import Startup
 from serve.translate import Limits
 from tests.helpers import sse_events
@@ -102,7 +103,7 @@ def engine():
 @pytest.fixture
 def client(engine, tmp_path):
     (tmp_path / "registry").mkdir()
-    adapters = Adapters({"dana": "/adapters/dana"}, tmp_path / "registry", max_rank=64)
+    adapters = Adapters({"dana": "/adapters/dana"}, tmp_path / "registry", max_rank=64, source_root=tmp_path)
     return create_app(engine, adapters, startup(tmp_path)).test_client()
 
 
@@ -176,13 +177,35 @@ def test_openai_chat_and_completions_whole_and_streamed(client):
     ('{"inputs": 42}', "application/json", 422, "validation", "'inputs' must be a string"),
     ('{"inputs": "x", "parameters": {"max_new_token": 2}}', "application/json", 422, "validation",
      "did you mean 'max_new_tokens'"),
-    ("[" * 100000 + "]" * 100000, "application/json", 400, "bad_request", "RecursionError"),
+    pytest.param("[" * 100000 + "]" * 100000, "application/json", 400, "bad_request", "RecursionError", id="deep"),
     ('{"inputs": "' + "w " * 60 + '"}', "application/json", 422, "validation", "less than 50 tokens"),
 ])
 def test_bad_requests_are_4xx_json_saying_what_is_wrong(client, data, content_type, status, error_type, message):
     response = client.post("/invocations", data=data, content_type=content_type)
     assert response.status_code == status and response.json["error_type"] == error_type
     assert message in response.json["error"]
+
+
+@pytest.mark.parametrize("grammar, message", [
+    ({"type": "regex", "value": "a{1,100000}"}, "may repeat at most 1000 times, got {1,100000}"),
+    ({"type": "regex", "value": "a" * 20000}, "at most 16384 characters, got 20000"),
+    ({"type": "json", "value": "[" * 5000}, "is not valid JSON: RecursionError"),
+    ({"type": "json", "value": {"type": "array", "maxItems": 10**9}}, "maxItems may be at most 1000"),
+    ({"type": "json", "value": {"properties": {"a": {"type": "string", "pattern": "x{99999}"}}}}, "repeat at most"),
+    ({"type": "json", "value": "{}" + " " * 17000}, "at most 16384 characters"),
+], ids=["regex-repeat", "regex-long", "schema-string-deep", "schema-count", "schema-pattern", "schema-long"])
+def test_grammars_are_capped_before_the_engine_compiles_them(client, grammar, message):
+    response = post(client, {"inputs": "x", "parameters": {"grammar": grammar}})
+    assert response.status_code == 422 and message in response.json["error"], response.json
+
+
+def test_a_deeply_nested_schema_is_refused_by_its_depth(client):
+    schema = {}
+    for _ in range(40):
+        schema = {"type": "object", "properties": {"a": schema}}
+    response = post(client, {"messages": [{"role": "user", "content": "x"}],
+                             "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}})
+    assert response.status_code == 422 and "nest at most 32 levels" in response.json["error"]
 
 
 def test_routes_and_sizes_outside_the_contract_are_json_errors(client):
@@ -222,6 +245,27 @@ def test_a_jsonlines_batch_waits_for_slots_instead_of_refusing_and_answers_line_
     assert answers[2]["error_type"] == "validation" and answers[2]["error"].startswith("line 3:")
     empty = client.post("/invocations", data="\n\n", headers=JSONLINES)
     assert empty.status_code == 422 and "no lines" in empty.json["error"]
+
+
+def test_on_a_real_time_endpoint_a_jsonlines_body_holds_a_quarter_of_the_slots(tmp_path):
+    """A batch transform job gives one body every slot; a real-time endpoint keeps the rest for other clients."""
+    for env, most in (({}, 2), ({"SAGEMAKER_BATCH": "true"}, 8)):
+        engine = MemoryEngine(limit=8)
+        client = create_app(engine, Adapters({}), startup(tmp_path, **env)).test_client()
+        engine.hold.clear()
+        lines = "\n".join(json.dumps({"inputs": f"line {i}"}) for i in range(12))
+        batch = threading.Thread(target=client.post, args=("/invocations",), daemon=True,
+                                 kwargs={"data": lines, "headers": JSONLINES})
+        batch.start()
+        wait_until(lambda: engine.admitted == most)
+        time.sleep(0.2)  # it takes no more while its lines are held
+        assert engine.admitted == most and engine.capacity == 8
+        if most < 8:
+            other = threading.Thread(target=post, args=(client, {"inputs": "another client"}), daemon=True)
+            other.start()
+            wait_until(lambda: engine.admitted == most + 1)  # admitted, not refused with a 429
+        engine.hold.set()
+        batch.join(timeout=60)
 
 
 def test_past_the_timeout_a_plain_request_is_a_424_naming_the_fixes(engine, tmp_path):
@@ -265,16 +309,63 @@ def test_adapters_register_through_the_engine_and_unregister(client, engine, tmp
     registered = post(client, {"name": "alice", "src": str(folder)}, "/adapters")
     assert registered.status_code == 200 and registered.json == {"name": "alice", "src": str(folder)}
     assert engine.loaded == ["alice"] and client.get("/info").json["adapters"] == ["alice", "dana"]
-    by_query = client.post("/adapters", query_string={"name": "bob", "src": str(folder)})
-    assert by_query.status_code == 200 and engine.loaded == ["alice", "bob"]
+    assert post(client, {"name": "bob", "src": str(folder)}, "/adapters").status_code == 200
+    assert engine.loaded == ["alice", "bob"]
     missing = post(client, {"name": "x"}, "/adapters")
     assert missing.status_code == 400 and "needs src" in missing.json["error"]
     assert client.delete("/adapters/alice").status_code == 200 and engine.loaded == ["bob"]
     assert client.delete("/adapters/alice").status_code == 404
 
 
-FAULTS = {"oom": MemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-          "cuda": RuntimeError("CUDA error: an illegal memory access was encountered"), "bug": KeyError("text")}
+def test_adapter_registration_takes_only_a_json_body(client, engine, tmp_path):
+    """A web page can POST a form or a query string to a container on localhost without asking; a JSON body
+    it cannot send cross-origin unless the server agrees (CORS), and this one never does."""
+    folder = tmp_path / "alice"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    fields = {"name": "alice", "src": str(folder)}
+    for sent in (client.post("/adapters", query_string=fields),
+                 client.post("/adapters", data=fields),  # an HTML form
+                 client.post("/adapters", data=json.dumps(fields), content_type="text/plain")):
+        assert sent.status_code == 415 and "takes a JSON body" in sent.json["error"], sent.json
+    assert engine.loaded == [] and "Access-Control-Allow-Origin" not in client.options("/adapters").headers
+
+
+def test_sagemakers_adapter_header_decides_and_a_body_naming_another_is_refused(client, engine):
+    """An inference component's invocation carries its adapter in the header SageMaker sets; the body can
+    repeat it, but never name another twin, and no answer lists the others."""
+    header = {"X-Amzn-SageMaker-Adapter-Identifier": "alice"}
+    seen = []
+    submit = engine.submit
+    engine.submit = lambda request, wait=0.0: seen.append((request.params.adapter_id, request.model)) or submit(
+        request, wait)
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert post(client, {"inputs": "hi"}, headers=header).status_code == 200
+    assert post(client, {"inputs": "hi", "parameters": {"adapter_id": "alice"}}, headers=header).status_code == 200
+    assert post(client, {**chat, "model": "llm-twin"}, headers=header).status_code == 200
+    assert post(client, {**chat, "model": "alice"}, "/v1/chat/completions", headers=header).status_code == 200
+    assert seen == [("alice", "alice")] * 4
+    for body, route in (({"inputs": "hi", "parameters": {"adapter_id": "bob"}}, "/invocations"),
+                        ({**chat, "model": "bob"}, "/invocations"), ({**chat, "model": "dana"}, "/invocations"),
+                        ({"inputs": "hi", "parameters": {"adapter_id": "dana"}}, "/generate"),
+                        ({"prompt": "hi", "model": "bob"}, "/v1/completions")):
+        refused = post(client, body, route, headers=header)
+        assert refused.status_code == 403 and refused.json["error_type"] == "forbidden", (body, refused.json)
+        assert "X-Amzn-SageMaker-Adapter-Identifier" in refused.json["error"]
+        assert "bob" not in refused.json["error"] and "dana" not in refused.json["error"]
+    lines = "\n".join(json.dumps(b) for b in ({"inputs": "a"}, {"inputs": "b", "parameters": {"adapter_id": "bob"}}))
+    batch = client.post("/invocations", data=lines, headers={**JSONLINES, **header})
+    answers = [json.loads(line) for line in batch.data.decode().splitlines()]
+    assert "error" not in answers[0] and answers[1]["error_type"] == "forbidden"
+    assert len(seen) == 5 and seen[-1] == ("alice", "alice")
+    assert post(client, {"inputs": "hi", "parameters": {"adapter_id": "bob"}}).status_code == 200  # no header
+
+
+FAULTS = {"oom": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+          "cuda": torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+          "bug": KeyError("text"),
+          "echo": ValueError("cannot parse 'CUDA error: an illegal memory access' (an out of memory story)")}
 
 
 def predict_fn(data, model):
@@ -284,6 +375,8 @@ def predict_fn(data, model):
 
 
 def test_the_fault_policy_a_bug_fails_its_request_oom_halves_admission_a_cuda_error_fails_the_worker(tmp_path):
+    """Classified by the exception's type: a predict_fn bug whose message quotes a CUDA error is a bug. The
+    admission an out-of-memory halved climbs back as requests succeed."""
     custom = CustomHandlers(tmp_path / "inference.py",
                             {"model_fn": lambda model_dir: "model", "predict_fn": predict_fn})
     start = startup(tmp_path, custom, MAX_CONCURRENT_REQUESTS="8")
@@ -297,10 +390,15 @@ def test_the_fault_policy_a_bug_fails_its_request_oom_halves_admission_a_cuda_er
 
     bug = post(client, {"fault": "bug"})
     assert bug.status_code == 424 and bug.json["error"] == "predict_fn failed: KeyError: 'text'"
+    echo = post(client, {"fault": "echo"})
+    assert echo.status_code == 424 and engine.capacity == 8 and client.get("/ping").status_code == 200
     oom = post(client, {"fault": "oom"})
     assert oom.status_code == 503 and oom.json["error_type"] == "out_of_memory"
     assert engine.capacity == 4 and client.get("/ping").status_code == 200
     assert post(client, {}).json == {"ok": "model"}  # only the request that caused it failed
+    for _ in range(3):  # 4 successes at a limit of 4: one more slot (an eighth of the start's 8)
+        assert post(client, {}).status_code == 200
+    assert engine.capacity == 5
 
     cuda = post(client, {"fault": "cuda"})
     assert cuda.status_code == 500 and cuda.json["error_type"] == "engine"
@@ -324,3 +422,35 @@ def test_custom_input_and_output_fn_wrap_the_built_in_generation(engine, tmp_pat
                          headers={"Accept": "application/x-custom"})
     assert answer.status_code == 200 and answer.content_type.startswith("application/x-custom")
     assert json.loads(answer.data) == {"answer": " ONE TWO", "accept": "application/x-custom"}
+    assert answer.headers["X-Content-Type-Options"] == "nosniff"
+    with_charset = client.post("/invocations", data="one", content_type="text/plain",
+                               headers={"Accept": "application/json; charset=utf-8"})
+    assert with_charset.status_code == 200 and with_charset.content_type == "application/json; charset=utf-8"
+    for accept in ("text/html,application/xhtml+xml", "*/*;q=0.8,text/html", "nonsense", "a/b; x=<script>"):
+        refused = client.post("/invocations", data="one", content_type="text/plain", headers={"Accept": accept})
+        assert refused.status_code == 406 and refused.json["error_type"] == "not_acceptable", accept
+
+
+def test_admission_halved_by_an_out_of_memory_climbs_back_as_requests_succeed():
+    admission = Admission(8, exit_worker=lambda: None)
+    request = GenerateRequest("hi", GenerateParams())
+    tickets = [admission.ticket(request) for _ in range(8)]
+    admission.fault(torch.OutOfMemoryError("CUDA out of memory"), "generation")
+    for ticket in tickets:  # all eight were in flight: four of their slots are kept back as they return
+        ticket.emit("error", RuntimeError("failed"))
+    held = [admission.ticket(request) for _ in range(4)]
+    with pytest.raises(Overloaded):
+        admission.ticket(request)
+    for ticket in held:  # four successes in a row at a limit of four: an eighth of the start's 8 comes back
+        ticket.emit("done", None)
+    assert admission.limit == 5
+    held = [admission.ticket(request) for _ in range(5)]
+    with pytest.raises(Overloaded):
+        admission.ticket(request)
+    for _ in range(6):
+        for ticket in held:
+            ticket.emit("done", None)
+        held = [admission.ticket(request) for _ in range(admission.limit)]
+    assert admission.limit == 8  # never above the start's
+    with pytest.raises(Overloaded):
+        admission.ticket(request)

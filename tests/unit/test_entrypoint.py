@@ -1,7 +1,13 @@
+import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import pytest
 
 BIN = Path(sys.executable).parent
 
@@ -127,9 +133,10 @@ def test_driver_versions_are_read_from_both_kernel_module_flavours(tmp_path):
 
 
 
-def test_the_entrypoint_holds_sigterm_across_the_exec_into_train_only(monkeypatch):
+def test_the_entrypoint_holds_sigterm_across_the_exec_into_train_and_serve(monkeypatch):
     """In a container PID 1 ignores a signal it has no handler for, and SageMaker's SIGKILL follows: so
-    SIGTERM is blocked (held, not lost) from the entrypoint until train's handler exists."""
+    the entrypoint handles SIGTERM itself, and blocks it (held, not lost) across the exec until train's or
+    serve's handler exists."""
     import signal
 
     from container import entrypoint
@@ -143,12 +150,17 @@ def test_the_entrypoint_holds_sigterm_across_the_exec_into_train_only(monkeypatc
 
     monkeypatch.setattr(entrypoint.os, "execv", execv)
     monkeypatch.setattr(entrypoint, "use_cuda_compat", lambda verb: None)
-    for verb in ("train", "serve"):
-        try:
-            entrypoint.main([verb])
-        except SystemExit:
-            pass
-    assert masks == {"train": True, "serve": False}  # gunicorn must get its SIGTERM
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        for verb in ("train", "serve"):
+            try:
+                entrypoint.main([verb])
+            except SystemExit:
+                pass
+        assert signal.getsignal(signal.SIGTERM) == entrypoint._stopped
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert masks == {"train": True, "serve": True}
 
 
 def test_a_sigterm_held_across_the_exec_is_taken_by_trains_handler(tmp_path):
@@ -160,3 +172,155 @@ def test_a_sigterm_held_across_the_exec_is_taken_by_trains_handler(tmp_path):
     assert result.returncode == 143, result.stdout + result.stderr
     assert (tmp_path / "output" / "failure").read_text().startswith(
         "training stopped by SIGTERM while reading the configuration")
+
+
+def test_a_sigterm_held_across_the_exec_is_taken_by_serves_handler(tmp_path):
+    """serve unblocks SIGTERM only once its handler is in place: one pending from the exec ends it, exit 143."""
+    held = ("import os, signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}); "
+            "os.kill(os.getpid(), signal.SIGTERM); os.execv(sys.executable, [sys.executable, '-m', 'serve'])")
+    result = subprocess.run([sys.executable, "-c", held], env={**os.environ, "SAGEMAKER_BASE_DIR": str(tmp_path)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 143, result.stdout + result.stderr
+    assert "serve: stopped by SIGTERM before the server started" in result.stderr
+
+
+def test_serve_stops_at_once_on_sigterm_while_it_downloads_hf_model_id(tmp_path):
+    """The download can take minutes; a SIGTERM then (scale-in, an update) ends it at once with exit 143,
+    rather than being ignored by a PID 1 with no handler until SageMaker's SIGKILL."""
+    import socket
+    import time
+
+    hub = socket.socket()  # a hub that accepts the connection and never answers
+    hub.bind(("127.0.0.1", 0))
+    hub.listen(8)
+    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(tmp_path), "HF_MODEL_ID": "someone/some-model",
+           "HF_ENDPOINT": f"http://127.0.0.1:{hub.getsockname()[1]}", "HF_HUB_ETAG_TIMEOUT": "300",
+           "HF_HUB_DOWNLOAD_TIMEOUT": "300", "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+    serve = subprocess.Popen([sys.executable, "-m", "serve"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        hub.settimeout(120)
+        connection, _ = hub.accept()  # the download has started
+        time.sleep(0.5)
+        serve.send_signal(signal.SIGTERM)
+        output, _ = serve.communicate(timeout=60)
+        connection.close()
+    finally:
+        serve.kill()
+        hub.close()
+    assert serve.returncode == 143, output
+    assert "stopped by SIGTERM before the server started" in output
+
+
+HF_ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:llm-twin/hf-token-AbCdEf"
+MLFLOW_ARN = "arn:aws:ssm:eu-west-1:123456789012:parameter/llm-twin/mlflow-password"
+DENIED_ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:llm-twin/not-ours-Zz99Yy"
+STORED = {HF_ARN: "hf_secret_value", MLFLOW_ARN: "mlflow-secret-password"}
+
+
+class _SecretStore(BaseHTTPRequestHandler):
+    """Secrets Manager's GetSecretValue and SSM's GetParameter, answered from STORED: any other ARN is
+    AccessDeniedException. Each request is recorded as (X-Amz-Target, body, the region it was signed for)."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        target = self.headers["X-Amz-Target"]
+        self.server.asked.append((target, body, self.headers["Authorization"].split("/")[2]))
+        value = STORED.get(body.get("SecretId") or body.get("Name"))
+        if value is None:
+            status, answer = 400, {"__type": "AccessDeniedException", "message": "not authorized"}
+        elif target.startswith("secretsmanager."):
+            status, answer = 200, {"SecretString": value}
+        else:
+            status, answer = 200, {"Parameter": {"Name": "/llm-twin/mlflow-password", "Type": "SecureString",
+                                                 "Value": value}}
+        data = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/x-amz-json-1.1")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def secret_store():
+    """The stores on localhost, and the environment that sends boto3 there with harmless credentials."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SecretStore)
+    server.asked = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and not k.endswith("_SECRET_ARN")
+               and k not in ("HF_TOKEN", "MLFLOW_TRACKING_PASSWORD")}
+    environ.update({"AWS_ENDPOINT_URL_SECRETS_MANAGER": url, "AWS_ENDPOINT_URL_SSM": url, "AWS_ACCESS_KEY_ID": "test",
+                    "AWS_SECRET_ACCESS_KEY": "test", "AWS_CONFIG_FILE": os.devnull,
+                    "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_EC2_METADATA_DISABLED": "true"})
+    yield server, environ
+    server.shutdown()
+    server.server_close()
+
+
+def run_with(environ, *args, **extra):
+    return subprocess.run([str(BIN / "llm-twin"), *args], capture_output=True, text=True, timeout=60,
+                          env={**environ, **extra})
+
+
+def test_the_entrypoint_reads_secret_references_into_what_it_execs_and_never_logs_a_value(secret_store):
+    """Each reference is read with the container's credentials in its ARN's region, before the exec."""
+    server, environ = secret_store
+    result = run_with(environ, "sh", "-c", 'echo "$HF_TOKEN|$MLFLOW_TRACKING_PASSWORD"',
+                      HF_TOKEN_SECRET_ARN=HF_ARN, MLFLOW_TRACKING_PASSWORD_SECRET_ARN=MLFLOW_ARN)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "hf_secret_value|mlflow-secret-password"
+    assert "llm-twin: HF_TOKEN read from HF_TOKEN_SECRET_ARN (Secrets Manager secret)" in result.stderr
+    assert "MLFLOW_TRACKING_PASSWORD read from MLFLOW_TRACKING_PASSWORD_SECRET_ARN (SSM parameter)" in result.stderr
+    assert "hf_secret_value" not in result.stderr and "mlflow-secret-password" not in result.stderr
+    assert server.asked == [("secretsmanager.GetSecretValue", {"SecretId": HF_ARN}, "us-east-1"),
+                            ("AmazonSSM.GetParameter", {"Name": MLFLOW_ARN, "WithDecryption": True}, "eu-west-1")]
+
+
+def test_train_and_serve_are_execd_with_the_secrets_in_their_environment(secret_store, monkeypatch, tmp_path):
+    import signal
+
+    from container import entrypoint
+
+    _, environ = secret_store
+    aws = [name for name in os.environ if name.startswith("AWS_")]  # a profile of this shell, say
+    for name in ("HF_TOKEN", *entrypoint.SCRATCH_VARIABLES, *aws):  # restored after the test: main sets some
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {**environ, "HF_TOKEN_SECRET_ARN": HF_ARN, "SAGEMAKER_BASE_DIR": str(tmp_path)}.items():
+        monkeypatch.setenv(name, value)
+    seen = {}
+
+    def execv(path, argv):
+        seen[argv[2]] = os.environ.get("HF_TOKEN")
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        raise SystemExit(0)
+
+    monkeypatch.setattr(entrypoint.os, "execv", execv)
+    monkeypatch.setattr(entrypoint, "use_cuda_compat", lambda verb: None)
+    previous = signal.getsignal(signal.SIGTERM)  # main may install its own handler
+    try:
+        for verb in ("train", "serve"):
+            monkeypatch.delenv("HF_TOKEN", raising=False)
+            with pytest.raises(SystemExit):
+                entrypoint.main([verb])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == {"train": "hf_secret_value", "serve": "hf_secret_value"}
+
+
+def test_a_secret_the_role_cannot_read_stops_train_and_serve_with_one_clear_line(secret_store, tmp_path):
+    _, environ = secret_store
+    message = ("cannot read HF_TOKEN_SECRET_ARN's Secrets Manager secret (AccessDeniedException): the role needs "
+               "secretsmanager:GetSecretValue on it")
+    environ = {**environ, "HF_TOKEN_SECRET_ARN": DENIED_ARN, "SAGEMAKER_BASE_DIR": str(tmp_path)}
+    trained = run_with(environ, "train")
+    assert trained.returncode == 1 and f"llm-twin: {message}" in trained.stderr
+    assert (tmp_path / "output" / "failure").read_text().startswith(message)  # DescribeTrainingJob's FailureReason
+    served = run_with(environ, "serve")
+    assert served.returncode == 1 and f"llm-twin: {message}" in served.stderr
+    looked = run_with(environ, "sh", "-c", 'echo "[$HF_TOKEN]"')  # a debugging command still runs, warned
+    assert looked.returncode == 0 and looked.stdout.strip() == "[]" and message in looked.stderr

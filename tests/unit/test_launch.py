@@ -1,4 +1,5 @@
-"""launch/: the exact SageMaker API requests (botocore Stubber), and streamed answers re-assembled."""
+"""launch/: the exact SageMaker API requests (botocore Stubber), secrets only by reference, and streamed answers
+re-assembled."""
 
 import io
 import json
@@ -14,14 +15,27 @@ from launch.api import sse_events
 
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/llm-twin-sagemaker:abc123"
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
+HF_ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:llm-twin/hf-token-AbCdEf"
+WANDB_ARN = "arn:aws:ssm:us-east-1:123456789012:parameter/llm-twin/wandb-key"
+MLFLOW_PASSWORD_ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:llm-twin/mlflow-Xy12Zw"
+SHELL_SECRETS = {"HF_TOKEN": "hf_secret_value", "WANDB_API_KEY": "wandb-secret-key",
+                 "MLFLOW_TRACKING_PASSWORD": "mlflow-secret-password", "MLFLOW_TRACKING_TOKEN": "mlflow-secret-token"}
+
+
+@pytest.fixture(autouse=True)
+def no_secrets_in_the_shell(monkeypatch):
+    """What the tests' own shell holds must not change what launch sends or refuses."""
+    for name in [*SHELL_SECRETS, "HUGGING_FACE_HUB_TOKEN", "MLFLOW_TRACKING_USERNAME", "WANDB_PROJECT"]:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name + "_SECRET_ARN", raising=False)
 
 
 def client(name):
     return boto3.client(name, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test")
 
 
-def test_train_sends_the_exact_request_with_spot_metrics_and_a_secret_never_printed(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+def test_train_sends_the_exact_request_with_spot_metrics_and_hf_token_by_reference(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")  # set in the shell too: the reference is what is sent
     hp = tmp_path / "hp.json"
     hp.write_text(json.dumps({"method": "sft+dpo", "num_train_epochs": 3}))
     sm = client("sagemaker")
@@ -38,7 +52,7 @@ def test_train_sends_the_exact_request_with_spot_metrics_and_a_secret_never_prin
         "OutputDataConfig": {"S3OutputPath": "s3://b/out/"},
         "ResourceConfig": {"InstanceType": "ml.g5.2xlarge", "InstanceCount": 1, "VolumeSizeInGB": 100},
         "StoppingCondition": {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 7200},
-        "Environment": {"HF_TOKEN": "hf_secret_value"},
+        "Environment": {"HF_TOKEN_SECRET_ARN": HF_ARN},
         "EnableManagedSpotTraining": True,
         "CheckpointConfig": {"S3Uri": "s3://b/ckpt/", "LocalPath": "/opt/ml/checkpoints"},
     }
@@ -49,12 +63,12 @@ def test_train_sends_the_exact_request_with_spot_metrics_and_a_secret_never_prin
                      "--output", "s3://b/out/", "--hyperparameters", str(hp),
                      "--hp", "model_id=meta-llama/Llama-3.1-8B",
                      "--max-run", "3600", "--spot", "--max-wait", "7200", "--checkpoints", "s3://b/ckpt/",
-                     "--name", "twin-1"],
+                     "--name", "twin-1", "--secret", f"HF_TOKEN={HF_ARN}"],
                     clients={"sagemaker": sm})
         stub.assert_no_pending_responses()
     assert code == 0
     out = capsys.readouterr().out
-    assert "hf_secret_value" not in out and '"HF_TOKEN": "****"' in out
+    assert "hf_secret_value" not in out and f'"HF_TOKEN_SECRET_ARN": "{HF_ARN}"' in out
 
 
 def test_spot_without_checkpoints_is_refused():
@@ -239,25 +253,27 @@ def test_deploy_async_writes_answers_to_s3_and_lets_requests_run_long():
     assert container["Environment"] == {"SAGEMAKER_MODEL_SERVER_TIMEOUT": "3540"}
 
 
-def test_deploy_by_hf_model_id_needs_no_model_data_and_never_prints_the_token(capsys):
+def test_deploy_by_hf_model_id_needs_no_model_data_and_takes_the_token_by_reference(capsys):
     from launch.api import model_request
 
     request = model_request(name="book", image=IMAGE, role=ROLE, model_data=None,
-                            environment={"HF_MODEL_ID": "meta-llama/Llama-3.1-8B", "HUGGING_FACE_HUB_TOKEN": "hf_x"})
+                            environment={"HF_MODEL_ID": "meta-llama/Llama-3.1-8B",
+                                         "HUGGING_FACE_HUB_TOKEN_SECRET_ARN": HF_ARN})
     assert "ModelDataUrl" not in request["PrimaryContainer"] and "ModelDataSource" not in request["PrimaryContainer"]
     with pytest.raises(ValueError, match="give the model: --model-data"):
         model_request(name="none", image=IMAGE, role=ROLE, model_data=None)
     sm = client("sagemaker")
     with Stubber(sm) as stub:
-        stub.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:us-east-1:1:model/book"})
+        stub.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:us-east-1:1:model/book"},
+                          {**request, "ModelName": "book"})
         stub.add_response("create_endpoint_config",
                           {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:endpoint-config/book"})
         stub.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/book"})
-        main(["deploy", "--image", IMAGE, "--role", ROLE, "--name", "book",
-              "--env", "HF_MODEL_ID=meta-llama/Llama-3.1-8B",
-              "--env", "HUGGING_FACE_HUB_TOKEN=hf_secret_token"], clients={"sagemaker": sm})
-    out = capsys.readouterr().out
-    assert "hf_secret_token" not in out and '"HUGGING_FACE_HUB_TOKEN": "****"' in out
+        assert main(["deploy", "--image", IMAGE, "--role", ROLE, "--name", "book",
+                     "--env", "HF_MODEL_ID=meta-llama/Llama-3.1-8B",
+                     "--secret", f"HUGGING_FACE_HUB_TOKEN={HF_ARN}"], clients={"sagemaker": sm}) == 0
+        stub.assert_no_pending_responses()
+    assert f'"HUGGING_FACE_HUB_TOKEN_SECRET_ARN": "{HF_ARN}"' in capsys.readouterr().out
 
 
 def test_train_uncompressed_output_asks_sagemaker_for_files_not_a_tarball():
@@ -292,11 +308,12 @@ def test_train_with_tensorboard_sends_its_output_config_and_turns_the_tracking_o
         stub.assert_no_pending_responses()
 
 
-def test_train_with_mlflow_and_wandb_passes_the_tracking_server_and_the_key_and_prints_no_key(monkeypatch, capsys):
+def test_train_with_mlflow_and_wandb_passes_the_tracking_server_and_the_key_by_reference(monkeypatch, capsys):
     from launch.api import training_job_request, with_tracker
 
     arn = "arn:aws:sagemaker:us-east-1:111122223333:mlflow-tracking-server/twins"
     monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-key")
+    monkeypatch.setenv("WANDB_API_KEY_SECRET_ARN", WANDB_ARN)  # from the shell, as the key itself used to be
     monkeypatch.setenv("WANDB_PROJECT", "twins")
     monkeypatch.setenv("HF_TOKEN", "")
     sm = client("sagemaker")
@@ -305,10 +322,10 @@ def test_train_with_mlflow_and_wandb_passes_the_tracking_server_and_the_key_and_
             name="t", image=IMAGE, role=ROLE, channels={"train": "s3://b/t/"}, output="s3://b/o/",
             hyperparameters={"report_to": "tensorboard"}, instance_type="ml.g5.2xlarge", tensorboard_s3="s3://b/tb/",
             mlflow=arn, mlflow_experiment="voices", wandb=True,
-            environment={"WANDB_API_KEY": "wandb-secret-key", "WANDB_PROJECT": "twins"})
+            environment={"WANDB_API_KEY_SECRET_ARN": WANDB_ARN, "WANDB_PROJECT": "twins"})
         assert expected["HyperParameters"]["report_to"] == "tensorboard,mlflow,wandb"
         assert expected["Environment"] == {"MLFLOW_TRACKING_URI": arn, "MLFLOW_EXPERIMENT_NAME": "voices",
-                                           "WANDB_API_KEY": "wandb-secret-key", "WANDB_PROJECT": "twins"}
+                                           "WANDB_API_KEY_SECRET_ARN": WANDB_ARN, "WANDB_PROJECT": "twins"}
         stub.add_response("create_training_job", {"TrainingJobArn": "arn:aws:sagemaker:us-east-1:1:training-job/t"},
                           expected)
         assert main(["train", "--image", IMAGE, "--role", ROLE, "--train", "s3://b/t/", "--output", "s3://b/o/",
@@ -316,7 +333,7 @@ def test_train_with_mlflow_and_wandb_passes_the_tracking_server_and_the_key_and_
                      "--mlflow-experiment", "voices", "--wandb"], clients={"sagemaker": sm}) == 0
         stub.assert_no_pending_responses()
     printed = capsys.readouterr().out
-    assert "wandb-secret-key" not in printed and '"WANDB_API_KEY": "****"' in printed
+    assert "wandb-secret-key" not in printed and f'"WANDB_API_KEY_SECRET_ARN": "{WANDB_ARN}"' in printed
     assert with_tracker("none", "mlflow") == "mlflow" and with_tracker('["wandb"]', "mlflow") == "wandb,mlflow"
     assert with_tracker(["mlflow"], "mlflow") == "mlflow"
 
@@ -476,3 +493,176 @@ def test_inference_components_refuse_async_and_a_bad_adapter_clearly():
     with pytest.raises(SystemExit, match="need 0 <= MIN <= MAX"):
         main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/m.tar.gz", "--name", "z",
               "--inference-components", "--autoscale", "3:1"], clients={"sagemaker": sm})
+
+
+def recorded(*clients) -> list[tuple[str, dict]]:
+    """Every request the clients are asked to send, as (operation, parameters), stubbed or not."""
+    sent = []
+    for one in clients:
+        one.meta.events.register("before-parameter-build.*.*",
+                                 lambda params, model, **_: sent.append((model.name, json.loads(json.dumps(params)))))
+    return sent
+
+
+def test_no_request_launch_sends_holds_a_secret_value_only_references(monkeypatch, capsys):
+    """train (--wandb, --mlflow, HF_TOKEN), deploy (one model, and inference components) and batch, with every
+    secret's value in the shell too: each request carries NAME_SECRET_ARN references, never a value."""
+    for name, value in SHELL_SECRETS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD_SECRET_ARN", MLFLOW_PASSWORD_ARN)  # from the shell
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "twin-bot")  # no secret: passed as it is
+    monkeypatch.setenv("ENDPOINT_NOTE", "sensitive-but-not-secret")
+    sm = client("sagemaker")
+    sent = recorded(sm)
+    with Stubber(sm) as stub:
+        stub.add_response("create_training_job", {"TrainingJobArn": "arn:aws:sagemaker:us-east-1:1:training-job/t"})
+        for name in ("one", "batch"):
+            stub.add_response("create_model", {"ModelArn": f"arn:aws:sagemaker:us-east-1:1:model/{name}"})
+            if name == "one":
+                stub.add_response("create_endpoint_config",
+                                  {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:endpoint-config/one"})
+                stub.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/one"})
+        stub.add_response("create_transform_job",
+                          {"TransformJobArn": "arn:aws:sagemaker:us-east-1:1:transform-job/batch"})
+        assert main(["train", "--image", IMAGE, "--role", ROLE, "--train", "s3://b/t/", "--output", "s3://b/o/",
+                     "--name", "t", "--wandb", "--mlflow", "https://mlflow.example.com",
+                     "--secret", f"HF_TOKEN={HF_ARN}", "--secret", f"WANDB_API_KEY={WANDB_ARN}",
+                     "--secret", "MLFLOW_TRACKING_TOKEN=/llm-twin/mlflow-token"], clients={"sagemaker": sm}) == 0
+        assert main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/m.tar.gz", "--name", "one",
+                     "--env", "MAX_BATCH_SIZE=16", "--env", "ENDPOINT_NOTE", "--secret", f"HF_TOKEN={HF_ARN}"],
+                    clients={"sagemaker": sm}) == 0
+        assert main(["batch", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/m.tar.gz", "--name", "batch",
+                     "--input", "s3://b/in/", "--output", "s3://b/out/", "--secret", f"HF_TOKEN={HF_ARN}"],
+                    clients={"sagemaker": sm}) == 0
+        stub.assert_no_pending_responses()
+    printed = capsys.readouterr()
+    for operation, params in sent:
+        for value in SHELL_SECRETS.values():
+            assert value not in json.dumps(params), (operation, value)
+    for value in [*SHELL_SECRETS.values(), "sensitive-but-not-secret"]:
+        assert value not in printed.out + printed.err
+    environments = {operation + "/" + (params.get("TrainingJobName") or params.get("ModelName")):
+                    params.get("Environment") or params.get("PrimaryContainer", {}).get("Environment")
+                    for operation, params in sent if operation in ("CreateTrainingJob", "CreateModel")}
+    assert environments == {
+        "CreateTrainingJob/t": {
+            "HF_TOKEN_SECRET_ARN": HF_ARN, "WANDB_API_KEY_SECRET_ARN": WANDB_ARN,
+            "MLFLOW_TRACKING_PASSWORD_SECRET_ARN": MLFLOW_PASSWORD_ARN,
+            # an SSM parameter given by name: in the role's account, in launch's region
+            "MLFLOW_TRACKING_TOKEN_SECRET_ARN": "arn:aws:ssm:us-east-1:123456789012:parameter/llm-twin/mlflow-token",
+            "MLFLOW_TRACKING_USERNAME": "twin-bot", "MLFLOW_TRACKING_URI": "https://mlflow.example.com"},
+        "CreateModel/one": {"MAX_BATCH_SIZE": "16", "ENDPOINT_NOTE": "sensitive-but-not-secret",
+                            "HF_TOKEN_SECRET_ARN": HF_ARN},
+        "CreateModel/batch": {"HF_TOKEN_SECRET_ARN": HF_ARN}}
+
+
+def test_inference_components_carry_the_references_not_the_values(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+    sm = client("sagemaker")
+    sent = recorded(sm)
+    with Stubber(sm) as stub:
+        stub.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:us-east-1:1:model/ic"})
+        stub.add_response("create_endpoint_config",
+                          {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:endpoint-config/ic"})
+        stub.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/ic"})
+        stub.add_response("describe_endpoint", {
+            "EndpointName": "ic", "EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/ic",
+            "EndpointConfigName": "ic", "EndpointStatus": "InService", "CreationTime": "2026-11-27T00:00:00Z",
+            "LastModifiedTime": "2026-11-27T00:00:00Z"})
+        stub.add_response("create_inference_component",
+                          {"InferenceComponentArn": "arn:aws:sagemaker:us-east-1:1:inference-component/ic-base"})
+        stub.add_response("describe_inference_component", _component("ic-base"))
+        assert main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/base/", "--name", "ic",
+                     "--inference-components", "--secret", f"HF_TOKEN={HF_ARN}"], clients={"sagemaker": sm}) == 0
+        stub.assert_no_pending_responses()
+    assert "hf_secret_value" not in json.dumps(sent)
+    model = next(params for operation, params in sent if operation == "CreateModel")
+    assert model["PrimaryContainer"]["Environment"] == {"HF_TOKEN_SECRET_ARN": HF_ARN}
+
+
+REFUSED = [  # (the command line after the subcommand, what the shell holds, what the refusal says)
+    (["--env", "HF_TOKEN=hf_secret_value"], {}, "--secret HF_TOKEN=ITS_ARN"),
+    (["--env", "HF_TOKEN=hf_secret_value"], {}, "shows in ps and shell history"),
+    (["--env", "HF_TOKEN"], {"HF_TOKEN": "hf_secret_value"}, "--env HF_TOKEN: HF_TOKEN is a secret"),
+    (["--env", "HUGGING_FACE_HUB_TOKEN=hf_secret_value"], {}, "aws secretsmanager create-secret"),
+    (["--env", "OPENAI_API_KEY=hf_secret_value"], {}, "--secret OPENAI_API_KEY=ITS_ARN"),  # a name that says so
+    (["--secret", "HF_TOKEN=hf_secret_value"], {}, "expected arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME"),
+    (["--secret", "hf_secret_value"], {}, "--secret expects NAME=ARN"),
+    (["--secret", "HF_TOKEN=arn:aws:secretsmanager:us-east-1:123456789012:secret:hf_secret_value:key::"], {},
+     "not repeated here"),  # ECS's json-key suffix is not taken: a JSON secret's key is the variable's name
+    (["--secret", "HF_TOKEN=arn:aws:ssm:us-east-1:123456789012:secret:hf_secret_value"], {}, "expected arn:aws"),
+    (["--secret", f"HF_TOKEN={HF_ARN}", "--env", "HF_TOKEN_SECRET_ARN=" + HF_ARN], {}, "give one"),
+]
+
+
+@pytest.mark.parametrize("subcommand", ["deploy", "batch"])
+@pytest.mark.parametrize("argv, shell, message", REFUSED)
+def test_a_secret_value_for_a_model_is_refused_and_never_repeated(monkeypatch, capsys, subcommand, argv, shell,
+                                                                  message):
+    for name, value in shell.items():
+        monkeypatch.setenv(name, value)
+    command = {"deploy": ["deploy", "--model-data", "s3://b/m.tar.gz", "--name", "z"],
+               "batch": ["batch", "--model-data", "s3://b/m.tar.gz", "--input", "s3://b/i/", "--output", "s3://b/o/"]}
+    sm = client("sagemaker")
+    with Stubber(sm), pytest.raises(SystemExit) as refused:  # no response stubbed: a request sent would fail here
+        main([*command[subcommand], "--image", IMAGE, "--role", ROLE, *argv], clients={"sagemaker": sm})
+    assert message in str(refused.value.code)
+    printed = capsys.readouterr()
+    assert "hf_secret_value" not in str(refused.value.code) + printed.out + printed.err
+
+
+@pytest.mark.parametrize("argv, shell, message", [
+    ([], {"HF_TOKEN": "hf_secret_value"}, "HF_TOKEN is set in this shell: HF_TOKEN is a secret"),
+    ([], {"HF_TOKEN": "hf_secret_value"}, "or unset HF_TOKEN if the job does not need it"),
+    (["--wandb"], {"WANDB_API_KEY": "hf_secret_value"}, "pass --secret WANDB_API_KEY=ITS_ARN"),
+    (["--wandb"], {}, "--wandb needs WANDB_API_KEY (your W&B key), by reference"),
+    (["--mlflow", "https://mlflow.example.com"], {"MLFLOW_TRACKING_PASSWORD": "hf_secret_value"},
+     "export MLFLOW_TRACKING_PASSWORD_SECRET_ARN=ITS_ARN"),
+    (["--secret", "HF_TOKEN=hf_secret_value"], {}, "--secret HF_TOKEN=...: expected arn:aws:secretsmanager"),
+    (["--secret", "HF_TOKEN_SECRET_ARN=" + HF_ARN], {}, "without _SECRET_ARN"),
+])
+def test_a_secret_value_for_a_training_job_is_refused_and_never_repeated(monkeypatch, capsys, argv, shell, message):
+    for name, value in shell.items():
+        monkeypatch.setenv(name, value)
+    sm = client("sagemaker")
+    with Stubber(sm), pytest.raises(SystemExit) as refused:
+        main(["train", "--image", IMAGE, "--role", ROLE, "--train", "s3://b/t/", "--output", "s3://b/o/", *argv],
+             clients={"sagemaker": sm})
+    assert message in str(refused.value.code)
+    printed = capsys.readouterr()
+    assert "hf_secret_value" not in str(refused.value.code) + printed.out + printed.err
+
+
+def test_the_request_builders_refuse_a_secret_value_whoever_calls_them():
+    from launch.api import model_request, training_job_request
+
+    with pytest.raises(ValueError, match="Environment WANDB_API_KEY: WANDB_API_KEY is a secret"):
+        training_job_request(name="t", image=IMAGE, role=ROLE, channels={}, output="s3://b/o/", hyperparameters={},
+                             instance_type="ml.g5.2xlarge", environment={"WANDB_API_KEY": "k"})
+    with pytest.raises(ValueError, match="MLFLOW_TRACKING_PASSWORD is a secret"):
+        model_request(name="m", image=IMAGE, role=ROLE, model_data="s3://b/m.tar.gz",
+                      environment={"MLFLOW_TRACKING_PASSWORD": "p"})
+    with pytest.raises(ValueError, match="HF_TOKEN_SECRET_ARN is not a secret's ARN"):
+        model_request(name="m", image=IMAGE, role=ROLE, model_data="s3://b/m.tar.gz",
+                      environment={"HF_TOKEN_SECRET_ARN": "hf_x"})
+
+
+def test_env_without_a_value_takes_it_from_the_shell_and_masks_it_when_printed(monkeypatch, capsys):
+    monkeypatch.setenv("ENDPOINT_NOTE", "sensitive-but-not-secret")
+    sm = client("sagemaker")
+    with Stubber(sm) as stub:
+        stub.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:us-east-1:1:model/n"}, {
+            "ModelName": "n", "ExecutionRoleArn": ROLE,
+            "PrimaryContainer": {"Image": IMAGE, "ModelDataUrl": "s3://b/m.tar.gz",
+                                 "Environment": {"ENDPOINT_NOTE": "sensitive-but-not-secret"}}})
+        stub.add_response("create_endpoint_config",
+                          {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:endpoint-config/n"})
+        stub.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/n"})
+        assert main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/m.tar.gz", "--name", "n",
+                     "--env", "ENDPOINT_NOTE"], clients={"sagemaker": sm}) == 0
+        stub.assert_no_pending_responses()
+    out = capsys.readouterr().out
+    assert "sensitive-but-not-secret" not in out and '"ENDPOINT_NOTE": "****"' in out
+    with pytest.raises(SystemExit, match="--env UNSET_NOTE: UNSET_NOTE is not set in this shell"):
+        main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/m.tar.gz", "--name", "n",
+              "--env", "UNSET_NOTE"], clients={"sagemaker": sm})

@@ -128,3 +128,26 @@ def test_finish_reasons_in_tgis_words_and_an_unfinished_answer_is_an_error(token
         translate.finish_reason("abort", None)
     with pytest.raises(GenerationError, match="the engine aborted the request"):
         translate.result(plan(tokenizer, {"inputs": "Hi"}), {0: translate.SequenceOutput()}, prefill=[])
+
+
+def test_a_prompt_that_cannot_fit_is_refused_before_the_template_and_the_tokenizer_see_it(tokenizer, monkeypatch):
+    limits = translate.Limits(40, 64, 16, max_token_chars=translate.longest_token(tokenizer))
+    assert 0 < limits.max_token_chars < 100 and limits.max_prompt_chars == 40 * limits.max_token_chars
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the template or the tokenizer ran on a prompt that cannot fit")
+
+    chat = {"messages": [{"role": "user", "content": "hi"}] * 41}
+    long = "w" * (limits.max_prompt_chars + 1)
+    with monkeypatch.context() as patched:
+        patched.setattr(tokenizer, "apply_chat_template", refuse)
+        patched.setattr(type(tokenizer), "__call__", refuse)
+        with pytest.raises(ValidationError, match="'messages' has 41 messages: at most 40 fit"):
+            translate.plan(parse_chat(chat), tokenizer, limits, True)
+        long_chat = parse_chat({"messages": [{"role": "user", "content": long}]})
+        for request in (parse_generate({"inputs": long}), long_chat):
+            with pytest.raises(ValidationError, match=f"the prompt has {len(long)} characters"):
+                translate.plan(request, tokenizer, limits, True)
+    truncated = translate.plan(parse_generate({"inputs": "one two " * 10**5, "parameters": {"truncate": 4}}),
+                               tokenizer, limits, False)  # cut to its last characters, then to 4 tokens
+    assert tokenizer.decode(truncated.prompt_ids).strip().endswith("one two")
