@@ -1,6 +1,6 @@
 """gunicorn, run in-process with the Startup computed once: its settings, its fork hooks, and what each
-worker builds (its engine, the adapters it knows, the Flask app). Threaded workers: HTTP threads wait on
-the engine's thread."""
+worker builds (its engine, the adapters it knows, the Flask app). Threaded workers (serve/worker.py: gthread,
+with each request read whole before a thread takes it): HTTP threads wait on the engine's thread."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from serve.adapters import Adapters
 from serve.app import create_app
 from serve.placement import free_gpu
 from serve.startup import Startup
+from serve.worker import BufferingWorker
 
 GRACEFUL_SECONDS = 25  # SageMaker sends SIGKILL 30 s after SIGTERM
 KEEPALIVE_SECONDS = 75
@@ -29,7 +30,7 @@ class Server(BaseApplication):
             "proc_name": "llm-twin-serve",
             "bind": f"0.0.0.0:{config.port}",
             "workers": self.startup.placement.workers,
-            "worker_class": "gthread",
+            "worker_class": BufferingWorker,  # a half-sent request holds no thread (issue #21)
             "threads": config.threads,  # max_concurrent_requests + a few kept free for /ping
             "timeout": max(config.timeout, config.stream_timeout) + 30,  # only after its requests could have
             "graceful_timeout": GRACEFUL_SECONDS,

@@ -1,0 +1,355 @@
+"""gunicorn's gthread worker, with each request read whole by the main loop before a thread takes it.
+
+Why (issue #21): the stock gthread worker gives a connection to a pool thread as soon as its first byte is
+readable, and that thread reads the rest of the head and the body on a blocking socket, with no time limit.
+A few hundred clients that send one byte, or half a header block, and wait hold every thread, and /ping,
+SageMaker's health check, queues behind them until SageMaker replaces the instance.
+
+Here the main loop reads each request without blocking into a buffer: the head (request line and headers,
+up to MAX_HEAD_BYTES), then the body, by its Content-Length or up to the last chunk of a chunked body (and
+its trailers), all within REQUEST_DEADLINE_SECONDS. Only then does a thread take the connection, and its
+parser reads the request from that buffer, never from the socket. A stalled client costs a buffer and a
+file descriptor, never a thread, so the threads kept for /ping (serve/config.py's PING_THREADS) stay free.
+A request still arriving at its deadline is answered 408, a head over the cap 431, a body over the app's cap
+(Flask's MAX_CONTENT_LENGTH) 413, from its Content-Length or as soon as a chunked body passes it, and the
+connection is closed: none of them takes a thread.
+
+The rest is gthread's: accepting up to worker_connections, keep-alive (an idle kept-alive connection waits
+in the poller as before, and its next request is buffered like the first), graceful stop, the heartbeat,
+max_requests. Two changes: a connection that closes after its answer lingers in the poller (gthread's
+close_graceful blocks the main loop for up to 2 s on a client that does not close), and a stopping worker
+waits STOP_LINGER_SECONDS at most for requests still arriving. TLS, HTTP/2, the PROXY protocol and uwsgi
+are refused at start: their handshakes would be read by the thread, from the socket, before any request
+(SageMaker speaks plain HTTP/1.1 to the container).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import selectors
+import socket
+import time
+from collections import deque
+from functools import partial
+
+from gunicorn.errors import ConfigError
+from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
+
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers; gunicorn's own limits (a 4094-byte line, 8190-byte fields)
+REQUEST_DEADLINE_SECONDS = 30.0  # for a whole request: from the connection's opening, or its next first byte
+STOP_LINGER_SECONDS = 5.0  # a stopping worker still waits this long for requests that are arriving
+CLOSE_LINGER_SECONDS = 2.0  # after the last answer, what the client still sends is read and dropped this long
+CLOSE_DRAIN_BYTES = 64 * 1024  # ... and up to this much (as gunicorn's close_graceful)
+DEFAULT_MAX_BODY_BYTES = 6 * 2**20  # when the app sets no MAX_CONTENT_LENGTH: InvokeEndpoint's payload limit
+RECV_BYTES = 256 * 1024
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Refused(Exception):
+    """A request the worker answers itself, before any thread or the app sees it."""
+
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+    def response(self) -> bytes:
+        """The answer, as the app's errors look: {"error", "error_type"}, then the connection closes."""
+        body = json.dumps({"error": self.message, "error_type": self.reason.lower().replace(" ", "_")}).encode()
+        head = (f"HTTP/1.1 {self.status} {self.reason}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+        return head.encode() + body
+
+
+class IncomingRequest:
+    """One HTTP/1.1 request's bytes as they arrive, and whether they are all here (`ready`): all that gunicorn's
+    parser will read of this request, so that a thread parsing it never waits on the socket.
+
+    Where the bytes are framed in a way gunicorn's parser refuses from the head alone (Transfer-Encoding not
+    ending in chunked, or with a Content-Length; several or non-numeric Content-Lengths; a bad chunk-size
+    line), the request is ready at that point, and gunicorn answers 400 as it always did. Bytes past the end
+    (a pipelined next request) stay in `data`: the parser keeps them for the next request."""
+
+    def __init__(self, max_head_bytes: int, max_body_bytes: int):
+        self.max_head_bytes = max_head_bytes
+        self.max_body_bytes = max_body_bytes
+        self.data = bytearray()
+        self.head_end = -1  # just past the blank line that ends the head, once it has arrived
+        self.end = -1  # just past the last byte the parser will read, once known
+        self.next_chunk = -1  # a chunked body: where the next chunk-size line starts
+        self.chunked_bytes = 0  # a chunked body: its bytes in the chunks complete so far
+        self.expects_continue = False  # Expect: 100-continue on HTTP/1.1: the client may wait for it to send the body
+
+    @property
+    def ready(self) -> bool:
+        return 0 <= self.end <= len(self.data)
+
+    def add(self, data: bytes) -> None:
+        """Append what arrived. Raises Refused for a head, a chunk-size line or trailers over the head cap, or a
+        body over the body cap."""
+        searched = len(self.data)
+        self.data += data
+        if self.head_end < 0:
+            self._find_head(max(0, searched - 3))
+        if self.next_chunk >= 0 and self.end < 0:
+            self._find_chunked_end()
+
+    def _find_head(self, start: int) -> None:
+        blank = self.data.find(b"\r\n\r\n", start, self.max_head_bytes)
+        if blank < 0:
+            if len(self.data) >= self.max_head_bytes:
+                raise Refused(431, "Request Header Fields Too Large",
+                              f"the request line and headers exceed {self.max_head_bytes} bytes")
+            return
+        self.head_end = blank + 4
+        lines = bytes(self.data[:blank]).split(b"\r\n")
+        request_line = lines[1] if lines[0] == b"" and len(lines) > 1 else lines[0]  # one empty line may lead
+        fields: dict[bytes, list[bytes]] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            fields.setdefault(name.lower(), []).append(value.strip(b" \t"))
+        self.expects_continue = (request_line.endswith(b"HTTP/1.1")
+                                 and [v.lower() for v in fields.get(b"expect", [])] == [b"100-continue"])
+        lengths = fields.get(b"content-length", [])
+        codings = b",".join(fields.get(b"transfer-encoding", []))
+        if codings:
+            if not lengths and codings.rsplit(b",", 1)[-1].strip(b" \t").lower() == b"chunked":
+                self.next_chunk = self.head_end
+            else:
+                self.end = self.head_end  # refused by gunicorn from the head
+        elif len(lengths) == 1 and lengths[0].isdigit():
+            self._check_body_size(int(lengths[0]))
+            self.end = self.head_end + int(lengths[0])
+        else:
+            self.end = self.head_end  # no body; or several or bad lengths, refused by gunicorn from the head
+
+    def _find_chunked_end(self) -> None:
+        while True:
+            line_end = self.data.find(b"\r\n", self.next_chunk)
+            if line_end < 0:
+                if len(self.data) - self.next_chunk > self.max_head_bytes:
+                    raise Refused(400, "Bad Request", "a chunk-size line has no end")
+                return
+            size_field = bytes(self.data[self.next_chunk:line_end]).split(b";", 1)[0]
+            try:
+                size = int(size_field, 16)  # accepts all gunicorn accepts, and more (which gunicorn then refuses)
+            except ValueError:
+                size = -1
+            start = line_end + 2
+            if size < 0:
+                self.end = start  # refused by gunicorn at this line
+                return
+            if size == 0:
+                self._find_trailers_end(start)
+                return
+            self._check_body_size(self.chunked_bytes + size)
+            if len(self.data) < start + size + 2:
+                return
+            if self.data[start + size:start + size + 2] != b"\r\n":
+                self.end = start + size + 2  # refused by gunicorn: the chunk does not end where it said
+                return
+            self.chunked_bytes += size
+            self.next_chunk = start + size + 2
+
+    def _check_body_size(self, size: int) -> None:
+        if size > self.max_body_bytes:
+            raise Refused(413, "Request Entity Too Large", f"the request body exceeds {self.max_body_bytes} bytes")
+
+    def _find_trailers_end(self, start: int) -> None:
+        if self.data.startswith(b"\r\n", start):
+            self.end = start + 2
+            return
+        blank = self.data.find(b"\r\n\r\n", start)
+        if blank >= 0:
+            self.end = blank + 4
+        elif len(self.data) - start > self.max_head_bytes:
+            raise Refused(431, "Request Header Fields Too Large",
+                          f"the chunked body's trailers exceed {self.max_head_bytes} bytes")
+
+
+class Connection(TConn):
+    """gthread's connection, with the request arriving on it (None while a thread has the connection)."""
+
+    def __init__(self, cfg, sock, client, server):
+        super().__init__(cfg, sock, client, server)
+        self.incoming: IncomingRequest | None = None
+        self.drained = 0  # bytes dropped while closing
+
+
+class BufferingWorker(ThreadWorker):
+    """gthread, with requests read whole by the main loop (see the module's docstring)."""
+
+    request_deadline = REQUEST_DEADLINE_SECONDS  # class attributes: the tests shorten them
+    stop_linger = STOP_LINGER_SECONDS
+    max_head_bytes = MAX_HEAD_BYTES
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.arriving: deque[Connection] = deque()  # requests being buffered, oldest deadline first
+        self.closing: deque[Connection] = deque()  # answered for the last time, half-closed, oldest first
+        self.max_body_bytes = DEFAULT_MAX_BODY_BYTES
+        self.stop_deadline: float | None = None
+
+    @classmethod
+    def check_config(cls, cfg, log) -> None:
+        super().check_config(cfg, log)
+        unsupported = [name for name, used in (("TLS (certfile, keyfile)", cfg.is_ssl),
+                                               ("HTTP/2 (http_protocols)", "h2" in cfg.http_protocols),
+                                               ("the PROXY protocol (proxy_protocol)", cfg.proxy_protocol != "off"),
+                                               ("uwsgi (protocol)", cfg.protocol != "http")) if used]
+        if unsupported:
+            raise ConfigError(f"{cls.__name__} serves plain HTTP/1.1 only; not {', '.join(unsupported)}")
+
+    def load_wsgi(self) -> None:
+        """The app's body cap (Flask's MAX_CONTENT_LENGTH) is where buffering a body stops."""
+        super().load_wsgi()
+        self.max_body_bytes = getattr(self.wsgi, "config", {}).get("MAX_CONTENT_LENGTH") or DEFAULT_MAX_BODY_BYTES
+
+    def accept(self, listener) -> None:
+        """As gthread accepts, but the connection waits in the poller until its request is all here."""
+        try:
+            sock, client = listener.accept()
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        self.nr_conns += 1
+        self.start_request(Connection(self.cfg, sock, client, listener.getsockname()))
+
+    def on_client_socket_readable(self, conn: Connection, client) -> None:
+        """A kept-alive connection's next request begins: it is buffered like a new connection's."""
+        self.poller.unregister(client)
+        self.keepalived_conns.remove(conn)
+        self.start_request(conn)
+        self.on_request_bytes(conn, client)
+
+    def start_request(self, conn: Connection, received: bytes = b"") -> None:
+        conn.sock.setblocking(False)
+        conn.incoming = IncomingRequest(self.max_head_bytes, self.max_body_bytes)
+        conn.timeout = time.monotonic() + self.request_deadline
+        self.arriving.append(conn)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_request_bytes, conn))
+        if received:
+            self.add_bytes(conn, received)
+
+    def on_request_bytes(self, conn: Connection, _client) -> None:
+        try:
+            data = conn.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # closed (or reset) by the client before its request was all sent
+            self.stop_arriving(conn)
+            self.close_now(conn)
+            return
+        self.add_bytes(conn, data)
+
+    def add_bytes(self, conn: Connection, data: bytes) -> None:
+        request = conn.incoming
+        had_head = request.head_end >= 0
+        try:
+            request.add(data)
+        except Refused as refusal:
+            self.stop_arriving(conn)
+            self.refuse(conn, refusal)
+            return
+        if request.ready:
+            self.stop_arriving(conn)
+            self.hand_off(conn)
+        elif request.expects_continue and not had_head and request.head_end >= 0:
+            try:  # 25 bytes, non-blocking; gunicorn's thread sends another 100 later, which clients skip
+                conn.sock.send(CONTINUE)
+            except OSError:
+                pass
+
+    def hand_off(self, conn: Connection) -> None:
+        """The request is all here: a thread parses it from the buffer (gthread's handle, unchanged)."""
+        if conn.parser is None:
+            conn.init()  # plain HTTP/1.1 only (check_config): makes the parser, reads nothing
+        conn.parser.unreader.unread(bytes(conn.incoming.data))
+        conn.incoming = None
+        self.enqueue_req(conn)
+
+    def finish_request(self, conn: Connection, fs) -> None:
+        """A thread is done with the connection: keep it alive (its next request is buffered like the first:
+        at once if the client pipelined it) or close it without blocking this loop."""
+        try:
+            keep = not fs.cancelled() and fs.result() is True
+        except Exception:  # handle() answers what it can; anything else leaves the connection unusable
+            keep = False
+        if not keep:
+            self.close_softly(conn)
+            return
+        pipelined = conn.parser.unreader.take_buffered()
+        if pipelined:
+            self.start_request(conn, pipelined)
+            return
+        conn.sock.setblocking(False)
+        conn.set_timeout()
+        if not self.alive:
+            conn.timeout = min(conn.timeout, time.monotonic() + STOP_KEEPALIVE_LINGER)
+        self.keepalived_conns.append(conn)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_client_socket_readable, conn))
+
+    def refuse(self, conn: Connection, refusal: Refused) -> None:
+        try:  # a small answer, non-blocking: the kernel takes it whole unless the client stopped reading
+            conn.sock.send(refusal.response())
+        except OSError:
+            pass
+        self.close_softly(conn)
+
+    def close_softly(self, conn: Connection) -> None:
+        """Half-close, then drop what the client still sends until it closes, for CLOSE_LINGER_SECONDS at most:
+        gunicorn's close_graceful (so the last answer is not cut by a reset), without blocking this loop."""
+        try:
+            conn.sock.setblocking(False)
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close_now(conn)
+            return
+        conn.timeout = time.monotonic() + CLOSE_LINGER_SECONDS
+        self.closing.append(conn)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_closing_bytes, conn))
+
+    def on_closing_bytes(self, conn: Connection, _client) -> None:
+        try:
+            data = conn.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        conn.drained += len(data)
+        if not data or conn.drained >= CLOSE_DRAIN_BYTES:
+            self.closing.remove(conn)
+            self.poller.unregister(conn.sock)
+            self.close_now(conn)
+
+    def murder_pending(self) -> None:
+        """gthread calls this on every turn of its loop, running or stopping: requests still arriving at their
+        deadline are answered 408 (a connection that sent nothing is just closed), and closing connections
+        closed once they have lingered. A stopping worker gives arriving requests `stop_linger` seconds."""
+        now = time.monotonic()
+        if not self.alive and self.stop_deadline is None:
+            self.stop_deadline = now + self.stop_linger
+        stop_over = self.stop_deadline is not None and now >= self.stop_deadline
+        while self.arriving and (stop_over or self.arriving[0].timeout <= now):
+            conn = self.arriving[0]
+            self.stop_arriving(conn)
+            if conn.incoming.data:
+                self.refuse(conn, Refused(408, "Request Timeout",
+                                          f"the request did not arrive whole within {self.request_deadline:g} s"))
+            else:
+                self.close_now(conn)
+        while self.closing and self.closing[0].timeout <= now:
+            conn = self.closing.popleft()
+            self.poller.unregister(conn.sock)
+            self.close_now(conn)
+
+    def stop_arriving(self, conn: Connection) -> None:
+        self.arriving.remove(conn)
+        self.poller.unregister(conn.sock)
+
+    def close_now(self, conn: Connection) -> None:
+        self.nr_conns -= 1
+        conn.close()
