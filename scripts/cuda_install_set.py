@@ -1,7 +1,7 @@
 """The CUDA image's install set, resolved for the image's platform without installing anything.
 
     python scripts/cuda_install_set.py check   # CI: what the Dockerfile installs by default resolves, as locked
-    python scripts/cuda_install_set.py lock    # (re)write requirements-cuda.lock
+    python scripts/cuda_install_set.py lock    # (re)write requirements-cuda.lock, with its hashes
 
 The default build (`docker build .`, ENGINE=cuda) runs `pip install -r requirements.txt -r
 requirements-cuda.txt -c requirements-cuda.lock` on Ubuntu 24.04: CPython 3.12, glibc 2.39, x86-64, from
@@ -28,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from lock_hashes import add_hashes  # scripts/, beside this file
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements-cuda.lock"
@@ -85,7 +87,8 @@ def clean_env() -> dict[str, str]:
 
 def resolve(constraints: Path | None, preferences: dict[str, str] | None = None) -> tuple[dict[str, str], str]:
     """(name -> version of the resolved set, "") or ({}, uv's error). preferences: versions to keep where
-    the set allows them (uv reads them from the output file it is asked to rewrite)."""
+    the set allows them (uv reads them from the output file it is asked to rewrite). The set holds DeepSpeed
+    at requirements.txt's pin: left out of the resolution, it is in the lock all the same (its sdist's hash)."""
     with tempfile.TemporaryDirectory() as tmp:
         reqs, out = Path(tmp) / "requirements.in", Path(tmp) / "resolved.txt"
         reqs.write_text("\n".join(requirements()) + "\n")
@@ -98,7 +101,7 @@ def resolve(constraints: Path | None, preferences: dict[str, str] | None = None)
         result = subprocess.run(command, capture_output=True, text=True, env=clean_env())
         if result.returncode != 0:
             return {}, result.stdout + result.stderr
-        return pins(out), ""
+        return {**pins(out), SDIST_ONLY: pins(REPO / "requirements.txt")[SDIST_ONLY]}, ""
 
 
 def sdist_exists(name: str, version: str) -> str:
@@ -130,7 +133,7 @@ def check() -> int:
         print(f"PyPI has no sdist of {SDIST_ONLY}=={deepspeed}:\n{error}")
         return 1
     print(f"the CUDA image's install set resolves from PyPI for CPython {PYTHON_VERSION} on manylinux x86-64: "
-          f"{len(resolved)} wheels, exactly the lock (torch {resolved['torch']}, CUDA runtime "
+          f"{len(resolved) - 1} wheels, exactly the lock (torch {resolved['torch']}, CUDA runtime "
           f"{resolved.get('nvidia-cuda-runtime', '?')}, vllm {resolved['vllm']}), "
           f"plus the {SDIST_ONLY} {deepspeed} sdist")
     return 0
@@ -150,9 +153,15 @@ def lock() -> int:
         "`python scripts/cuda_install_set.py lock`",
         "# (CI re-resolves it: `... check`). requirements-cpu.lock's versions where the CUDA set allows them"
         + (f"; not: {', '.join(differ)}." if differ else "."),
-        f"# {SDIST_ONLY} (an sdist, built in the image) is pinned by requirements.txt.",
+        f"# {SDIST_ONLY} (an sdist, built in the image) is requirements.txt's pin. Each pin carries the sha256 of its "
+        "files for that",
+        "# platform (scripts/lock_hashes.py): the Dockerfile installs with --require-hashes.",
     ]
     LOCK.write_text("\n".join(header + [f"{name}=={version}" for name, version in sorted(resolved.items())]) + "\n")
+    missing = add_hashes(LOCK, PYTHON_VERSION)
+    if missing:
+        print(f"PyPI has no file for CPython {PYTHON_VERSION} on x86-64 Linux of: {', '.join(missing)}")
+        return 1
     print(f"wrote {LOCK.name}: {len(resolved)} packages" + (f" (differ from the CPU lock: {', '.join(differ)})"
                                                             if differ else ""))
     return 0

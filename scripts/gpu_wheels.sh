@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
-pin() { sed -n "s/^$1==//p" requirements-cpu.lock | head -1; }
+pin() { sed -n "s/^$1==\([^ ]*\).*/\1/p" requirements-cpu.lock | head -1; }  # the version, without its hashes
 wheels=(
   "trl==$(pin trl)" "datasets==$(pin datasets)" "dill==$(pin dill)" "multiprocess==$(pin multiprocess)"
   "bitsandbytes==$(pin bitsandbytes)" "hjson==$(pin hjson)" "pydantic==$(pin pydantic)"

@@ -9,6 +9,7 @@ import sys
 from container.config import ConfigError
 from container.model_dir import ModelDirError
 from container.opt_ml import ContractError
+from container.telemetry import turn_off_telemetry
 from serve.custom import CustomCodeError
 from serve.errors import ServeError
 
@@ -18,6 +19,7 @@ def main() -> None:
     the model) it ends the start at once, exit 143; the entrypoint held any that came while it exec'd."""
     signal.signal(signal.SIGTERM, _stopped)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    turn_off_telemetry()  # before vLLM loads (its engine processes inherit it)
     from serve.server import Server
     from serve.startup import prepare
 

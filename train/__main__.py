@@ -18,6 +18,7 @@ import traceback
 from container.config import ConfigError
 from container.model_dir import ModelDirError
 from container.opt_ml import ContractError, OptML
+from container.telemetry import turn_off_telemetry
 from train.config import TrainConfig
 from train.data import DataError, load_kto_rows, load_preference_rows, load_sft_rows, split_rows
 from train.errors import EXIT_FRAMEWORK_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR, TrainingInterrupted
@@ -121,6 +122,7 @@ def run(config: TrainConfig, paths: OptML, worker: bool, stop: Stop) -> None:
 
 def main() -> None:
     stop = Stop().install()  # first: from here a SIGTERM ends in the failure file and exit 143
+    turn_off_telemetry()  # before any library loads (and inherited by the launched workers)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # one held by the entrypoint arrives now
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     paths = OptML.from_env()

@@ -46,7 +46,8 @@ class TrainConfig:
     preference: str = _f("channel", "Where the preference stage's data comes from: the `preference` channel, or auto: "
                                     "pairs built in the job from the `train` channel (the person's answer chosen, the "
                                     "model's own answer to the same prompt rejected), saved with the model as "
-                                    "preference_pairs.jsonl.", choices=("channel", "auto"))
+                                    "preference_pairs.jsonl (unless keep_writing_private).",
+                         choices=("channel", "auto"))
     adapter: str = _f("lora", "lora; qlora (4-bit nf4 base + LoRA); full (every weight).",
                       choices=("lora", "qlora", "full"))
     export: str = _f("merged", "What the model dir holds: merged 16-bit weights, the adapter only (served on its "
@@ -124,6 +125,11 @@ class TrainConfig:
                                                "in WANDB_PROJECT with WANDB_API_KEY, or WANDB_MODE=offline: launch "
                                                "train --wandb). Hyperparameters, training, eval and voice metrics, the "
                                                "model card.", choices=("none", "tensorboard", "mlflow", "wandb"))
+    keep_writing_private: bool = _f(False, "Keep the person's writing in the job: no sample answers (held-out prompts, "
+                                           "the person's answers, the model's) in the model card and "
+                                           "training_report.json, no preference_pairs.jsonl; so none of it reaches "
+                                           "/opt/ml/model, /opt/ml/output or the trackers, only counts and aggregate "
+                                           "metrics do.")
     seed: int = _f(42, "Random seed for data order, the validation split and LoRA initialisation.")
     max_new_tokens: int = _f(256, "Default max_new_tokens written to the model's serving defaults.")
 

@@ -67,12 +67,7 @@ def model_card(config: TrainConfig, report: dict, base_name: str, base_source: s
         for key, label, better in VOICE_ROWS:
             before, after = voice["before"].get(key, ""), voice["after"].get(key, "")
             lines.append(f"| {label} | {before} | {after} | {better} |")
-        lines += ["", "Sample answers to held-out prompts:", ""]
-        for sample in voice.get("samples", []):
-            lines += [f"- **Prompt:** {_one_line(sample['prompt'])}",
-                      f"  - the person: {_one_line(sample['reference'])}",
-                      f"  - base model: {_one_line(sample.get('before', ''))}",
-                      f"  - twin: {_one_line(sample.get('after', ''))}"]
+        lines += _sample_lines(config, voice.get("samples", []))
     metrics = {stage: values.get("metrics", {}) for stage, values in report["stages"].items()}
     lines += ["", "## Metrics", "", "```json", json.dumps(metrics, indent=2, sort_keys=True), "```",
               "", "## Hyperparameters", "", "```json",
@@ -85,6 +80,20 @@ def model_card(config: TrainConfig, report: dict, base_name: str, base_source: s
 def _revision_lines(revision: str | None) -> list[str]:
     """The base's hub commit, resolved when the job started: the exact weights (and code) it was trained on."""
     return ["", f"Base model revision: commit `{revision}` on the Hugging Face Hub."] if revision else []
+
+
+def _sample_lines(config: TrainConfig, samples: list[dict]) -> list[str]:
+    """A few held-out prompts, the person's real answer and both models' answers: the person's writing, word for
+    word, so none with keep_writing_private."""
+    if config.keep_writing_private:
+        return ["", "Sample answers are left out (keep_writing_private=true): the person's writing stays in the job."]
+    lines = ["", "Sample answers to held-out prompts:", ""] if samples else []
+    for sample in samples:
+        lines += [f"- **Prompt:** {_one_line(sample['prompt'])}",
+                  f"  - the person: {_one_line(sample['reference'])}",
+                  f"  - base model: {_one_line(sample.get('before', ''))}",
+                  f"  - twin: {_one_line(sample.get('after', ''))}"]
+    return lines
 
 
 def _one_line(text: str, limit: int = 240) -> str:

@@ -90,7 +90,7 @@ def _train_stages(config: TrainConfig, paths: OptML, data: dict[str, tuple[list,
         if last:
             if _rank("RANK") == 0:  # only the first process of the first instance writes /opt/ml/model
                 with stop.phase("exporting the model"):
-                    export_model(config, paths, tokenizer, base, source, trained, report, extras)
+                    export_model(config, paths, tokenizer, base, source, trained, *published(config, report, extras))
                 tracking.files([paths.model_dir / MODEL_CARD_FILE, paths.model_dir / TRAINING_REPORT_FILE])
             return
         if _rank("LOCAL_RANK") == 0:  # every instance needs the stage model for the next stage
@@ -101,6 +101,24 @@ def _train_stages(config: TrainConfig, paths: OptML, data: dict[str, tuple[list,
             _free_memory()
         _barrier()
         source = str(final)
+
+
+def published(config: TrainConfig, report: dict, extras: dict[str, Path]) -> tuple[dict, dict[str, Path]]:
+    """What the model directory gets of the training report and the extra files; the trackers get its model card
+    and report. With keep_writing_private, nothing of the person's writing: each stage's voice measures stay, its
+    sample answers go (also those of a stage finished by an earlier run), and preference=auto's pairs stay in
+    the checkpoints."""
+    if not config.keep_writing_private:
+        return report, extras
+    stages = {stage: _without_samples(values) for stage, values in report["stages"].items()}
+    return {**report, "stages": stages}, {name: path for name, path in extras.items() if name != PAIRS_FILE}
+
+
+def _without_samples(stage_report: dict) -> dict:
+    voice = stage_report.get("voice")
+    if not voice:
+        return stage_report
+    return {**stage_report, "voice": {key: value for key, value in voice.items() if key != "samples"}}
 
 
 def _auto_pairs(stage: str, config: TrainConfig, model, tokenizer, train_rows: list, eval_rows: list,

@@ -6,7 +6,8 @@ the model says by itself is what it should move away from, towards how the perso
 SPIN's self-play, without a hub or another LLM to write the rejected answers). Rows whose generated answer
 equals the real one are dropped. The pairs are written once to the stage's checkpoint folder, named after
 the rows they come from (a restart on the same data reuses them), and shipped with the model as
-preference_pairs.jsonl for inspection: like the model card's samples, they hold the person's writing.
+preference_pairs.jsonl for inspection: like the model card's samples, they hold the person's writing
+(keep_writing_private ships neither: the pairs stay in the checkpoints).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """report_to=tensorboard,mlflow,wandb through the real `train`: an MLflow local store and an offline W&B
 run hold the job's hyperparameters, its training, eval and voice metrics and its model card; a restart of
-the same job continues the same runs; no credential reaches a log or a file."""
+the same job continues the same runs; no credential reaches a log or a file; with keep_writing_private, none
+of the person's held-out writing reaches the model, the output or a tracker."""
 
 import json
 import struct
@@ -64,7 +65,7 @@ def test_mlflow_and_wandb_runs_hold_the_params_metrics_and_model_card_and_a_rest
     env = {"MLFLOW_TRACKING_URI": store.as_uri(), "MLFLOW_ALLOW_FILE_STORE": "true", "WANDB_MODE": "offline",
            "TRAINING_JOB_NAME": "twin-job-1", "SM_TRAINING_ENV": "{}", **SECRETS}
     root = make_tree(tmp_path / "ml", {**FAST, "max_steps": "2", "eval_steps": "2", "voice_eval_prompts": "2",
-                                       "report_to": "tensorboard,mlflow,wandb"},
+                                       "report_to": "tensorboard,mlflow,wandb", "keep_writing_private": "true"},
                      {"train/d.jsonl": jsonl(TINY_ROWS), "validation/v.jsonl": jsonl(HELD_OUT)})
     link_model_channel(root, tiny_model)
     first = run_train(root, **env)
@@ -111,6 +112,13 @@ def test_mlflow_and_wandb_runs_hold_the_params_metrics_and_model_card_and_a_rest
                         and not p.is_symlink() and p.stat().st_size < 50_000_000)
     for secret in SECRETS.values():
         assert secret not in text
+
+    # keep_writing_private: the voice measures without their samples, and no held-out prompt or answer anywhere
+    voice = json.loads((root / "model" / "training_report.json").read_text())["stages"]["sft"]["voice"]
+    assert set(voice) == {"before", "after"} and "voice_overlap" in voice["after"]
+    stored = "".join(p.read_bytes().decode("utf-8", "replace") for folder in (root / "model", root / "output", store)
+                     for p in folder.rglob("*") if p.is_file() and not p.is_symlink() and p.stat().st_size < 50_000_000)
+    assert [text for row in HELD_OUT for text in row.values() if text in stored] == []
 
 
 def test_a_tracker_without_its_address_or_key_fails_the_job_before_any_work(tmp_path):
