@@ -128,6 +128,9 @@ def launch(config: TrainConfig, top: Topology, base_revision: str | None = None)
     def forward(signum, frame):
         nonlocal signalled
         signalled = True
+        # Said by the process SageMaker signals: a SIGTERM that stops here leaves a trace in the job's log
+        print("launcher: SIGTERM received: passing it on to torchrun, which stops the training processes",
+              flush=True)
         if process is not None:
             process.send_signal(signal.SIGTERM)
 

@@ -22,7 +22,8 @@ from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
 from container.config import ConfigError
-from train.checkpoints import MarkComplete, Markers, StopAtStepBoundary, latest_checkpoint
+from train.checkpoints import (MarkComplete, Markers, StopAtNextMicroBatch, newest_saved, on_first_process,
+                               resume_checkpoint)
 from train.config import TrainConfig
 from train.errors import TrainingInterrupted
 from train.metrics import TokenRate, format_log_line
@@ -149,7 +150,7 @@ class RunContext:
 
 def train_stage(stage: str, config: TrainConfig, model, tokenizer, rows: StageRows, stage_dir: Path,
                 run: RunContext) -> tuple[Path, dict]:
-    """Train one stage (resuming from its newest complete checkpoint). Every rank saves the result (ZeRO-3
+    """Train one stage (resuming from its newest checkpoint that verifies). Every rank saves the result (ZeRO-3
     gathers the weights then) to `stage_dir/trained`: the adapter, or the full model. Returns it and a report."""
     train_rows, eval_rows = rows.train, rows.eval
     device, stop, markers, tracking = run.device, run.stop, run.markers, run.tracking
@@ -200,7 +201,9 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, rows: StageRo
             voice.before = voice.measure(model)
         tracking.log(stage, 0, voice.before)  # step 0: where the curves start
     with stop.phase(f"preparing {stage} (tokenizing the data)"):
-        callbacks = [MetricsLogCallback(stage, tracking), voice, StopAtStepBoundary(stop), MarkComplete(markers)]
+        stopper = StopAtNextMicroBatch(stop)
+        # MarkComplete last: it acts on the save that the callbacks before it decided
+        callbacks = [MetricsLogCallback(stage, tracking), voice, stopper, MarkComplete(markers)]
         if config.early_stopping_patience:  # after the voice callback: it may compare a voice metric
             callbacks.insert(2, EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
         datasets = {"train_dataset": Dataset.from_list(train_rows),
@@ -212,19 +215,21 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, rows: StageRo
         else:
             trainer = preference_trainer(stage, config, common, model, tokenizer, callbacks, datasets)
         trainer.remove_callback(PrinterCallback)  # MetricsLogCallback prints the same numbers, regex-friendly
+        stopper.attach(trainer)
 
         report = {"examples": len(train_rows), "eval_examples": len(eval_rows), "packing": packing,
                   "gradient_checkpointing": checkpointing, "learning_rate": common["learning_rate"],
                   "distributed": choice, "world_size": world_size()}
         report.update(_data_losses(stage, trainer, train_rows, config, packing))
-        resume = latest_checkpoint(stage_dir, markers)  # the same step on every instance
+        with stop.phase(f"verifying {stage}'s checkpoints"):
+            resume = on_first_process(lambda: resume_checkpoint(stage_dir, markers))  # one step for every rank
         if resume is not None:
             log.info("resuming %s from %s (step %s)", stage, resume, resume.name.split("-")[-1])
             report["resumed_from_step"] = int(resume.name.split("-")[-1])
     with stop.phase(f"training {stage}", deferred=True):
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.agree():  # every rank the same answer, also for a SIGTERM after the last step's decision
-        newest = latest_checkpoint(stage_dir, markers)  # the step's own, or (past the last decision) an earlier one
+        newest = newest_saved(stage_dir, markers)  # the step's own, or (past the last decision) an earlier one
         saved = f"the newest checkpoint is {newest}" if newest else "no checkpoint was written yet"
         raise TrainingInterrupted(
             f"training stopped by SIGTERM during {stage} at step {trainer.state.global_step} "

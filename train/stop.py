@@ -1,8 +1,9 @@
 """SIGTERM, from the first instruction of `train` to its last: what a spot interruption or StopTrainingJob
 sends, 120 s before SIGKILL.
 
-Inside a stage's training loop the signal only sets a flag: at the next step boundary every rank agrees
-(an all-reduce) to save a checkpoint and stop, so no rank is left waiting in a collective. Everywhere else
+Inside a stage's training loop the signal only sets a flag: after the next micro-batch every rank agrees
+(an all-reduce) to save a checkpoint and stop (train/checkpoints.py: StopAtNextMicroBatch), so no rank is left
+waiting in a collective, and a long gradient accumulation does not hold the stop back. Everywhere else
 (downloading or extracting the base, loading, evaluating, saving, merging, exporting) there is no
 checkpoint to write, so the handler raises TrainingInterrupted at once and the job ends with its failure
 file and exit 143; what was finished (stage models, checkpoints) is kept for the rerun.
@@ -24,7 +25,7 @@ class Stop:
     def __init__(self):
         self.requested = False
         self._phase = "starting"
-        # True inside a training loop (stop at the next step boundary), and before main's first phase, where
+        # True inside a training loop (stop after the next micro-batch), and before main's first phase, where
         # no boundary is in place yet to report it: that phase raises it.
         self._deferred = True
 
@@ -37,7 +38,7 @@ class Stop:
         self.requested = True
         if self._deferred:
             if first:
-                log.warning("SIGTERM received: saving a checkpoint at the next step boundary, then exiting")
+                log.warning("SIGTERM received: saving a checkpoint after the current micro-batch, then exiting")
             return
         raise self.interrupted()
 
@@ -47,8 +48,8 @@ class Stop:
 
     @contextmanager
     def phase(self, name: str, deferred: bool = False) -> Iterator[None]:
-        """Name what the job is doing (the failure file says it); deferred: a training loop that stops at
-        its next step boundary instead of at once."""
+        """Name what the job is doing (the failure file says it); deferred: a training loop that stops after
+        its next micro-batch instead of at once."""
         previous = self._phase, self._deferred
         self._phase, self._deferred = name, deferred
         try:

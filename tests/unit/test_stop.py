@@ -1,5 +1,5 @@
 """train/stop.py: SIGTERM is handled from the start of `train` to its end, at once outside a training loop
-and at the next step boundary inside one. The signal is really sent to this process."""
+and at the next micro-batch inside one. The signal is really sent to this process."""
 
 import os
 import signal
