@@ -20,7 +20,7 @@ def predict_fn(data, model):
     if fault == "oom":
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     if fault == "cuda":
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")  # torch >= 2.8
     if fault == "bug":
         raise KeyError("text")
     return {"ok": True}
@@ -57,7 +57,7 @@ def test_a_bug_fails_its_request_oom_lowers_admission_and_a_cuda_error_restarts_
         assert admission(server) == 8 and server.invoke({}).json() == {"ok": True}
     finally:
         output = server.stop()
-    assert "fatal fault, this worker restarts: predict_fn failed: RuntimeError: CUDA error" in output
+    assert "fatal fault, this worker restarts: predict_fn failed: AcceleratorError: CUDA error" in output
     assert output.count("Booting worker") >= 2
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from serve.errors import ValidationError
+from serve.errors import Forbidden, ValidationError
 from serve.schemas import parse_completion, parse_generate, parse_request
 
 LLM_TWIN_BODY = {"inputs": "User query: write about RAG", "parameters": {
@@ -112,5 +112,5 @@ def test_completions_use_the_raw_prompt_and_the_adapter_header_picks_an_adapter(
     request = parse_completion({"model": "x", "prompt": "Once upon", "max_tokens": 5, "temperature": 0})
     assert request.completion and request.inputs == "Once upon" and request.params.max_new_tokens == 5
     assert parse_request({"inputs": "x"}, adapter_header="dana").params.adapter_id == "dana"
-    assert parse_request({"inputs": "x", "parameters": {"adapter_id": "sam"}},
-                         adapter_header="dana").params.adapter_id == "sam"
+    with pytest.raises(Forbidden, match="set by SageMaker's X-Amzn-SageMaker-Adapter-Identifier header"):
+        parse_request({"inputs": "x", "parameters": {"adapter_id": "sam"}}, adapter_header="dana")
