@@ -2,9 +2,13 @@
 short, a file missing, though the marker and the manifest are there) is passed over, and the job resumes from
 the newest checkpoint that verifies, or starts over when none does, saying which and why."""
 
+import pytest
+
 from train.checkpoints import verify
 
 from tests.helpers import TINY_ROWS, jsonl, link_model_channel, make_tree, run_train, training_report
+
+pytestmark = pytest.mark.scenario  # make test-scenarios (CI runs it after make test), with the other spot restarts
 
 JOB = {"max_steps": "3", "save_steps": "1", "save_total_limit": "3", "per_device_train_batch_size": "2",
        "gradient_accumulation_steps": "1", "max_length": "64", "warmup_steps": "0", "validation_split": "0"}
