@@ -32,10 +32,9 @@ sys.path.insert(0, str(REPO))
 
 import requests  # noqa: E402
 
-from local_test.harness import free_port  # noqa: E402
+from local_test.harness import HALF_HEAD, ONE_BYTE, free_port, still_open  # noqa: E402
 
 WORKERS = {"gthread": "gthread", "buffering": "serve.worker.BufferingWorker"}
-ONE_BYTE, HALF_HEAD = b"P", b"POST /invocations HTTP/1.1\r\nHost: bench\r\nContent-Type: applica"
 PING_TIMEOUT = 2.0
 LOST_IN_A_ROW = 5
 P99_LIMIT_MS = 100.0
@@ -97,16 +96,6 @@ def hold(url: str, count: int) -> list[socket.socket]:
         held.append(socket.create_connection((address.hostname, address.port), timeout=10))
         held[-1].sendall(ONE_BYTE if i % 2 else HALF_HEAD)
     return held
-
-
-def still_open(sock: socket.socket) -> bool:
-    sock.setblocking(False)
-    try:
-        return sock.recv(1) != b""
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
 
 
 def percentile(seconds: list[float], q: float) -> float:

@@ -36,3 +36,21 @@ def sse_events(text: str) -> list:
         payload = block[len("data:"):].strip()
         events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
+
+
+# A request cut short, as a client that stalls sends it: one byte, or half a header block.
+ONE_BYTE, HALF_HEAD = b"P", b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: applica"
+
+
+def still_open(sock: socket.socket) -> bool:
+    """Whether the server has neither closed nor reset a connection (nothing read from it is lost: the
+    connections asked are half-sent ones, which get no answer)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.setblocking(True)

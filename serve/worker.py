@@ -233,12 +233,9 @@ class BufferingWorker(ThreadWorker):
             self.add_bytes(conn, received)
 
     def on_request_bytes(self, conn: Connection, _client) -> None:
-        try:
-            data = conn.sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
+        data = receive(conn)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:  # closed (or reset) by the client before its request was all sent
             self.stop_arriving(conn)
             self.close_now(conn)
@@ -313,12 +310,9 @@ class BufferingWorker(ThreadWorker):
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_closing_bytes, conn))
 
     def on_closing_bytes(self, conn: Connection, _client) -> None:
-        try:
-            data = conn.sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
+        data = receive(conn)
+        if data is None:
             return
-        except OSError:
-            data = b""
         conn.drained += len(data)
         if not data or conn.drained >= CLOSE_DRAIN_BYTES:
             self.closing.remove(conn)
@@ -353,3 +347,13 @@ class BufferingWorker(ThreadWorker):
     def close_now(self, conn: Connection) -> None:
         self.nr_conns -= 1
         conn.close()
+
+
+def receive(conn) -> bytes | None:
+    """What a readable connection has: None when nothing after all, b"" once closed or reset by the client."""
+    try:
+        return conn.sock.recv(RECV_BYTES)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""

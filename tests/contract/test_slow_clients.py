@@ -19,10 +19,10 @@ import requests
 
 from serve.config import ServeConfig
 from serve.worker import MAX_HEAD_BYTES
+from local_test.harness import HALF_HEAD, ONE_BYTE, still_open
 from tests.helpers import REPO, free_port, wait_for_ping
 
 THREADS = 2
-ONE_BYTE, HALF_HEAD = b"P", b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Ty"
 STOCK = pytest.param("gthread", marks=pytest.mark.xfail(strict=True, raises=requests.ReadTimeout,
                                                       reason="gthread: a thread per half-sent request"))
 
@@ -61,16 +61,6 @@ def hold(connect, count: int) -> list[socket.socket]:
         held.append(connect())
         held[-1].sendall(ONE_BYTE if i % 2 else HALF_HEAD)
     return held
-
-
-def still_open(sock: socket.socket) -> bool:
-    sock.setblocking(False)
-    try:
-        return sock.recv(1) != b""
-    except BlockingIOError:
-        return True
-    finally:
-        sock.setblocking(True)
 
 
 def response(stream) -> tuple[int, bytes]:
