@@ -36,7 +36,8 @@ CHANNELS = {"sft": ("train", "validation", load_sft_rows),
             "dpo": ("preference", "preference_validation", load_preference_rows),
             "orpo": ("preference", "preference_validation", load_preference_rows),
             "simpo": ("preference", "preference_validation", load_preference_rows),
-            "kto": ("preference", "preference_validation", load_kto_rows)}
+            "kto": ("preference", "preference_validation", load_kto_rows),
+            "grpo": ("train", "validation", load_sft_rows)}  # prompts, and the person's answers for the rewards
 
 
 def stage_channels(config: TrainConfig, stage: str) -> tuple:

@@ -16,11 +16,12 @@ from container.config import ConfigError, describe, from_strings
 # 8e-6 (full); SimPO's and KTO's follow DPO's scale.
 AUTO_LEARNING_RATES = {("sft", False): 2e-4, ("sft", True): 2e-5, ("dpo", False): 5e-6, ("dpo", True): 5e-7,
                        ("orpo", False): 8e-5, ("orpo", True): 8e-6, ("simpo", False): 5e-6, ("simpo", True): 5e-7,
-                       ("kto", False): 5e-6, ("kto", True): 5e-7}
+                       ("kto", False): 5e-6, ("kto", True): 5e-7, ("grpo", False): 1e-5, ("grpo", True): 1e-6}
 # beta=0 (auto): the LLM Twin recipe's 0.5 for DPO; each paper's default for the others (ORPO's lambda 0.1,
 # SimPO's 2.0, KTO's 0.1).
-AUTO_BETAS = {"dpo": 0.5, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}
-METHODS = ("sft", "dpo", "sft+dpo", "orpo", "simpo", "sft+simpo", "kto", "sft+kto")
+# GRPO's KL coefficient: TRL's default 0.0 (no reference model: DAPO and Dr. GRPO found it unneeded).
+AUTO_BETAS = {"dpo": 0.5, "orpo": 0.1, "simpo": 2.0, "kto": 0.1, "grpo": 0.0}
+METHODS = ("sft", "dpo", "sft+dpo", "orpo", "simpo", "sft+simpo", "kto", "sft+kto", "grpo", "sft+grpo")
 PREFERENCE_STAGES = ("dpo", "orpo", "simpo", "kto")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down", "sigmoid_norm")
 
@@ -43,6 +44,19 @@ class TrainConfig:
                             "SFT model; orpo: SFT and preference in one stage (ORPO, no reference model); simpo: "
                             "reference-free preference optimisation; kto: unpaired good/bad examples; sft+simpo, "
                             "sft+kto: SFT first.", choices=METHODS)
+    instructions: str = _f("rows", "What the `train` channel holds: rows, instruction data (Alpaca rows, prompt/"
+                                   "completion, chat messages); or auto: the person's raw writing (.txt, .md, .html, "
+                                   "JSON lines with a `text` field) in a `documents` channel (else `train`), cleaned, "
+                                   "split into passages, and given the instruction each passage answers by a model in "
+                                   "the job (instruction backtranslation); the rows are written to "
+                                   "/opt/ml/output/data/instructions.jsonl.", choices=("rows", "auto"))
+    teacher_model_id: str = _f("", "instructions=auto: hub id or local path of the model that writes the "
+                                   "instructions. Empty: the `teacher` channel (a model folder), else the base model.")
+    passage_max_tokens: int = _f(384, "instructions=auto: longest passage, in estimated tokens (4/3 per word); "
+                                      "documents are split on paragraph boundaries within it.")
+    instructions_keep: float = _f(0.8, "instructions=auto: share of the passages that pass the length and language "
+                                       "checks kept for training, the best by how much their instruction raises the "
+                                       "teacher's likelihood of the passage.")
     preference: str = _f("channel", "Where the preference stage's data comes from: the `preference` channel, or auto: "
                                     "pairs built in the job from the `train` channel (the person's answer chosen, the "
                                     "model's own answer to the same prompt rejected), saved with the model as "
@@ -71,15 +85,24 @@ class TrainConfig:
     max_length: int = _f(2048, "Longest tokenized example (prompt + response); longer ones are truncated, and counted "
                                "in the log.")
     # the preference stage (DPO, ORPO, SimPO or KTO)
-    dpo_learning_rate: float = _f(0.0, "Preference stage peak learning rate; 0 = auto: with adapters 5e-6 (DPO, SimPO, "
-                                       "KTO) or 8e-5 (ORPO), a tenth of that for full.")
-    dpo_num_train_epochs: float = _f(1.0, "Preference stage epochs (ignored when dpo_max_steps > 0).")
-    dpo_max_steps: int = _f(-1, "Preference stage optimizer steps; -1 = use dpo_num_train_epochs.")
+    dpo_learning_rate: float = _f(0.0, "Preference or GRPO stage peak learning rate; 0 = auto: with adapters 5e-6 (DPO, "
+                                       "SimPO, KTO), 8e-5 (ORPO) or 1e-5 (GRPO), a tenth of that for full.")
+    dpo_num_train_epochs: float = _f(1.0, "Preference or GRPO stage epochs (ignored when dpo_max_steps > 0).")
+    dpo_max_steps: int = _f(-1, "Preference or GRPO stage optimizer steps; -1 = use dpo_num_train_epochs.")
     beta: float = _f(0.0, "DPO/KTO beta (how far the policy may move from the reference), ORPO's lambda, SimPO's "
-                          "reward scale; 0 = auto: 0.5 DPO (LLM Twin), 0.1 ORPO and KTO, 2.0 SimPO.")
+                          "reward scale, GRPO's KL coefficient; 0 = auto: 0.5 DPO (LLM Twin), 0.1 ORPO and KTO, 2.0 "
+                          "SimPO, 0 GRPO (no reference model).")
     simpo_gamma: float = _f(0.5, "SimPO's target reward margin.")
     preference_max_new_tokens: int = _f(256, "Longest rejected answer generated for preference=auto.")
     dpo_loss_type: str = _f("sigmoid", "DPO loss (TRL's loss_type).", choices=DPO_LOSS_TYPES)
+    # GRPO (method=grpo, sft+grpo): the dpo_* learning rate, epochs and steps apply; beta is its KL coefficient
+    num_generations: int = _f(4, "GRPO: answers sampled per prompt, compared with each other.")
+    max_completion_length: int = _f(128, "GRPO: longest sampled answer, in tokens.")
+    style_reward_weight: float = _f(1.0, "GRPO: weight of closeness to the person's style (1 - style distance from the "
+                                         "profile of all their answers).")
+    overlap_reward_weight: float = _f(1.0, "GRPO: weight of word overlap (unigram F1) with the person's real answer.")
+    length_reward_weight: float = _f(0.5, "GRPO: weight of closeness to the person's answer length.")
+    repetition_reward_weight: float = _f(1.0, "GRPO: weight of the penalty for repeated word pairs.")
     # evaluation
     validation_split: float = _f(0.05, "Fraction held out for eval loss when there is no `validation` (SFT) / "
                                        "`preference_validation` (DPO) channel; 0 = none.")
@@ -136,7 +159,7 @@ class TrainConfig:
     def __post_init__(self):
         positive = ("lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
                     "logging_steps", "max_new_tokens", "save_steps", "save_total_limit", "voice_max_new_tokens",
-                    "preference_max_new_tokens")
+                    "preference_max_new_tokens", "passage_max_tokens", "num_generations", "max_completion_length")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"hyperparameter {name}={getattr(self, name)} must be greater than 0")
@@ -152,6 +175,21 @@ class TrainConfig:
         if self.preference == "auto" and not any(stage in PREFERENCE_STAGES for stage in self.stages):
             raise ConfigError(f"preference=auto builds data for a preference stage, but method={self.method} has none: "
                               "use method=sft+dpo (or dpo, orpo, simpo, kto)")
+        if not 0.0 < self.instructions_keep <= 1.0:
+            raise ConfigError(f"hyperparameter instructions_keep={self.instructions_keep} must be in (0, 1]")
+        if self.instructions == "rows" and self.teacher_model_id:
+            raise ConfigError("teacher_model_id names the model that writes instructions for instructions=auto: "
+                              "set instructions=auto, or leave teacher_model_id empty")
+        if self.num_generations < 2 and "grpo" in self.stages:
+            raise ConfigError(f"hyperparameter num_generations={self.num_generations}: GRPO compares each answer "
+                              "with the others for its prompt, so it needs at least 2")
+        for name in ("style_reward_weight", "overlap_reward_weight", "length_reward_weight",
+                     "repetition_reward_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"hyperparameter {name}={getattr(self, name)} must not be negative")
+        if "grpo" in self.stages and not (self.style_reward_weight or self.overlap_reward_weight
+                                          or self.length_reward_weight or self.repetition_reward_weight):
+            raise ConfigError("GRPO needs a reward: every *_reward_weight is 0")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"hyperparameter lora_dropout={self.lora_dropout} must be in [0, 1)")
         if not 0.0 <= self.validation_split < 1.0:
