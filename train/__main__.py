@@ -21,6 +21,8 @@ from container.opt_ml import ContractError, OptML
 from container.telemetry import turn_off_telemetry
 from train.config import TrainConfig
 from train.data import DataError, load_kto_rows, load_preference_rows, load_sft_rows, split_rows
+from train.documents import read_documents, split_documents
+from train.instructions import Corpus, require_enough
 from train.errors import EXIT_FRAMEWORK_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR, TrainingInterrupted
 from train.launcher import BASE_REVISION_ENV, WORKER_ENV, launch, topology, write_rank_failure
 from train.model import resolve_base_model
@@ -38,6 +40,9 @@ CHANNELS = {"sft": ("train", "validation", load_sft_rows),
             "simpo": ("preference", "preference_validation", load_preference_rows),
             "kto": ("preference", "preference_validation", load_kto_rows),
             "grpo": ("train", "validation", load_sft_rows)}  # prompts, and the person's answers for the rewards
+
+
+DOCUMENTS_CHANNEL = "documents"  # instructions=auto: the person's writing (else the `train` channel holds it)
 
 
 def stage_channels(config: TrainConfig, stage: str) -> tuple:
@@ -61,11 +66,15 @@ def check_job_shape(paths: OptML) -> None:
                 "FullyReplicated (every instance reads all of it, and the trainer gives each rank its own share)")
 
 
-def load_data(config: TrainConfig, paths: OptML) -> dict[str, tuple[list, list]]:
-    """Per stage: training rows, and evaluation rows from the validation channel or a held-out split."""
+def load_data(config: TrainConfig, paths: OptML) -> tuple[dict[str, tuple[list, list]], Corpus | None]:
+    """Per stage: training rows, and evaluation rows from the validation channel or a held-out split. With
+    instructions=auto, the stages that read the `train` channel get their rows in the job (from the corpus)."""
+    corpus = load_corpus(config, paths) if config.instructions == "auto" else None
     data = {}
     for stage in config.stages:
         train_channel, eval_channel, load = stage_channels(config, stage)
+        if corpus is not None and train_channel == "train":
+            continue
         rows = load(paths.require_channel(train_channel))
         if paths.channel(eval_channel).is_dir():
             train_rows, eval_rows = rows, load(paths.channel(eval_channel))
@@ -75,14 +84,46 @@ def load_data(config: TrainConfig, paths: OptML) -> dict[str, tuple[list, list]]
             source = f"validation_split={config.validation_split}"
         log.info("%s: %d training examples from '%s', %d for evaluation (%s)",
                  stage, len(train_rows), train_channel, len(eval_rows), source)
-        if (config.early_stopping_patience or config.load_best_model_at_end) and not eval_rows:
-            raise ConfigError(f"early_stopping_patience/load_best_model_at_end compare evaluations, but {stage} has no "
-                              f"held-out data: add a '{eval_channel}' channel or set validation_split > 0")
+        _require_eval_rows(config, stage, eval_channel, eval_rows)
         data[stage] = (train_rows, eval_rows)
     used = {"model"} | {name for stage in config.stages for name in stage_channels(config, stage)[:2]}
+    if corpus is not None:
+        used |= {corpus.channel, "teacher"}
     for name in sorted(set(paths.channels_present()) - used):
         log.warning("channel '%s' is present but method=%s does not read it", name, config.method)
-    return data
+    return data, corpus
+
+
+def load_corpus(config: TrainConfig, paths: OptML) -> Corpus:
+    """instructions=auto: the person's writing, cleaned and split into passages (train/documents.py); whole
+    documents held out for the voice, unless a `validation` channel holds evaluation rows."""
+    channel = DOCUMENTS_CHANNEL if paths.channel(DOCUMENTS_CHANNEL).is_dir() else "train"
+    documents, skipped = read_documents(paths.require_channel(channel), config.passage_max_tokens)
+    for line in skipped:
+        log.warning("instructions=auto: skipped %s/%s", channel, line)
+    if paths.channel("validation").is_dir():
+        corpus = Corpus(channel, documents, [], load_sft_rows(paths.channel("validation")))
+        held = f"evaluation rows from the 'validation' channel ({len(corpus.validation_rows)})"
+    else:
+        train, held_out = split_documents(documents, config.validation_split, config.seed)
+        corpus = Corpus(channel, train, held_out)
+        held = (f"{len(held_out)} whole documents ({corpus.count(held_out)} passages) held out for evaluation "
+                f"(validation_split={config.validation_split})")
+    require_enough(corpus.count(corpus.train), config.per_device_train_batch_size * config.gradient_accumulation_steps,
+                   f"the '{channel}' channel ({len(documents)} documents, {len(skipped)} skipped)")
+    log.info("instructions=auto: %d documents in '%s' (%d skipped) gave %d passages of at most %d tokens; %d "
+             "documents to train on; %s", len(documents) + len(skipped), channel, len(skipped),
+             corpus.count(documents), config.passage_max_tokens, len(corpus.train), held)
+    for stage in config.stages:
+        if stage_channels(config, stage)[0] == "train":
+            _require_eval_rows(config, stage, "validation", corpus.validation_rows or corpus.held_out)
+    return corpus
+
+
+def _require_eval_rows(config: TrainConfig, stage: str, eval_channel: str, eval_rows: list) -> None:
+    if (config.early_stopping_patience or config.load_best_model_at_end) and not eval_rows:
+        raise ConfigError(f"early_stopping_patience/load_best_model_at_end compare evaluations, but {stage} has no "
+                          f"held-out data: add a '{eval_channel}' channel or set validation_split > 0")
 
 
 class WorkersFailed(Exception):
@@ -98,7 +139,7 @@ def run(config: TrainConfig, paths: OptML, worker: bool, stop: Stop) -> None:
     check_environment(config.report_to)
     with stop.phase("reading the data"):
         check_job_shape(paths)
-        data = load_data(config, paths)
+        data, corpus = load_data(config, paths)
     with stop.phase("getting the base model (download or extraction)"):
         base = resolve_base_model(config, paths, pinned=os.environ.get(BASE_REVISION_ENV) if worker else None)
     if config.export == "adapter" and base.reference is None:
@@ -118,7 +159,7 @@ def run(config: TrainConfig, paths: OptML, worker: bool, stop: Stop) -> None:
     with stop.phase("loading the training libraries"):
         from train.pipeline import fine_tune  # torch from here on
 
-    fine_tune(config, paths, data, base, stop)
+    fine_tune(config, paths, data, base, stop, corpus)
 
 
 def main() -> None:

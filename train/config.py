@@ -84,9 +84,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(8, "Forward passes per optimizer step.")
     max_length: int = _f(2048, "Longest tokenized example (prompt + response); longer ones are truncated, and counted "
                                "in the log.")
-    # the preference stage (DPO, ORPO, SimPO or KTO)
-    dpo_learning_rate: float = _f(0.0, "Preference or GRPO stage peak learning rate; 0 = auto: with adapters 5e-6 (DPO, "
-                                       "SimPO, KTO), 8e-5 (ORPO) or 1e-5 (GRPO), a tenth of that for full.")
+    # the second stage (DPO, ORPO, SimPO, KTO or GRPO)
+    dpo_learning_rate: float = _f(0.0, "Preference or GRPO stage peak learning rate; 0 = auto: with adapters 5e-6 "
+                                       "(DPO, SimPO, KTO), 8e-5 (ORPO) or 1e-5 (GRPO), a tenth of that for full.")
     dpo_num_train_epochs: float = _f(1.0, "Preference or GRPO stage epochs (ignored when dpo_max_steps > 0).")
     dpo_max_steps: int = _f(-1, "Preference or GRPO stage optimizer steps; -1 = use dpo_num_train_epochs.")
     beta: float = _f(0.0, "DPO/KTO beta (how far the policy may move from the reference), ORPO's lambda, SimPO's "

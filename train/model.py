@@ -16,10 +16,12 @@ from container.config import ConfigError
 from container.model_dir import EMBEDDED_BASE, EMBEDDED_MODEL_ENV, embedded_model_dir
 from container.opt_ml import ContractError, OptML
 from train.config import TrainConfig
+from train.instructions import Teacher
 
 log = logging.getLogger(__name__)
 
 MODEL_CHANNEL = "model"
+TEACHER_CHANNEL = "teacher"
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")  # a full hub commit hash: already pinned, nothing to resolve
 
 # Used only when a base model has no chat template (e.g. a pretrained, non-instruct checkpoint).
@@ -63,6 +65,20 @@ def resolve_base_model(config: TrainConfig, paths: OptML, pinned: str | None = N
             f"is missing at {embedded} (run `make model`, or set {EMBEDDED_MODEL_ENV})"
         )
     return BaseModel(str(embedded), EMBEDDED_BASE)
+
+
+def resolve_teacher(config: TrainConfig, paths: OptML, base: BaseModel) -> Teacher:
+    """instructions=auto's teacher: the `teacher` channel (a folder or a model.tar.gz), else teacher_model_id (a
+    hub id, pinned to its commit now, or a local path), else the base model."""
+    channel = paths.channel(TEACHER_CHANNEL)
+    if channel.is_dir():
+        return Teacher(str(_model_folder(channel)), None, config.trust_remote_code)
+    if config.teacher_model_id:
+        local = Path(config.teacher_model_id)
+        if local.is_absolute() or local.is_dir():
+            return Teacher(config.teacher_model_id, None, config.trust_remote_code)
+        return Teacher(config.teacher_model_id, hub_commit(config.teacher_model_id, ""), config.trust_remote_code)
+    return Teacher(base.source, base.revision, config.trust_remote_code)
 
 
 def hub_commit(repo_id: str, revision: str) -> str:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -20,11 +21,15 @@ from container.model_dir import TRAINING_REPORT_FILE
 from container.opt_ml import OptML
 from train.checkpoints import Markers, is_complete, mark_complete
 from train.config import TrainConfig
+from train.data import to_sft_row
 from train.export import MODEL_CARD_FILE, export_model
-from train.model import BaseModel, load_for_training, load_tokenizer, load_trained
+from train.instructions import (INSTRUCTIONS_FILE, VALIDATION_FILE, Corpus, digest, max_model_len, read_rows,
+                                require_enough, select, write_rows)
+from train.model import BaseModel, load_for_training, load_tokenizer, load_trained, resolve_teacher
 from train.preferences import PAIRS_FILE, build_pairs, kto_rows, read_pairs, rows_digest, write_pairs
 from train.recipes import RunContext, StageRows, detect_device, train_stage
 from train.stop import Stop
+from train.teacher import engine_name, write_instructions
 from train.tracking import Tracking, tracked
 
 log = logging.getLogger(__name__)
@@ -33,11 +38,15 @@ STAGE_REPORT_FILE = "stage_report.json"
 
 
 def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, list]], base: BaseModel,
-              stop: Stop) -> None:
+              stop: Stop, corpus: Corpus | None = None) -> None:
     device = detect_device(config)
+    report = start_report(config, base, device)
+    if corpus is not None:
+        with stop.phase("writing the instructions (instructions=auto)"):
+            rows, report["instructions"] = instruction_rows(config, paths, corpus, base)
+        data = {**data, **{stage: rows for stage in config.stages if stage not in data}}
     with stop.phase("loading the tokenizer"):
         tokenizer = load_tokenizer(base.source, config, base.revision)
-    report = start_report(config, base, device)
     params = {**{k: ",".join(v) if isinstance(v, tuple) else v for k, v in report["config"].items()},
               "base_model": base.reference or base.source, "device": report["device"], "precision": report["precision"]}
     if base.revision:
@@ -153,6 +162,62 @@ def _auto_pairs(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
     log.info("preference=auto: %d training and %d evaluation pairs from %d and %d rows", len(pairs[0]), len(pairs[1]),
              len(train_rows), len(eval_rows))
     return tuple(kto_rows(p) for p in pairs) if stage == "kto" else tuple(pairs)
+
+
+def instruction_rows(config: TrainConfig, paths: OptML, corpus: Corpus, base: BaseModel) -> tuple[tuple, dict]:
+    """instructions=auto's training and evaluation rows (train/instructions.py) and their counts. The first process
+    makes them (or finds them in the checkpoints, from an earlier run on the same documents and teacher) and
+    every process trains on its copy. The rows go to /opt/ml/output/data for the person to read, edit and train
+    on again (not with keep_writing_private)."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState()
+    shared = [_make_instruction_rows(config, paths, corpus, base) if state.is_main_process else None]
+    broadcast_object_list(shared)  # the first process's rows, for every process (and instance)
+    train_rows, held_out_rows, counts = shared[0]
+    eval_rows = corpus.validation_rows if corpus.validation_rows is not None else held_out_rows
+    if state.is_main_process and not config.keep_writing_private:
+        output = paths.output_dir / "data"
+        write_rows(train_rows, output / INSTRUCTIONS_FILE)
+        write_rows(held_out_rows, output / VALIDATION_FILE)
+        log.info("instructions=auto: the rows are in %s (training) and %s (held out)", output / INSTRUCTIONS_FILE,
+                 output / VALIDATION_FILE)
+    sft_rows = [to_sft_row(row, f"{INSTRUCTIONS_FILE} row {i}") for i, row in enumerate(train_rows)]
+    return (sft_rows, [to_sft_row(row, f"{VALIDATION_FILE} row {i}") for i, row in enumerate(eval_rows)]
+            if eval_rows is held_out_rows else eval_rows), counts
+
+
+def _make_instruction_rows(config: TrainConfig, paths: OptML, corpus: Corpus, base: BaseModel):
+    teacher = resolve_teacher(config, paths, base)
+    key = digest(corpus.train, corpus.held_out, teacher, config.instructions_keep)
+    folder = paths.checkpoints_dir / "instructions"
+    files = [folder / f"{name}-{key}.jsonl" for name in ("train", "held_out", "counts")]
+    if all(f.is_file() for f in files):
+        train_rows, held_out_rows, (counts,) = (read_rows(f) for f in files)
+        log.info("instructions=auto: reusing the %d training and %d held-out rows an earlier run wrote (%s)",
+                 len(train_rows), len(held_out_rows), files[0])
+        return train_rows, held_out_rows, counts
+    started = time.monotonic()
+    log.info("instructions=auto: %s writes the instructions of %d passages with %s", teacher.source,
+             len(corpus.passages()), engine_name())
+    made = write_instructions(teacher, corpus.passages(), max_model_len(config.passage_max_tokens))
+    split = corpus.count(corpus.train)
+    train_rows, train_counts = select(corpus.train, made[:split], config.instructions_keep)
+    held_out_rows, held_out_counts = select(corpus.held_out, made[split:], None)
+    counts = {"teacher": teacher.source, "teacher_revision": teacher.revision, "engine": engine_name(),
+              "documents": len(corpus.train) + len(corpus.held_out), "held_out_documents": len(corpus.held_out),
+              "train": train_counts, "held_out": held_out_counts, "instructions_keep": config.instructions_keep,
+              "seconds": round(time.monotonic() - started, 1)}
+    log.info("instructions=auto: %d training passages, %d passed the checks (failed: %s), %d kept "
+             "(instructions_keep=%s); %d of %d held-out passages passed; %.1f minutes", train_counts["passages"],
+             train_counts["passed"], train_counts["failed_checks"] or "none", train_counts["kept"],
+             config.instructions_keep, held_out_counts["kept"], held_out_counts["passages"], counts["seconds"] / 60)
+    require_enough(len(train_rows), config.per_device_train_batch_size * config.gradient_accumulation_steps,
+                   "filtering the instructions")
+    for path, rows in zip(files, (train_rows, held_out_rows, [counts])):
+        write_rows(rows, path)
+    return train_rows, held_out_rows, counts
 
 
 def _rank(name: str) -> int:
