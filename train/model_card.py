@@ -58,16 +58,8 @@ def model_card(config: TrainConfig, report: dict, base_name: str, base_source: s
     for stage, values in report["stages"].items():
         lines.append(f"| {stage} | {values.get('examples', '')} | {values.get('eval_examples', '')} | "
                      f"{values.get('steps', '')} | {values.get('resumed_from_step', '')} |")
-    for stage, values in report["stages"].items():
-        voice = values.get("voice")
-        if not voice or not voice.get("after"):
-            continue
-        lines += ["", f"## Voice ({stage}): the base against the twin, on the person's held-out writing", "",
-                  "| measure | before | after | better |", "| --- | --- | --- | --- |"]
-        for key, label, better in VOICE_ROWS:
-            before, after = voice["before"].get(key, ""), voice["after"].get(key, "")
-            lines.append(f"| {label} | {before} | {after} | {better} |")
-        lines += _sample_lines(config, voice.get("samples", []))
+    lines += _voice_lines(report["stages"])
+    lines += _sample_lines(config, report["stages"])
     metrics = {stage: values.get("metrics", {}) for stage, values in report["stages"].items()}
     lines += ["", "## Metrics", "", "```json", json.dumps(metrics, indent=2, sort_keys=True), "```",
               "", "## Hyperparameters", "", "```json",
@@ -82,17 +74,87 @@ def _revision_lines(revision: str | None) -> list[str]:
     return ["", f"Base model revision: commit `{revision}` on the Hugging Face Hub."] if revision else []
 
 
-def _sample_lines(config: TrainConfig, samples: list[dict]) -> list[str]:
-    """A few held-out prompts, the person's real answer and both models' answers: the person's writing, word for
-    word, so none with keep_writing_private."""
+def _starts(stages: dict) -> dict[str, str]:
+    """The model each stage starts from: the base for the first, the stage before for the others."""
+    names = list(stages)
+    return {stage: "base" if index == 0 else names[index - 1] for index, stage in enumerate(names)}
+
+
+def _voice_lines(stages: dict) -> list[str]:
+    """One table with a column per model (the base, then each stage) when the stages measured the same held-out
+    rows (the same prompts_digest), one after the other; else a table per stage: its starting model against it."""
+    voiced = [stage for stage, values in stages.items() if (values.get("voice") or {}).get("after")]
+    if not voiced:
+        return []
+    names, starts = list(stages), _starts(stages)
+    digests = {stages[stage]["voice"].get("prompts_digest") for stage in voiced}
+    first = names.index(voiced[0])
+    shared = None not in digests and len(digests) == 1 and voiced == names[first:first + len(voiced)]
+    lines = []
+    for group in [voiced] if shared or len(voiced) == 1 else [[stage] for stage in voiced]:
+        voices = [stages[stage]["voice"] for stage in group]
+        columns = [starts[group[0]], *group]
+        measured = [voices[0]["before"], *(voice["after"] for voice in voices)]
+        title = "Voice" if len(group) > 1 or len(voiced) == 1 else f"Voice ({group[0]})"
+        lines += ["", f"## {title}: {', '.join(columns)}, on the person's held-out writing", "",
+                  f"| measure | {' | '.join(columns)} | better |", "|" + " --- |" * (len(columns) + 2)]
+        for key, label, better in VOICE_ROWS:
+            lines.append(f"| {label} | {' | '.join(str(scores.get(key, '')) for scores in measured)} | {better} |")
+        lines += _sampling_lines(dict(zip(group, voices)), starts)
+    return lines
+
+
+def _sampling_lines(voices: dict, starts: dict[str, str]) -> list[str]:
+    """How the measured answers (and the sample answers) were generated: one line when every stage sampled alike."""
+    said = {stage: _sampling_text(voice["sampling"]) for stage, voice in voices.items() if voice.get("sampling")}
+    if not said:
+        return []
+    if len(set(said.values())) == 1 and len(said) == len(voices):
+        return ["", f"Answers are generated as the endpoint samples: {next(iter(said.values()))}."]
+    return ["", "Answers are generated as the endpoint samples:", "",
+            *(f"- in {stage} ({starts[stage]} and {stage}): {text}" for stage, text in said.items())]
+
+
+def _sampling_text(sampling: dict) -> str:
+    if sampling.get("do_sample"):
+        how = ", ".join(f"{key} {sampling[key]}" for key in ("temperature", "top_p", "top_k", "repetition_penalty")
+                        if sampling.get(key) not in (None, 0))  # top_k 0: no top-k cut
+    else:
+        how = "greedy" + (f", repetition_penalty {sampling['repetition_penalty']}"
+                          if sampling.get("repetition_penalty") else "")
+    own = sampling.get("from_generation_config") or []
+    source = (f"{', '.join(own)} from the model's generation_config.json, the rest the image's defaults" if own
+              else "the image's defaults: the model's generation_config.json sets none")
+    return (f"{how}; seed {sampling.get('seed')} before each model's answers, at most "
+            f"{sampling.get('max_new_tokens')} new tokens ({source})")
+
+
+def _sample_lines(config: TrainConfig, stages: dict) -> list[str]:
+    """Per held-out prompt, the person's real answer and each model's in order: the base, then each stage
+    (joined by prompt text: a stage with other prompts shows its starting model and itself). The person's
+    writing, word for word, so none with keep_writing_private."""
+    if not any((values.get("voice") or {}).get("after") or (values.get("voice") or {}).get("samples")
+               for values in stages.values()):
+        return []
+    lines = ["", "## Sample answers", ""]
     if config.keep_writing_private:
-        return ["", "Sample answers are left out (keep_writing_private=true): the person's writing stays in the job."]
-    lines = ["", "Sample answers to held-out prompts:", ""] if samples else []
-    for sample in samples:
-        lines += [f"- **Prompt:** {_one_line(sample['prompt'])}",
-                  f"  - the person: {_one_line(sample['reference'])}",
-                  f"  - base model: {_one_line(sample.get('before', ''))}",
-                  f"  - twin: {_one_line(sample.get('after', ''))}"]
+        return lines + ["Sample answers are left out (keep_writing_private=true): the person's writing stays in the "
+                        "job."]
+    starts, joined = _starts(stages), {}
+    for stage, values in stages.items():
+        for sample in (values.get("voice") or {}).get("samples", []):
+            entry = joined.setdefault(sample["prompt"], {"the person": sample["reference"]})
+            for model, key in ((starts[stage], "before"), (stage, "after")):
+                if key in sample:
+                    entry.setdefault(model, sample[key])
+    if not joined:
+        return []
+    lines.append("Held-out prompts, the person's real answer, and each model's answer: the base model, then "
+                 "each stage in order.")
+    lines.append("")
+    for prompt, answers in joined.items():
+        lines.append(f"- **Prompt:** {_one_line(prompt)}")
+        lines += [f"  - {model}: {_one_line(answer)}" for model, answer in answers.items()]
     return lines
 
 

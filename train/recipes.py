@@ -2,7 +2,8 @@
 stages DPO (DPOTrainer), ORPO (ORPOTrainer), SimPO (CPOTrainer with loss_type=simpo and no SFT term) and KTO
 (KTOTrainer, unpaired good and bad examples). DPO and KTO compare with a reference model: the PEFT base with
 the adapter disabled (no second model copy), or a frozen copy for full fine-tuning; ORPO and SimPO need none.
-LoRA, QLoRA or full.
+GRPO (GRPOTrainer, built in train/grpo.py) samples answers to the person's prompts and rewards those that read
+as the person's (train/rewards.py). LoRA, QLoRA or full.
 
 Imports torch and TRL: `train.__main__` imports this only after config and data are checked.
 """
@@ -27,9 +28,10 @@ from train.checkpoints import (MarkComplete, Markers, StopAtNextMicroBatch, newe
 from train.config import TrainConfig
 from train.errors import TrainingInterrupted
 from train.metrics import TokenRate, format_log_line
+from train.grpo import check_grpo, grpo_datasets, grpo_report, grpo_trainer
 from train.stop import Stop
 from train.tracking import Tracking
-from train.voice import held_out_prompts, measure
+from train.voice import held_out_prompts, measure, prompts_digest, serving_sampling
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +155,8 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, rows: StageRo
     """Train one stage (resuming from its newest checkpoint that verifies). Every rank saves the result (ZeRO-3
     gathers the weights then) to `stage_dir/trained`: the adapter, or the full model. Returns it and a report."""
     train_rows, eval_rows = rows.train, rows.eval
+    if "grpo" in config.stages:  # also in sft+grpo's SFT stage: refused now, not after hours of SFT
+        check_grpo(config, train_rows)
     device, stop, markers, tracking = run.device, run.stop, run.markers, run.tracking
     packing = stage == "sft" and use_packing(config, device)
     comparing = bool(config.early_stopping_patience or config.load_best_model_at_end)
@@ -206,12 +210,15 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, rows: StageRo
         callbacks = [MetricsLogCallback(stage, tracking), voice, stopper, MarkComplete(markers)]
         if config.early_stopping_patience:  # after the voice callback: it may compare a voice metric
             callbacks.insert(2, EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
-        datasets = {"train_dataset": Dataset.from_list(train_rows),
-                    "eval_dataset": Dataset.from_list(eval_rows) if eval_rows else None}
+        datasets = ({"train_dataset": Dataset.from_list(train_rows),
+                     "eval_dataset": Dataset.from_list(eval_rows) if eval_rows else None}
+                    if stage != "grpo" else grpo_datasets(config, tokenizer, train_rows, eval_rows))
         if stage == "sft":
             args = SFTConfig(**common, completion_only_loss=True, packing=packing, padding_free=packing)
             trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=lora_config(config),
                                  callbacks=callbacks, **datasets)
+        elif stage == "grpo":
+            trainer = grpo_trainer(config, common, model, tokenizer, callbacks, datasets, lora_config(config))
         else:
             trainer = preference_trainer(stage, config, common, model, tokenizer, callbacks, datasets)
         trainer.remove_callback(PrinterCallback)  # MetricsLogCallback prints the same numbers, regex-friendly
@@ -242,6 +249,8 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, rows: StageRo
     report.update(steps=trainer.state.global_step,
                   metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                   tokens_per_second=callbacks[0].mean_tokens_per_second())
+    if stage == "grpo":
+        report["grpo"] = grpo_report(trainer)
     if trainer.state.best_model_checkpoint:
         report["best"] = {"metric": config.metric_for_best_model, "value": trainer.state.best_metric,
                           "checkpoint": Path(trainer.state.best_model_checkpoint).name,
@@ -270,6 +279,8 @@ def _data_losses(stage: str, trainer, rows: list[dict], config: TrainConfig, pac
                     stage, counts["dropped"], len(rows), config.max_length)
     if counts["truncated"]:
         log.warning("%s: %d examples truncated to max_length=%d tokens", stage, counts["truncated"], config.max_length)
+    if stage == "grpo":  # prompts that leave no room for an answer (grpo_datasets logged them)
+        counts["dropped"] = len(rows) - kept
     return counts
 
 
@@ -336,10 +347,13 @@ class VoiceCallback(TrainerCallback):
         self.before: dict | None = None
         self.after: dict | None = None
         self.samples: list[dict] = []
+        self.sampling = None  # as the endpoint samples the stage's starting model, from config.seed every time
 
     def measure(self, model) -> dict:
+        if self.sampling is None:
+            self.sampling = serving_sampling(getattr(model, "generation_config", None), self.config.seed)
         scores, answers = measure(model, self.tokenizer, self.prompts, self.references,
-                                  self.config.voice_max_new_tokens)
+                                  self.config.voice_max_new_tokens, self.sampling)
         if not self.samples:
             self.samples = [{"prompt": p[-1]["content"], "reference": r, "before": a}
                             for p, r, a in zip(self.prompts, self.references, answers)]
@@ -365,4 +379,9 @@ class VoiceCallback(TrainerCallback):
         metrics.update({f"eval_{name}": value for name, value in scores.items()})
 
     def report(self) -> dict:
-        return {"before": {**(self.before or {})}, "after": self.after, "samples": self.samples[:3]}
+        """The measures before and after, a few samples (the person's writing: pipeline.published drops them
+        under keep_writing_private), how the answers were sampled and which held-out rows were measured."""
+        sampling = self.sampling.report() if self.sampling else {}
+        sampling["max_new_tokens"] = self.config.voice_max_new_tokens
+        return {"before": {**(self.before or {})}, "after": self.after, "samples": self.samples[:3],
+                "sampling": sampling, "prompts_digest": prompts_digest(self.prompts, self.references)}

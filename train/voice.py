@@ -1,7 +1,9 @@
 """Voice metrics: does the twin write like the person? Measured on the person's held-out writing.
 
-For a few held-out prompts (the validation rows), the model answers greedily through the chat template
-`serve` applies, and each answer is compared with what the person really wrote. Cheap, documented
+For a few held-out prompts (the validation rows), the model answers through the chat template `serve`
+applies, sampling as a user of the endpoint gets it (`serving_sampling`: the model's own generation_config.json,
+else the LLM Twin client's settings) from a fixed seed, so the base and the twin draw the same random stream
+and a rerun gives the same numbers; each answer is compared with what the person really wrote. Cheap, documented
 measures, each a number a user can read:
 
     voice_length_ratio     mean words per answer / mean words per real answer (1.0: as long as the person)
@@ -18,10 +20,13 @@ The same measures for the base model are taken before training, so the report sh
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import re
 from collections import Counter
+from dataclasses import asdict, dataclass
 
 FUNCTION_WORDS = ("i", "me", "my", "we", "our", "you", "your", "it", "this", "that", "the", "a", "an", "and",
                   "but", "or", "so", "because", "if", "then", "of", "to", "in", "on", "for", "with", "at", "is",
@@ -117,6 +122,53 @@ def held_out_prompts(rows: list[dict], count: int) -> tuple[list[list[dict]], li
     return prompts, answers
 
 
+def prompts_digest(prompts: list[list[dict]], references: list[str]) -> str:
+    """A short digest of the held-out rows the measures use: stages with the same digest measured the same
+    prompts against the same answers, so their numbers share one table. It reveals none of the writing."""
+    return hashlib.sha256(json.dumps([prompts, references], sort_keys=True).encode()).hexdigest()[:12]
+
+
+SAMPLING_FIELDS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+# What the endpoint samples with when the model's generation_config.json says nothing: the LLM Twin client's
+# top_p and repetition penalty (local_test/payloads/llm_twin_request.json), a temperature that samples, and no
+# top-k cut, as vLLM (transformers' own default would cut at 50).
+SERVING_DEFAULTS = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.1}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How answers are generated. None: not passed (transformers takes the model's generation config)."""
+
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None  # torch's generators start from it for each generation (forked: training's go on)
+    from_generation_config: tuple[str, ...] = ()  # the fields the model's own generation config set
+
+    def generate_kwargs(self) -> dict:
+        kept = SAMPLING_FIELDS[1:] if self.do_sample else ("repetition_penalty",)  # greedy: no warper
+        return {"do_sample": self.do_sample, **{k: getattr(self, k) for k in kept if getattr(self, k) is not None}}
+
+    def report(self) -> dict:
+        return {**asdict(self), "from_generation_config": list(self.from_generation_config)}
+
+
+GREEDY = Sampling()  # preference=auto's rejected answers: what the model says most likely, as before
+
+
+def serving_sampling(generation_config, seed: int) -> Sampling:
+    """The sampling a user of the endpoint gets: each field the model's generation config sets (a
+    transformers GenerationConfig: None is unset), else SERVING_DEFAULTS; temperature 0 is greedy, as in vLLM."""
+    own = {k: getattr(generation_config, k, None) for k in SAMPLING_FIELDS}
+    own = {k: v for k, v in own.items() if v is not None}
+    values = {**SERVING_DEFAULTS, **own}
+    if not values["temperature"]:
+        values["do_sample"] = False
+    return Sampling(**values, seed=seed, from_generation_config=tuple(own))
+
+
 GPU_SHARE_FOR_GENERATION = 0.7  # move a model loaded on the CPU to this process's GPU when it fits in this share
 
 
@@ -135,8 +187,11 @@ def onto_gpu(model):
     return model
 
 
-def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 8) -> list[str]:
-    """Greedy answers through the chat template, as `serve` prompts the model; the model's mode is kept."""
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 8,
+             sampling: Sampling = GREEDY) -> list[str]:
+    """Answers through the chat template, as `serve` prompts the model: greedy unless `sampling` samples; the
+    model's mode is kept. A seed starts torch's generators (the CPU's and the model's GPU's) afresh for this
+    call only: the same prompts get the same answers, and training's own random stream goes on untouched."""
     import torch
 
     model = onto_gpu(model)
@@ -144,26 +199,39 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    answers = []
+    device = model.device
+    on_gpu = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
     try:
-        for start in range(0, len(prompts), batch_size):
-            texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
-                     for p in prompts[start:start + batch_size]]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            with torch.no_grad():
-                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            new = out[:, batch["input_ids"].shape[1]:]
-            answers += [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        with torch.random.fork_rng(devices=on_gpu, enabled=sampling.seed is not None):
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            answers = _answers(model, tokenizer, prompts, max_new_tokens, batch_size, sampling)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
     return answers
 
 
-def measure(model, tokenizer, prompts: list[list[dict]], references: list[str],
-            max_new_tokens: int) -> tuple[dict, list[str]]:
-    answers = generate(model, tokenizer, prompts, max_new_tokens)
+def _answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
+             sampling: Sampling) -> list[str]:
+    import torch
+
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+                 for p in prompts[start:start + batch_size]]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, **sampling.generate_kwargs(),
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        new = out[:, batch["input_ids"].shape[1]:]
+        answers += [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return answers
+
+
+def measure(model, tokenizer, prompts: list[list[dict]], references: list[str], max_new_tokens: int,
+            sampling: Sampling = GREEDY) -> tuple[dict, list[str]]:
+    answers = generate(model, tokenizer, prompts, max_new_tokens, sampling=sampling)
     scores = score(answers, references)
     scores["perplexity"] = reference_perplexity(onto_gpu(model), tokenizer, prompts, references)
     return scores, answers

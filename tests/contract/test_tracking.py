@@ -115,7 +115,7 @@ def test_mlflow_and_wandb_runs_hold_the_params_metrics_and_model_card_and_a_rest
 
     # keep_writing_private: the voice measures without their samples, and no held-out prompt or answer anywhere
     voice = json.loads((root / "model" / "training_report.json").read_text())["stages"]["sft"]["voice"]
-    assert set(voice) == {"before", "after"} and "voice_overlap" in voice["after"]
+    assert set(voice) == {"before", "after", "sampling", "prompts_digest"} and "voice_overlap" in voice["after"]
     stored = "".join(p.read_bytes().decode("utf-8", "replace") for folder in (root / "model", root / "output", store)
                      for p in folder.rglob("*") if p.is_file() and not p.is_symlink() and p.stat().st_size < 50_000_000)
     assert [text for row in HELD_OUT for text in row.values() if text in stored] == []

@@ -39,6 +39,7 @@ def test_voice_metrics_are_logged_at_every_evaluation_and_reported_before_and_af
     stdout, report = train(root)
     lines = [line for line in stdout.splitlines() if line.startswith("stage=sft") and "voice_style_distance=" in line]
     assert [line.split()[1] for line in lines] == ["step=2", "step=4", "step=4"]  # at steps 2 and 4, and the final one
+    assert lines[1] == lines[2]  # the same weights, sampled from the same seed: the same numbers
     assert all("perplexity=" in line and "voice_overlap=" in line for line in lines)
     voice = report["stages"]["sft"]["voice"]
     keys = {"voice_length_ratio", "voice_distinct2", "voice_style_distance", "voice_overlap"}
@@ -47,6 +48,11 @@ def test_voice_metrics_are_logged_at_every_evaluation_and_reported_before_and_af
     assert all(0.0 <= voice["after"][k] <= 1.0 for k in ("voice_style_distance", "voice_overlap", "voice_distinct2"))
     assert [s["reference"] for s in voice["samples"]] == [r["output"] for r in HELD_OUT[:2]]
     assert all("before" in s and "after" in s for s in voice["samples"])
+    # sampled as the endpoint samples: the tiny model's generation_config.json sets no sampling field
+    assert voice["sampling"] == {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0,
+                                 "repetition_penalty": 1.1, "seed": 42, "from_generation_config": [],
+                                 "max_new_tokens": 6}
+    assert len(voice["prompts_digest"]) == 12
 
     # report_to=tensorboard: event files where SageMaker's TensorBoardOutputConfig uploads them from
     from tensorboardX.proto import event_pb2
@@ -64,7 +70,12 @@ def test_voice_metrics_are_logged_at_every_evaluation_and_reported_before_and_af
     assert 'library_name: "transformers"' in header
     assert "base_model:" not in header and "license:" not in header  # a local folder: no hub id, no license known
     assert '- "llm-twin"' in header and '- "sft"' in header
-    assert "| style distance (function words, punctuation) |" in card and "Lesson 0: measure first, then tune!" in card
+    assert "| style distance (function words, punctuation) |" in card and "| measure | base | sft | better |" in card
+    assert "Answers are generated as the endpoint samples: temperature 0.7, top_p 0.9, repetition_penalty 1.1" in card
+    samples = card.split("\n## Sample answers\n")[1].split("\n## ")[0]
+    assert "- **Prompt:** Write about lesson 0." in samples
+    assert "  - the person: Lesson 0: measure first, then tune!" in samples
+    assert samples.count("  - base: ") == samples.count("  - sft: ") == 2
 
 
 def test_early_stopping_ends_a_stage_whose_eval_loss_stops_improving_and_exports_the_best_checkpoint(
