@@ -91,6 +91,7 @@ def test_a_step_that_splits_a_prompts_answers_is_refused_naming_the_nearest_sett
     check_grpo(TrainConfig(method="grpo"), rows)  # the defaults: 2 x 8 answers, 4 groups of 4
 
 
+@pytest.mark.scenario  # the refusal itself is tested above without a job; this one shows it comes before SFT
 def test_sft_then_grpo_with_a_step_of_split_groups_fails_before_sft_trains(tmp_path, tiny_model):
     root = job(tmp_path, tiny_model, gradient_accumulation_steps="1")
     failure = fails_with(root, "must be a multiple of 4: set per_device_train_batch_size=4, or "
@@ -134,6 +135,7 @@ def test_grpo_stopped_by_sigterm_mid_stage_resumes_from_its_checkpoint_and_train
     assert (root / weights).read_bytes() == (reference / weights).read_bytes()
 
 
+@pytest.mark.scenario  # make test-scenarios, with the other multi-process jobs' long runs
 def test_grpo_on_two_processes_groups_the_answers_across_them(tmp_path, tiny_model):
     """DDP over gloo: each process samples 2 of a prompt's 4 answers per step; the rewards are gathered and
     compared across the two, so every step sees whole groups."""
