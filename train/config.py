@@ -177,6 +177,10 @@ class TrainConfig:
                               "use method=sft+dpo (or dpo, orpo, simpo, kto)")
         if not 0.0 < self.instructions_keep <= 1.0:
             raise ConfigError(f"hyperparameter instructions_keep={self.instructions_keep} must be in (0, 1]")
+        if self.instructions == "auto" and self.preference != "auto" and not {"sft", "grpo"} & set(self.stages):
+            raise ConfigError(f"instructions=auto makes rows for the stages that read the `train` channel, but "
+                              f"method={self.method} reads only the `preference` channel: use method=sft+dpo, or "
+                              "preference=auto")
         if self.instructions == "rows" and self.teacher_model_id:
             raise ConfigError("teacher_model_id names the model that writes instructions for instructions=auto: "
                               "set instructions=auto, or leave teacher_model_id empty")

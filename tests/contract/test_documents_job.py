@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.contract.test_serve import LLM_TWIN_BODY
-from tests.helpers import REPO, Server, make_tree, run_train
+from tests.helpers import REPO, Server, link_model_channel, make_tree, run_train
 from train.instructions import read_rows
 
 DOCUMENTS = REPO / "local_test" / "documents"
@@ -81,3 +81,21 @@ def test_a_document_that_is_not_utf8_is_named(tmp_path):
     assert job.returncode == 2
     failure = (root / "output" / "failure").read_text()
     assert "latin1.txt" in failure and "UTF-8" in failure, failure
+
+
+@pytest.mark.scenario
+def test_on_two_processes_the_first_writes_the_instructions_and_both_train_on_them(tmp_path, tiny_model):
+    """instructions=auto under the launcher: the first process runs the teacher (here the tiny model, through
+    vLLM), every process gets its rows, and the two train the same steps to the end."""
+    root = make_tree(tmp_path, {**QUICK, "gradient_accumulation_steps": "1", "processes_per_host": "2",
+                                "max_steps": "2", "passage_max_tokens": "128", "voice_eval_prompts": "0",
+                                "instructions_keep": "1.0", "max_length": "384"})
+    shutil.copytree(DOCUMENTS, root / "input" / "data" / "documents")
+    link_model_channel(root, tiny_model)
+    job = run_train(root, timeout=900)
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log[-4000:]
+    assert log.count("writes the instructions of") == 1  # one teacher, on the first process
+    rows = read_rows(root / "output" / "data" / "instructions.jsonl")
+    report = json.loads((root / "model" / "training_report.json").read_text())
+    assert report["stages"]["sft"]["examples"] == len(rows) and report["stages"]["sft"]["world_size"] == 2

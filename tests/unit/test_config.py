@@ -94,6 +94,15 @@ def test_learning_rates_default_by_stage_and_adapter():
     ({"method": "sft+dpo", "export": "adapter"}, "export=adapter cannot describe sft\\+dpo"),
     ({"method": "ppo"}, "did you mean 'dpo'"),
     ({"validation_split": "1.0"}, "validation_split=1.0 must be in"),
+    ({"instructions": "auto", "method": "dpo"}, "reads only the `preference` channel"),
+    ({"teacher_model_id": "org/teacher"}, "set instructions=auto"),
+    ({"instructions": "auto", "instructions_keep": "0"}, r"instructions_keep=0.0 must be in \(0, 1\]"),
+    ({"instructions": "sometimes"}, "did you mean"),
+    ({"method": "grpo", "num_generations": "1"}, "needs at least 2"),
+    ({"method": "sft+grpo", "style_reward_weight": "0", "overlap_reward_weight": "0", "length_reward_weight": "0",
+      "repetition_reward_weight": "0"}, "every \\*_reward_weight is 0"),
+    ({"method": "grpo", "length_reward_weight": "-1"}, "length_reward_weight=-1.0 must not be negative"),
+    ({"method": "grpo", "preference": "auto"}, "has none"),
 ])
 def test_combinations_that_cannot_work_are_refused(raw, message):
     with pytest.raises(ConfigError, match=message):
