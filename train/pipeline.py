@@ -136,10 +136,9 @@ def _auto_pairs(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
     shares are gathered in row order, so all processes (and instances) train on the same pairs. They are
     written, named after the rows they come from, to the stage's checkpoint folder: a restart on the same
     data reuses them, a restart on changed data builds new ones."""
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list, gather_object
 
-    state = PartialState()  # under torchrun: the process group the Trainer would start anyway, started now
+    state = _processes()
     files = [stage_dir / f"{name}-{rows_digest(rows)}.jsonl"
              for name, rows in (("train", train_rows), ("eval", eval_rows))]
     found = [[read_pairs(f) for f in files] if state.is_main_process and all(f.is_file() for f in files) else None]
@@ -169,10 +168,9 @@ def instruction_rows(config: TrainConfig, paths: OptML, corpus: Corpus, base: Ba
     makes them (or finds them in the checkpoints, from an earlier run on the same documents and teacher) and
     every process trains on its copy. The rows go to /opt/ml/output/data for the person to read, edit and train
     on again (not with keep_writing_private)."""
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    state = PartialState()
+    state = _processes()
     shared = [_make_instruction_rows(config, paths, corpus, base) if state.is_main_process else None]
     broadcast_object_list(shared)  # the first process's rows, for every process (and instance)
     train_rows, held_out_rows, counts = shared[0]
@@ -218,6 +216,14 @@ def _make_instruction_rows(config: TrainConfig, paths: OptML, corpus: Corpus, ba
     for path, rows in zip(files, (train_rows, held_out_rows, [counts])):
         write_rows(rows, path)
     return train_rows, held_out_rows, counts
+
+
+def _processes():
+    """This job's processes as accelerate sees them, under torchrun the process group the Trainer would start
+    anyway, started now. On the CPU accelerate joins them (over gloo) only when told it is the CPU."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def _rank(name: str) -> int:
