@@ -58,6 +58,7 @@ def model_card(config: TrainConfig, report: dict, base_name: str, base_source: s
     for stage, values in report["stages"].items():
         lines.append(f"| {stage} | {values.get('examples', '')} | {values.get('eval_examples', '')} | "
                      f"{values.get('steps', '')} | {values.get('resumed_from_step', '')} |")
+    lines += _instruction_lines(report.get("instructions"))
     lines += _voice_lines(report["stages"])
     lines += _sample_lines(config, report["stages"])
     metrics = {stage: values.get("metrics", {}) for stage, values in report["stages"].items()}
@@ -67,6 +68,19 @@ def model_card(config: TrainConfig, report: dict, base_name: str, base_source: s
               "```", "", f"Device: {report.get('device')}, precision {report.get('precision')}. Serve it with the same "
               "image (`docker run IMAGE serve`); its TGI and OpenAI routes answer.", ""]
     return "\n".join(lines)
+
+
+def _instruction_lines(made: dict | None) -> list[str]:
+    """instructions=auto: where the training rows came from (counts only: the rows are the person's writing)."""
+    if not made:
+        return []
+    train, held_out = made["train"], made["held_out"]
+    return ["", f"The rows were made in the job from {made['documents']} documents of the person's writing "
+            f"(instructions=auto): {made['teacher_name']} wrote the instruction each passage answers "
+            f"({made['engine']}); "
+            f"{train['kept']} of {train['passages']} passages kept ({train['passed']} passed the checks, "
+            f"instructions_keep={made['instructions_keep']}); {made['held_out_documents']} whole documents "
+            f"({held_out['kept']} passages) held out for the voice."]
 
 
 def _revision_lines(revision: str | None) -> list[str]:

@@ -25,7 +25,8 @@ from train.data import to_sft_row
 from train.export import MODEL_CARD_FILE, export_model
 from train.instructions import (INSTRUCTIONS_FILE, VALIDATION_FILE, Corpus, digest, max_model_len, read_rows,
                                 require_enough, select, write_rows)
-from train.model import BaseModel, load_for_training, load_tokenizer, load_trained, resolve_teacher
+from train.model import (TEACHER_CHANNEL, BaseModel, load_for_training, load_tokenizer, load_trained,
+                         resolve_teacher)
 from train.preferences import PAIRS_FILE, build_pairs, kto_rows, read_pairs, rows_digest, write_pairs
 from train.recipes import RunContext, StageRows, detect_device, train_stage
 from train.stop import Stop
@@ -203,7 +204,10 @@ def _make_instruction_rows(config: TrainConfig, paths: OptML, corpus: Corpus, ba
     split = corpus.count(corpus.train)
     train_rows, train_counts = select(corpus.train, made[:split], config.instructions_keep)
     held_out_rows, held_out_counts = select(corpus.held_out, made[split:], None)
-    counts = {"teacher": teacher.source, "teacher_revision": teacher.revision, "engine": engine_name(),
+    name = ("the model in the `teacher` channel" if paths.channel(TEACHER_CHANNEL).is_dir()
+            else config.teacher_model_id or "the base model")
+    counts = {"teacher": teacher.source, "teacher_name": name, "teacher_revision": teacher.revision,
+              "engine": engine_name(),
               "documents": len(corpus.train) + len(corpus.held_out), "held_out_documents": len(corpus.held_out),
               "train": train_counts, "held_out": held_out_counts, "instructions_keep": config.instructions_keep,
               "seconds": round(time.monotonic() - started, 1)}

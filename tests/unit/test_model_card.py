@@ -101,3 +101,16 @@ def test_keep_writing_private_leaves_every_stage_s_samples_out_and_keeps_the_sam
     writing = [text for stage in sft_dpo_report()["stages"].values() for sample in stage["voice"]["samples"]
                for text in sample.values()]
     assert [text for text in writing if text.replace("\n", " ") in card] == []
+
+
+def test_rows_made_from_documents_say_where_they_came_from_in_counts_only(tmp_path):
+    made = {"teacher": "/opt/ml/input/data/model", "teacher_name": "the base model", "teacher_revision": None,
+            "engine": "vLLM", "documents": 16, "held_out_documents": 2, "instructions_keep": 0.8, "seconds": 60.0,
+            "train": {"passages": 35, "failed_checks": {}, "passed": 34, "kept": 28},
+            "held_out": {"passages": 6, "failed_checks": {}, "passed": 6, "kept": 6}}
+    card = model_card(TrainConfig(instructions="auto"), {**REPORT, "instructions": made}, "embedded", str(tmp_path),
+                      "merged")
+    assert ("from 16 documents of the person's writing (instructions=auto): the base model wrote the instruction "
+            "each passage answers (vLLM); 28 of 35 passages kept (34 passed the checks, instructions_keep=0.8); 2 "
+            "whole documents (6 passages) held out for the voice.") in card
+    assert "instructions=auto" not in model_card(TrainConfig(), REPORT, "embedded", str(tmp_path), "merged")
