@@ -51,7 +51,8 @@ python3 - "$documents_job/output/data/instructions.jsonl" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1], encoding="utf-8")]
 for row in rows[:3]:
-    print(f"- {row['source']} #{row['passage']}: {row['instruction']}\n    -> {row['output'][:100]}...")
+    passage = " ".join(row["output"].split())[:100]
+    print(f"- {row['source']} #{row['passage']}: {row['instruction']}\n    -> {passage}...")
 print(f"({len(rows)} rows)")
 EOF
 serve_and_ask "$documents_job"
