@@ -92,6 +92,19 @@ def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict]
 
 
 # --- files ---------------------------------------------------------------------------------------------
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    """Rows the job makes (preference=auto's pairs, instructions=auto's rows), whole or not at all: a restart
+    trusts what it finds."""
+    partial = path.with_name(path.name + ".partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    partial.replace(path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def read_records(channel_dir: Path) -> Iterator[tuple[str, object]]:
     files = sorted(p for p in channel_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
     data_files = [p for p in files if p.suffix.lower() in SUFFIXES]

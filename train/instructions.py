@@ -28,7 +28,6 @@ import math
 import re
 import unicodedata
 from dataclasses import dataclass
-from pathlib import Path
 
 from train.data import DataError
 from train.documents import Document
@@ -176,17 +175,6 @@ def digest(train: list[Document], held_out: list[Document], teacher: Teacher, ke
             "held_out": [[p.source, p.text] for d in held_out for p in d.passages],
             "teacher": [teacher.source, teacher.revision], "keep": keep, "prompt": PROMPT_VERSION}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def write_rows(rows: list[dict], path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    partial.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    partial.replace(path)  # whole or not at all: a restart trusts what it finds
-
-
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def max_model_len(passage_max_tokens: int) -> int:

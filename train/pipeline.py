@@ -21,13 +21,12 @@ from container.model_dir import TRAINING_REPORT_FILE
 from container.opt_ml import OptML
 from train.checkpoints import Markers, is_complete, mark_complete
 from train.config import TrainConfig
-from train.data import to_sft_row
+from train.data import read_jsonl, to_sft_row, write_jsonl
 from train.export import MODEL_CARD_FILE, export_model
-from train.instructions import (INSTRUCTIONS_FILE, VALIDATION_FILE, Corpus, digest, max_model_len, read_rows,
-                                require_enough, select, write_rows)
+from train.instructions import INSTRUCTIONS_FILE, VALIDATION_FILE, Corpus, digest, max_model_len, require_enough, select
 from train.model import (TEACHER_CHANNEL, BaseModel, load_for_training, load_tokenizer, load_trained,
                          resolve_teacher)
-from train.preferences import PAIRS_FILE, build_pairs, kto_rows, read_pairs, rows_digest, write_pairs
+from train.preferences import PAIRS_FILE, build_pairs, kto_rows, rows_digest
 from train.recipes import RunContext, StageRows, detect_device, train_stage
 from train.stop import Stop
 from train.teacher import engine_name, write_instructions
@@ -142,7 +141,7 @@ def _auto_pairs(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
     state = _processes()
     files = [stage_dir / f"{name}-{rows_digest(rows)}.jsonl"
              for name, rows in (("train", train_rows), ("eval", eval_rows))]
-    found = [[read_pairs(f) for f in files] if state.is_main_process and all(f.is_file() for f in files) else None]
+    found = [[read_jsonl(f) for f in files] if state.is_main_process and all(f.is_file() for f in files) else None]
     broadcast_object_list(found)  # the first process's view decides, for every process
     if found[0] is not None:
         pairs = found[0]
@@ -157,7 +156,7 @@ def _auto_pairs(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
     if state.is_local_main_process:
         for path, built in zip(files, pairs):
             if not path.is_file():
-                write_pairs(built, path)
+                write_jsonl(built, path)
         shutil.copy2(files[0], stage_dir / PAIRS_FILE)  # what export ships with the model
     log.info("preference=auto: %d training and %d evaluation pairs from %d and %d rows", len(pairs[0]), len(pairs[1]),
              len(train_rows), len(eval_rows))
@@ -178,8 +177,8 @@ def instruction_rows(config: TrainConfig, paths: OptML, corpus: Corpus, base: Ba
     eval_rows = corpus.validation_rows if corpus.validation_rows is not None else held_out_rows
     if state.is_main_process and not config.keep_writing_private:
         output = paths.output_dir / "data"
-        write_rows(train_rows, output / INSTRUCTIONS_FILE)
-        write_rows(held_out_rows, output / VALIDATION_FILE)
+        write_jsonl(train_rows, output / INSTRUCTIONS_FILE)
+        write_jsonl(held_out_rows, output / VALIDATION_FILE)
         log.info("instructions=auto: the rows are in %s (training) and %s (held out)", output / INSTRUCTIONS_FILE,
                  output / VALIDATION_FILE)
     sft_rows = [to_sft_row(row, f"{INSTRUCTIONS_FILE} row {i}") for i, row in enumerate(train_rows)]
@@ -193,7 +192,7 @@ def _make_instruction_rows(config: TrainConfig, paths: OptML, corpus: Corpus, ba
     folder = paths.checkpoints_dir / "instructions"
     files = [folder / f"{name}-{key}.jsonl" for name in ("train", "held_out", "counts")]
     if all(f.is_file() for f in files):
-        train_rows, held_out_rows, (counts,) = (read_rows(f) for f in files)
+        train_rows, held_out_rows, (counts,) = (read_jsonl(f) for f in files)
         log.info("instructions=auto: reusing the %d training and %d held-out rows an earlier run wrote (%s)",
                  len(train_rows), len(held_out_rows), files[0])
         return train_rows, held_out_rows, counts
@@ -218,7 +217,7 @@ def _make_instruction_rows(config: TrainConfig, paths: OptML, corpus: Corpus, ba
     require_enough(len(train_rows), config.per_device_train_batch_size * config.gradient_accumulation_steps,
                    "filtering the instructions")
     for path, rows in zip(files, (train_rows, held_out_rows, [counts])):
-        write_rows(rows, path)
+        write_jsonl(rows, path)
     return train_rows, held_out_rows, counts
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 from train.data import DataError
 from train.voice import generate
@@ -38,17 +37,6 @@ def build_pairs(model, tokenizer, rows: list[dict], max_new_tokens: int) -> list
 def rows_digest(rows: list[dict]) -> str:
     """A short digest of the rows pairs are built from: pairs built from other rows are not reused."""
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def write_pairs(pairs: list[dict], path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    partial.write_text("".join(json.dumps(pair) + "\n" for pair in pairs), encoding="utf-8")
-    partial.replace(path)  # whole or not at all: a restart trusts what it finds
-
-
-def read_pairs(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def kto_rows(pairs: list[dict]) -> list[dict]:

@@ -10,7 +10,7 @@ import pytest
 
 from tests.contract.test_serve import LLM_TWIN_BODY
 from tests.helpers import REPO, Server, link_model_channel, make_tree, run_train
-from train.instructions import read_rows
+from train.data import read_jsonl
 
 DOCUMENTS = REPO / "local_test" / "documents"
 QUICK = {"instructions": "auto", "per_device_train_batch_size": "4", "gradient_accumulation_steps": "2"}
@@ -34,8 +34,8 @@ def test_a_folder_of_posts_becomes_instructions_a_twin_and_an_endpoint(tmp_path)
     assert "vLLM" in log and "empty after cleaning" in log and "duplicates" in log
     empty = [line for line in log.splitlines() if "empty after cleaning" in line]
     assert any("untitled" in line for line in empty), empty  # the empty file is named
-    rows = read_rows(root / "output" / "data" / "instructions.jsonl")
-    held_out = read_rows(root / "output" / "data" / "instructions_validation.jsonl")
+    rows = read_jsonl(root / "output" / "data" / "instructions.jsonl")
+    held_out = read_jsonl(root / "output" / "data" / "instructions_validation.jsonl")
     assert rows and held_out
     assert all({"instruction", "output", "source", "passage", "score"} <= set(row) for row in rows + held_out)
     assert not {row["source"] for row in rows} & {row["source"] for row in held_out}  # whole documents held out
@@ -61,7 +61,7 @@ def test_a_folder_of_posts_becomes_instructions_a_twin_and_an_endpoint(tmp_path)
     again = run_train(root, timeout=1800)  # the same job restarted: the rows it made are reused, not made again
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "reusing the" in again.stdout and "writes the instructions" not in again.stdout
-    assert read_rows(root / "output" / "data" / "instructions.jsonl") == rows
+    assert read_jsonl(root / "output" / "data" / "instructions.jsonl") == rows
     print(f"instructions=auto job: {first_run:.0f} s, {made['seconds']} s of it writing instructions; "
           f"{made['train']['passages']} passages, {made['train']['passed']} passed, {made['train']['kept']} kept")
 
@@ -96,6 +96,6 @@ def test_on_two_processes_the_first_writes_the_instructions_and_both_train_on_th
     log = job.stdout + job.stderr
     assert job.returncode == 0, log[-4000:]
     assert log.count("writes the instructions of") == 1  # one teacher, on the first process
-    rows = read_rows(root / "output" / "data" / "instructions.jsonl")
+    rows = read_jsonl(root / "output" / "data" / "instructions.jsonl")
     report = json.loads((root / "model" / "training_report.json").read_text())
     assert report["stages"]["sft"]["examples"] == len(rows) and report["stages"]["sft"]["world_size"] == 2

@@ -5,8 +5,8 @@ import pytest
 
 from train.data import DataError, to_sft_row
 from train.documents import Document, Passage
-from train.instructions import (Teacher, backtranslate, check, clean_instruction, digest, read_rows, require_enough,
-                                script, select, write_rows)
+from train.data import read_jsonl, write_jsonl
+from train.instructions import Teacher, backtranslate, check, clean_instruction, digest, require_enough, script, select
 
 PASSAGE = ("We turned packing off for small fine-tuning jobs. The run got slower, the answers got better, and "
            "nobody misses the speed.")
@@ -65,8 +65,8 @@ def test_rows_are_named_after_their_passages_and_teacher_and_written_whole(tmp_p
     assert key != digest(corpus, [], Teacher("/models/b", None), 0.8)
     assert key != digest(corpus, [], teacher, 0.9)
     rows = [{"instruction": "Ask ünïcode?", "output": PASSAGE}]
-    write_rows(rows, tmp_path / "rows.jsonl")
-    assert read_rows(tmp_path / "rows.jsonl") == rows
+    write_jsonl(rows, tmp_path / "rows.jsonl")
+    assert read_jsonl(tmp_path / "rows.jsonl") == rows
     assert not list(tmp_path.glob("*.partial"))
 
 
