@@ -87,7 +87,8 @@ COPY train ./train
 COPY serve ./serve
 RUN pip install --no-cache-dir --no-index --no-deps --no-build-isolation . && rm -rf build
 
-LABEL com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true
+LABEL com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true \
+      com.amazonaws.sagemaker.capabilities.bidirectional-streaming=true
 EXPOSE 8080
 # Exec form: PID 1 receives SageMaker's SIGTERM. No argument means train (SDK v3 local mode passes none).
 ENTRYPOINT ["llm-twin"]

@@ -18,6 +18,10 @@ BIND_TO_PORT_ENV = "SAGEMAKER_BIND_TO_PORT"
 DEFAULT_PORT = 8080
 MODEL_SERVER_WORKERS_ENV = "SAGEMAKER_MODEL_SERVER_WORKERS"
 MODEL_SERVER_TIMEOUT_ENV = "SAGEMAKER_MODEL_SERVER_TIMEOUT"
+# Stateful sessions, named as AWS's model-hosting-container-standards library names them.
+STATEFUL_SESSIONS_ENV = "SAGEMAKER_ENABLE_STATEFUL_SESSIONS"
+SESSIONS_EXPIRATION_ENV = "SAGEMAKER_SESSIONS_EXPIRATION"
+SESSIONS_PATH_ENV = "SAGEMAKER_SESSIONS_PATH"
 FAILURE_REASON_LIMIT = 1024  # DescribeTrainingJob.FailureReason keeps this many characters
 
 # Hyperparameters the SageMaker SDKs add for their own toolkits; they are not ours to interpret.

@@ -55,13 +55,34 @@ def deploy(image: str, workdir: Path) -> str:
     from sagemaker.serializers import JSONSerializer
 
     tarball = workdir / "container" / "compressed_artifacts" / "model.tar.gz"
-    model = Model(image_uri=image, model_data=f"file://{tarball}", role=ROLE,
-                  sagemaker_session=_local_session(workdir / "serve"), predictor_cls=Predictor)
+    model = Model(image_uri=image, model_data=f"file://{tarball}", role=ROLE, predictor_cls=Predictor,
+                  sagemaker_session=_local_session(workdir / "serve"),
+                  env={"SAGEMAKER_ENABLE_STATEFUL_SESSIONS": "true"})
     predictor = model.deploy(initial_instance_count=1, instance_type="local",
                              serializer=JSONSerializer(), deserializer=JSONDeserializer())
     return _ask(predictor, "SDK v2 Model.deploy(instance_type='local') served it", {
         "inputs": "Write one sentence about measuring before optimising.",
-        "parameters": {"max_new_tokens": 16, "do_sample": False}})
+        "parameters": {"max_new_tokens": 16, "do_sample": False}}, then=_converse)
+
+
+def _converse() -> None:
+    """The endpoint's WebSocket (what InvokeEndpointWithBidirectionalStream reaches; the SDK's local mode has
+    no such call): a session opened on the connection, two turns, the second continuing the first."""
+    from websockets.sync.client import connect
+
+    with connect("ws://localhost:8080/invocations-bidirectional-stream", open_timeout=60) as websocket:
+        websocket.send(json.dumps({"requestType": "NEW_SESSION"}))
+        session = json.loads(websocket.recv(timeout=60))
+        answers = []
+        for turn in ("My name is Ada.", "What is my name?"):
+            websocket.send(json.dumps({"inputs": turn, "stream": False, "parameters": {"max_new_tokens": 12}}))
+            answers.append(json.loads(websocket.recv(timeout=120))[0]["generated_text"])
+        websocket.send(json.dumps({"requestType": "CLOSE"}))
+        closed = json.loads(websocket.recv(timeout=60))
+    if not closed.get("closed") or not all(answers):
+        sys.exit(f"the bidirectional stream's session did not work: {session}, {answers}, {closed}")
+    print(f"bidirectional stream (WebSocket) on the SDK's local endpoint: session {session['session_id']}, "
+          f"two turns answered {json.dumps(answers)}, closed")
 
 
 def book(image: str, workdir: Path) -> str:
@@ -99,10 +120,13 @@ def _local_session(container_root: Path):
     return session
 
 
-def _ask(predictor, what: str, body: dict) -> str:
-    """One TGI request through the SDK's predictor, then the local endpoint deleted; TGI's answer or exit."""
+def _ask(predictor, what: str, body: dict, then=None) -> str:
+    """One TGI request through the SDK's predictor (and `then`), then the local endpoint deleted; TGI's answer
+    or exit."""
     try:
         answer = predictor.predict(body)
+        if then is not None:
+            then()
     finally:
         print("deleting the local endpoint: the SDK then logs the compose process it stops (exit -15) as an error")
         predictor.delete_endpoint()

@@ -98,8 +98,10 @@ trap cleanup EXIT
 cleanup
 run=("${podman[@]}" run --rm)
 
-label="$("${podman[@]}" image inspect --format '{{index .Config.Labels "com.amazonaws.sagemaker.capabilities.accept-bind-to-port"}}' "$image")"
-[[ "$label" == "true" ]] || { echo "the accept-bind-to-port label is missing" >&2; exit 1; }
+for capability in accept-bind-to-port bidirectional-streaming; do
+  label="$("${podman[@]}" image inspect --format "{{index .Config.Labels \"com.amazonaws.sagemaker.capabilities.$capability\"}}" "$image")"
+  [[ "$label" == "true" ]] || { echo "the $capability label is missing" >&2; exit 1; }
+done
 "${run[@]}" "$image" test ! -e /opt/ml || { echo "the image has files under /opt/ml" >&2; exit 1; }
 
 step "the DeepSpeed op the build asked for is prebuilt"

@@ -69,6 +69,12 @@ if curl -s -o /dev/null "http://127.0.0.1:8080/"; then echo "port 8080 is in use
 
 jobdir="$work/sdk-local"
 rm -rf "$jobdir" && mkdir -p "$jobdir"
+step "the image declares SageMaker's capabilities (labels)"
+for capability in accept-bind-to-port bidirectional-streaming; do
+  label="$("$bin/podman" image inspect --format "{{index .Config.Labels \"com.amazonaws.sagemaker.capabilities.$capability\"}}" "$image")"
+  echo "com.amazonaws.sagemaker.capabilities.$capability=$label"
+  [[ "$label" == "true" ]] || { echo "the image lacks the $capability label" >&2; exit 1; }
+done
 step "SDK v3 ModelTrainer, training_mode=LOCAL_CONTAINER"
 "$work/sdk-v3/bin/python" "$repo/local_test/sdk_local_mode.py" train "$image" "$jobdir"
 step "SDK v2 Model.deploy(instance_type='local') and predict"

@@ -18,6 +18,13 @@ the body must be JSON (a web page cannot send that cross-origin without the cont
 served model's own names (`llm-twin`, `model`) cannot be taken. An error about a request's adapter never
 lists the others: on an endpoint hosting several people's twins, their names are theirs.
 
+The registration body may also carry AWS's `preload` (default true: load the adapter into the engine at
+registration) and `pin` (default false: never evict it from the engine's cache of MAX_LORAS adapters), as
+model-hosting-container-standards' SageMakerRegisterLoRAAdapterRequest defines them; serve/lora_cache.py
+honours them in each worker's engine. Registering a name again replaces the adapter in place: the new
+version gets a new vLLM id, requests already running finish on the old one, and each worker unloads the
+old one once nothing there uses it.
+
 Each gunicorn worker runs its own engine, and a registration reaches only one of them, so the registry
 lives in a folder all workers share: one JSON file per adapter, written whole by rename. A worker looks an
 adapter up there when a request names it, and vLLM loads it on first use. Nothing here knows vLLM: an
@@ -35,11 +42,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager, Mapping
 
 from container.model_dir import ADAPTER_DIR
 from serve.errors import BadRequest, NotFound, ValidationError
-from serve.schemas import MODEL_NAME, GenerateRequest
+from serve.schemas import MODEL_NAME, NEUTRAL_MODELS, GenerateRequest
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,14 @@ FIRST_REGISTERED_ID = 1 << 20  # vLLM's adapter ids: fixed adapters take 1..N, r
 MODEL_ADAPTER = "model"  # the name of an adapter-only model directory's own adapter
 RESERVED_NAMES = (MODEL_NAME, MODEL_ADAPTER)  # the served model's names: a registration cannot take them
 DEFAULT_RANK = 16  # peft's LoraConfig default, for an adapter_config.json that names no rank
+# What SageMaker's adapter inference component calls the adapter: AWS's library names it in its answers to
+# POST and DELETE /adapters ("Adapter {alias} registered"); it never chooses an adapter for a request.
+ALIAS_HEADER = "X-Amzn-SageMaker-Adapter-Alias"
+REGISTRATION_FIELDS = {"name": str, "src": str, "preload": bool, "pin": bool}  # AWS's, with their defaults below
+LIST_LIMIT = 100  # GET /adapters' page, AWS's SageMakerListLoRAAdaptersRequest default
+# OpenAI `model` values that mean the served model itself: ours, TGI's docs' "tgi", and the "dummy" that
+# huggingface_hub's InferenceClient sends to a URL.
+SERVED_MODELS = (*NEUTRAL_MODELS, "dummy")
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,27 @@ class Adapter:
     name: str
     number: int  # vLLM's adapter id: a new one for every registration, so vLLM never answers from stale weights
     path: Path
+    pin: bool = False  # never evicted from the engine's cache (registered with "pin": true)
+    preload: bool = False  # loaded into the engine at registration rather than at its first request
+    alias: str | None = None  # X-Amzn-SageMaker-Adapter-Alias at registration: what the answers call it
+
+
+def parse_registration(body: dict) -> dict:
+    """POST /adapters' JSON body as AWS's SageMakerRegisterLoRAAdapterRequest defines it: `name` and `src`
+    (non-empty strings), `preload` (default true) and `pin` (default false), booleans. Other fields are
+    ignored, as AWS's model ignores them."""
+    missing = [key for key in ("name", "src") if not isinstance(body.get(key), str) or not body[key]]
+    if missing:
+        raise BadRequest(f"registering an adapter needs {' and '.join(missing)} (strings): "
+                         '{"name": "alice", "src": "/path/to/adapter"}')
+    for key in ("preload", "pin"):
+        if key in body and not isinstance(body[key], bool):
+            raise BadRequest(f"'{key}' must be true or false, got {json.dumps(body[key])[:40]}")
+    ignored = sorted(set(body) - set(REGISTRATION_FIELDS))
+    if ignored:
+        log.warning("POST /adapters: ignored the fields %s", ", ".join(repr(key[:40]) for key in ignored[:8]))
+    return {"name": body["name"], "src": body["src"], "preload": body.get("preload", True),
+            "pin": body.get("pin", False)}
 
 
 def adapter_folder(src: str, root: Path) -> Path:
@@ -105,32 +141,78 @@ class Adapters:
 
     def for_request(self, request: GenerateRequest) -> Adapter | None:
         """The adapter a request asks for (TGI's adapter_id, OpenAI's model, SageMaker's adapter header),
-        or the model directory's own adapter, or none."""
+        or the model directory's own adapter, or none. A name that is no adapter here is a 422, never the
+        base model's answer: on an endpoint that serves adapters, an OpenAI `model` is one of them or the
+        served model's own name."""
         name = request.params.adapter_id
-        if name is None and request.model and self.find(request.model) is not None:
+        if name is None and request.model not in (None, *SERVED_MODELS) and self.serves_adapters:
             name = request.model
         if name is None:
             return self.fixed.get(MODEL_ADAPTER)
         adapter = self.find(name)
         if adapter is None:  # the other adapters' names are not this caller's to know
+            if request.params.adapter_id is None:
+                raise ValidationError(f"unknown model {name!r}: name an adapter this endpoint serves, or "
+                                      f"{MODEL_NAME!r} for the model itself")
             raise ValidationError(f"unknown adapter {name!r}")
         return adapter
+
+    @property
+    def serves_adapters(self) -> bool:
+        return bool(self.fixed) or self.registry is not None
 
     def find(self, name: str) -> Adapter | None:
         if name in self.fixed:
             return self.fixed[name]
         if self.registry is None or not NAME.fullmatch(name or ""):
             return None
-        try:
-            entry = json.loads((self.registry / f"{name}.json").read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        return Adapter(name, int(entry["id"]), Path(entry["src"]))
+        return self._read(self.registry / f"{name}.json")
 
-    def register(self, name: str, src: str, load: Callable[[Adapter], None]) -> dict:
+    def registered(self) -> list[Adapter]:
+        """The registered adapters, by name (the current version of each)."""
+        if self.registry is None:
+            return []
+        found = (self._read(path) for path in sorted(self.registry.glob("*.json")))
+        return [adapter for adapter in found if adapter is not None]
+
+    def current(self) -> dict[str, Adapter]:
+        """Every adapter's current version, fixed and registered: what an engine may keep loaded."""
+        return {**self.fixed, **{adapter.name: adapter for adapter in self.registered()}}
+
+    def listing(self, loaded: Callable[[], dict[int, tuple[str, bool]]], query: Mapping[str, str],
+                only: str | None = None) -> dict:
+        """GET /adapters: each registered adapter (only `only`, when SageMaker's adapter header names one),
+        and what this worker's engine holds of it; `loaded()`: the engine's adapters, number -> (name,
+        pinned). Paged as AWS's SageMakerListLoRAAdaptersRequest: `limit`, then `next_page_token`."""
+        bounds = {}
+        for key, default in (("limit", LIST_LIMIT), ("next_page_token", 0)):
+            raw = query.get(key, str(default))
+            if not raw.isdigit() or (key == "limit" and int(raw) < 1):
+                raise BadRequest(f"'{key}' must be a {'positive' if key == 'limit' else 'non-negative'} integer, "
+                                 f"got {raw[:40]!r}")
+            bounds[key] = int(raw)
+        registered = [a for a in self.registered() if only is None or a.name == only]
+        start, end = bounds["next_page_token"], bounds["next_page_token"] + bounds["limit"]
+        engine = loaded() if registered[start:end] else {}
+        page = {"adapters": [self._row(adapter, engine) for adapter in registered[start:end]]}
+        if end < len(registered):
+            page["next_page_token"] = str(end)
+        return page
+
+    @staticmethod
+    def _row(adapter: Adapter, loaded: dict[int, tuple[str, bool]]) -> dict:
+        state = loaded.get(adapter.number)
+        older = [n for n, (other, _) in loaded.items() if other == adapter.name and n != adapter.number]
+        return {"name": adapter.name, "src": str(adapter.path), "alias": adapter.alias, "pin": adapter.pin,
+                "preload": adapter.preload, "loaded": state is not None, "pinned": state is not None and state[1],
+                "older_versions_loaded": len(older)}
+
+    def register(self, name: str, src: str, load: Callable[[Adapter], ContextManager], pin: bool = False,
+                 preload: bool = True, alias: str | None = None) -> dict:
         """SageMaker's adapter component arriving: check it, `load` it into this worker's engine (so an
-        adapter the engine cannot load fails here rather than on a user's request), then record it for
-        every worker."""
+        adapter the engine cannot load fails here rather than on a user's request; `load` holds it there
+        until its record is written), then record it for every worker. A name registered before is
+        replaced: its record names the new version from then on."""
         if self.registry is None:
             raise BadRequest("this endpoint cannot take adapters: it was started without ENABLE_LORA=true (set "
                              "it on the base model; `launch deploy --adapter` does), or a custom predict_fn serves it")
@@ -146,23 +228,36 @@ class Adapters:
             raise ValidationError(f"adapter {name!r} has LoRA rank {rank}, above this endpoint's MAX_LORA_RANK="
                                   f"{self.max_rank}: redeploy the base with MAX_LORA_RANK={rank} or more")
         digest = hashlib.sha256(f"{name}\0{folder}\0{time.time_ns()}".encode()).digest()
-        adapter = Adapter(name, FIRST_REGISTERED_ID + int.from_bytes(digest[:4], "big") % (2**31 - FIRST_REGISTERED_ID),
-                          folder)
-        load(adapter)  # loaded here first: other workers only ever see an adapter that loaded
-        descriptor, staging = tempfile.mkstemp(dir=self.registry, prefix=f".{name}.", suffix=".tmp")
-        with os.fdopen(descriptor, "w", encoding="utf-8") as f:  # its own file: registrations may race
-            json.dump({"name": name, "src": str(folder), "id": adapter.number}, f)
-        os.replace(staging, self.registry / f"{name}.json")
-        log.info("adapter %s registered from %s", name, folder)
-        return {"name": name, "src": str(folder)}
+        number = FIRST_REGISTERED_ID + int.from_bytes(digest[:4], "big") % (2**31 - FIRST_REGISTERED_ID)
+        adapter = Adapter(name, number, folder, pin=pin, preload=preload or pin, alias=alias)
+        with load(adapter):  # loaded here first: other workers only ever see an adapter that loaded
+            descriptor, staging = tempfile.mkstemp(dir=self.registry, prefix=f".{name}.", suffix=".tmp")
+            with os.fdopen(descriptor, "w", encoding="utf-8") as f:  # its own file: registrations may race
+                json.dump({"name": name, "src": str(folder), "id": number, "pin": adapter.pin,
+                           "preload": adapter.preload, "alias": alias}, f)
+            os.replace(staging, self.registry / f"{name}.json")
+        log.info("adapter %s registered from %s (pin %s, preload %s)", name, folder, adapter.pin, adapter.preload)
+        return {"name": name, "src": str(folder), "pin": adapter.pin, "preload": adapter.preload,
+                "message": f"Adapter {alias or name} registered"}
 
-    def unregister(self, name: str, unload: Callable[[Adapter], None]) -> None:
+    def unregister(self, name: str, unload: Callable[[Adapter], None], alias: str | None = None) -> dict:
         """Forget `name` for every worker and `unload` it from this one; NotFound when it is not registered."""
         if self.registry is None:
-            raise NotFound(f"adapter {name!r} is not registered: this endpoint takes no adapters (ENABLE_LORA)")
+            raise NotFound(f"adapter {alias or name!r} is not registered: this endpoint takes no adapters "
+                           "(ENABLE_LORA)")
         adapter = self.find(name) if name not in self.fixed else None
         if adapter is None:
-            raise NotFound(f"adapter {name!r} is not registered")
+            raise NotFound(f"adapter {alias or name!r} is not registered")
         (self.registry / f"{name}.json").unlink(missing_ok=True)
         unload(adapter)
         log.info("adapter %s unregistered", name)
+        return {"name": name, "message": f"Adapter {alias or name} unregistered"}
+
+    @staticmethod
+    def _read(path: Path) -> Adapter | None:
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:  # unregistered meanwhile
+            return None
+        return Adapter(entry["name"], int(entry["id"]), Path(entry["src"]), pin=entry.get("pin", False),
+                       preload=entry.get("preload", False), alias=entry.get("alias"))

@@ -4,6 +4,8 @@ SageMaker routes only `GET /ping` and `POST /invocations`; `/invocations` speaks
 OpenAI's chat, routed on `messages`). For `docker run` users the same handlers also answer TGI's own
 routes: `/generate`, `/generate_stream`, `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
 `/info`, `/health`, `/metrics` (Prometheus text), and `POST /` (what TGI's Python client calls).
+SageMaker's stateful sessions ride on any of them (serve/sessions.py), and its bidirectional streaming is a
+WebSocket whose messages are the same requests (serve/bidirectional.py). serve/answers.py encodes answers.
 
 This is the serving side's one exception boundary: every error becomes `{"error", "error_type"}` JSON
 with its status (TGI's body), so no client mistake is ever a 500. Once a stream has started, an error
@@ -12,27 +14,27 @@ is sent as a last SSE event with the same body.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import socket
-import threading
-import time
-from collections import Counter, deque
-from typing import Protocol
+from typing import ContextManager, Protocol
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from serve import openai, tgi
-from serve.adapters import Adapter, Adapters
+from serve import bidirectional, openai
+from serve.adapters import ALIAS_HEADER, Adapter, Adapters, parse_registration
 from serve.admission import Ticket
+from serve.answers import answer, error_response, json_response, parse_json, response_payload, send_answer
 from serve.custom import CustomHandlers
-from serve.errors import (BadRequest, ClientGone, GenerationError, NotAcceptable, NotReady, Overloaded, ServeError,
-                          UnsupportedMediaType, ValidationError, not_finished)
+from serve.errors import (BadRequest, GenerationError, NotAcceptable, NotReady, ServeError,
+                          UnsupportedMediaType, ValidationError)
 from serve.schemas import (ADAPTER_HEADER, MAX_BEST_OF, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS, GenerateRequest,
-                           GenerateResult, bind_to_adapter_header, parse_chat, parse_completion, parse_generate,
+                           bind_to_adapter_header, parse_chat, parse_completion, parse_generate,
                            parse_request)
+from serve.jsonlines import answer_lines
+from serve.metrics import Metrics
+from serve.sessions import (CLOSED_SESSION_HEADER, NEW_SESSION, NEW_SESSION_HEADER, SESSION_HEADER, Sessions, Turn,
+                            request_type)
 from serve.startup import Startup
 from serve.translate import Limits
 
@@ -41,7 +43,6 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 6 * 1024 * 1024  # InvokeEndpoint's payload limit
 JSON_TYPES = ("application/json", "")
 JSONLINES_TYPES = ("application/jsonlines", "application/x-jsonlines", "application/jsonl")
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _TOKEN = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,63}"
 MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(\s*;\s*{_TOKEN}={_TOKEN})*")  # one type/subtype, with parameters
 REALTIME_JSONLINES_SHARE = 4  # on a real-time endpoint a jsonlines body holds at most 1/4 of the slots at once
@@ -67,9 +68,13 @@ class Engine(Protocol):
     def predict(self, data: object) -> object:
         """A custom predict_fn's answer to `data`."""
 
-    def load_adapter(self, adapter: Adapter) -> None: ...
+    def load_adapter(self, adapter: Adapter) -> ContextManager:
+        """A registration: `adapter` loaded (and pinned) as it asks, held while the registry records it."""
 
     def unload_adapter(self, adapter: Adapter) -> None: ...
+
+    def loaded_adapters(self) -> dict[int, tuple[str, bool]]:
+        """The adapters in this worker's engine: version -> (name, pinned)."""
 
     def shutdown(self) -> None: ...
 
@@ -82,23 +87,72 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = max(MAX_BODY_BYTES, batch_bytes)
     app.extensions["engine"] = engine  # gunicorn's worker_exit hook shuts it down
     metrics = Metrics()
+    sessions = (Sessions(startup.session_folder, config.sessions_expiration, config.max_sessions,
+                         config.max_session_bytes) if startup.session_folder is not None else None)
+    connections = bidirectional.Connections(config.max_bidirectional_streams)
 
     def check_ready() -> None:
         if engine.state == "loading":
             raise NotReady("model is loading")
 
+    def prepare(generate_request: GenerateRequest, adapter: str | None,
+                session_id: str | None) -> tuple[GenerateRequest, Turn | None]:
+        """The request as SageMaker's headers bind it: to their adapter, and as the next turn of their session."""
+        generate_request = bind_to_adapter_header(generate_request, adapter)
+        if session_id is None:
+            return generate_request, None
+        turn = _sessions(sessions).turn(session_id, generate_request)
+        return turn.request, turn
+
+    def session_request(body: dict, adapter: str | None, session_id: str | None) -> tuple[dict, dict]:
+        """NEW_SESSION or CLOSE: the answer's body and headers."""
+        kind = request_type(body)
+        if kind == NEW_SESSION:
+            session = _sessions(sessions).open(adapter or "")
+            return ({"session_id": session.id, "expires": session.expires_at},
+                    {NEW_SESSION_HEADER: f"{session.id}; Expires={session.expires_at}"})
+        if not session_id:
+            raise BadRequest(f"CLOSE needs the session's id in the {SESSION_HEADER} header")
+        _sessions(sessions).close(session_id, adapter or "")
+        return {"session_id": session_id, "closed": True}, {CLOSED_SESSION_HEADER: session_id}
+
     def generate(generate_request: GenerateRequest, one_object: bool = False) -> Response:
         check_ready()
-        generate_request = bind_to_adapter_header(generate_request, request.headers.get(ADAPTER_HEADER))
-        return _generate(engine, generate_request, config.timeout, config.stream_timeout, metrics, one_object)
+        generate_request, turn = prepare(generate_request, request.headers.get(ADAPTER_HEADER),
+                                         request.headers.get(SESSION_HEADER))
+        return answer(engine, generate_request, config.timeout, config.stream_timeout, metrics, one_object, turn)
+
+    def message(data: str | bytes, send: bidirectional.Send, headers, connection: dict) -> None:
+        """One WebSocket message: a request (streamed unless it says "stream": false) or a session request;
+        its answer as messages. An error is one message, and the connection stays open. A session opened on
+        the connection is the one its next turns continue (as SageMaker's header would say)."""
+        try:
+            check_ready()
+            body = parse_json(data.encode() if isinstance(data, str) else data)
+            session_id = headers.get(SESSION_HEADER) or connection.get("session")
+            if isinstance(body, dict) and "requestType" in body:
+                payload, _ = session_request(body, headers.get(ADAPTER_HEADER), session_id)
+                connection["session"] = None if payload.get("closed") else payload["session_id"]
+                send(payload)
+                return
+            if isinstance(body, dict) and "stream" not in body:
+                body = {**body, "stream": True}
+            generate_request, turn = prepare(parse_request(body), headers.get(ADAPTER_HEADER), session_id)
+            send_answer(engine, generate_request, config.stream_timeout, metrics, turn, send)
+        except ServeError as e:
+            metrics.count(e.status)
+            send({"error": e.message, "error_type": e.error_type})
+        except TimeoutError as e:
+            metrics.count(424)
+            send({"error": str(e), "error_type": "generation"})
 
     @app.get("/ping")
     def ping():
         state = engine.state
         if state == "loading":
-            return _error(503, "healthcheck", "model is loading")
+            return error_response(503, "healthcheck", "model is loading")
         if state == "failed":
-            return _error(500, "healthcheck", "the engine has failed")
+            return error_response(500, "healthcheck", "the engine has failed")
         return Response(status=200)
 
     @app.get("/health")
@@ -109,12 +163,12 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
     def execution_parameters():
         """Batch transform asks this once, for what the job leaves unset (serve/config.py says how they
         are chosen: within SageMaker's 100 MB product, sized to finish inside the invocation timeout)."""
-        return _json(200, config.execution_parameters)
+        return json_response(200, config.execution_parameters)
 
     @app.get("/info")
     def info():
         """TGI's /info, with the values this server enforces."""
-        return _json(200, {"model_id": startup.spec.base_model, "model_dtype": config.dtype,
+        return json_response(200, {"model_id": startup.spec.base_model, "model_dtype": config.dtype,
                            "model_device_type": "vllm", "max_input_tokens": engine.limits.max_input_tokens,
                            "max_total_tokens": engine.limits.max_total_tokens, "max_best_of": MAX_BEST_OF,
                            "max_stop_sequences": MAX_STOP_SEQUENCES, "max_top_n_tokens": MAX_TOP_N_TOKENS,
@@ -123,28 +177,32 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
 
     @app.get("/v1/models")
     def models():
-        return _json(200, openai.models(adapters.names()))
+        return json_response(200, openai.models(adapters.names()))
 
     @app.post("/adapters")
     def register_adapter():
-        """SageMaker creating an adapter inference component (serve/adapters.py): `name` and `src` in a JSON
-        body (application/json only: a web page cannot send that to a local container cross-origin)."""
+        """SageMaker creating an adapter inference component (serve/adapters.py): `name`, `src`, `preload` and
+        `pin` in a JSON body (application/json only: a web page cannot send that to a local container
+        cross-origin). Registering a name again replaces its adapter in place."""
         check_ready()
         if request.mimetype != "application/json":
             raise UnsupportedMediaType('POST /adapters takes a JSON body (Content-Type: application/json): '
                                        '{"name": "alice", "src": "/opt/ml/models/alice"}')
-        fields = _object(_body())
-        missing = [key for key in ("name", "src") if not isinstance(fields.get(key), str) or not fields[key]]
-        if missing:
-            raise BadRequest(f"registering an adapter needs {' and '.join(missing)} (strings): "
-                             '{"name": "alice", "src": "/path/to/adapter"}')
-        return _json(200, adapters.register(fields["name"], fields["src"], engine.load_adapter))
+        registration = parse_registration(_object(_body()))
+        return json_response(200, adapters.register(**registration, load=engine.load_adapter,
+                                                    alias=request.headers.get(ALIAS_HEADER)))
+
+    @app.get("/adapters")
+    def list_adapters():
+        """The registered adapters, and whether this worker's engine has each loaded and pinned."""
+        check_ready()
+        return json_response(200, adapters.listing(engine.loaded_adapters, request.args,
+                                                   only=request.headers.get(ADAPTER_HEADER)))
 
     @app.delete("/adapters/<name>")
     def unregister_adapter(name: str):
         check_ready()
-        adapters.unregister(name, engine.unload_adapter)
-        return _json(200, {"name": name})
+        return json_response(200, adapters.unregister(name, engine.unload_adapter, request.headers.get(ALIAS_HEADER)))
 
     @app.get("/metrics")
     def prometheus():
@@ -159,8 +217,27 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
             return _custom(engine, startup.custom, config.timeout)
         if request.mimetype in JSONLINES_TYPES:
             in_flight = engine.capacity if config.batch else max(1, engine.capacity // REALTIME_JSONLINES_SHARE)
-            return _jsonlines(engine, request.get_data(cache=False), config.timeout, in_flight)
-        return generate(parse_request(_body()))
+            return answer_lines(engine, request.get_data(cache=False), request.headers.get(ADAPTER_HEADER),
+                                config.timeout, in_flight)
+        body = _body()
+        if isinstance(body, dict) and "requestType" in body:
+            payload, headers = session_request(body, request.headers.get(ADAPTER_HEADER),
+                                               request.headers.get(SESSION_HEADER))
+            return json_response(200, payload, headers)
+        return generate(parse_request(body))
+
+    @app.get(bidirectional.ROUTE, websocket=True)  # werkzeug matches it to WebSocket upgrades only
+    def bidirectional_stream():
+        """SageMaker's InvokeEndpointWithBidirectionalStream (serve/bidirectional.py)."""
+        check_ready()
+        connections.take()
+        try:
+            headers, connection = request.headers, {"session": None}  # the upgrade's, for the connection's life
+            return bidirectional.serve(request.environ, MAX_BODY_BYTES,
+                                       lambda data, send: message(data, send, headers, connection),
+                                       client_left=lambda: metrics.count(499))
+        finally:
+            connections.give_back()
 
     @app.post("/generate")
     def tgi_generate():
@@ -181,143 +258,32 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
     @app.errorhandler(ServeError)
     def serve_error(e: ServeError):
         metrics.count(e.status)
-        return _error(e.status, e.error_type, e.message)
+        return error_response(e.status, e.error_type, e.message)
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
-        return _error(e.code or 500, e.name.lower().replace(" ", "_"), e.description or e.name)
+        return error_response(e.code or 500, e.name.lower().replace(" ", "_"), e.description or e.name)
 
     @app.errorhandler(TimeoutError)
     def timeout_error(e):
         metrics.count(424)
-        return _error(424, "generation", f"{e} (SAGEMAKER_MODEL_SERVER_TIMEOUT): stream the answer, ask for fewer "
-                      "max_new_tokens, or use an asynchronous endpoint")
+        return error_response(424, "generation", f"{e} (SAGEMAKER_MODEL_SERVER_TIMEOUT): stream the answer, ask "
+                              "for fewer max_new_tokens, or use an asynchronous endpoint")
 
     return app
-
-
-class Metrics:
-    """Request counts for /metrics, in TGI's metric names where TGI has one."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._statuses: Counter = Counter()
-        self._generated_tokens = 0
-
-    def count(self, status: int, generated_tokens: int = 0) -> None:
-        with self._lock:
-            self._statuses[status] += 1
-            self._generated_tokens += generated_tokens
-
-    def text(self) -> str:
-        with self._lock:
-            statuses, tokens = dict(self._statuses), self._generated_tokens
-        success = sum(n for status, n in statuses.items() if status < 400)
-        lines = ["# TYPE tgi_request_count counter", f"tgi_request_count {sum(statuses.values())}",
-                 "# TYPE tgi_request_success counter", f"tgi_request_success {success}",
-                 "# TYPE tgi_request_failure counter", f"tgi_request_failure {sum(statuses.values()) - success}",
-                 "# TYPE tgi_request_generated_tokens_total counter", f"tgi_request_generated_tokens_total {tokens}",
-                 "# TYPE llm_twin_responses_total counter"]
-        lines += [f'llm_twin_responses_total{{status="{status}"}} {n}' for status, n in sorted(statuses.items())]
-        return "\n".join(lines) + "\n"
 
 
 def _body():
     if request.mimetype not in JSON_TYPES:
         raise UnsupportedMediaType(
             f"Content-Type {request.mimetype!r} is not supported: send application/json or application/jsonlines")
-    return _parse_json(request.get_data(cache=False))
+    return parse_json(request.get_data(cache=False))
 
 
 def _object(body) -> dict:
     if not isinstance(body, dict):
         raise ValidationError("request body must be a JSON object")
     return body
-
-
-def _parse_json(data: bytes):
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, too many digits, too deep
-        raise BadRequest(f"request body is not valid JSON: {type(e).__name__}: {e}") from None
-
-
-def _generate(engine: Engine, generate: GenerateRequest, timeout: float, stream_timeout: float, metrics: Metrics,
-              one_object: bool = False) -> Response:
-    """one_object: TGI's /generate answers the item itself, not a list of one. A stream has its own timeout.
-    A client that leaves a stream stops it at the next write; one that leaves a plain request is noticed
-    while it waits (gunicorn gives the connection's socket), and its generation is aborted."""
-    ticket = engine.submit(generate)
-    if generate.stream:
-        return _stream(ticket, generate, stream_timeout, metrics)
-    sock = request.environ.get("gunicorn.socket")
-    try:
-        result = ticket.result(timeout, client_gone=lambda: _client_gone(sock))
-    except ClientGone:
-        log.info("client left before its answer: generation aborted")
-        metrics.count(499)
-        return Response(status=499)
-    metrics.count(200, result.generated_tokens)
-    answer = _response(generate, result)
-    return _json(200, answer[0] if one_object else answer)
-
-
-def _client_gone(sock) -> bool:
-    """True once the client has closed its connection: its socket reads as ended. A client that sent more
-    (its next keep-alive request) is still there; one that only shut its sending side is taken as gone,
-    as nginx does. A socket this cannot look at (none, or TLS) is taken as still there."""
-    if sock is None:
-        return False
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:  # nothing to read: still connected
-        return False
-    except ValueError:  # e.g. an SSL socket, which takes no flags
-        return False
-    except OSError:  # reset by the peer
-        return True
-
-
-def _openai_shaped(generate: GenerateRequest) -> bool:
-    return generate.messages is not None or generate.completion
-
-
-def _response(generate: GenerateRequest, result: GenerateResult):
-    return openai.response(generate, result) if _openai_shaped(generate) else tgi.response(generate, result)
-
-
-def _stream(ticket: Ticket, generate: GenerateRequest, timeout: float, metrics: Metrics) -> Response:
-    """SSE in the request's dialect. Nothing is sent before the first event: a request that fails before
-    it gets a 4xx/424 of its own; one that fails later ends with an error event of the same body."""
-    events = ticket.stream(timeout)
-    first = next(events)
-    if first[0] == "error":
-        events.close()
-        raise first[1]
-
-    def engine_events():
-        for kind, payload in _chain(first, events):
-            if kind == "error":
-                raise payload
-            if kind == "done":
-                metrics.count(200, payload.generated_tokens)
-            yield kind, payload
-
-    def body():
-        try:
-            if _openai_shaped(generate):
-                yield from (_sse(chunk) for chunk in openai.stream(generate, engine_events()))
-                yield "data: [DONE]\n\n"
-            else:
-                yield from (_sse(event) for event in tgi.stream(generate, engine_events()))
-        except ServeError as e:
-            yield _sse({"error": e.message, "error_type": e.error_type})
-        except TimeoutError as e:
-            yield _sse({"error": str(e), "error_type": "generation"})
-        finally:
-            events.close()
-
-    return Response(body(), mimetype="text/event-stream", headers=SSE_HEADERS)
 
 
 def _custom(engine: Engine, custom: CustomHandlers, timeout: float) -> Response:
@@ -330,16 +296,16 @@ def _custom(engine: Engine, custom: CustomHandlers, timeout: float) -> Response:
         except Exception as e:
             raise BadRequest(f"input_fn failed: {type(e).__name__}: {e}") from None
     else:
-        data = _parse_json(data)
+        data = parse_json(data)
     if "predict_fn" in custom:  # its failures go through the engine's fault policy (serve/faults.py)
         prediction = engine.predict(data)
     else:
         generate = parse_request(data, request.headers.get(ADAPTER_HEADER))
         if generate.stream:
             raise ValidationError("'stream' is not available with custom input_fn/output_fn")
-        prediction = _response(generate, engine.submit(generate).result(timeout))
+        prediction = response_payload(generate, engine.submit(generate).result(timeout))
     if "output_fn" not in custom:
-        return _json(200, prediction)
+        return json_response(200, prediction)
     try:
         body = custom["output_fn"](prediction, accept)
     except Exception as e:
@@ -360,78 +326,7 @@ def _accepted_type(accept: str) -> str:
     return accept
 
 
-def _jsonlines(engine: Engine, data: bytes, timeout: float, in_flight: int) -> Response:
-    """Batch transform: one request per line, one JSON line per answer, in order, all within one timeout.
-    At most `in_flight` of its lines run at once (all of the engine's slots in a batch transform job, a
-    share of them on a real-time endpoint, where other clients must still get in).
-    A line that is itself invalid gets an error line; every other line is answered. Lines wait for engine
-    capacity instead of being refused: when no admission slot is free, this request first finishes its own
-    oldest line, and only with none of its own in flight waits for another request's (a line frees its slot
-    when the engine finishes it, read or not). Past the deadline nothing more is started."""
-    lines = [line for line in data.splitlines() if line.strip()]
-    if not lines:
-        raise ValidationError("the jsonlines body has no lines")
-    deadline = time.monotonic() + timeout
-    answers: list = [None] * len(lines)
-    pending: deque = deque()  # (line number, request, ticket), oldest first
-
-    def finish_oldest():
-        number, generate, ticket = pending.popleft()
-        try:
-            answer = _response(generate, ticket.result(max(0.0, deadline - time.monotonic())))
-            answers[number] = answer[0] if isinstance(answer, list) else answer
-        except ServeError as e:
-            answers[number] = _line_error(number, e.message, e.error_type)
-        except TimeoutError as e:
-            answers[number] = _line_error(number, str(e), "generation")
-
-    try:
-        for number, line in enumerate(lines):
-            if time.monotonic() >= deadline:  # no time left: nothing more is started
-                answers[number] = _line_error(number, not_finished(timeout), "generation")
-                continue
-            try:
-                generate = parse_request(_parse_json(line), request.headers.get(ADAPTER_HEADER))
-                if generate.stream:
-                    raise ValidationError("'stream' is not available in a jsonlines batch")
-                if len(pending) >= in_flight:
-                    finish_oldest()
-                while True:
-                    try:
-                        wait = 0.0 if pending else max(0.001, deadline - time.monotonic())
-                        pending.append((number, generate, engine.submit(generate, wait=wait)))
-                        break
-                    except Overloaded:
-                        if not pending:
-                            raise
-                        finish_oldest()
-            except ServeError as e:
-                answers[number] = _line_error(number, e.message, e.error_type)
-        while pending:
-            finish_oldest()
-    finally:
-        for _, _, ticket in pending:  # frees the slots of any line not read to its end
-            ticket.close()
-    body = "".join(json.dumps(answer) + "\n" for answer in answers)
-    return Response(body, status=200, mimetype="application/jsonlines")
-
-
-def _line_error(number: int, message: str, error_type: str) -> dict:
-    return {"error": f"line {number + 1}: {message}", "error_type": error_type}
-
-
-def _chain(first, events):
-    yield first
-    yield from events
-
-
-def _sse(payload: dict) -> str:
-    return f"data:{json.dumps(payload)}\n\n"
-
-
-def _json(status: int, payload) -> Response:
-    return Response(json.dumps(payload), status=status, mimetype="application/json")
-
-
-def _error(status: int, error_type: str, message: str) -> Response:
-    return _json(status, {"error": message, "error_type": error_type})
+def _sessions(sessions: Sessions | None) -> Sessions:
+    if sessions is None:
+        raise BadRequest("this endpoint keeps no sessions: deploy it with SAGEMAKER_ENABLE_STATEFUL_SESSIONS=true")
+    return sessions

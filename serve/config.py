@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Mapping
 
 from container.config import ConfigError, coerce
-from container.opt_ml import MODEL_SERVER_TIMEOUT_ENV, MODEL_SERVER_WORKERS_ENV, OptML, serving_port
+from container.opt_ml import (MODEL_SERVER_TIMEOUT_ENV, MODEL_SERVER_WORKERS_ENV, SESSIONS_EXPIRATION_ENV,
+                              SESSIONS_PATH_ENV, STATEFUL_SESSIONS_ENV, OptML, serving_port)
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 # TGI's values. `bitsandbytes` is TGI's 8-bit: vLLM quantizes in flight only to 4-bit, so it is refused
@@ -37,7 +38,7 @@ BATCH_TIMEOUT = 540  # under SageMaker's default InvocationsTimeoutInSeconds for
 # client with an error while the generation runs on; a stream keeps the longer default it had.
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's engine accepts as max_lora_rank
 REGISTERED_LORA_RANK = 64  # max_lora_rank when adapters may be registered later, unless MAX_LORA_RANK says
-REGISTERED_LORAS = 4  # adapters in one batch when adapters may be registered later, unless MAX_LORAS says
+REGISTERED_LORAS = 4  # adapters an engine holds when adapters may be registered later, unless MAX_LORAS says
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class ServeConfig:
     lora_adapters: str = ""  # TGI's LORA_ADAPTERS: "name=/path,other=/path" served beside the model
     enable_lora: bool = False  # ENABLE_LORA: adapters may be registered while serving (POST /adapters)
     adapter_source_root: Path = Path("/opt/ml")  # ADAPTER_SOURCE_ROOT: POST /adapters takes src only under it
-    max_loras: int = 0  # adapters one batch may mix; 0 = as many as LORA_ADAPTERS, or REGISTERED_LORAS
+    max_loras: int = 0  # adapters an engine holds loaded (LRU beyond, pinned ones stay) and one batch mixes;
+    # 0 = as many as LORA_ADAPTERS, or REGISTERED_LORAS (serve/engine_args.py lora_slots)
     max_lora_rank: int = 0  # 0 = the largest of LORA_ADAPTERS', or REGISTERED_LORA_RANK
     batch: bool = False  # SAGEMAKER_BATCH: a batch transform job's container
     max_payload_mb: int = 0  # SAGEMAKER_MAX_PAYLOAD_IN_MB; 0 = BATCH_PAYLOAD_MB
@@ -72,10 +74,17 @@ class ServeConfig:
     hf_model_id: str = ""  # TGI's SageMaker HF_MODEL_ID: a hub id or a folder, used when model_dir holds no model
     hf_model_revision: str = ""
     trust_remote_code: bool = False  # HF_MODEL_TRUST_REMOTE_CODE: run a hub model's own Python code
+    stateful_sessions: bool = False  # SAGEMAKER_ENABLE_STATEFUL_SESSIONS (serve/sessions.py)
+    sessions_expiration: int = 1200  # SAGEMAKER_SESSIONS_EXPIRATION: seconds from a session's opening
+    sessions_path: str = ""  # SAGEMAKER_SESSIONS_PATH: the folder the workers share; "" = a new one in /dev/shm
+    max_sessions: int = 1000  # MAX_SESSIONS open at once on the instance
+    max_session_bytes: int = 1 << 20  # MAX_SESSION_BYTES: one session's conversation, as JSON
+    max_bidirectional_streams: int = 16  # MAX_BIDIRECTIONAL_STREAMS: WebSocket connections per worker, each a thread
 
     @property
     def threads(self) -> int:
-        return self.max_concurrent_requests + PING_THREADS
+        """Generation requests, WebSocket connections (one thread each, idle or not), and /ping's own."""
+        return self.max_concurrent_requests + self.max_bidirectional_streams + PING_THREADS
 
     @property
     def execution_parameters(self) -> dict:
@@ -134,6 +143,12 @@ class ServeConfig:
             hf_model_id=get(("HF_MODEL_ID",), str, cls.hf_model_id),
             hf_model_revision=get(("HF_MODEL_REVISION",), str, cls.hf_model_revision),
             trust_remote_code=get(("HF_MODEL_TRUST_REMOTE_CODE", "TRUST_REMOTE_CODE"), bool, cls.trust_remote_code),
+            stateful_sessions=get((STATEFUL_SESSIONS_ENV,), bool, cls.stateful_sessions),
+            sessions_expiration=get((SESSIONS_EXPIRATION_ENV,), int, cls.sessions_expiration),
+            sessions_path=get((SESSIONS_PATH_ENV,), str, cls.sessions_path),
+            max_sessions=get(("MAX_SESSIONS",), int, cls.max_sessions),
+            max_session_bytes=get(("MAX_SESSION_BYTES",), int, cls.max_session_bytes),
+            max_bidirectional_streams=get(("MAX_BIDIRECTIONAL_STREAMS",), int, cls.max_bidirectional_streams),
         )
         if config.dtype not in DTYPES:
             raise ConfigError(f"DTYPE={config.dtype!r} is not valid: use one of {', '.join(DTYPES)}")
@@ -143,14 +158,16 @@ class ServeConfig:
         if config.quantize not in QUANTIZE:
             raise ConfigError(f"QUANTIZE={config.quantize!r} is not valid: use one of {', '.join(QUANTIZE[1:])}, "
                               "or leave it unset")
-        for name in ("timeout", "stream_timeout", "max_concurrent_requests"):
+        for name in ("timeout", "stream_timeout", "max_concurrent_requests", "sessions_expiration", "max_sessions",
+                     "max_session_bytes"):
             if getattr(config, name) < 1:
                 raise ConfigError(f"{name.upper()} must be at least 1, got {getattr(config, name)}")
         if config.batch_strategy not in BATCH_STRATEGIES:
             raise ConfigError(f"SAGEMAKER_BATCH_STRATEGY={config.batch_strategy!r} is not valid: use MULTI_RECORD or "
                               "SINGLE_RECORD")
         for name in ("workers", "max_input_tokens", "max_total_tokens", "max_batch_size", "max_batch_prefill_tokens",
-                     "max_batch_total_tokens", "num_shard", "max_payload_mb", "max_concurrent_transforms", "max_loras"):
+                     "max_batch_total_tokens", "num_shard", "max_payload_mb", "max_concurrent_transforms", "max_loras",
+                     "max_bidirectional_streams"):
             if getattr(config, name) < 0:
                 raise ConfigError(f"{name.upper()} must not be negative, got {getattr(config, name)}")
         if not 0.05 <= config.cuda_memory_fraction <= 1.0:

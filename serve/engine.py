@@ -17,6 +17,8 @@ import os
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import replace
 
 from container.model_dir import ServingSpec
@@ -24,9 +26,10 @@ from serve import translate
 from serve.adapters import Adapter, Adapters
 from serve.admission import Admission, Ticket
 from serve.config import ServeConfig
-from serve.engine_args import engine_arguments, model_length
-from serve.errors import BadRequest, ServeError, ValidationError
+from serve.engine_args import engine_arguments, lora_slots, model_length
+from serve.errors import BadRequest, Overloaded, ServeError, ValidationError
 from serve.faults import WORKER_BOOT_ERROR
+from serve.lora_cache import LoraCache, lora_request
 from serve.schemas import GenerateParams, GenerateRequest
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ class VllmEngine:
         self.tokenizer = None
         self.special_ids: set[int] = set()
         self.llm = None
+        self.loras = LoraCache(lora_slots(config, spec))  # the adapters in this worker's engine (serve/lora_cache.py)
         self._loop = asyncio.new_event_loop()
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self._ready = threading.Event()
@@ -76,37 +80,48 @@ class VllmEngine:
         ticket = self.admission.ticket(request, wait)
         try:
             plan = translate.plan(request, self.tokenizer, self.limits, self.spec.chat_template_for_inputs)
-            lora = self._lora(self.adapters.for_request(request))
+            adapter = self.adapters.for_request(request)  # the version registered now: it runs on it to its end
         except BaseException:
             ticket.close()
             raise
         self.admission.track(ticket)
-        ticket.future = asyncio.run_coroutine_threadsafe(self._generate(ticket, plan, lora), self._loop)
+        ticket.future = asyncio.run_coroutine_threadsafe(self._generate(ticket, plan, adapter), self._loop)
         return ticket
 
     def predict(self, data: object) -> object:
         raise BadRequest("this endpoint has no custom predict_fn")
 
-    def load_adapter(self, adapter: Adapter) -> None:
+    @contextmanager
+    def load_adapter(self, adapter: Adapter):
+        """A registration in this worker (serve/adapters.py Adapters.register): `adapter` is loaded, and pinned,
+        when it asks to be, and held while its record is written; then older versions of its name that no
+        request here uses are unloaded. A pin the engine cannot keep is refused."""
+        pins = sum(1 for other in self.adapters.registered() if other.pin and other.name != adapter.name)
+        if adapter.pin and pins + 1 > self.loras.slots - 1:
+            raise ValidationError(f"pin: this endpoint keeps at most {self.loras.slots - 1} adapters pinned "
+                                  f"(MAX_LORAS={self.loras.slots}, less one slot for all the others), and "
+                                  f"{pins} are: unpin or unregister one, or redeploy with a larger MAX_LORAS")
         try:
-            self._call(self.llm.add_lora(self._lora(adapter)))
-        except Exception as e:
-            raise ValidationError(f"adapter {adapter.name!r} from {adapter.path} could not be loaded onto the base "
-                                  f"model: {type(e).__name__}: {e}") from None
+            self._call(self.loras.begin_registration(adapter), "load the adapter (every adapter slot was in use)")
+            yield
+        finally:
+            self._call(self.loras.end_registration(adapter, self.adapters.current()), "unload its older version")
 
     def unload_adapter(self, adapter: Adapter) -> None:
-        self._call(self.llm.remove_lora(adapter.number))
+        """`adapter` was unregistered: unloaded now unless a request here still runs on it (then once it ends)."""
+        self._call(self.loras.reconcile(self.adapters.current()), "unload the adapter")
 
-    def _call(self, coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=self.config.timeout)
+    def loaded_adapters(self) -> dict[int, tuple[str, bool]]:
+        """The adapters in this worker's engine now: version -> (name, pinned)."""
+        return self._call(self.loras.loaded(), "list the adapters") if self.loras.slots else {}
 
-    @staticmethod
-    def _lora(adapter: Adapter | None):
-        if adapter is None:
-            return None
-        from vllm.lora.request import LoRARequest
-
-        return LoRARequest(adapter.name, adapter.number, str(adapter.path))
+    def _call(self, coroutine, what: str):
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(timeout=self.config.timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise Overloaded(f"could not {what} within {self.config.timeout} s") from None
 
     def _answer(self, plan: translate.Plan, outputs: list):
         """A plain request's answer from its vLLM outputs (in the decode thread)."""
@@ -134,10 +149,16 @@ class VllmEngine:
 
     async def _watch(self) -> None:
         """vLLM's engine process can die between requests (a CUDA fault in its model, the OOM killer):
-        noticed here within a second, not at the next request."""
+        noticed here within a second, not at the next request. Adapters registered, replaced or unregistered
+        through another worker are reconciled here as often (serve/lora_cache.py)."""
         while self.admission.failure is None:
             if self.llm is not None and self.llm.errored:
                 self.admission.fail("the vLLM engine process is gone")
+            elif self.loras.slots:
+                try:
+                    await self.loras.reconcile(await self._loop.run_in_executor(None, self.adapters.current))
+                except Exception as e:  # a registry being written, an engine going: the next round tries again
+                    log.warning("reconciling adapters failed: %s: %s", type(e).__name__, e)
             await asyncio.sleep(ENGINE_WATCH_SECONDS)
 
     async def _load(self) -> None:
@@ -152,31 +173,33 @@ class VllmEngine:
         arguments, environment = engine_arguments(self.config, self.spec, self.lora_rank)
         os.environ.update(environment)  # read by vLLM's engine processes, which inherit it
         log.info("starting vLLM: %s", json.dumps(arguments, default=str))
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**arguments))
+        self.llm = self.loras.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**arguments))
         warmup = GenerateRequest("Hello", GenerateParams(max_new_tokens=2))
         ticket = Ticket(warmup, lambda succeeded: None)
         plan = translate.plan(warmup, self.tokenizer, self.limits, self.spec.chat_template_for_inputs)
-        await self._generate(ticket, plan, self._lora(self.adapters.for_request(warmup)))
+        await self._generate(ticket, plan, self.adapters.for_request(warmup))
         ticket.result(timeout=1)  # raises what the warm-up generation raised
         log.info("model ready: vLLM engine on %s, max length %d, adapters: %s", arguments["model"],
                  self.limits.max_total_tokens, ", ".join(self.adapters.fixed) or "none")
 
-    async def _generate(self, ticket: Ticket, plan: translate.Plan, lora) -> None:
+    async def _generate(self, ticket: Ticket, plan: translate.Plan, adapter: Adapter | None) -> None:
         from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
 
         sequences: dict[int, translate.SequenceOutput] = {}
         outputs = []  # a plain request's: its final output, turned into the answer off this loop
         try:
-            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=plan.prompt_ids), plan.sampling,
-                                               uuid.uuid4().hex, lora_request=lora):
-                if not plan.stream:
-                    outputs.append(out)
-                    continue
-                for output in out.outputs:  # a stream's delta: a few tokens, decoded here as they come
-                    sequence = sequences.setdefault(output.index, translate.SequenceOutput())
-                    for event in translate.add_output(sequence, output, plan, self.special_ids, self.tokenizer.decode):
-                        ticket.emit("token", event)
+            async with self.loras.use(adapter):  # its slot, held to the end; a version that cannot load is a 422
+                async for out in self.llm.generate(TokensPrompt(prompt_token_ids=plan.prompt_ids), plan.sampling,
+                                                   uuid.uuid4().hex, lora_request=lora_request(adapter)):
+                    if not plan.stream:
+                        outputs.append(out)
+                        continue
+                    for output in out.outputs:  # a stream's delta: a few tokens, decoded here as they come
+                        sequence = sequences.setdefault(output.index, translate.SequenceOutput())
+                        for event in translate.add_output(sequence, output, plan, self.special_ids,
+                                                          self.tokenizer.decode):
+                            ticket.emit("token", event)
             if plan.stream:
                 answer = translate.result(plan, sequences, [])
             else:  # details and decoder_input_details decode every token: not on the loop every stream waits on

@@ -60,10 +60,8 @@ def engine_arguments(config: ServeConfig, spec: ServingSpec, lora_rank: int) -> 
     if config.quantize:
         arguments["quantization"] = "bitsandbytes" if config.quantize.startswith("bitsandbytes") else config.quantize
     if lora_wanted(config, spec):
-        known = len(config.adapters) + adapter_only
-        arguments.update(enable_lora=True,
-                         max_loras=config.max_loras or max(known, REGISTERED_LORAS if config.enable_lora else 1),
-                         max_lora_rank=lora_rank)
+        slots = lora_slots(config, spec)
+        arguments.update(enable_lora=True, max_loras=slots, max_cpu_loras=slots, max_lora_rank=lora_rank)
     environment = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}  # never fork a threaded gunicorn worker
     if cpu:  # vLLM's CPU engine keeps a core for the frontend by default: on 2 cores that cost 35% of its throughput
         environment["VLLM_CPU_NUM_OF_RESERVED_CPU"] = os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -73,6 +71,18 @@ def engine_arguments(config: ServeConfig, spec: ServingSpec, lora_rank: int) -> 
 def lora_wanted(config: ServeConfig, spec: ServingSpec) -> bool:
     """Adapters may be served: LORA_ADAPTERS, ENABLE_LORA, or a model directory that holds only an adapter."""
     return bool(config.adapters) or config.enable_lora or spec.weights == "adapter"
+
+
+def lora_slots(config: ServeConfig, spec: ServingSpec) -> int:
+    """MAX_LORAS: the adapters one engine holds loaded at once, in vLLM's LRU cache (max_cpu_loras) and in
+    its batches (max_loras), the same number so that a batch's adapters always fit the cache. Beyond it the
+    least recently used adapter that is not pinned is evicted, and loaded again at its next request.
+    Unset: as many as LORA_ADAPTERS, or REGISTERED_LORAS when adapters may be registered later; 0 without
+    adapters."""
+    if not lora_wanted(config, spec):
+        return 0
+    known = len(config.adapters) + (spec.weights == "adapter")
+    return config.max_loras or max(known, REGISTERED_LORAS if config.enable_lora else 1)
 
 
 def fixed_adapters(config: ServeConfig, spec: ServingSpec) -> dict[str, str]:

@@ -22,6 +22,10 @@ class NotFound(ServeError):
     status, error_type = 404, "not_found"
 
 
+class Conflict(ServeError):
+    status, error_type = 409, "conflict"
+
+
 class NotAcceptable(ServeError):
     status, error_type = 406, "not_acceptable"
 

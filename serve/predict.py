@@ -78,6 +78,9 @@ class PredictEngine:
     def unload_adapter(self, adapter: Adapter) -> None:
         raise BadRequest("this endpoint cannot take adapters: a custom predict_fn serves it")
 
+    def loaded_adapters(self) -> dict[int, tuple[str, bool]]:
+        return {}
+
     def _load(self) -> None:
         try:
             self.model = self._load_model()

@@ -98,6 +98,15 @@ class GenerateRequest:
     messages: list[dict] | None = None  # set for OpenAI chat requests: the chat template is applied to them
     model: str | None = None  # OpenAI's `model`: an adapter name, or the served model's own name
     completion: bool = False  # OpenAI's /v1/completions: the prompt is used as it is, with no chat template
+    history: tuple[dict, ...] | None = None  # a session turn's earlier messages (serve/sessions.py); None: no session
+
+    @property
+    def conversation(self) -> list[dict] | None:
+        """What the chat template is applied to: a session's earlier messages, then this request's (a TGI
+        request's `inputs` is the next user turn); or the chat's messages; None for a prompt used as it is."""
+        if self.history is None:
+            return self.messages
+        return [*self.history, *(self.messages or [{"role": "user", "content": self.inputs}])]
 
 
 def parse_request(body: object, adapter_header: str | None = None) -> GenerateRequest:

@@ -22,6 +22,7 @@ from serve.custom import CustomHandlers, load_custom_handlers
 from serve.engine_args import fixed_adapters, lora_wanted, max_lora_rank
 from serve.model_source import model_source
 from serve.placement import Placement, gpus_present, model_bytes, plan
+from serve.sessions import Sessions
 
 SHM_NEEDED = 400 * 2**20  # vLLM's multiprocess executor keeps two message queues there (160 + 240 MiB)
 
@@ -36,6 +37,7 @@ class Startup:
     fixed_adapters: dict[str, str]  # name -> folder: LORA_ADAPTERS and an adapter-only model's own
     lora_rank: int  # the engine's max_lora_rank; 0 without adapters
     adapter_registry: Path | None  # the folder every worker shares for registered adapters (ENABLE_LORA)
+    session_folder: Path | None = None  # the folder every worker shares for sessions (stateful sessions on)
 
     @property
     def predicts(self) -> bool:
@@ -70,8 +72,12 @@ def prepare(environ: Mapping[str, str] = os.environ) -> Startup:
     lora = vllm and lora_wanted(config, spec)
     lora_rank = max_lora_rank(config, spec) if lora else 0  # a known adapter above MAX_LORA_RANK fails here
     registry = Path(tempfile.mkdtemp(prefix="llm-twin-adapters-")) if vllm and config.enable_lora else None
+    if config.stateful_sessions and custom is not None:
+        raise ConfigError("SAGEMAKER_ENABLE_STATEFUL_SESSIONS is for the built-in request path: code/inference.py "
+                          "handles its requests itself (keep its state there, or remove it)")
+    sessions = Sessions.create_folder(config.sessions_path) if config.stateful_sessions else None
     return Startup(config, spec, custom, placement, gpus, fixed_adapters=fixed_adapters(config, spec) if lora else {},
-                   lora_rank=lora_rank, adapter_registry=registry)
+                   lora_rank=lora_rank, adapter_registry=registry, session_folder=sessions)
 
 
 def predicts(custom: CustomHandlers | None) -> bool:

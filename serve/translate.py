@@ -100,20 +100,21 @@ def check_prompt_size(request: GenerateRequest, limits: Limits) -> None:
     """Refuse, before the chat template and the tokenizer run on it, a prompt that cannot fit: more messages
     than input tokens (every message costs at least one), or more characters than max_input_tokens tokens
     can cover. A `truncate` request is cut to its last characters instead (prompt_ids)."""
-    if request.messages is not None and len(request.messages) > limits.max_input_tokens:
-        raise ValidationError(f"'messages' has {len(request.messages)} messages: at most {limits.max_input_tokens} "
+    messages = request.conversation
+    if messages is not None and len(messages) > limits.max_input_tokens:
+        raise ValidationError(f"'messages' has {len(messages)} messages: at most {limits.max_input_tokens} "
                               f"fit in this model's {limits.max_input_tokens} input tokens")
-    if not limits.max_token_chars or (request.params.truncate is not None and request.messages is None):
+    if not limits.max_token_chars or (request.params.truncate is not None and messages is None):
         return
-    chars = sum(len(m["content"]) for m in request.messages) if request.messages is not None else len(request.inputs)
+    chars = sum(len(m["content"]) for m in messages) if messages is not None else len(request.inputs)
     if chars > limits.max_prompt_chars:
         raise ValidationError(f"the prompt has {chars} characters, more than {limits.max_input_tokens} input tokens "
                               f"can hold (at most {limits.max_prompt_chars} characters with this tokenizer)")
 
 
 def prompt_ids(request: GenerateRequest, tokenizer, template_for_inputs: bool, max_token_chars: int = 0) -> list[int]:
-    if request.messages is not None:
-        text = tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
+    if request.conversation is not None:
+        text = tokenizer.apply_chat_template(request.conversation, add_generation_prompt=True, tokenize=False)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     inputs = request.inputs
     truncate = request.params.truncate

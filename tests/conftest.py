@@ -56,8 +56,8 @@ def smollm2_twin(tmp_path_factory) -> Path:
 def server(tiny_served_model):
     """One real server on the tiny model, shared by the tests that only send it requests. float32, so that
     a request's answer does not depend on what it was batched with; its /ping codes while it loaded are
-    kept in server.ping_codes."""
-    server = Server(tiny_served_model, DTYPE="float32")
+    kept in server.ping_codes. It keeps SageMaker's stateful sessions (tests/contract/test_conversations.py)."""
+    server = Server(tiny_served_model, DTYPE="float32", SAGEMAKER_ENABLE_STATEFUL_SESSIONS="true")
     server.wait_ready()
     yield server
     server.stop_soon()

@@ -1,11 +1,12 @@
-"""serve/adapters.py: the adapters a request may name, the registry every worker shares, and what an adapter
-component's folder may hold."""
+"""serve/adapters.py: the adapters a request may name, the registry every worker shares, what an adapter
+component's folder may hold, and AWS's registration fields (preload, pin, the alias header)."""
 
 import json
+from contextlib import contextmanager
 
 import pytest
 
-from serve.adapters import Adapter, Adapters, adapter_folder
+from serve.adapters import Adapter, Adapters, adapter_folder, parse_registration
 from serve.errors import BadRequest, NotFound, ValidationError
 from serve.schemas import GenerateParams, GenerateRequest
 
@@ -17,11 +18,24 @@ def adapter(folder, rank=8):
     return folder
 
 
-def register(adapters, name, src):
+def register(adapters, name, src, **fields):
     loaded = []
-    adapters.register(name, src, load=loaded.append)
-    assert [a.name for a in loaded] == [name]  # loaded into this worker's engine before it is recorded
+
+    @contextmanager
+    def load(adapter):
+        assert adapters.find(name) != adapter  # loaded into this worker's engine before it is recorded
+        loaded.append(adapter)
+        yield
+        assert adapters.find(name) == adapter  # and held there until every worker can see it
+
+    adapters.register(name, src, load=load, **fields)
+    assert [a.name for a in loaded] == [name]
     return loaded[0]
+
+
+@contextmanager
+def nothing(adapter):
+    yield
 
 
 def test_a_registration_is_seen_by_every_worker_and_a_new_one_gets_a_new_id(tmp_path):
@@ -30,7 +44,7 @@ def test_a_registration_is_seen_by_every_worker_and_a_new_one_gets_a_new_id(tmp_
     first, second = (Adapters({}, registry, max_rank=64, source_root=tmp_path) for _ in range(2))  # two workers
     alice = adapter(tmp_path / "alice")
     number = register(first, "alice", str(alice)).number
-    assert second.find("alice") == Adapter("alice", number, alice) and second.names() == ["alice"]
+    assert second.find("alice") == Adapter("alice", number, alice, preload=True) and second.names() == ["alice"]
     again = register(second, "alice", str(alice)).number  # re-registered: vLLM must not reuse its cache
     assert again != number and first.find("alice").number == again
     unloaded = []
@@ -45,8 +59,10 @@ def test_an_adapter_that_does_not_load_is_not_recorded(tmp_path):
     adapters = Adapters({}, tmp_path / "registry", max_rank=64, source_root=tmp_path)
     (tmp_path / "registry").mkdir()
 
+    @contextmanager
     def refuse(adapter):
         raise ValidationError("could not be loaded")
+        yield
 
     with pytest.raises(ValidationError, match="could not be loaded"):
         adapters.register("alice", str(adapter(tmp_path / "alice")), load=refuse)
@@ -65,7 +81,7 @@ def test_a_request_gets_the_adapter_it_names_or_the_models_own(tmp_path):
     assert unknown.value.message == "unknown adapter 'dan'"  # no other tenant's name in it
     assert Adapters({}).for_request(plain) is None
     with pytest.raises(BadRequest, match="started without ENABLE_LORA"):
-        Adapters({}).register("x", "/x", load=print)
+        Adapters({}).register("x", "/x", load=nothing)
 
 
 def test_a_twin_model_directory_is_an_adapter_through_its_adapter_folder(tmp_path):
@@ -120,7 +136,7 @@ def test_two_registrations_of_one_name_at_once_each_write_their_own_file(tmp_pat
 
     def register_once():
         try:
-            adapters.register("alice", str(alice), load=lambda a: None)
+            adapters.register("alice", str(alice), load=nothing)
         except Exception as e:  # with one temporary file for both, the second rename finds it gone
             errors.append(e)
 
@@ -128,3 +144,87 @@ def test_two_registrations_of_one_name_at_once_each_write_their_own_file(tmp_pat
     [t.start() for t in threads]
     [t.join(timeout=30) for t in threads]
     assert errors == [] and [p.name for p in registry.iterdir()] == ["alice.json"]
+
+
+def test_preload_and_pin_are_recorded_for_every_worker_and_pin_implies_preload(tmp_path):
+    """AWS's SageMakerRegisterLoRAAdapterRequest: preload defaults to true, pin to false."""
+    adapters = Adapters({}, tmp_path / "registry", max_rank=64, source_root=tmp_path)
+    (tmp_path / "registry").mkdir()
+    alice = adapter(tmp_path / "alice")
+    assert parse_registration({"name": "a", "src": "/s"}) == {"name": "a", "src": "/s", "preload": True, "pin": False}
+    assert parse_registration({"name": "a", "src": "/s", "preload": False, "pin": True, "prompt_prefix": "x"})[
+        "pin"] is True  # a field AWS's model does not know is ignored, as AWS's pydantic model ignores it
+    register(adapters, "lazy", str(alice), preload=False)
+    register(adapters, "kept", str(alice), pin=True, preload=False, alias="Alice's twin")
+    lazy, kept = adapters.find("lazy"), adapters.find("kept")
+    assert (lazy.pin, lazy.preload, kept.pin, kept.preload, kept.alias) == (False, False, True, True, "Alice's twin")
+    assert [a.name for a in adapters.registered()] == ["kept", "lazy"]
+    assert set(adapters.current()) == {"kept", "lazy"}
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"name": "a", "src": "/s", "pin": "true"}, "'pin' must be true or false, got \"true\""),
+    ({"name": "a", "src": "/s", "preload": 1}, "'preload' must be true or false, got 1"),
+    ({"name": "a", "src": "/s", "pin": None}, "'pin' must be true or false, got null"),
+    ({"name": "a", "src": 7}, "registering an adapter needs src (strings)"),
+    ({"src": "/s"}, "registering an adapter needs name (strings)"),
+])
+def test_registration_fields_of_the_wrong_type_are_a_400_naming_the_field(body, message):
+    with pytest.raises(BadRequest) as refused:
+        parse_registration(body)
+    assert message in refused.value.message
+
+
+def test_the_alias_header_names_the_adapter_in_the_answers_as_awss_library_does(tmp_path):
+    adapters = Adapters({}, tmp_path / "registry", max_rank=64, source_root=tmp_path)
+    (tmp_path / "registry").mkdir()
+    folder = str(adapter(tmp_path / "alice"))
+    assert adapters.register("a1", folder, load=nothing, alias="alice")["message"] == "Adapter alice registered"
+    assert adapters.register("a2", folder, load=nothing)["message"] == "Adapter a2 registered"
+    assert adapters.unregister("a1", unload=lambda a: None, alias="alice")["message"] == "Adapter alice unregistered"
+    with pytest.raises(NotFound, match="adapter 'alice' is not registered"):
+        adapters.unregister("a1", unload=lambda a: None, alias="alice")
+
+
+def test_an_unknown_adapter_never_falls_back_to_the_base_model(tmp_path):
+    """adapter_id, OpenAI's model (SageMaker's header arrives as both) and an adapter unregistered between
+    its registration and the request: each a 422 naming only what the request named."""
+    adapters = Adapters({}, tmp_path / "registry", max_rank=64, source_root=tmp_path)
+    (tmp_path / "registry").mkdir()
+    register(adapters, "alice", str(adapter(tmp_path / "alice")))
+    ask = {"by adapter_id": GenerateRequest("Hi", GenerateParams(adapter_id="alice")),
+           "by model": GenerateRequest("Hi", GenerateParams(), messages=[], model="alice")}
+    assert {how: adapters.for_request(r).name for how, r in ask.items()} == dict.fromkeys(ask, "alice")
+    adapters.unregister("alice", unload=lambda a: None)
+    for request in ask.values():
+        with pytest.raises(ValidationError, match="unknown (adapter|model) 'alice'"):
+            adapters.for_request(request)
+    with pytest.raises(ValidationError) as gpt:
+        adapters.for_request(GenerateRequest("Hi", GenerateParams(), model="gpt-4o"))
+    assert gpt.value.message == "unknown model 'gpt-4o': name an adapter this endpoint serves, or 'llm-twin' for the " \
+        "model itself"
+    for served in ("llm-twin", "tgi", "dummy", None):  # the served model's names, huggingface_hub's "dummy"
+        assert adapters.for_request(GenerateRequest("Hi", GenerateParams(), model=served)) is None
+    # an endpoint without adapters ignores `model`, as TGI does: no adapter could be meant
+    assert Adapters({}).for_request(GenerateRequest("Hi", GenerateParams(), model="gpt-4o")) is None
+
+
+def test_the_listing_shows_what_this_workers_engine_holds_and_pages(tmp_path):
+    adapters = Adapters({}, tmp_path / "registry", max_rank=64, source_root=tmp_path)
+    (tmp_path / "registry").mkdir()
+    folder = str(adapter(tmp_path / "alice"))
+    a, b, c = (register(adapters, name, folder, pin=name == "b") for name in ("a", "b", "c"))
+    engine = {a.number: ("a", False), b.number: ("b", True), 7: ("c", False)}  # 7: an older c, still in use
+    rows = adapters.listing(lambda: engine, {})["adapters"]
+    assert [(r["name"], r["loaded"], r["pinned"], r["pin"], r["older_versions_loaded"]) for r in rows] == [
+        ("a", True, False, False, 0), ("b", True, True, True, 0), ("c", False, False, False, 1)]
+    first = adapters.listing(lambda: engine, {"limit": "2"})
+    assert [r["name"] for r in first["adapters"]] == ["a", "b"] and first["next_page_token"] == "2"
+    last = adapters.listing(lambda: engine, {"limit": "2", "next_page_token": "2"})
+    assert [r["name"] for r in last["adapters"]] == ["c"] and "next_page_token" not in last
+    only = adapters.listing(lambda: engine, {}, only="b")  # SageMaker's adapter header: that adapter alone
+    assert [r["name"] for r in only["adapters"]] == ["b"]
+    for query in ({"limit": "0"}, {"limit": "x"}, {"next_page_token": "-1"}):
+        with pytest.raises(BadRequest, match="must be a"):
+            adapters.listing(lambda: engine, query)
+    assert Adapters({}).listing(lambda: 1 / 0, {}) == {"adapters": []}  # the engine is not asked for nothing

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,7 @@ class MemoryEngine:
         self.hold.set()
         self.fail_after: int | None = None
         self.loaded: list[str] = []
+        self.versions: dict[int, tuple[str, bool]] = {}  # loaded_adapters(): version -> (name, pinned)
         self.admitted = 0
 
     @property
@@ -76,11 +78,18 @@ class MemoryEngine:
     def predict(self, data):
         raise AssertionError("not a predict_fn engine")
 
+    @contextmanager
     def load_adapter(self, adapter):
         self.loaded.append(adapter.name)
+        self.versions[adapter.number] = (adapter.name, adapter.pin)
+        yield
 
     def unload_adapter(self, adapter):
         self.loaded.remove(adapter.name)
+        self.versions.pop(adapter.number)
+
+    def loaded_adapters(self):
+        return dict(self.versions)
 
     def shutdown(self):
         pass
@@ -305,7 +314,8 @@ def test_adapters_register_through_the_engine_and_unregister(client, engine, tmp
     (folder / "adapter_config.json").write_text(json.dumps({"r": 8}))
     (folder / "adapter_model.safetensors").write_bytes(b"weights")
     registered = post(client, {"name": "alice", "src": str(folder)}, "/adapters")
-    assert registered.status_code == 200 and registered.json == {"name": "alice", "src": str(folder)}
+    assert registered.status_code == 200 and registered.json == {"name": "alice", "src": str(folder), "pin": False,
+                                                                 "preload": True, "message": "Adapter alice registered"}
     assert engine.loaded == ["alice"] and client.get("/info").json["adapters"] == ["alice", "dana"]
     assert post(client, {"name": "bob", "src": str(folder)}, "/adapters").status_code == 200
     assert engine.loaded == ["alice", "bob"]

@@ -1,0 +1,219 @@
+"""SageMaker's stateful sessions: a conversation kept by the instance, one turn per request.
+
+With SAGEMAKER_ENABLE_STATEFUL_SESSIONS=true, a body `{"requestType": "NEW_SESSION"}` opens a session: the
+answer carries `X-Amzn-SageMaker-New-Session-Id: <id>; Expires=<UTC time>`, and SageMaker routes every
+request with `X-Amzn-SageMaker-Session-Id: <id>` to this instance. Such a request sends only its new turn;
+the prompt is the session's messages so far plus that turn, through the chat template, so each turn's
+prompt begins with the previous one and vLLM's prefix cache reuses its KV. `{"requestType": "CLOSE"}`
+ends it (`X-Amzn-SageMaker-Closed-Session-Id`). The shapes are those of SageMaker's developer guide and
+AWS's model-hosting-container-standards library.
+
+Every gunicorn worker of the instance sees every session: they live in a folder the workers share (under
+/dev/shm unless SAGEMAKER_SESSIONS_PATH says), one JSON file per session written whole by rename, and a
+lock file that a turn holds while it runs, so a session has one turn at a time (a second gets 409). A
+worker that dies loses only its turn in flight (its answer is not recorded: the client sends that turn
+again) and its KV cache (the next turn's prompt is computed again, with the same answer). A session
+expires SAGEMAKER_SESSIONS_EXPIRATION seconds after it opened, as its Expires said.
+
+Isolation: an id is 122 random bits, checked against its exact shape before it names a file; a session is
+bound to the adapter (inference component) that opened it, and asked for from another one it is as
+unknown as an id that never existed. No error names another session or its content.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from dataclasses import replace
+from pathlib import Path
+
+from serve.errors import BadRequest, Conflict, Overloaded, ValidationError
+from serve.schemas import GenerateRequest
+
+SESSION_HEADER = "X-Amzn-SageMaker-Session-Id"
+NEW_SESSION_HEADER = "X-Amzn-SageMaker-New-Session-Id"
+CLOSED_SESSION_HEADER = "X-Amzn-SageMaker-Closed-Session-Id"
+NEW_SESSION, CLOSE = "NEW_SESSION", "CLOSE"
+SESSION_ID_CHARS = set("0123456789abcdef-")
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    adapter: str  # the inference component's adapter that opened it ("" for none)
+    expires: float  # epoch seconds
+    messages: tuple[dict, ...] = ()
+
+    @property
+    def expires_at(self) -> str:
+        """The Expires SageMaker's runtime API expects: UTC, to the second, with a Z."""
+        return datetime.fromtimestamp(self.expires, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Turn:
+    """One turn of a session, holding its lock until `answered` or `release`: `request` is the one to
+    generate (the session's messages, then the turn's)."""
+
+    def __init__(self, sessions: Sessions, session: Session, lock: int):
+        self.sessions, self.session, self._lock = sessions, session, lock
+        self.new_messages: list[dict] = []
+        self.request: GenerateRequest | None = None
+
+    def answered(self, text: str) -> None:
+        """Record the turn and its answer, and let the next turn in."""
+        try:
+            if self.sessions.path(self.session.id).exists():  # not closed or expired meanwhile
+                messages = (*self.session.messages, *self.new_messages, {"role": "assistant", "content": text})
+                self.sessions.write(Session(self.session.id, self.session.adapter, self.session.expires, messages))
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        if self._lock >= 0:
+            os.close(self._lock)  # closing the descriptor drops its flock
+            self._lock = -1
+
+
+class Sessions:
+    def __init__(self, folder: Path, ttl: float, max_sessions: int, max_bytes: int, clock=time.time):
+        self.folder, self.ttl, self.clock = folder, ttl, clock
+        self.max_sessions, self.max_bytes = max_sessions, max_bytes
+
+    @staticmethod
+    def create_folder(path: str) -> Path:
+        """The folder the workers share: `path` when given, else a new one in /dev/shm (memory), else in /tmp."""
+        if path:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            return Path(path)
+        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        return Path(tempfile.mkdtemp(prefix="llm-twin-sessions-", dir=shm))
+
+    def path(self, session_id: str) -> Path:
+        return self.folder / f"{session_id}.json"
+
+    def open(self, adapter: str) -> Session:
+        """A new session, after the expired ones are swept; 429 when the instance holds its maximum."""
+        open_now = self._sweep()
+        if open_now >= self.max_sessions:
+            raise Overloaded(f"this instance holds its maximum of {self.max_sessions} open sessions "
+                             "(MAX_SESSIONS): close one, or try again after sessions expire")
+        session = Session(str(uuid.uuid4()), adapter, self.clock() + self.ttl)
+        (self.folder / f"{session.id}.lock").touch()
+        self.write(session)
+        return session
+
+    def turn(self, session_id: str, request: GenerateRequest) -> Turn:
+        """`request` as the next turn of the session, which is locked for it: 400 when the session is unknown,
+        expired or another adapter's; 409 while another turn of it runs; 422 for a request that cannot be a turn."""
+        adapter = request.params.adapter_id or ""
+        new_messages = _new_messages(request)
+        session = self.find(session_id, adapter)
+        try:
+            lock = os.open(self.folder / f"{session.id}.lock", os.O_RDWR)
+        except FileNotFoundError:  # closed since
+            raise _not_found(session_id) from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise Conflict("another turn of this session is still running: send the next turn after its answer "
+                           "ends") from None
+        try:
+            turn = Turn(self, self.find(session_id, adapter), lock)  # read again, under the lock
+            self._check_size(turn.session, new_messages)
+        except BaseException:
+            os.close(lock)
+            raise
+        turn.new_messages = new_messages
+        turn.request = replace(request, history=turn.session.messages)
+        return turn
+
+    def close(self, session_id: str, adapter: str) -> None:
+        """End a session (a turn still running is not waited for: its answer is not recorded)."""
+        session = self.find(session_id, adapter)
+        self._remove(session.id)
+
+    def find(self, session_id: str, adapter: str) -> Session:
+        if not _valid_id(session_id):
+            raise BadRequest(f"{SESSION_HEADER} is not a session id this endpoint gave: open a session with "
+                             '{"requestType": "NEW_SESSION"}')
+        try:
+            entry = json.loads(self.path(session_id).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            entry = None
+        if entry is None or entry["adapter"] != adapter:
+            raise _not_found(session_id)
+        if entry["expires"] <= self.clock():
+            self._remove(session_id)
+            raise BadRequest(f"session {session_id} expired at {Session(session_id, '', entry['expires']).expires_at}"
+                             ': open a new one with {"requestType": "NEW_SESSION"}')
+        return Session(session_id, entry["adapter"], entry["expires"], tuple(entry["messages"]))
+
+    def _check_size(self, session: Session, messages: list[dict]) -> None:
+        """Refuse a turn that would take the conversation past max_bytes."""
+        size = len(json.dumps([*session.messages, *messages]).encode())
+        if size > self.max_bytes:
+            raise ValidationError(f"this session's conversation would be {size} bytes, over this endpoint's "
+                                  f"{self.max_bytes} (MAX_SESSION_BYTES): close it and open a new one")
+
+    def write(self, session: Session) -> None:
+        entry = {"adapter": session.adapter, "expires": session.expires, "messages": list(session.messages)}
+        descriptor, staging = tempfile.mkstemp(dir=self.folder, prefix=f".{session.id}.", suffix=".tmp")
+        with os.fdopen(descriptor, "w", encoding="utf-8") as f:
+            json.dump(entry, f)
+        os.replace(staging, self.path(session.id))
+
+    def _sweep(self) -> int:
+        """Remove expired sessions; the number still open."""
+        now, open_now = self.clock(), 0
+        for path in self.folder.glob("*.json"):
+            try:
+                expires = json.loads(path.read_text(encoding="utf-8"))["expires"]
+            except (FileNotFoundError, ValueError):  # closed meanwhile, or being replaced
+                continue
+            if expires <= now:
+                self._remove(path.stem)
+            else:
+                open_now += 1
+        return open_now
+
+    def _remove(self, session_id: str) -> None:
+        self.path(session_id).unlink(missing_ok=True)
+        (self.folder / f"{session_id}.lock").unlink(missing_ok=True)
+
+
+def request_type(body: dict) -> str:
+    """NEW_SESSION or CLOSE, from a body that holds `requestType` and nothing else."""
+    kind = body.get("requestType")
+    if kind not in (NEW_SESSION, CLOSE) or len(body) != 1:
+        raise BadRequest('a session request is {"requestType": "NEW_SESSION"} or {"requestType": "CLOSE"}, and '
+                         "nothing else")
+    return kind
+
+
+def _new_messages(request: GenerateRequest) -> list[dict]:
+    """A turn's new messages: a chat's `messages`, or a TGI request's `inputs` as the user's turn."""
+    if request.completion:
+        raise ValidationError("a session turn is a chat turn: send TGI's 'inputs' or OpenAI's 'messages', not a "
+                              "completion's 'prompt'")
+    if request.params.best_of > 1:
+        raise ValidationError("a session turn has one answer, which the next turn continues: leave 'best_of' and "
+                              "'n' at 1")
+    if request.params.truncate is not None:
+        raise ValidationError("'truncate' is not available in a session turn: the conversation is kept whole")
+    return request.messages if request.messages is not None else [{"role": "user", "content": request.inputs}]
+
+
+def _not_found(session_id: str) -> BadRequest:
+    return BadRequest(f"session not found: {session_id} (closed, expired, or never opened here); open a new one "
+                      'with {"requestType": "NEW_SESSION"}')
+
+
+def _valid_id(session_id: str) -> bool:
+    return len(session_id) == 36 and set(session_id) <= SESSION_ID_CHARS
