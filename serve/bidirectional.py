@@ -5,33 +5,33 @@ SageMaker opens a WebSocket to `/invocations-bidirectional-stream` (the image sa
 message (a text frame for UTF8 events, binary otherwise), pings every 60 s, and turns each message the
 container sends into a response event of the same type. The connection lasts many turns.
 
-gunicorn's thread for the upgrade request keeps the connection for its whole life: the handshake is answered
-here with the `websockets` library's sans-I/O protocol over gunicorn's socket, then its threaded connection
-(which answers pings and reads frames in its own thread) carries the messages, and `answer` (the app's) turns
-each message into its answer's messages. When the client closes, gunicorn is told to close the socket and
-write nothing: the route answers an `UpgradedResponse`.
+gunicorn's thread for the upgrade request keeps the connection for its whole life, and is its only thread: the
+`websockets` library's sans-I/O protocol does the framing, the handshake, pongs and the closing handshake over
+gunicorn's socket, and `answer` (the app's) turns each message into its answer's messages. When the client
+closes, gunicorn is told to close the socket and write nothing: the route answers an `UpgradedResponse`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 from typing import Callable
 
 from flask import Response
-from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode, Opcode
 from websockets.http11 import Request
+from websockets.protocol import State
 from websockets.server import ServerProtocol
-from websockets.sync.connection import Connection
 
-from serve.errors import BadRequest, Overloaded
+from serve.errors import BadRequest, ClientGone, Overloaded
 
 log = logging.getLogger(__name__)
 
 ROUTE = "/invocations-bidirectional-stream"
-PING_SECONDS = 20.0  # our own keepalive pings: a client that vanished is found within two of them
-CLOSE_SECONDS = 5.0  # for the closing handshake
+IDLE_SECONDS = 330.0  # a connection that sends nothing for this long is closed: SageMaker pings every 60 s
+RECV_BYTES = 64 * 1024
 
 Send = Callable[[object], None]  # one message out: a JSON payload, or a string as it is
 
@@ -80,35 +80,96 @@ def serve(environ: dict, max_message_bytes: int, answer: Callable[[str | bytes, 
         why = handshake.body.decode(errors="replace").strip() if handshake else "not an HTTP/1.1 GET"
         raise BadRequest(f"{ROUTE} takes a WebSocket upgrade: {why}")
     protocol.send_response(handshake)
-    own_sock = sock.dup()  # the connection's to close; gunicorn closes its own after
-    for data in protocol.data_to_send():
-        own_sock.sendall(data)
-    websocket = Connection(own_sock, protocol, ping_interval=PING_SECONDS, ping_timeout=PING_SECONDS,
-                           close_timeout=CLOSE_SECONDS)
-    websocket.start_keepalive()
+    connection = Connection(sock, protocol)
     try:
-        for message in websocket:
+        connection.flush()  # the 101
+        while (message := connection.receive()) is not None:
             try:
-                answer(message, _sender(websocket, binary=isinstance(message, bytes)))
-            except ConnectionClosed:  # the client left mid-answer: `answer` has given its generation up
+                answer(message, connection.sender(binary=isinstance(message, bytes)))
+            except ClientGone:  # the client left mid-answer: `answer` has given its generation up
                 log.info("a bidirectional stream's client left during an answer: generation aborted")
                 client_left()
                 break
-    except ConnectionClosed:  # closed between answers without a closing handshake
+    except ClientGone:  # before its 101
         pass
     finally:
-        websocket.close()
+        connection.close()
     return UpgradedResponse()
 
 
-def _sender(websocket: Connection, binary: bool) -> Send:
-    """Answers go out as the message came in: binary for binary, text for text."""
+class Connection:
+    """The WebSocket on gunicorn's socket, driven by this one thread: `receive` reads until a whole message
+    (answering pings and a close as they come), `sender` writes messages. While an answer is written nothing
+    is read: a client that left shows as a write that fails (ClientGone), within a token or two."""
 
-    def send(payload: object) -> None:
-        text = payload if isinstance(payload, str) else json.dumps(payload)
-        websocket.send(text.encode() if binary else text)
+    def __init__(self, sock, protocol: ServerProtocol):
+        self.sock, self.protocol = sock, protocol
+        self.sock.settimeout(IDLE_SECONDS)
+        self._parts: list[bytes] = []  # a fragmented message so far
+        self._binary = False
 
-    return send
+    def receive(self) -> str | bytes | None:
+        """The next whole message; None once the client closed, went quiet past IDLE_SECONDS, or broke the
+        protocol (a too-large message: close code 1009)."""
+        while True:
+            for frame in self.protocol.events_received():
+                if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
+                    self._parts, self._binary = [frame.data], frame.opcode is Opcode.BINARY
+                elif frame.opcode is Opcode.CONT:
+                    self._parts.append(frame.data)
+                else:
+                    continue  # ping (answered by the protocol), pong, close
+                if frame.fin:
+                    data = b"".join(self._parts)
+                    return data if self._binary else data.decode()  # the protocol checked the UTF-8
+            if self.protocol.state is not State.OPEN:
+                return None
+            try:
+                data = self.sock.recv(RECV_BYTES)
+            except (TimeoutError, OSError):
+                return None
+            if data:
+                self.protocol.receive_data(data)
+            else:
+                self.protocol.receive_eof()
+            try:
+                self.flush()  # pongs, a close's answer
+            except ClientGone:
+                return None
+
+    def sender(self, binary: bool) -> Send:
+        """Answers go out as the message came in: binary for binary, text for text."""
+
+        def send(payload: object) -> None:
+            text = payload if isinstance(payload, str) else json.dumps(payload)
+            if self.protocol.state is not State.OPEN:
+                raise ClientGone("the client closed the bidirectional stream")
+            if binary:
+                self.protocol.send_binary(text.encode())
+            else:
+                self.protocol.send_text(text.encode())
+            self.flush()
+
+        return send
+
+    def flush(self) -> None:
+        try:
+            for data in self.protocol.data_to_send():
+                if data:
+                    self.sock.sendall(data)
+                else:  # the closing handshake is done on our side
+                    self.sock.shutdown(socket.SHUT_WR)
+        except OSError as e:  # reset, or gone
+            raise ClientGone(f"the client left the bidirectional stream: {e}") from None
+
+    def close(self) -> None:
+        """A closing handshake when the client did not start one (gunicorn closes the socket after)."""
+        if self.protocol.state is State.OPEN:
+            self.protocol.send_close(CloseCode.NORMAL_CLOSURE)
+            try:
+                self.flush()
+            except ClientGone:
+                pass
 
 
 def _path(environ: dict) -> str:

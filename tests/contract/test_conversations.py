@@ -127,7 +127,8 @@ def test_bidirectional_stream_answers_many_turns_in_each_dialect(server):
         chunks = receive_answer(websocket, lambda m: m == "[DONE]" or "error" in m, binary=True)
         assert chunks[-1] == "[DONE]" and chunks[0]["object"] == "chat.completion.chunk"
 
-        websocket.send(json.dumps({**body, "stream": False}))  # one message: the answer as HTTP has it
+        text = json.dumps({**body, "stream": False})  # one message: the answer as HTTP has it
+        websocket.send([text[:10], text[10:]])  # in two frames, as SageMaker sends PARTIAL then COMPLETE parts
         assert json.loads(websocket.recv(timeout=120)) == [{"generated_text": plain}]
 
 
