@@ -1,6 +1,9 @@
 """SageMaker's adapter contract beyond registering one, through real gunicorn + vLLM: pin and preload at
 MAX_LORAS, a twin registered again while a stream runs on its old version, and a name that is not there.
-One worker, so that GET /adapters (this worker's engine) tells the whole state."""
+One worker, so that GET /adapters (this worker's engine) tells the whole state. A scenario (make
+test-scenarios; CI runs both): its own server and a 240-token stream cost about 40 s, and make test's registering,
+choosing and refusing of adapters is tests/contract/test_serving_features.py's; the cache's rules are unit-tested
+in tests/unit/test_lora_cache.py."""
 
 import json
 import shutil
@@ -14,6 +17,7 @@ from serve.schemas import ADAPTER_HEADER
 from tests.contract.test_serving_features import make_adapter
 from tests.helpers import Server
 
+pytestmark = pytest.mark.scenario
 PROMPT = "Write about lesson 3"
 
 
