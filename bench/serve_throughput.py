@@ -1,15 +1,26 @@
-"""Serving throughput and latency: this server over HTTP against vLLM's own offline engine, in one run.
+"""Serving throughput: this server against vLLM's own OpenAI server (`vllm serve`), HTTP to HTTP, in one run.
 
-    .venv/bin/python bench/serve_throughput.py [--clients 32] [--new-tokens 64] [--skip-naive]
+    .venv/bin/python bench/serve_throughput.py [--clients 32] [--new-tokens 64] [--repeats 3]
+                                               [--rows chat_greedy,tgi_twin] [--skip-naive]
 
-The baseline is what a user would otherwise pick: vLLM's offline `LLM.generate` (no HTTP, no server) on
-the same model (the embedded SmolLM2-135M-Instruct, bf16), the same chat-templated prompts and the same
-lengths, with EOS allowed. Both are measured with greedy decoding and with the LLM Twin sampling
-parameters (temperature 0.7, top_p 0.9, repetition penalty 1.1). Tokens are counted the same way for
-both: the generated text re-tokenized. It prints, for this server: aggregate tokens/s with N concurrent
-clients, the one-stream latency, /ping p99 under that load and the time from start to /ping 200; the
-same for the offline engine; the naive one-request-at-a-time server (bench/naive_server.py) for
-scale; then the ratios against the targets.
+The baseline is what a user would otherwise deploy: vLLM's OpenAI server (`python -m
+vllm.entrypoints.openai.api_server`, the same venv) given the engine arguments this server gave its own
+vLLM engine, read from its log line "starting vLLM: {...}" (model folder, dtype, max model length, KV
+cache bytes, prefix caching, eager mode, seed), the same cores (VLLM_CPU_NUM_OF_RESERVED_CPU) and no
+access log. The engines are the same, so what is compared is the edge: gunicorn + Flask + our
+translation against uvicorn + FastAPI + vLLM's own. (vLLM's offline `LLM.generate`, the baseline before,
+has no edge at all: it priced serving over HTTP, which `vllm serve` pays too, and nobody deploys it.)
+
+A row is one of our dialects through `/invocations` (OpenAI chat `messages`, or TGI `{"inputs",
+"parameters"}`) with greedy decoding or the LLM Twin sampling (temperature 0.7, top_p 0.9, repetition
+penalty 1.1), against the same prompts and sampling through `vllm serve`'s `/v1/chat/completions`.
+`clients` threads each send ROUNDS requests back to back, 64 new tokens, EOS allowed on both sides (this
+server has no `ignore_eos`, and rarely does a prompt here end early); tokens are counted alike on both,
+the answer's text re-tokenized. /ping is polled meanwhile. Both servers start once and stay up; each row
+runs `repeats` times on each, who goes first alternating, because on a shared 2-core machine one run
+against the next varies by more than the edges differ. It prints per row the median tokens/s of both, the
+median ratio (target >= 1.0) and each run's, /ping p99 (target < 100 ms), the one-stream latency, the
+start times, and the naive one-request-at-a-time server (bench/naive_server.py) for scale.
 """
 
 from __future__ import annotations
@@ -33,14 +44,17 @@ sys.path.insert(0, str(REPO))
 import requests  # noqa: E402
 
 from container.model_dir import ServingSpec, embedded_model_dir  # noqa: E402
-from local_test.harness import free_port  # noqa: E402
+from local_test.harness import free_port, process_tree  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TOPICS = ["LoRA ranks", "GPU costs", "evaluation sets", "data drift", "RAG chunking", "spot instances", "DPO pairs",
           "latency budgets"]
-GREEDY: dict = {}
-TWIN_SAMPLING = {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}
-ROUNDS = 2  # each client sends this many requests back to back; the offline engine runs as many batches
+SAMPLINGS = {"greedy": {"temperature": 0}, "twin": {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}}
+ROWS = ("chat_greedy", "chat_twin", "tgi_greedy", "tgi_twin")  # (our dialect)_(sampling)
+ROUNDS = 2  # each client sends this many requests back to back
+SIDES = ("ours", "vllm_serve")
+REQUEST_TIMEOUT = 1800  # the naive server answers 32 clients one at a time: minutes on a busy machine
+ARGUMENTS_LOG = "starting vLLM: "  # serve/engine.py logs the engine arguments after this
 
 
 def prompts(n: int, offset: int = 0) -> list[str]:
@@ -48,137 +62,267 @@ def prompts(n: int, offset: int = 0) -> list[str]:
             for i in range(offset, offset + n)]
 
 
-def start(command: list[str], env: dict, port: int) -> tuple[subprocess.Popen, float]:
+# --- the requests ----------------------------------------------------------------------------------------
+def chat_body(prompt: str, new_tokens: int, sampling: dict) -> dict:
+    return {"model": "llm-twin", "messages": [{"role": "user", "content": prompt}], "max_tokens": new_tokens,
+            **sampling}
+
+
+def tgi_body(prompt: str, new_tokens: int, sampling: dict) -> dict:
+    greedy = sampling.get("temperature") == 0  # TGI's greedy is no sampling parameter at all
+    return {"inputs": prompt, "parameters": {"max_new_tokens": new_tokens, **({} if greedy else sampling)}}
+
+
+def answer_text(body) -> str:
+    return body[0]["generated_text"] if isinstance(body, list) else body["choices"][0]["message"]["content"]
+
+
+class Target:
+    """One server's URL, the process that runs its edge, and the request shape of one row on it."""
+
+    def __init__(self, url: str, edge_pid: int, path: str, make_body):
+        self.url, self.edge_pid, self.path, self.make_body = url, edge_pid, path, make_body
+
+    def post(self, prompt: str, new_tokens: int, sampling: dict) -> dict:
+        response = requests.post(self.url + self.path, json=self.make_body(prompt, new_tokens, sampling),
+                                 timeout=REQUEST_TIMEOUT)
+        response.raise_for_status()
+        return response.json()
+
+
+def targets(ours: tuple[str, int], theirs: tuple[str, int], row: str) -> tuple[Target, Target]:
+    """(url, edge pid) of each server -> the row's two targets."""
+    dialect = chat_body if row.startswith("chat") else tgi_body
+    return Target(*ours, "/invocations", dialect), Target(*theirs, "/v1/chat/completions", chat_body)
+
+
+# --- the servers -----------------------------------------------------------------------------------------
+def start(command: list[str], env: dict, port: int, log: Path) -> tuple[subprocess.Popen, float]:
     started = time.perf_counter()
-    process = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               cwd=REPO, start_new_session=True)
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                                   cwd=REPO, start_new_session=True)
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and process.poll() is None:
         try:
             if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
                 return process, round(time.perf_counter() - started, 1)
         except requests.RequestException:
             pass
         time.sleep(0.25)
-    process.kill()
-    raise RuntimeError(f"server {command} did not become ready")
+    stop(process)
+    raise RuntimeError(f"{command[:3]} did not become ready: see the end of {log}:\n{log.read_text()[-3000:]}")
 
 
 def stop(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, 15)
-    process.wait(timeout=60)
+    try:
+        os.killpg(process.pid, 15)
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        process.wait()
+    except ProcessLookupError:
+        pass
 
 
-def load(url: str, clients: int, new_tokens: int, sampling: dict, count) -> dict:
-    """`clients` threads, each sending ROUNDS LLM Twin-style requests back to back; /ping polled meanwhile."""
-    latencies, tokens, pings, done = [], [], [], threading.Event()
+def edge_pid(process: subprocess.Popen) -> int:
+    """The process that runs the edge: our gunicorn worker, or vllm serve's API server (the process itself)."""
+    for pid in process_tree(process.pid):
+        if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"gunicorn: worker"):
+            return pid
+    return process.pid
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def engine_arguments(log: Path) -> dict:
+    """The arguments our server gave vLLM's engine, from its log."""
+    for line in log.read_text().splitlines():
+        if ARGUMENTS_LOG in line:
+            return json.loads(line.split(ARGUMENTS_LOG, 1)[1])
+    raise RuntimeError(f"no {ARGUMENTS_LOG!r} line in {log}")
+
+
+def vllm_serve_command(arguments: dict, port: int) -> list[str]:
+    """`vllm serve` with the same engine arguments, as flags (False: the flag's --no- form)."""
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
+               "--disable-uvicorn-access-log"]  # ours writes no access log either
+    for name, value in arguments.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            command.append(flag)
+        elif value is False:
+            command.append("--no-" + flag[2:])
+        elif value is not None:
+            command += [flag, str(value)]
+    return command
+
+
+# --- the load --------------------------------------------------------------------------------------------
+def load(target: Target, clients: int, new_tokens: int, sampling: dict, count) -> dict:
+    """`clients` threads, each sending ROUNDS requests back to back; /ping polled meanwhile. The edge's CPU
+    time per request (its pings included) prices the edge itself, less swayed than tokens/s by what else runs."""
+    latencies, texts, pings, done = [], [], [], threading.Event()
 
     def client(i: int):
         for r in range(ROUNDS):
-            body = {"inputs": prompts(1, r * clients + i)[0], "parameters": {"max_new_tokens": new_tokens, **sampling}}
             started = time.perf_counter()
-            response = requests.post(url + "/invocations", json=body, timeout=600)
-            response.raise_for_status()
+            texts.append(answer_text(target.post(prompts(1, r * clients + i)[0], new_tokens, sampling)))
             latencies.append(time.perf_counter() - started)
-            tokens.append(count(response.json()[0]["generated_text"]))
 
-    def pinger():
-        while not done.is_set():
-            started = time.perf_counter()
-            try:
-                requests.get(url + "/ping", timeout=5)
-                pings.append(time.perf_counter() - started)
-            except requests.RequestException:
-                pings.append(5.0)
-            time.sleep(0.05)
-
-    ping_thread = threading.Thread(target=pinger)
-    started = time.perf_counter()
-    ping_thread.start()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(client, range(clients)))
-    wall = time.perf_counter() - started
-    done.set()
-    ping_thread.join()
-    return {"tokens_per_second": round(sum(tokens) / wall, 1), "generated_tokens": sum(tokens),
-            "p50_latency_s": round(statistics.median(latencies), 2),
-            "ping_p99_ms": round(statistics.quantiles(pings, n=100)[98] * 1000, 1) if len(pings) > 1 else None}
-
-
-def single_latency(url: str, new_tokens: int, n: int = 3) -> float:
-    times = []
-    for text in prompts(n):
-        body = {"inputs": text, "parameters": {"max_new_tokens": new_tokens}}
-        started = time.perf_counter()
-        requests.post(url + "/invocations", json=body, timeout=600).raise_for_status()
-        times.append(time.perf_counter() - started)
-    return round(statistics.median(times), 3)
-
-
-def measure_server(command: list[str], env: dict, port: int, options, count, samplings: dict) -> dict:
-    server, ready_s = start(command, env, port)
+    pinger = threading.Thread(target=poll_ping, args=(target.url, pings, done), daemon=True)
+    started, cpu = time.perf_counter(), cpu_seconds(target.edge_pid)
+    pinger.start()
     try:
-        url = f"http://127.0.0.1:{port}"
-        results = {"start_to_ping_200_s": ready_s, "one_stream_latency_s": single_latency(url, options.new_tokens)}
-        for name, sampling in samplings.items():
-            results[name] = load(url, options.clients, options.new_tokens, sampling, count)
-        return results
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(client, range(clients)))
+    finally:
+        done.set()
+    wall, cpu = time.perf_counter() - started, cpu_seconds(target.edge_pid) - cpu
+    pinger.join()
+    tokens = sum(count(text) for text in texts)
+    return {"tokens_per_second": round(tokens / wall, 1), "generated_tokens": tokens,
+            "p50_latency_s": round(statistics.median(latencies), 2),
+            "edge_cpu_ms_per_request": round(1000 * cpu / len(texts), 2), "pings": pings}
+
+
+def poll_ping(url: str, pings: list, done: threading.Event) -> None:
+    while not done.is_set():
+        started = time.perf_counter()
+        try:
+            requests.get(url + "/ping", timeout=5)
+            pings.append(time.perf_counter() - started)
+        except requests.RequestException:
+            pings.append(5.0)
+        time.sleep(0.05)
+
+
+def p99_ms(samples: list) -> float | None:
+    return round(statistics.quantiles(samples, n=100)[98] * 1000, 1) if len(samples) > 1 else None
+
+
+def one_stream(target: Target, new_tokens: int, n: int = 3) -> dict:
+    """Requests one at a time (chat, greedy): the median latency, and the prompt's token count, so that a
+    difference in prompts between the two servers shows."""
+    times, prompt_tokens = [], None
+    for text in prompts(n):
+        started = time.perf_counter()
+        prompt_tokens = target.post(text, new_tokens, SAMPLINGS["greedy"])["usage"]["prompt_tokens"]
+        times.append(time.perf_counter() - started)
+    return {"latency_s": round(statistics.median(times), 3), "prompt_tokens": prompt_tokens}
+
+
+def warm_up(target: Target, clients: int) -> None:
+    """One short burst, not measured: first-batch costs (kernels for new shapes) are paid here."""
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(lambda p: target.post(p, 4, SAMPLINGS["twin"]), prompts(clients, 1000)))
+
+
+def run_rows(ours: tuple[str, int], theirs: tuple[str, int], rows: list[str], options, count) -> dict:
+    """Each row `repeats` times on both servers, who goes first alternating, so that what else the machine
+    runs meanwhile weighs on both alike; the row's figures are the medians, its ratio the median ratio."""
+    results = {"one_stream": {}}
+    for side, target in zip(SIDES, targets(ours, theirs, "chat_greedy")):
+        warm_up(target, options.clients)
+        results["one_stream"][side] = one_stream(target, options.new_tokens)
+    for row in rows:
+        sampling = SAMPLINGS[row.split("_", 1)[1]]
+        pair = dict(zip(SIDES, targets(ours, theirs, row)))
+        runs = []
+        for repeat in range(options.repeats):
+            order = SIDES if repeat % 2 == 0 else SIDES[::-1]
+            runs.append({side: load(pair[side], options.clients, options.new_tokens, sampling, count)
+                         for side in order})
+            print(json.dumps({row: {side: {k: v for k, v in run.items() if k != "pings"}
+                                    for side, run in runs[-1].items()}}), flush=True)
+        results[row] = summary(runs)
+    return results
+
+
+def summary(runs: list[dict]) -> dict:
+    """Per side the median of each figure and /ping p99 over all its runs; the ratio ours/theirs per run."""
+    row = {side: {key: round(statistics.median(run[side][key] for run in runs), 2)
+                  for key in ("tokens_per_second", "generated_tokens", "p50_latency_s", "edge_cpu_ms_per_request")}
+           for side in SIDES}
+    for side in SIDES:
+        row[side]["ping_p99_ms"] = p99_ms([ping for run in runs for ping in run[side]["pings"]])
+    row["ratios"] = [round(run["ours"]["tokens_per_second"] / run["vllm_serve"]["tokens_per_second"], 2)
+                     for run in runs]
+    row["ratio"] = statistics.median(row["ratios"])
+    return row
+
+
+def naive(model_dir: Path, root: Path, options, count) -> dict:
+    port = free_port()
+    command = [str(BIN / "gunicorn"), "-w", "1", "--threads", "1", "--timeout", "600", "-b", f"127.0.0.1:{port}",
+               f"bench.naive_server:build('{model_dir}')"]
+    server, ready_s = start(command, {}, port, root / "naive.log")
+    try:
+        target = Target(f"http://127.0.0.1:{port}", server.pid, "/invocations", tgi_body)
+        run = load(target, options.clients, options.new_tokens, SAMPLINGS["greedy"], count)
+        return {"start_s": ready_s, "tokens_per_second": run["tokens_per_second"],
+                "p50_latency_s": run["p50_latency_s"], "ping_p99_ms": p99_ms(run["pings"])}
     finally:
         stop(server)
 
 
-def offline(model_dir: str, clients: int, new_tokens: int) -> dict:
-    """vLLM's offline engine, as a user would run it: LLM.generate on the whole batch (run in its own
-    process by main(), so its engine and memory are gone before and after)."""
-    from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+# --- the run ---------------------------------------------------------------------------------------------
+def measure(root: Path, rows: list[str], options, count) -> dict:
+    """Start ours, then `vllm serve` with the arguments ours logged; run every row on both; stop both."""
+    port = free_port()
+    ours, ours_start = start([str(BIN / "serve")], {"SAGEMAKER_BASE_DIR": str(root),
+                                                    "SAGEMAKER_BIND_TO_PORT": str(port)}, port, root / "ours.log")
+    try:
+        arguments = engine_arguments(root / "ours.log")
+        vllm_port = free_port()
+        environment = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn",  # as serve/engine_args.py sets for its engine
+                       "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")}
+        theirs, theirs_start = start(vllm_serve_command(arguments, vllm_port), environment, vllm_port,
+                                     root / "vllm_serve.log")
+        try:
+            results = run_rows((f"http://127.0.0.1:{port}", edge_pid(ours)),
+                               (f"http://127.0.0.1:{vllm_port}", edge_pid(theirs)), rows, options, count)
+        finally:
+            stop(theirs)
+    finally:
+        stop(ours)
+    return {"engine_arguments": arguments, "start_s": {"ours": ours_start, "vllm_serve": theirs_start}, **results}
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
-    def batch(offset: int, n: int) -> list:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                               tokenize=False)
-                 for p in prompts(n, offset)]
-        return [TokensPrompt(prompt_token_ids=tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    started = time.perf_counter()
-    llm = LLM(model=model_dir, dtype="bfloat16", enforce_eager=True, max_model_len=4096, seed=0)
-    results = {"start_s": round(time.perf_counter() - started, 1)}
-    times = []
-    for text in batch(0, 3):
-        started = time.perf_counter()
-        llm.generate([text], SamplingParams(max_tokens=new_tokens, temperature=0), use_tqdm=False)
-        times.append(time.perf_counter() - started)
-    results["one_stream_latency_s"] = round(statistics.median(times), 3)
-    for name, sampling in (("greedy", {"temperature": 0}), ("twin_sampling", TWIN_SAMPLING)):
-        tokens, wall = 0, 0.0
-        for r in range(ROUNDS):
-            started = time.perf_counter()
-            outputs = llm.generate(batch(r * clients, clients), SamplingParams(max_tokens=new_tokens, **sampling),
-                                   use_tqdm=False)
-            wall += time.perf_counter() - started
-            tokens += sum(count(o.outputs[0].text) for o in outputs)
-        results[name] = {"tokens_per_second": round(tokens / wall, 1), "generated_tokens": tokens}
-    return results
+def report(results: dict, rows: list[str], options) -> None:
+    print(json.dumps(results, indent=2))
+    print(f"\nclients={options.clients} new_tokens={options.new_tokens} rounds={ROUNDS}")
+    print(f"{'row':<12} {'ours tok/s':>10} {'vllm serve tok/s':>16} {'ratio':>6}  {'/ping p99 ours':>14} "
+          f"{'/ping p99 vllm':>14}  {'edge CPU ms/request ours':>24} {'vllm':>5}  ratio per run")
+    for row in rows:
+        figures = results[row]
+        ours, theirs = figures["ours"], figures["vllm_serve"]
+        print(f"{row:<12} {ours['tokens_per_second']:>10} {theirs['tokens_per_second']:>16} {figures['ratio']:>5.2f}x  "
+              f"{ours['ping_p99_ms']:>11} ms {theirs['ping_p99_ms']:>11} ms  {ours['edge_cpu_ms_per_request']:>24} "
+              f"{theirs['edge_cpu_ms_per_request']:>5}  {figures['ratios']}")
+    print(f"medians of {options.repeats} runs per row; targets: ratio >= 1.0 on every row; /ping p99 (ours) < 100 ms")
+    ours, theirs = results["one_stream"]["ours"], results["one_stream"]["vllm_serve"]
+    print(f"one stream (chat, greedy): ours {ours['latency_s']} s, vllm serve {theirs['latency_s']} s "
+          f"({ours['latency_s'] / theirs['latency_s']:.2f}x); prompt tokens {ours['prompt_tokens']} / "
+          f"{theirs['prompt_tokens']}")
+    print(f"start to /ping 200: ours {results['start_s']['ours']} s, vllm serve {results['start_s']['vllm_serve']} s",
+          flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each row on each server")
     parser.add_argument("--skip-naive", action="store_true", help="the naive server takes minutes at 32 clients")
-    parser.add_argument("--offline-only", nargs=2, metavar=("MODEL_DIR", "OUT"), help=argparse.SUPPRESS)
     options = parser.parse_args()
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # both engines get every core
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    if options.offline_only:  # vLLM logs to stdout: the result goes to a file
-        model_dir, out = options.offline_only
-        Path(out).write_text(json.dumps(offline(model_dir, options.clients, options.new_tokens)))
-        return
+    rows = [row for row in options.rows.split(",") if row]
+    if not rows or set(rows) - set(ROWS):
+        parser.error(f"--rows: choose among {', '.join(ROWS)}")
 
     from transformers import AutoTokenizer
 
@@ -192,35 +336,14 @@ def main() -> None:
         def count(text: str) -> int:
             return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-        results = {}
-        port = free_port()
-        results["ours"] = measure_server([str(BIN / "serve")], {"SAGEMAKER_BASE_DIR": str(root),
-                                                                "SAGEMAKER_BIND_TO_PORT": str(port)},
-                                         port, options, count, {"greedy": GREEDY, "twin_sampling": TWIN_SAMPLING})
-        print(json.dumps({"ours": results["ours"]}), flush=True)
-        out = root / "offline.json"
-        subprocess.run([sys.executable, __file__, "--offline-only", str(model_dir), str(out), "--clients",
-                        str(options.clients), "--new-tokens", str(options.new_tokens)], capture_output=True, check=True)
-        results["vllm_offline"] = json.loads(out.read_text())
+        results = measure(root, rows, options, count)
+        report(results, rows, options)  # before the naive server, which takes longest
         if not options.skip_naive:
-            port = free_port()
-            naive = [str(BIN / "gunicorn"), "-w", "1", "--threads", "1", "--timeout", "600", "-b", f"127.0.0.1:{port}",
-                     f"bench.naive_server:build('{model_dir}')"]
-            results["naive"] = measure_server(naive, {}, port, options, count, {"greedy": GREEDY})
-    print(json.dumps(results, indent=2))
-    ours, vllm = results["ours"], results["vllm_offline"]
-    print(f"clients={options.clients} new_tokens={options.new_tokens} rounds={ROUNDS}")
-    for name in ("greedy", "twin_sampling"):
-        ratio = ours[name]["tokens_per_second"] / vllm[name]["tokens_per_second"]
-        print(f"throughput {name}: ours/vLLM offline {ratio:.2f}x (target >= 0.9)")
-    print(f"one-stream latency ours/vLLM offline: {ours['one_stream_latency_s'] / vllm['one_stream_latency_s']:.2f}x "
-          "(target <= 1.15)")
-    print(f"/ping p99 under load: {ours['greedy']['ping_p99_ms']} ms greedy, "
-          f"{ours['twin_sampling']['ping_p99_ms']} ms sampling (target < 100)")
-    print(f"start to /ping 200: {ours['start_to_ping_200_s']} s (vLLM offline engine start: {vllm['start_s']} s)")
-    if "naive" in results:
-        ratio = ours["greedy"]["tokens_per_second"] / results["naive"]["greedy"]["tokens_per_second"]
-        print(f"throughput greedy: ours/naive {ratio:.1f}x (target >= 8)")
+            naive_results = naive(model_dir, root, options, count)
+            print(json.dumps({"naive": naive_results}))
+            if "tgi_greedy" in rows:
+                ratio = results["tgi_greedy"]["ours"]["tokens_per_second"] / naive_results["tokens_per_second"]
+                print(f"tgi_greedy: ours/naive {ratio:.1f}x (target >= 8)")
 
 
 if __name__ == "__main__":

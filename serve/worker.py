@@ -214,14 +214,20 @@ class BufferingWorker(ThreadWorker):
                 raise
             return
         self.nr_conns += 1
-        self.start_request(Connection(self.cfg, sock, client, listener.getsockname()))
+        conn = Connection(self.cfg, sock, client, listener.getsockname())
+        self.start_request(conn)
+        self.on_request_bytes(conn, sock)  # a request usually arrives with its connection: read it without a turn
 
     def on_client_socket_readable(self, conn: Connection, client) -> None:
-        """A kept-alive connection's next request begins: it is buffered like a new connection's."""
+        """A kept-alive connection's next request begins: it is buffered like a new connection's. Or, most
+        often, its client closed it: then it is closed at once."""
         self.poller.unregister(client)
         self.keepalived_conns.remove(conn)
-        self.start_request(conn)
-        self.on_request_bytes(conn, client)
+        data = receive(conn)
+        if data == b"":
+            self.close_now(conn)
+            return
+        self.start_request(conn, data or b"")
 
     def start_request(self, conn: Connection, received: bytes = b"") -> None:
         conn.sock.setblocking(False)
