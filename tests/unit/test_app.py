@@ -107,11 +107,19 @@ def engine():
     return MemoryEngine()
 
 
-@pytest.fixture
-def client(engine, tmp_path):
+def test_client(engine, tmp_path: Path, start: Startup | None = None):
+    """The app over `engine`, with the fixed adapter "dana" and a registry, started as `start` says."""
     (tmp_path / "registry").mkdir()
     adapters = Adapters({"dana": "/adapters/dana"}, tmp_path / "registry", max_rank=64, source_root=tmp_path)
-    return create_app(engine, adapters, startup(tmp_path)).test_client()
+    return create_app(engine, adapters, start or startup(tmp_path)).test_client()
+
+
+test_client.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture
+def client(engine, tmp_path):
+    return test_client(engine, tmp_path)
 
 
 def wait_until(condition, timeout: float = 30) -> None:

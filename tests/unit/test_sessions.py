@@ -14,7 +14,7 @@ from serve.app import create_app
 from serve.errors import BadRequest, Conflict, Overloaded, ValidationError
 from serve.schemas import ADAPTER_HEADER, GenerateParams, GenerateRequest
 from serve.sessions import CLOSED_SESSION_HEADER, NEW_SESSION_HEADER, SESSION_HEADER, Sessions
-from tests.unit.test_app import MemoryEngine, post, startup, wait_until
+from tests.unit.test_app import MemoryEngine, post, startup, test_client, wait_until
 
 
 class Clock:
@@ -104,11 +104,9 @@ def engine():
 
 @pytest.fixture
 def client(engine, tmp_path):
-    (tmp_path / "registry").mkdir()
     (tmp_path / "sessions").mkdir()
-    adapters = Adapters({"dana": "/adapters/dana"}, tmp_path / "registry", max_rank=64, source_root=tmp_path)
     start = replace(startup(tmp_path, SAGEMAKER_ENABLE_STATEFUL_SESSIONS="true"), session_folder=tmp_path / "sessions")
-    return create_app(engine, adapters, start).test_client()
+    return test_client(engine, tmp_path, start)
 
 
 def new_session(client, **headers) -> str:
