@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 
 from gunicorn.app.base import BaseApplication
 
@@ -22,6 +23,7 @@ KEEPALIVE_SECONDS = 75
 class Server(BaseApplication):
     def __init__(self, startup: Startup):
         self.startup = startup
+        self.forked: list = []  # the workers gunicorn forked (in the master)
         super().__init__()
 
     def load_config(self) -> None:
@@ -40,6 +42,8 @@ class Server(BaseApplication):
             "control_socket_disable": True,  # gunicorn 27's admin socket: unused, and one path per user would clash
             "pre_fork": self.pre_fork,
             "post_fork": self.post_fork,
+            "child_exit": self.child_exit,
+            "on_exit": self.on_exit,
             "worker_exit": worker_exit,
         }
         for key, value in settings.items():
@@ -64,16 +68,41 @@ class Server(BaseApplication):
         return create_app(engine, adapters, startup)
 
     def pre_fork(self, server, worker) -> None:
+        self.forked.append(worker)  # its pid is set once forked: its process group is killed when gunicorn exits
         if self.startup.placement.pin_gpus:
             worker.gpu = free_gpu({getattr(w, "gpu", -1) for w in server.WORKERS.values()}, self.startup.gpus)
 
     def post_fork(self, server, worker) -> None:
+        os.setpgid(0, 0)  # a group of its own, which vLLM's engine processes join: see child_exit
         if self.startup.placement.pin_gpus:  # the device id among those this container may use
             visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
             os.environ["CUDA_VISIBLE_DEVICES"] = visible[worker.gpu] if worker.gpu < len(visible) else str(worker.gpu)
             server.log.info("worker %s serves GPU %s", worker.pid, worker.gpu)
         elif self.startup.config.num_shard > 1:
             server.log.info("worker %s shards the model over %d GPUs", worker.pid, self.startup.config.num_shard)
+
+    def child_exit(self, server, worker) -> None:
+        """A worker exited (in the master): vLLM's engine processes, which hold the model and its KV cache in
+        memory (a GPU's too), die with it. A worker shuts its engine down when it stops (worker_exit), but one
+        killed (the OOM killer, gunicorn's timeout) cannot, and its engine processes would outlive it, holding
+        the memory the next worker needs. They are in the worker's process group (post_fork)."""
+        kill_group(worker.pid)
+        self.forked.remove(worker)
+
+    def on_exit(self, server) -> None:
+        """gunicorn stops: it SIGKILLs the workers still there after GRACEFUL_SECONDS and may exit before it
+        reaps them, so their engine processes are killed here."""
+        for worker in self.forked:
+            kill_group(worker.pid)
+
+
+def kill_group(pgid: int | str) -> None:
+    if not isinstance(pgid, int):  # "[booting]": gunicorn's worker before its fork
+        return
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:  # nothing left in it
+        pass
 
 
 def worker_exit(server, worker) -> None:

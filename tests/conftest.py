@@ -11,15 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, STOPPING, Server, build_tiny_model, make_tree, run_train
+from tests.helpers import REAP_SECONDS, REPO, STOPPING, Server, build_tiny_model, make_tree, run_train
 
 
 @pytest.fixture(scope="session", autouse=True)
 def servers_exit():
-    """Every server a test stopped without waiting has exited by the end of the session."""
+    """Every server a test stopped has exited by the end of the session, with every process it started."""
     yield
     for server in STOPPING:
         server.stop()
+    leftovers = [f"{server.url}: {process}" for server in STOPPING for process in server.leftovers]
+    assert not leftovers, f"still running {REAP_SECONDS} s after SIGTERM (killed then):\n" + "\n".join(leftovers)
 
 
 @pytest.fixture(scope="session")

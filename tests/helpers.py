@@ -3,8 +3,10 @@ Fixtures live in tests/conftest.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -49,6 +51,7 @@ def run_train(root: Path, timeout: int = 600, **env) -> subprocess.CompletedProc
     )
 
 
+REAP_SECONDS = 90  # after SIGTERM, until a server and what it started are taken for stuck
 STOPPING: list["Server"] = []  # servers told to stop, still draining (conftest.py waits for them at the end)
 
 
@@ -61,10 +64,11 @@ class Server:
         self.process = subprocess.Popen(
             [str(BIN / "serve")],
             env={**os.environ, "SAGEMAKER_BASE_DIR": str(root), "SAGEMAKER_BIND_TO_PORT": str(self.port), **env},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
         self.ping_codes: list[int] = []
         self.output: str | None = None
+        self.leftovers: list[str] = []  # processes still there a while after SIGTERM (killed then)
         self._reaper: threading.Thread | None = None
 
     def wait_ready(self, timeout: float = 180) -> None:
@@ -95,11 +99,33 @@ class Server:
             STOPPING.append(self)
 
     def _reap(self) -> None:
+        """The output, once the server and every process it started have exited: all hold it open. What is
+        still there REAP_SECONDS after SIGTERM (gunicorn drains for 25 s) is SIGKILLed and kept in leftovers,
+        which fail the session (conftest.py): a server must not leave vLLM's engine processes behind."""
         try:
-            self.output, _ = self.process.communicate(timeout=60)
+            self.output, _ = self.process.communicate(timeout=REAP_SECONDS)
+            return
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.output, _ = self.process.communicate()
+            pass
+        listed = subprocess.run(["ps", "-o", "pid=,args=", "-s", str(self.process.pid)], capture_output=True, text=True)
+        for line in listed.stdout.splitlines():
+            pid, _, args = line.strip().partition(" ")
+            if running(int(pid)):
+                self.leftovers.append(f"{pid} {args}")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        try:
+            self.output, _ = self.process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.output = "(its output was still held open 30 s after SIGKILL)"
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a process that has not exited (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def wait_for_ping(url: str, wanted: int, timeout: float, process: subprocess.Popen | None = None) -> list[int]:

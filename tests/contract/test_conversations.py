@@ -18,7 +18,7 @@ import requests
 from websockets.sync.client import connect
 
 from serve.sessions import CLOSED_SESSION_HEADER, NEW_SESSION_HEADER, SESSION_HEADER
-from tests.helpers import sse_events, wait_for_ping
+from tests.helpers import process_tree, running, sse_events, wait_for_ping
 
 JSON = {"Content-Type": "application/json"}
 NEW_SESSION_VALUE = re.compile(r"([0-9a-f-]{36}); Expires=(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)")
@@ -172,9 +172,13 @@ def test_a_session_outlives_its_worker(serve_tree, tiny_served_model):
     assert turn(server, session_id, {"inputs": "My name is Ada.", "parameters": {"max_new_tokens": 3}}).ok
     workers = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 1
+    engine_processes = process_tree(int(workers[0]))[1:]
+    assert engine_processes
     os.kill(int(workers[0]), signal.SIGKILL)
     wait_for_ping(server.url, 503, 60)  # the new worker is loading
     server.wait_ready()
+    left = [pid for pid in engine_processes if running(pid)]
+    assert not left, "the killed worker's vLLM engine processes outlived it, holding its memory"
     details = {"max_new_tokens": 2, "details": True, "decoder_input_details": True}
     second = turn(server, session_id, {"inputs": "Name?", "parameters": details})
     assert second.status_code == 200, second.text
