@@ -202,8 +202,10 @@ class VllmEngine:
                             ticket.emit("token", event)
             if plan.stream:
                 answer = translate.result(plan, sequences, [])
-            else:  # details and decoder_input_details decode every token: not on the loop every stream waits on
-                answer = await self._loop.run_in_executor(self._decoder, self._answer, plan, outputs)
+            elif plan.wants_tokens or plan.sampling.prompt_logprobs is not None:  # every token decoded: not on
+                answer = await self._loop.run_in_executor(self._decoder, self._answer, plan, outputs)  # this loop
+            else:  # vLLM's text as it is: built here, without the two thread hand-offs of the decode thread
+                answer = self._answer(plan, outputs)
         except VLLMClientError as e:  # e.g. a grammar vLLM cannot compile
             ticket.emit("error", ValidationError(str(e)))
         except ServeError as e:  # the engine ended or dropped the request

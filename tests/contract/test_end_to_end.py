@@ -57,7 +57,7 @@ def test_past_the_timeout_a_424_names_the_fixes_and_a_client_that_leaves_frees_i
         assert streamed.status_code == 424 and streamed.json()["error_type"] == "generation"
 
     # A client that sends a plain request and leaves: its generation is aborted and the slot freed within a
-    # second or so (the check runs twice a second), long before the 20 s timeout would have freed it.
+    # few seconds (the check runs every 2 s), long before the 20 s timeout would have freed it.
     payload = json.dumps(body).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as client:
         client.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
