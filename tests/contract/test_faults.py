@@ -75,7 +75,8 @@ def test_vllms_engine_process_killed_fails_requests_in_flight_and_ping_then_a_fr
         subprocess.run(["kill", "-9", str(pid)])  # as the kernel's OOM killer, or a CUDA fault, would end it
     wait_for_ping(server.url, 500, timeout=30)  # noticed by the engine watch, not only by a request
     rest = [json.loads(line.removeprefix("data:")) for line in lines if line]  # ends, never hangs
-    assert rest and rest[-1]["error_type"] == "engine", rest[-1:]  # the stream in flight got the engine's error
+    ended = rest[-1] if rest else None  # the stream in flight got the engine's error
+    assert ended and ended.get("error_type") == "engine", f"{len(rest)} events after the first; the last: {ended}"
     # A request now gets a 5xx within seconds: this worker's (500) or the fresh one's while it loads (503).
     assert server.invoke({"inputs": "Hi"}, timeout=30).status_code in (500, 503)
     wait_for_ping(server.url, 200, timeout=180)  # gunicorn started a fresh worker, which loaded the model
