@@ -14,6 +14,7 @@ is sent as a last SSE event with the same body.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import ContextManager, Protocol
@@ -146,14 +147,22 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
             metrics.count(424)
             send({"error": str(e), "error_type": "generation"})
 
-    @app.get("/ping")
-    def ping():
+    def ping_answer() -> tuple[int, bytes]:
+        """/ping's status and body, from the engine's state. gunicorn's worker sends it from its main loop
+        (serve/worker.py); the route answers the same where a thread has the request."""
         state = engine.state
         if state == "loading":
-            return error_response(503, "healthcheck", "model is loading")
+            return 503, json.dumps({"error": "model is loading", "error_type": "healthcheck"}).encode()
         if state == "failed":
-            return error_response(500, "healthcheck", "the engine has failed")
-        return Response(status=200)
+            return 500, json.dumps({"error": "the engine has failed", "error_type": "healthcheck"}).encode()
+        return 200, b""
+
+    app.extensions["ping_answer"] = ping_answer
+
+    @app.get("/ping")
+    def ping():
+        status, body = ping_answer()
+        return Response(body, status=status, mimetype="application/json" if body else None)
 
     @app.get("/health")
     def health():

@@ -23,7 +23,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 # TGI's values. `bitsandbytes` is TGI's 8-bit: vLLM quantizes in flight only to 4-bit, so it is refused
 # by name rather than silently given another precision.
 QUANTIZE = ("", "bitsandbytes-nf4", "awq", "gptq", "fp8")
-PING_THREADS = 4  # HTTP threads kept free of generation work, so /ping always finds one
+PING_THREADS = 4  # HTTP threads kept free of generation work for /health, /info, /metrics (the worker answers /ping)
 # Batch transform (SAGEMAKER_BATCH=true). SageMaker refuses a transform job whose MaxConcurrentTransforms x
 # MaxPayloadInMB exceeds 100 MB. A mini-batch of 1 MB (the smallest above 0) of prompts is still thousands of
 # generations, so the payload stays at 1 MB; two requests per engine copy keep it busy while one request's

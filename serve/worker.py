@@ -14,6 +14,11 @@ A request still arriving at its deadline is answered 408, a head over the cap 43
 (Flask's MAX_CONTENT_LENGTH) 413, from its Content-Length or as soon as a chunked body passes it, and the
 connection is closed: none of them takes a thread.
 
+`GET /ping` (SageMaker's health check, several a second) is answered by the main loop itself when the app
+gives an answer for it (`app.extensions["ping_answer"]`, serve/app.py's): no thread, no WSGI call, and no
+wait behind requests that hold every thread. Anything else about a ping request (a body, a query, another
+version than HTTP/1.x) goes to a thread as before.
+
 The rest is gthread's: accepting up to worker_connections, keep-alive (an idle kept-alive connection waits
 in the poller as before, and its next request is buffered like the first), graceful stop, the heartbeat,
 max_requests. Two changes: a connection that closes after its answer lingers in the poller (gthread's
@@ -44,6 +49,8 @@ CLOSE_DRAIN_BYTES = 64 * 1024  # ... and up to this much (as gunicorn's close_gr
 DEFAULT_MAX_BODY_BYTES = 6 * 2**20  # when the app sets no MAX_CONTENT_LENGTH: InvokeEndpoint's payload limit
 RECV_BYTES = 256 * 1024
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+PING_LINES = (b"GET /ping HTTP/1.1", b"GET /ping HTTP/1.0")
+REASONS = {200: "OK", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 class Refused(Exception):
@@ -79,6 +86,8 @@ class IncomingRequest:
         self.next_chunk = -1  # a chunked body: where the next chunk-size line starts
         self.chunked_bytes = 0  # a chunked body: its bytes in the chunks complete so far
         self.expects_continue = False  # Expect: 100-continue on HTTP/1.1: the client may wait for it to send the body
+        self.request_line = b""  # once the head has arrived
+        self.connection = b""  # the Connection header's tokens, lower case
 
     @property
     def ready(self) -> bool:
@@ -108,6 +117,8 @@ class IncomingRequest:
         for line in lines[1:]:
             name, _, value = line.partition(b":")
             fields.setdefault(name.lower(), []).append(value.strip(b" \t"))
+        self.request_line = request_line
+        self.connection = b",".join(fields.get(b"connection", [])).lower()
         self.expects_continue = (request_line.endswith(b"HTTP/1.1")
                                  and [v.lower() for v in fields.get(b"expect", [])] == [b"100-continue"])
         lengths = fields.get(b"content-length", [])
@@ -122,6 +133,14 @@ class IncomingRequest:
             self.end = self.head_end + int(lengths[0])
         else:
             self.end = self.head_end  # no body; or several or bad lengths, refused by gunicorn from the head
+
+    def ping_keeps_alive(self) -> bool | None:
+        """For a whole `GET /ping` without a body over HTTP/1.x: whether the connection stays open after the
+        answer (HTTP/1.1 unless `Connection: close`; HTTP/1.0 with `Connection: keep-alive`). Else None."""
+        if self.end != self.head_end or self.request_line not in PING_LINES:
+            return None
+        tokens = {token.strip() for token in self.connection.split(b",")}
+        return b"close" not in tokens if self.request_line.endswith(b"1.1") else b"keep-alive" in tokens
 
     def _find_chunked_end(self) -> None:
         while True:
@@ -189,6 +208,7 @@ class BufferingWorker(ThreadWorker):
         self.closing: deque[Connection] = deque()  # answered for the last time, half-closed, oldest first
         self.max_body_bytes = DEFAULT_MAX_BODY_BYTES
         self.stop_deadline: float | None = None
+        self.ping_answer = None  # () -> (status, JSON body or b""): the app's /ping, answered on this loop
 
     @classmethod
     def check_config(cls, cfg, log) -> None:
@@ -204,6 +224,7 @@ class BufferingWorker(ThreadWorker):
         """The app's body cap (Flask's MAX_CONTENT_LENGTH) is where buffering a body stops."""
         super().load_wsgi()
         self.max_body_bytes = getattr(self.wsgi, "config", {}).get("MAX_CONTENT_LENGTH") or DEFAULT_MAX_BODY_BYTES
+        self.ping_answer = getattr(self.wsgi, "extensions", {}).get("ping_answer")
 
     def accept(self, listener) -> None:
         """As gthread accepts, but the connection waits in the poller until its request is all here."""
@@ -259,7 +280,11 @@ class BufferingWorker(ThreadWorker):
             return
         if request.ready:
             self.stop_arriving(conn)
-            self.hand_off(conn)
+            keep_alive = request.ping_keeps_alive() if self.ping_answer else None
+            if keep_alive is None:
+                self.hand_off(conn)
+            else:
+                self.answer_ping(conn, keep_alive and self.alive)
         elif request.expects_continue and not had_head and request.head_end >= 0:
             try:  # 25 bytes, non-blocking; gunicorn's thread sends another 100 later, which clients skip
                 conn.sock.send(CONTINUE)
@@ -273,6 +298,38 @@ class BufferingWorker(ThreadWorker):
         conn.parser.unreader.unread(bytes(conn.incoming.data))
         conn.incoming = None
         self.enqueue_req(conn)
+
+    def answer_ping(self, conn: Connection, keep_alive: bool) -> None:
+        """The app's answer to /ping, sent from this loop; then the connection waits for its next request (at once
+        if the client pipelined it), or closes."""
+        status, body = self.ping_answer()
+        head = f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\nContent-Length: {len(body)}\r\n"
+        if body:
+            head += "Content-Type: application/json\r\n"
+        head += "\r\n" if keep_alive else "Connection: close\r\n\r\n"
+        answer = head.encode() + body
+        try:  # non-blocking: a few hundred bytes, which the kernel takes whole unless the client stopped reading
+            sent = conn.sock.send(answer)
+        except OSError:
+            sent = 0
+        request, conn.incoming = conn.incoming, None
+        if sent != len(answer):
+            self.close_now(conn)
+        elif not keep_alive:
+            self.close_softly(conn)
+        elif len(request.data) > request.end:
+            self.start_request(conn, bytes(request.data[request.end:]))
+        else:
+            self.keep_alive(conn)
+
+    def keep_alive(self, conn: Connection) -> None:
+        """The connection waits in the poller for its next request, up to the keep-alive timeout."""
+        conn.sock.setblocking(False)
+        conn.set_timeout()
+        if not self.alive:
+            conn.timeout = min(conn.timeout, time.monotonic() + STOP_KEEPALIVE_LINGER)
+        self.keepalived_conns.append(conn)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_client_socket_readable, conn))
 
     def finish_request(self, conn: Connection, fs) -> None:
         """A thread is done with the connection: keep it alive (its next request is buffered like the first:
@@ -288,12 +345,7 @@ class BufferingWorker(ThreadWorker):
         if pipelined:
             self.start_request(conn, pipelined)
             return
-        conn.sock.setblocking(False)
-        conn.set_timeout()
-        if not self.alive:
-            conn.timeout = min(conn.timeout, time.monotonic() + STOP_KEEPALIVE_LINGER)
-        self.keepalived_conns.append(conn)
-        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_client_socket_readable, conn))
+        self.keep_alive(conn)
 
     def refuse(self, conn: Connection, refusal: Refused) -> None:
         try:  # a small answer, non-blocking: the kernel takes it whole unless the client stopped reading

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,7 @@ def test_kept_alive_connections_buffer_their_next_request_too(quick):
     streams = [sock.makefile("rb") for sock in connections]
     for sock, stream in zip(connections, streams):
         sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert response(stream) == (200, b"pong")
+        assert response(stream) == (200, b"")  # answered by the main loop
         sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhe")  # the next, half sent
     assert requests.get(quick.url + "/ping", timeout=5).status_code == 200
     for sock, stream in zip(connections, streams):
@@ -102,12 +103,35 @@ def test_kept_alive_connections_buffer_their_next_request_too(quick):
         sock.close()
 
 
+def test_ping_is_answered_by_the_main_loop_while_every_thread_is_held(quick, tmp_path):
+    release = tmp_path / "release"
+    with ThreadPoolExecutor(THREADS + 1) as pool:
+        held = [pool.submit(requests.get, quick.url + "/hold", params={"until": str(release)}, timeout=90)
+                for _ in range(THREADS)]
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("release.*"))) < THREADS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(list(tmp_path.glob("release.*"))) == THREADS, "the /hold requests never got their threads"
+        via_thread = pool.submit(requests.get, quick.url + "/ping?via=thread", timeout=90)  # a query: the route's
+        with socket.create_connection(("127.0.0.1", quick.port), timeout=15) as sock:
+            stream = sock.makefile("rb")
+            for _ in range(3):  # kept alive between pings
+                sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert response(stream) == (200, b"")
+            sock.sendall(b"GET /ping HTTP/1.0\r\n\r\n")
+            assert response(stream) == (200, b"") and stream.read() == b""  # HTTP/1.0: closed after its answer
+        assert not via_thread.done()  # every thread is still held
+        release.touch()
+        assert [future.result().text for future in held] == ["released"] * THREADS
+        assert via_thread.result().text == "pong"
+
+
 def test_pipelined_requests_are_answered_in_order(quick):
     with quick.connect() as sock:
         sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\nPOST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n"
                      b"abcPOST /echo HTTP/1.1\r\nHost: x\r\nContent-Le")
         stream = sock.makefile("rb")
-        assert [response(stream), response(stream)] == [(200, b"pong"), (200, b"abc")]
+        assert [response(stream), response(stream)] == [(200, b""), (200, b"abc")]
         sock.sendall(b"ngth: 2\r\n\r\nde")
         assert response(stream) == (200, b"de")
 
@@ -165,7 +189,7 @@ def test_closing_connections_do_not_stall_the_other_clients(quick):
     assert requests.get(quick.url + "/ping", timeout=10).status_code == 200
     assert time.monotonic() - began < 1.5
     for sock in lingering:
-        assert response(sock.makefile("rb")) == (200, b"pong")
+        assert response(sock.makefile("rb")) == (200, b"")
         sock.close()
 
 

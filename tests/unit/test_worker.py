@@ -98,3 +98,18 @@ def test_tls_http2_proxy_protocol_and_uwsgi_are_refused_at_start(setting, value)
     config.set(setting, value)
     with pytest.raises(ConfigError, match="plain HTTP/1.1 only"):
         BufferingWorker.check_config(config, None)
+
+
+@pytest.mark.parametrize("head, keeps_alive", [
+    (b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n", True),
+    (b"GET /ping HTTP/1.1\r\nConnection: Upgrade, Close\r\n\r\n", False),
+    (b"GET /ping HTTP/1.0\r\n\r\n", False),
+    (b"GET /ping HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", True),
+    (b"GET /ping?x=1 HTTP/1.1\r\n\r\n", None),  # anything but the plain health check: the app's route answers
+    (b"HEAD /ping HTTP/1.1\r\n\r\n", None),
+    (b"GET /pingx HTTP/1.1\r\n\r\n", None),
+    (b"GET /ping HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", None),
+    (b"POST /ping HTTP/1.1\r\nContent-Length: 0\r\n\r\n", None),
+])
+def test_the_main_loop_answers_only_a_plain_get_ping(head, keeps_alive):
+    assert arriving(head).ping_keeps_alive() is keeps_alive
