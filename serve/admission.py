@@ -24,10 +24,6 @@ from serve.schemas import GenerateRequest, GenerateResult
 
 log = logging.getLogger(__name__)
 
-# How often a waiting request looks whether its client is still there. Each look wakes its thread, and on a CPU
-# machine a wake-up takes a core from vLLM's model threads for a moment: with 32 requests waiting, twice a
-# second was a quarter of the worker's thread switches.
-CLIENT_CHECK_SECONDS = 2.0
 FATAL_EXIT_SECONDS = 1.0  # after a fatal fault, how long the worker answers (/ping failing) before it exits
 
 
@@ -56,29 +52,30 @@ class Ticket:
         if self._released.acquire(blocking=False):  # exactly once
             self._release(succeeded)
 
-    def stream(self, timeout: float, client_gone: Callable[[], bool] = lambda: False) -> Iterator[tuple[str, object]]:
-        """Events until "done" or "error"; releases the request's admission slot at the end. While no event
-        comes, client_gone is asked every CLIENT_CHECK_SECONDS: a client that left gives the request up."""
+    def hang_up(self) -> None:
+        """The client left while it waited (serve/hangups.py): the request is given up at once."""
+        self.events.put(("gone", None))
+
+    def stream(self, timeout: float) -> Iterator[tuple[str, object]]:
+        """Events until "done" or "error"; releases the request's admission slot at the end. After hang_up,
+        ClientGone: the slot is freed and vLLM aborts the generation."""
         deadline = time.monotonic() + timeout
         try:
             while True:
-                remaining = deadline - time.monotonic()
                 try:  # an event already there is taken even past the deadline: a finished answer is kept
-                    kind, payload = self.events.get(timeout=max(0.0, min(remaining, CLIENT_CHECK_SECONDS)))
+                    kind, payload = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
-                    if remaining <= 0:
-                        raise TimeoutError(not_finished(timeout)) from None
-                    if client_gone():
-                        raise ClientGone("the client closed its connection") from None
-                    continue
+                    raise TimeoutError(not_finished(timeout)) from None
+                if kind == "gone":
+                    raise ClientGone("the client closed its connection")
                 yield kind, payload
                 if kind in ("done", "error"):
                     return
         finally:
             self.close()
 
-    def result(self, timeout: float, client_gone: Callable[[], bool] = lambda: False) -> GenerateResult:
-        for kind, payload in self.stream(timeout, client_gone):
+    def result(self, timeout: float) -> GenerateResult:
+        for kind, payload in self.stream(timeout):
             if kind == "error":
                 raise payload
             if kind == "done":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from typing import Callable, Iterator
 
 from flask import Response, request
@@ -18,6 +17,7 @@ from flask import Response, request
 from serve import openai, tgi
 from serve.admission import Ticket
 from serve.errors import BadRequest, ClientGone, ServeError
+from serve.hangups import HangUps
 from serve.metrics import Metrics
 from serve.schemas import GenerateRequest, GenerateResult
 from serve.sessions import Turn
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = "[DONE]"  # OpenAI's last stream event
+hang_ups = HangUps()  # this worker's watch on the clients of plain requests that wait
 
 
 def answer(engine, generate: GenerateRequest, timeout: float, stream_timeout: float, metrics: Metrics,
@@ -40,9 +41,9 @@ def answer(engine, generate: GenerateRequest, timeout: float, stream_timeout: fl
             response = _stream(ticket, generate, stream_timeout, metrics, turn)
             streaming = True  # the response releases the turn when it ends
             return response
-        sock = request.environ.get("gunicorn.socket")
         try:
-            result = ticket.result(timeout, client_gone=lambda: client_gone(sock))
+            with hang_ups.watch(request.environ.get("gunicorn.socket"), ticket.hang_up):
+                result = ticket.result(timeout)
         except ClientGone:
             log.info("client left before its answer: generation aborted")
             metrics.count(499)
@@ -79,22 +80,6 @@ def send_answer(engine, generate: GenerateRequest, timeout: float, metrics: Metr
     finally:
         if turn is not None:
             turn.release()
-
-
-def client_gone(sock) -> bool:
-    """True once the client has closed its connection: its socket reads as ended. A client that sent more
-    (its next keep-alive request) is still there; one that only shut its sending side is taken as gone,
-    as nginx does. A socket this cannot look at (none, or TLS) is taken as still there."""
-    if sock is None:
-        return False
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:  # nothing to read: still connected
-        return False
-    except ValueError:  # e.g. an SSL socket, which takes no flags
-        return False
-    except OSError:  # reset by the peer
-        return True
 
 
 def response_payload(generate: GenerateRequest, result: GenerateResult):
