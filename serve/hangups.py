@@ -49,9 +49,21 @@ class HangUps:
     def _run(self) -> None:
         while True:
             for fd, _ in self._epoll.poll():
-                with self._lock:
-                    callback = self._callbacks.pop(fd, None)
-                    if callback is not None:
-                        self._epoll.unregister(fd)  # once: a hang-up stays readable
-                if callback is not None:
-                    callback()
+                self._dispatch(fd)
+
+    def _dispatch(self, fd: int) -> None:
+        """Calls fd's watcher if its socket has hung up. Asked again, now: between the poll and the lock, the
+        watch whose event this was may have ended and its number gone to a new connection, still there."""
+        with self._lock:
+            callback = self._callbacks.get(fd) if _hung_up(fd) else None
+            if callback is not None:
+                del self._callbacks[fd]
+                self._epoll.unregister(fd)  # once: a hang-up stays readable
+        if callback is not None:
+            callback()
+
+
+def _hung_up(fd: int) -> bool:
+    now = select.poll()
+    now.register(fd, HANG_UP)
+    return bool(now.poll(0))

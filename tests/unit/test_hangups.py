@@ -55,3 +55,17 @@ def test_a_watch_that_ended_is_never_called_and_the_socket_can_be_watched_again(
 def test_no_socket_is_nothing_to_watch():
     with HangUps().watch(None, lambda: None):
         pass
+
+
+def test_an_event_read_before_its_watch_ended_does_not_reach_the_connection_that_took_its_number():
+    """The watching thread may hold a hang-up event for a number that a new connection now has: the new
+    connection, still there, is not told it is gone."""
+    hang_ups = HangUps()
+    server_side, client_side = tcp_pair()
+    with server_side, client_side:
+        called, watch = watched(hang_ups, server_side)
+        with watch:
+            hang_ups._dispatch(server_side.fileno())  # as if an event of the number's last owner came late
+            assert not called.wait(NEVER)
+            client_side.close()
+            assert called.wait(30)
