@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from train.instructions import Teacher, backtranslate
 log = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB: tens of thousands of tokens for a small teacher; passages go in batches
+CRASH_SIGNALS = {signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS}
 GPU_MEMORY_SHARE = 0.85  # the training model is not loaded yet: the teacher may take most of the GPU
 
 
@@ -30,26 +32,50 @@ def engine_name() -> str:
 
 
 def write_instructions(teacher: Teacher, passages: list[str], max_model_len: int) -> list[tuple[str, float]]:
-    """(instruction, score) per passage (train/instructions.py), through vLLM's child process or transformers."""
+    """(instruction, score) per passage (train/instructions.py), through vLLM's child process or transformers.
+    A child that crashes in native code (SIGABRT, SIGSEGV, SIGBUS) is started once more: the work is the same
+    from the start, and vLLM's CPU engine has aborted now and then here (std::terminate, between loading the
+    weights and its first step); an error it reports, or a second crash, fails the job."""
     if engine_name() == "transformers":
         return backtranslate(passages, TransformersEngine(teacher))
     with tempfile.TemporaryDirectory(prefix="teacher-") as folder:
         request, result = Path(folder) / "request.json", Path(folder) / "result.json"
         request.write_text(json.dumps({"teacher": teacher.__dict__, "passages": passages,
                                        "max_model_len": max_model_len}), encoding="utf-8")
-        environment = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", "VLLM_CPU_NUM_OF_RESERVED_CPU":
-                       os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")}
-        child = subprocess.Popen([sys.executable, "-m", "train.teacher", str(request), str(result)], env=environment)
-        try:
-            code = child.wait()  # a SIGTERM raises here (train/stop.py): the finally below ends the child
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-        if code != 0 or not result.is_file():
-            raise RuntimeError(f"the teacher's vLLM engine ({teacher.source}) failed with exit code {code}: its "
-                               "log is above")
-        return [(instruction, score) for instruction, score in json.loads(result.read_text(encoding="utf-8"))]
+        for attempt in (1, 2):
+            code = _run_child(child_command(request, result))
+            if code == 0 and result.is_file():
+                return [(instruction, score) for instruction, score in json.loads(result.read_text(encoding="utf-8"))]
+            ended = _how_it_ended(code)
+            if attempt == 1 and code < 0 and -code in CRASH_SIGNALS:
+                log.warning("the teacher's vLLM engine %s before it finished: starting it once more", ended)
+                continue
+            raise RuntimeError(f"the teacher's vLLM engine ({teacher.source}) {ended}: its log is above")
+
+
+def child_command(request: Path, result: Path) -> list[str]:
+    return [sys.executable, "-m", "train.teacher", str(request), str(result)]
+
+
+def _how_it_ended(code: int) -> str:
+    if code >= 0:
+        return f"failed with exit code {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
+
+
+def _run_child(command: list[str]) -> int:
+    environment = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", "VLLM_CPU_NUM_OF_RESERVED_CPU":
+                   os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")}
+    child = subprocess.Popen(command, env=environment)
+    try:
+        return child.wait()  # a SIGTERM raises here (train/stop.py): the finally below ends the child
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
 
 
 class VllmEngine:

@@ -16,6 +16,14 @@ DOCUMENTS = REPO / "local_test" / "documents"
 QUICK = {"instructions": "auto", "per_device_train_batch_size": "4", "gradient_accumulation_steps": "2"}
 
 
+def job_failure(root, job) -> str:
+    """What failed (the job's failure file, which the log's last lines, vLLM's or torchrun's, may not say),
+    then the ends of stdout (where vLLM and the job log) and stderr."""
+    failure = root / "output" / "failure"
+    said = failure.read_text() if failure.is_file() else "no failure file"
+    return f"{said}\n--- stdout ---\n{job.stdout[-4000:]}\n--- stderr ---\n{job.stderr[-3000:]}"
+
+
 @pytest.mark.scenario
 @pytest.mark.smollm2
 def test_a_folder_of_posts_becomes_instructions_a_twin_and_an_endpoint(tmp_path):
@@ -28,7 +36,7 @@ def test_a_folder_of_posts_becomes_instructions_a_twin_and_an_endpoint(tmp_path)
     started = time.monotonic()
     job = run_train(root, timeout=1800)
     log = job.stdout + job.stderr
-    assert job.returncode == 0, log[-4000:]
+    assert job.returncode == 0, job_failure(root, job)
     first_run = time.monotonic() - started
 
     assert "vLLM" in log and "empty after cleaning" in log and "duplicates" in log
@@ -94,9 +102,7 @@ def test_on_two_processes_the_first_writes_the_instructions_and_both_train_on_th
     link_model_channel(root, tiny_model)
     job = run_train(root, timeout=900)
     log = job.stdout + job.stderr
-    failure = root / "output" / "failure"  # what failed, which the log's last lines (vLLM's, torchrun's) may not say
-    said = failure.read_text() if failure.is_file() else "no failure file"
-    assert job.returncode == 0, f"{said}\n{job.stdout[-3000:]}\n{job.stderr[-3000:]}"
+    assert job.returncode == 0, job_failure(root, job)
     assert log.count("writes the instructions of") == 1  # one teacher, on the first process
     rows = read_jsonl(root / "output" / "data" / "instructions.jsonl")
     report = json.loads((root / "model" / "training_report.json").read_text())
