@@ -23,7 +23,6 @@ from train.instructions import Teacher, backtranslate
 log = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB: tens of thousands of tokens for a small teacher; passages go in batches
-CRASH_SIGNALS = {signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS}
 GPU_MEMORY_SHARE = 0.85  # the training model is not loaded yet: the teacher may take most of the GPU
 
 
@@ -33,24 +32,23 @@ def engine_name() -> str:
 
 def write_instructions(teacher: Teacher, passages: list[str], max_model_len: int) -> list[tuple[str, float]]:
     """(instruction, score) per passage (train/instructions.py), through vLLM's child process or transformers.
-    A child that crashes in native code (SIGABRT, SIGSEGV, SIGBUS) is started once more: the work is the same
-    from the start, and vLLM's CPU engine has aborted now and then here (std::terminate, between loading the
-    weights and its first step); an error it reports, or a second crash, fails the job."""
+    The child renames its result into place once every row is in it, so a result there is the whole work: a
+    child that then fails on its way out (vLLM's CPU engine has aborted now and then here as it shut down,
+    std::terminate after killing its engine process) costs a warning, not the job."""
     if engine_name() == "transformers":
         return backtranslate(passages, TransformersEngine(teacher))
     with tempfile.TemporaryDirectory(prefix="teacher-") as folder:
         request, result = Path(folder) / "request.json", Path(folder) / "result.json"
         request.write_text(json.dumps({"teacher": teacher.__dict__, "passages": passages,
                                        "max_model_len": max_model_len}), encoding="utf-8")
-        for attempt in (1, 2):
-            code = _run_child(child_command(request, result))
-            if code == 0 and result.is_file():
-                return [(instruction, score) for instruction, score in json.loads(result.read_text(encoding="utf-8"))]
-            ended = _how_it_ended(code)
-            if attempt == 1 and code < 0 and -code in CRASH_SIGNALS:
-                log.warning("the teacher's vLLM engine %s before it finished: starting it once more", ended)
-                continue
-            raise RuntimeError(f"the teacher's vLLM engine ({teacher.source}) {ended}: its log is above")
+        code = _run_child(child_command(request, result))
+        if not result.is_file():
+            raise RuntimeError(f"the teacher's vLLM engine ({teacher.source}) {_how_it_ended(code)}: its log is "
+                               "above")
+        if code != 0:
+            log.warning("the teacher's vLLM engine %s after writing every row: the rows are used",
+                        _how_it_ended(code))
+        return [(instruction, score) for instruction, score in json.loads(result.read_text(encoding="utf-8"))]
 
 
 def child_command(request: Path, result: Path) -> list[str]:
@@ -67,15 +65,19 @@ def _how_it_ended(code: int) -> str:
 
 
 def _run_child(command: list[str]) -> int:
+    """The child's exit code. It leads a process group of its own (vLLM's engine and worker processes join
+    it), killed whole once the child is gone, so none of them outlives it into training, whatever ended it."""
     environment = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", "VLLM_CPU_NUM_OF_RESERVED_CPU":
                    os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")}
-    child = subprocess.Popen(command, env=environment)
+    child = subprocess.Popen(command, env=environment, start_new_session=True)
     try:
         return child.wait()  # a SIGTERM raises here (train/stop.py): the finally below ends the child
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the usual end: vLLM shut its processes down and the group is empty
+            pass
+        child.wait()
 
 
 class VllmEngine:
@@ -177,7 +179,9 @@ def main() -> None:
     request = json.loads(request_file.read_text(encoding="utf-8"))
     engine = VllmEngine(Teacher(**request["teacher"]), request["max_model_len"])
     made = backtranslate(request["passages"], engine)
-    result_file.write_text(json.dumps(made), encoding="utf-8")
+    whole = result_file.with_suffix(".partial")
+    whole.write_text(json.dumps(made), encoding="utf-8")
+    whole.replace(result_file)  # the parent takes a result that is there as the whole work
 
 
 if __name__ == "__main__":  # vLLM spawns its engine process: the work must not run again on import

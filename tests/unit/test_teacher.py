@@ -1,7 +1,12 @@
-"""train/teacher.py's child process: a crash in native code is tried once more, anything else fails the job
-naming how the child ended. A small script stands in for vLLM's child, as a real process that really aborts."""
+"""train/teacher.py's child process: its rows are used once it has written them all, however it ends after;
+a child that ends before fails the job naming how. A small script stands in for vLLM's child, as a real
+process that really aborts."""
 
+import json
+import os
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -12,24 +17,23 @@ CHILD = """
 import json, os, sys
 from pathlib import Path
 request, result = Path(sys.argv[1]), Path(sys.argv[2])
-starts = request.parent / "starts"
-starts.write_text(starts.read_text() + "x" if starts.exists() else "x")
-how = {how!r}[len(starts.read_text()) - 1]
-if how == "abort":
+if {how!r} == "abort":
     os.abort()
-if how == "exit":
+if {how!r} == "exit":
     sys.exit(3)
 passages = json.loads(request.read_text())["passages"]
 result.write_text(json.dumps([["Write about " + p, 0.5] for p in passages]))
+if {how!r} == "abort after writing":
+    os.abort()
 """
 
 
 @pytest.fixture
 def child(tmp_path, monkeypatch):
-    """Makes the teacher's child a script that ends, start after start, as `how` says."""
+    """Makes the teacher's child a script that ends as `how` says."""
     monkeypatch.setattr(teacher, "engine_name", lambda: "vLLM")
 
-    def make(*how: str):
+    def make(how: str):
         script = tmp_path / "child.py"
         script.write_text(CHILD.format(how=how))
         monkeypatch.setattr(teacher, "child_command", lambda request, result: [sys.executable, str(script),
@@ -37,16 +41,54 @@ def child(tmp_path, monkeypatch):
     return make
 
 
-def test_a_child_that_aborts_once_is_started_again_and_its_rows_come_back(child, caplog):
-    child("abort", "ok")
+def test_a_child_that_aborts_after_writing_every_row_gives_its_rows(child, caplog):
+    child("abort after writing")
     made = teacher.write_instructions(Teacher("/models/t", None), ["spot", "gpus"], 512)
     assert made == [("Write about spot", 0.5), ("Write about gpus", 0.5)]
-    assert "was killed by SIGABRT before it finished: starting it once more" in caplog.text
+    assert "was killed by SIGABRT after writing every row: the rows are used" in caplog.text
 
 
-@pytest.mark.parametrize("how, said", [(("abort", "abort"), "was killed by SIGABRT"),
-                                       (("exit", "ok"), "failed with exit code 3")])
-def test_a_second_crash_or_an_error_fails_naming_how_the_child_ended(child, how, said):
-    child(*how)
+@pytest.mark.parametrize("how, said", [("abort", "was killed by SIGABRT"), ("exit", "failed with exit code 3")])
+def test_a_child_that_ends_before_its_rows_fails_the_job_naming_how(child, how, said):
+    child(how)
     with pytest.raises(RuntimeError, match=f"the teacher's vLLM engine \\(/models/t\\) {said}: its log is above"):
         teacher.write_instructions(Teacher("/models/t", None), ["spot"], 512)
+
+
+def test_the_child_puts_its_result_in_place_whole(monkeypatch, tmp_path):
+    """The result file appears only once written whole (renamed into place)."""
+    class Engine:
+        def __init__(self, *_):
+            pass
+    writes = []
+    monkeypatch.setattr(teacher, "VllmEngine", Engine)
+    monkeypatch.setattr(teacher, "backtranslate", lambda passages, engine: [["Write about it", 0.5]])
+    monkeypatch.setattr(Path, "replace", lambda self, target: writes.append((self.name, Path(target).name))
+                        or os.rename(self, target))
+    request, result = tmp_path / "request.json", tmp_path / "result.json"
+    request.write_text(json.dumps({"teacher": {"source": "/models/t", "revision": None}, "passages": ["p"],
+                                   "max_model_len": 512}))
+    monkeypatch.setattr(sys, "argv", ["teacher", str(request), str(result)])
+    teacher.main()
+    assert writes == [("result.partial", "result.json")]
+    assert json.loads(result.read_text()) == [["Write about it", 0.5]]
+
+
+def test_no_process_the_child_started_outlives_it(child, tmp_path):
+    """A grandchild left running (as vLLM's engine would be, were the child to die first) is killed with it."""
+    child("exit")  # the fixture's command; the script is replaced below
+    pid_file = tmp_path / "grandchild.pid"
+    (tmp_path / "child.py").write_text(
+        "import subprocess, sys\n"
+        "from pathlib import Path\n"
+        "sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"Path({str(pid_file)!r}).write_text(str(sleeper.pid))\n"
+        "Path(sys.argv[2]).write_text('[]')\n")
+    assert teacher.write_instructions(Teacher("/models/t", None), [], 512) == []
+    status = Path(f"/proc/{pid_file.read_text()}/status")
+    for _ in range(100):  # killed at once, then reaped by init
+        if not status.exists() or "zombie" in status.read_text():
+            return
+        time.sleep(0.1)
+    os.kill(int(pid_file.read_text()), 9)
+    raise AssertionError("the child's own child was still running after it")
