@@ -67,7 +67,7 @@ def test_a_folder_of_posts_becomes_instructions_a_twin_and_an_endpoint(tmp_path)
         server.stop_soon()
 
     again = run_train(root, timeout=1800)  # the same job restarted: the rows it made are reused, not made again
-    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert again.returncode == 0, job_failure(root, again)
     assert "reusing the" in again.stdout and "writes the instructions" not in again.stdout
     assert read_jsonl(root / "output" / "data" / "instructions.jsonl") == rows
     print(f"instructions=auto job: {first_run:.0f} s, {made['seconds']} s of it writing instructions; "
