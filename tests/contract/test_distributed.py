@@ -84,6 +84,7 @@ def test_a_failing_rank_fails_every_host_fast_with_a_failure_file_on_each(tmp_pa
     assert not (roots[0] / "model").exists() or not any((roots[0] / "model").iterdir())
 
 
+@pytest.mark.scenario  # make test-scenarios (make test keeps two processes under every strategy)
 def test_sft_then_dpo_across_processes_and_full_fine_tuning_under_zero3(tmp_path, tiny_model, monkeypatch):
     preferences = [{"prompt": f"Write about lesson {i}.", "chosen": f"Lesson {i}: measure first.",
                     "rejected": f"Great question! Lesson {i} is crucial."} for i in range(6)]

@@ -5,11 +5,14 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from tests.helpers import REPO, TINY_ROWS, free_port, jsonl, link_model_channel, make_tree, wait_for_ping
 
 SCRIPTS = REPO / "local_test"
 
 
+@pytest.mark.scenario  # make test-scenarios: the scripts' path end to end (train and serve keep their own tests)
 def test_train_serve_predict_without_docker(tmp_path, tiny_model):
     root = make_tree(tmp_path, {"max_steps": "2", "per_device_train_batch_size": "2", "max_length": "64",
                                 "validation_split": "0"}, {"train/d.jsonl": jsonl(TINY_ROWS)})

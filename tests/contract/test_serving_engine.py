@@ -6,6 +6,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 
 from tests.helpers import sse_events as parse_sse
@@ -113,6 +114,7 @@ def test_jsonlines_batch_is_answered_line_for_line(server):
     assert parameters == {"MaxConcurrentTransforms": 2, "BatchStrategy": "MULTI_RECORD", "MaxPayloadInMB": 1}
 
 
+@pytest.mark.scenario  # make test-scenarios, beside the soak on the same shared server
 def test_ping_stays_fast_while_16_clients_stream(server):
     stop = threading.Event()
     latencies = []
