@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from train.data import read_jsonl, write_jsonl
 from train.instructions import Teacher, backtranslate
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,13 @@ def engine_name() -> str:
 
 def write_instructions(teacher: Teacher, passages: list[str], max_model_len: int) -> list[tuple[str, float]]:
     """(instruction, score) per passage (train/instructions.py), through vLLM's child process or transformers.
-    The child renames its result into place once every row is in it, so a result there is the whole work: a
+    The child writes its result whole or not at all (write_jsonl), so a result there is the whole work: a
     child that then fails on its way out (vLLM's CPU engine has aborted now and then here as it shut down,
     std::terminate after killing its engine process) costs a warning, not the job."""
     if engine_name() == "transformers":
         return backtranslate(passages, TransformersEngine(teacher))
     with tempfile.TemporaryDirectory(prefix="teacher-") as folder:
-        request, result = Path(folder) / "request.json", Path(folder) / "result.json"
+        request, result = Path(folder) / "request.json", Path(folder) / "result.jsonl"
         request.write_text(json.dumps({"teacher": teacher.__dict__, "passages": passages,
                                        "max_model_len": max_model_len}), encoding="utf-8")
         code = _run_child(child_command(request, result))
@@ -48,7 +49,7 @@ def write_instructions(teacher: Teacher, passages: list[str], max_model_len: int
         if code != 0:
             log.warning("the teacher's vLLM engine %s after writing every row: the rows are used",
                         _how_it_ended(code))
-        return [(instruction, score) for instruction, score in json.loads(result.read_text(encoding="utf-8"))]
+        return [(row["instruction"], row["score"]) for row in read_jsonl(result)]
 
 
 def child_command(request: Path, result: Path) -> list[str]:
@@ -179,9 +180,7 @@ def main() -> None:
     request = json.loads(request_file.read_text(encoding="utf-8"))
     engine = VllmEngine(Teacher(**request["teacher"]), request["max_model_len"])
     made = backtranslate(request["passages"], engine)
-    whole = result_file.with_suffix(".partial")
-    whole.write_text(json.dumps(made), encoding="utf-8")
-    whole.replace(result_file)  # the parent takes a result that is there as the whole work
+    write_jsonl([{"instruction": instruction, "score": score} for instruction, score in made], result_file)
 
 
 if __name__ == "__main__":  # vLLM spawns its engine process: the work must not run again on import

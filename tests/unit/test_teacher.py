@@ -2,7 +2,6 @@
 a child that ends before fails the job naming how. A small script stands in for vLLM's child, as a real
 process that really aborts."""
 
-import json
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ if {how!r} == "abort":
 if {how!r} == "exit":
     sys.exit(3)
 passages = json.loads(request.read_text())["passages"]
-result.write_text(json.dumps([["Write about " + p, 0.5] for p in passages]))
+result.write_text("".join(json.dumps({{"instruction": "Write about " + p, "score": 0.5}}) + "\\n" for p in passages))
 if {how!r} == "abort after writing":
     os.abort()
 """
@@ -55,25 +54,6 @@ def test_a_child_that_ends_before_its_rows_fails_the_job_naming_how(child, how, 
         teacher.write_instructions(Teacher("/models/t", None), ["spot"], 512)
 
 
-def test_the_child_puts_its_result_in_place_whole(monkeypatch, tmp_path):
-    """The result file appears only once written whole (renamed into place)."""
-    class Engine:
-        def __init__(self, *_):
-            pass
-    writes = []
-    monkeypatch.setattr(teacher, "VllmEngine", Engine)
-    monkeypatch.setattr(teacher, "backtranslate", lambda passages, engine: [["Write about it", 0.5]])
-    monkeypatch.setattr(Path, "replace", lambda self, target: writes.append((self.name, Path(target).name))
-                        or os.rename(self, target))
-    request, result = tmp_path / "request.json", tmp_path / "result.json"
-    request.write_text(json.dumps({"teacher": {"source": "/models/t", "revision": None}, "passages": ["p"],
-                                   "max_model_len": 512}))
-    monkeypatch.setattr(sys, "argv", ["teacher", str(request), str(result)])
-    teacher.main()
-    assert writes == [("result.partial", "result.json")]
-    assert json.loads(result.read_text()) == [["Write about it", 0.5]]
-
-
 def test_no_process_the_child_started_outlives_it(child, tmp_path):
     """A grandchild left running (as vLLM's engine would be, were the child to die first) is killed with it."""
     child("exit")  # the fixture's command; the script is replaced below
@@ -83,7 +63,7 @@ def test_no_process_the_child_started_outlives_it(child, tmp_path):
         "from pathlib import Path\n"
         "sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
         f"Path({str(pid_file)!r}).write_text(str(sleeper.pid))\n"
-        "Path(sys.argv[2]).write_text('[]')\n")
+        "Path(sys.argv[2]).write_text('')\n")
     assert teacher.write_instructions(Teacher("/models/t", None), [], 512) == []
     status = Path(f"/proc/{pid_file.read_text()}/status")
     for _ in range(100):  # killed at once, then reaped by init
