@@ -1,7 +1,8 @@
 """The GRPO stage (method=grpo, sft+grpo): TRL's GRPOTrainer samples num_generations answers to each of the
 person's prompts, scores them with train/rewards.py (style, overlap, length, repetition) and moves the model
 towards the answers that beat their group. train/recipes.py's train_stage runs it like every other stage, with
-the same checkpoints, SIGTERM stop and voice metrics. Imports torch and TRL.
+the same checkpoints, SIGTERM stop and voice metrics. Imports torch; TRL's GRPO only in grpo_trainer, because
+importing it imports vLLM (TRL's sampling client), seconds that every other stage's job would pay at its start.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 
 import torch
 from datasets import Dataset
-from trl import GRPOConfig, GRPOTrainer
 
 from container.config import ConfigError
 from train.config import TrainConfig
@@ -98,6 +98,8 @@ def grpo_trainer(config: TrainConfig, common: dict, model, tokenizer, callbacks,
     person's writing, the model moved towards the answers that beat their group. beta (auto 0: none) weighs a KL
     term against the stage's starting model (the adapter switched off, or a frozen copy for full fine-tuning).
     Evaluation takes one prompt's group of answers per process at a time."""
+    from trl import GRPOConfig, GRPOTrainer
+
     functions, weights = reward_functions(config, datasets["train_dataset"]["reference"])
     engine, why = sampling_engine()
     vllm = ({"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": config.max_length}

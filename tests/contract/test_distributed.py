@@ -14,9 +14,11 @@ from tests.helpers import (BIN, TINY_ROWS, free_port, jsonl, link_model_channel,
 FAST = {"max_steps": "3", "per_device_train_batch_size": "2", "gradient_accumulation_steps": "1", "max_length": "64",
         "warmup_steps": "0", "validation_split": "0"}
 
+SCENARIO = pytest.mark.scenario  # make test-scenarios: make test keeps DDP and ZeRO-3, the two ends
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("zero2", marks=SCENARIO), "zero3",
+                                      pytest.param("fsdp", marks=SCENARIO)])
 def test_two_processes_on_one_host_train_a_model_that_generates(tmp_path, tiny_model, strategy):
     root = make_tree(tmp_path, {**FAST, "processes_per_host": "2", "distributed": strategy,
                                 "master_port": str(free_port())},
@@ -84,7 +86,7 @@ def test_a_failing_rank_fails_every_host_fast_with_a_failure_file_on_each(tmp_pa
     assert not (roots[0] / "model").exists() or not any((roots[0] / "model").iterdir())
 
 
-@pytest.mark.scenario  # make test-scenarios (make test keeps two processes under every strategy)
+@pytest.mark.scenario  # make test-scenarios
 def test_sft_then_dpo_across_processes_and_full_fine_tuning_under_zero3(tmp_path, tiny_model, monkeypatch):
     preferences = [{"prompt": f"Write about lesson {i}.", "chosen": f"Lesson {i}: measure first.",
                     "rejected": f"Great question! Lesson {i} is crucial."} for i in range(6)]

@@ -120,13 +120,24 @@ def test_full_fine_tuning(tmp_path, tiny_model):
     loads_and_generates(root)
 
 
-def test_an_adapter_export_is_served_on_its_base(tmp_path, tiny_model, serve_tree):
-    embedded = {"LLM_TWIN_EMBEDDED_MODEL_DIR": str(tiny_model)}  # the tiny model plays the embedded base
+def adapter_export(tmp_path, tiny_model) -> tuple:
+    """export=adapter on the tiny model playing the embedded base: model/ holds the adapter, not merged weights."""
+    embedded = {"LLM_TWIN_EMBEDDED_MODEL_DIR": str(tiny_model)}
     adapter = make_tree(tmp_path / "adapter", {**FAST, "export": "adapter"}, {"train/d.jsonl": jsonl(TINY_ROWS)})
     trained(adapter, **embedded)
     names = {p.name for p in (adapter / "model").iterdir()}
     assert "adapter" in names and "model.safetensors" not in names
     assert json.loads((adapter / "model" / "serving.json").read_text())["base_model"] == "embedded"
+    return adapter, embedded
+
+
+def test_an_adapter_export_holds_the_adapter_and_names_its_base(tmp_path, tiny_model):
+    adapter_export(tmp_path, tiny_model)
+
+
+@pytest.mark.scenario  # make test-scenarios
+def test_an_adapter_export_is_served_on_its_base(tmp_path, tiny_model, serve_tree):
+    adapter, embedded = adapter_export(tmp_path, tiny_model)
     answers(serve_tree, adapter, **embedded)
 
 
