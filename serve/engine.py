@@ -11,6 +11,7 @@ engine thread imports vLLM and starts it, so the HTTP side answers /ping (503) w
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -179,8 +180,13 @@ class VllmEngine:
         plan = translate.plan(warmup, self.tokenizer, self.limits, self.spec.chat_template_for_inputs)
         await self._generate(ticket, plan, self.adapters.for_request(warmup))
         ticket.result(timeout=1)  # raises what the warm-up generation raised
-        log.info("model ready: vLLM engine on %s, max length %d, adapters: %s", arguments["model"],
-                 self.limits.max_total_tokens, ", ".join(self.adapters.fixed) or "none")
+        # What is loaded now lives as long as the worker: frozen out of the collector's reach, so that a full
+        # collection stops walking it. Unfrozen, each one paused every thread of the worker for up to a second
+        # (/ping's p99 1.3 s under 32 clients when the engine is fast); vLLM's own server freezes its heap too.
+        gc.collect()
+        gc.freeze()
+        log.info("model ready: vLLM engine on %s, max length %d, adapters: %s; %d objects frozen", arguments["model"],
+                 self.limits.max_total_tokens, ", ".join(self.adapters.fixed) or "none", gc.get_freeze_count())
 
     async def _generate(self, ticket: Ticket, plan: translate.Plan, adapter: Adapter | None) -> None:
         from vllm.exceptions import VLLMClientError

@@ -1,6 +1,7 @@
 """The real `serve` entrypoint (gunicorn + Flask) over real HTTP."""
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -130,6 +131,8 @@ def test_the_books_deployment_by_hf_model_id_keeps_tgis_limits_refuses_overload_
     finally:
         output = server.stop()
     assert f"serving HF_MODEL_ID={tiny_model}" in output and "hf_book_secret" not in output
+    frozen = int(re.search(r"model ready: .*; (\d+) objects frozen", output).group(1))
+    assert frozen > 100_000  # the startup heap (vLLM, torch, the model) is out of the collector's reach
 
 
 def test_hf_model_id_that_cannot_be_downloaded_is_named_and_the_token_never_printed(tmp_path):
