@@ -190,11 +190,13 @@ def soak(url: str, pid: int, duration: float, clients: int, seed: int, ping_limi
                 if outcome != "ok":
                     wrong[f"{kind}: {outcome}"] += 1
 
+    ping_timeout = max(5.0, 3 * ping_limit_ms / 1000)  # a ping slower than this is a failed one
+
     def pinger():
         while not stop.is_set():
             begun = time.monotonic()
             try:
-                code = requests.get(url + "/ping", timeout=5).status_code
+                code = requests.get(url + "/ping", timeout=ping_timeout).status_code
                 pings.append((time.monotonic() - begun) * 1000 if code == 200 else float("inf"))
             except requests.RequestException:
                 pings.append(float("inf"))
@@ -225,7 +227,7 @@ def soak(url: str, pid: int, duration: float, clients: int, seed: int, ping_limi
           f"{end['fds']}, threads {start['threads']} -> {end['threads']}")
     problems = [f"{n} x {what}" for what, n in wrong.most_common(10)]
     if failed_pings:
-        problems.append(f"{failed_pings} /ping requests were not answered 200 within 5 s")
+        problems.append(f"{failed_pings} /ping requests were not answered 200 within {ping_timeout:g} s")
     if p99 > ping_limit_ms:
         problems.append(f"/ping p99 {p99:.1f} ms is over {ping_limit_ms:g} ms")
     if end["rss"] > start["rss"] * MEMORY_GROWTH[0] + MEMORY_GROWTH[1]:

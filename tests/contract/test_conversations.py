@@ -153,7 +153,8 @@ def test_bidirectional_stream_keeps_a_session_and_leaving_aborts_the_generation(
 
     before = gone()
     with bidirectional(server) as websocket:
-        websocket.send(json.dumps({"inputs": "Go on", "parameters": {"max_new_tokens": 300}}))
+        for _ in range(4):  # answered one after the other: seconds of generating that no loaded machine outruns
+            websocket.send(json.dumps({"inputs": "Go on", "parameters": {"max_new_tokens": 400}}))
         websocket.recv(timeout=120)  # the first token: generating
         websocket.socket.shutdown(socket.SHUT_RDWR)  # leaves without a closing handshake
     deadline = time.monotonic() + 60

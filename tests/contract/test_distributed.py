@@ -76,8 +76,8 @@ def test_a_failing_rank_fails_every_host_fast_with_a_failure_file_on_each(tmp_pa
     os.kill(worker, signal.SIGKILL)  # as the kernel's OOM killer would
     started = time.monotonic()
     for process in processes:
-        process.communicate(timeout=120)
-    assert time.monotonic() - started < 60, "the job must not hang until the collective timeout"
+        process.communicate(timeout=600)
+    assert time.monotonic() - started < 300, "the job must not hang until the collective timeout (1800 s)"
     assert all(p.returncode not in (0, 143) for p in processes)  # failed, not interrupted
     second = (roots[1] / "output" / "failure").read_text()
     assert second.startswith("training worker exited with code") and "host localhost" in second

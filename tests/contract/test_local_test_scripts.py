@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from tests.helpers import REPO, TINY_ROWS, free_port, jsonl, link_model_channel, make_tree, wait_for_ping
+from tests.helpers import (REAP_SECONDS, REPO, TINY_ROWS, free_port, jsonl, link_model_channel, make_tree,
+                           wait_for_ping)
 
 SCRIPTS = REPO / "local_test"
 
@@ -37,5 +38,5 @@ def test_train_serve_predict_without_docker(tmp_path, tiny_model):
             assert result.returncode == 0 and check(result.stdout), (payload, result.stdout, result.stderr)
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        server.wait(timeout=REAP_SECONDS)  # gunicorn drains for up to 25 s
         log.close()

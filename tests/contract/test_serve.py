@@ -128,7 +128,7 @@ def test_the_books_deployment_by_hf_model_id_keeps_tgis_limits_refuses_overload_
             for lines in events:  # a loaded machine let both streams end first (or admission admits a third)
                 list(lines)
         assert refused.status_code == 429 and refused.json()["error_type"] == "overloaded", refused.text
-        assert time.perf_counter() - started < 5.0  # at once (milliseconds on an idle machine), not after a wait
+        assert time.perf_counter() - started < 15.0  # at once (milliseconds when idle), not after a wait
         server.process.send_signal(signal.SIGTERM)  # SageMaker scaling in: finish what was accepted
         lasts = [json.loads([line for line in lines if line][-1].removeprefix("data:")) for lines in events]
         assert all(last["generated_text"] for last in lasts), lasts

@@ -169,25 +169,25 @@ def test_a_body_over_the_apps_cap_is_refused_413_without_waiting_for_it(quick):
 
 
 def test_a_request_not_whole_by_its_deadline_is_answered_408_and_closed(quick):
+    began = time.monotonic()  # before the server's accept, where the deadline starts
     with quick.connect() as started, quick.connect() as silent:
         started.sendall(HALF_HEAD)
-        began = time.monotonic()
         stream = started.makefile("rb")
         assert response(stream)[0] == 408 and stream.read() == b""
-        assert 1.0 < time.monotonic() - began < 10  # QuickWorker.request_deadline: 1.5 s
+        assert 4.9 < time.monotonic() - began < 30  # QuickWorker.request_deadline: 5 s
         assert silent.recv(1) == b""  # a connection that sent nothing is closed without an answer
 
 
 def test_closing_connections_do_not_stall_the_other_clients(quick):
     """Answers with Connection: close to clients that keep their end open: gthread's close_graceful would
-    wait up to 2 s for each of them, in the loop that every client waits on."""
-    lingering = [quick.connect() for _ in range(3)]
+    wait up to 2 s for each of them, in the loop that every client waits on (10 s for these five)."""
+    lingering = [quick.connect() for _ in range(5)]
     for sock in lingering:
         sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     time.sleep(0.2)
     began = time.monotonic()
     assert requests.get(quick.url + "/ping", timeout=10).status_code == 200
-    assert time.monotonic() - began < 1.5
+    assert time.monotonic() - began < 4.0  # milliseconds when idle
     for sock in lingering:
         assert response(sock.makefile("rb")) == (200, b"")
         sock.close()

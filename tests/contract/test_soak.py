@@ -12,8 +12,9 @@ pytestmark = pytest.mark.scenario  # make test-scenarios (CI runs it after make 
 
 
 def test_a_short_soak_serves_mixed_traffic_without_errors_or_leaks(server):
-    # Every /ping must still be answered within the pinger's 5 s; the p99 target (100 ms) is make soak's: at
-    # load 15 on this 2-core machine the short run's p99 reached 3.9 s, which is the machine, not the server.
+    # Every /ping must still be answered within the pinger's 15 s (three times the p99 limit given); the p99
+    # target (100 ms) is make soak's: at load 15 on this 2-core machine the short run's p99 reached 3.9 s,
+    # which is the machine, not the server.
     command = [sys.executable, str(REPO / "bench" / "soak.py"), "--seconds", "20", "--ping-p99-ms", "5000",
                "--url", server.url, "--pid", str(server.process.pid)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)

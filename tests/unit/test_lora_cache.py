@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -101,6 +102,14 @@ def test_a_pinned_adapter_stays_while_the_others_are_evicted_least_recently_used
     assert loras.pinned == {1} and loras.llm.pinned == {1}
 
 
+async def until(condition, seconds: float = 30) -> None:
+    """Wait on the event loop, not on the clock: a preempted process must not make a step look skipped."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        await asyncio.sleep(0)
+
+
 def test_adapters_in_use_never_outnumber_the_slots_pins_included():
     """vLLM's scheduler would batch MAX_LORAS adapters beside the pinned ones, and its engine would fail:
     a request for one more adapter waits until another's requests end."""
@@ -117,11 +126,11 @@ def test_adapters_in_use_never_outnumber_the_slots_pins_included():
             order.append(f"{adapter.name} done")
 
         first = asyncio.create_task(ask(version("a", 2), hold=release_a))
-        await asyncio.sleep(0.01)
+        await until(lambda: "a runs" in order)
         second = asyncio.create_task(ask(version("b", 3)))
         again = asyncio.create_task(ask(version("a", 2)))  # the same adapter shares its slot
         pinned = asyncio.create_task(ask(version("p", 1, pin=True)))  # a pinned one always has its own
-        await asyncio.sleep(0.05)
+        await until(lambda: len(order) >= 5)  # what can run has run; "b" must still be waiting
         assert order == ["a runs", "a runs", "a done", "p runs", "p done"], order
         release_a.set()
         await asyncio.gather(first, second, again, pinned)
