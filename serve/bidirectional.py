@@ -17,6 +17,7 @@ import json
 import logging
 import socket
 import threading
+from collections import deque
 from typing import Callable
 
 from flask import Response
@@ -105,14 +106,18 @@ class Connection:
     def __init__(self, sock, protocol: ServerProtocol):
         self.sock, self.protocol = sock, protocol
         self.sock.settimeout(IDLE_SECONDS)
+        self._frames: deque = deque()  # received, not yet taken
         self._parts: list[bytes] = []  # a fragmented message so far
         self._binary = False
 
     def receive(self) -> str | bytes | None:
         """The next whole message; None once the client closed, went quiet past IDLE_SECONDS, or broke the
-        protocol (a too-large message: close code 1009)."""
+        protocol (a too-large message: close code 1009). Frames read past that message wait their turn: a
+        client may send its next messages before the answer to this one."""
         while True:
-            for frame in self.protocol.events_received():
+            self._frames.extend(self.protocol.events_received())
+            while self._frames:
+                frame = self._frames.popleft()
                 if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
                     self._parts, self._binary = [frame.data], frame.opcode is Opcode.BINARY
                 elif frame.opcode is Opcode.CONT:

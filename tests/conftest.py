@@ -7,11 +7,25 @@ ENTRYPOINT runs) against temporary /opt/ml trees selected with SAGEMAKER_BASE_DI
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import REAP_SECONDS, REPO, STOPPING, Server, build_tiny_model, make_tree, run_train
+
+
+@pytest.fixture(scope="session", autouse=True)
+def entry_points_run_this_checkout():
+    """`serve` and `train` run as subprocesses import this checkout through the venv's editable install, which
+    points at the last checkout that ran `pip install -e .` with it (a clone sharing this venv re-points it).
+    Where nothing is installed (tests/gpu on a bare machine), there is nothing to check."""
+    found = subprocess.run([sys.executable, "-c", "import serve; print(serve.__file__)"], cwd="/",
+                           capture_output=True, text=True)
+    if found.returncode == 0:
+        where = Path(found.stdout.strip()).parent.parent
+        assert where == REPO, f"the venv runs {where}, not this checkout: run `.venv/bin/pip install --no-deps -e .`"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,13 +1,19 @@
-"""The bidirectional-streaming route's edges without a socket: what is not a WebSocket upgrade, and the bound on
-connections. Real WebSocket clients against real gunicorn + vLLM: tests/contract/test_conversations.py."""
+"""The bidirectional-streaming route's edges without a server: what is not a WebSocket upgrade, the bound on
+connections, messages that arrive together. Real WebSocket clients against real gunicorn + vLLM:
+tests/contract/test_conversations.py."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
+from websockets.client import ClientProtocol
+from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
 
 from serve.adapters import Adapters
 from serve.app import create_app
-from serve.bidirectional import ROUTE, Connections
+from serve.bidirectional import ROUTE, Connection, Connections
 from serve.errors import Overloaded
 from tests.unit.test_app import MemoryEngine, startup
 
@@ -35,3 +41,24 @@ def test_connections_are_bounded_per_worker():
         connections.take()
     connections.give_back()
     connections.take()
+
+
+def test_messages_that_arrive_in_one_read_are_each_answered_in_turn():
+    """A client may send its next messages before the answer to the first: one read then holds several, and
+    none may be lost (they were, before: each read gave only its first message)."""
+    client, server = ClientProtocol(parse_uri("ws://127.0.0.1" + ROUTE)), ServerProtocol()
+    client.send_request(client.connect())
+    server.receive_data(b"".join(client.data_to_send()))
+    server.send_response(server.accept(server.events_received()[0]))
+    client.receive_data(b"".join(server.data_to_send()))
+    for text in ("one", "two", "three"):
+        client.send_text(text.encode())
+    client.send_binary(b"four")
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(b"".join(client.data_to_send()))  # one write: one read on our side
+        connection = Connection(ours, server)
+        ours.settimeout(5)  # a lost message shows as None after 5 s, not after the idle timeout's 330
+        assert [connection.receive() for _ in range(4)] == ["one", "two", "three", b"four"]
+        theirs.close()
+        assert connection.receive() is None  # then the client is gone
