@@ -82,6 +82,15 @@ class Server:
         timeout = kwargs.pop("timeout", 120)
         return requests.post(self.url + "/invocations", data=data, headers=headers, timeout=timeout, **kwargs)
 
+    def engines(self) -> list[int]:
+        """The server's vLLM engine-core processes (one per worker)."""
+        def named(pid: int) -> bool:
+            with contextlib.suppress(OSError):
+                return "EngineCore" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") + \
+                    Path(f"/proc/{pid}/comm").read_text()
+            return False
+        return [pid for pid in process_tree(self.process.pid) if named(pid)]
+
     def stop(self) -> str:
         """SIGTERM (what SageMaker sends), then the server's whole output once it has exited. Safe to call
         twice."""
@@ -118,6 +127,21 @@ class Server:
             self.output, _ = self.process.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             self.output = "(its output was still held open 30 s after SIGKILL)"
+
+
+@contextlib.contextmanager
+def frozen(pids: list[int]):
+    """The processes `pids` (a server's engines) stopped inside the block (SIGSTOP), continued after: no answer
+    makes progress, so a test can act while one is surely unfinished, however slow the machine."""
+    assert pids, "no process to freeze"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pids
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
 def running(pid: int) -> bool:

@@ -4,6 +4,7 @@ client library. The HTTP layer's edge cases (locks, expiry, bounds, adapters) ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import requests
 from websockets.sync.client import connect
 
 from serve.sessions import CLOSED_SESSION_HEADER, NEW_SESSION_HEADER, SESSION_HEADER
-from tests.helpers import process_tree, running, sse_events, wait_for_ping
+from tests.helpers import frozen, process_tree, running, sse_events, wait_for_ping
 
 JSON = {"Content-Type": "application/json"}
 NEW_SESSION_VALUE = re.compile(r"([0-9a-f-]{36}); Expires=(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)")
@@ -105,6 +106,15 @@ def receive_answer(websocket, last, binary: bool = False) -> list:
             return messages
 
 
+def answers_ended(websocket) -> int:
+    """How many answers' last messages the client has, reading until 2 s pass without a message."""
+    ended = 0
+    with contextlib.suppress(TimeoutError):
+        while True:
+            ended += tgi_done(json.loads(websocket.recv(timeout=2)))
+    return ended
+
+
 def tgi_done(message) -> bool:
     return "error" in message or message.get("generated_text") is not None
 
@@ -151,15 +161,21 @@ def test_bidirectional_stream_keeps_a_session_and_leaving_aborts_the_generation(
         found = re.search(r'llm_twin_responses_total\{status="499"\} (\d+)', metrics)
         return int(found.group(1)) if found else 0
 
-    before = gone()
-    with bidirectional(server) as websocket:
-        for _ in range(4):  # answered one after the other: seconds of generating that no loaded machine outruns
-            websocket.send(json.dumps({"inputs": "Go on", "parameters": {"max_new_tokens": 400}}))
-        websocket.recv(timeout=120)  # the first token: generating
-        websocket.socket.shutdown(socket.SHUT_RDWR)  # leaves without a closing handshake
+    before, engines = gone(), server.engines()
+    for _ in range(3):
+        with bidirectional(server) as websocket:
+            for _ in range(4):  # answered one after the other
+                websocket.send(json.dumps({"inputs": "Go on", "parameters": {"max_new_tokens": 400}}))
+            first = websocket.recv(timeout=120)  # the first token: generating
+            with frozen(engines):  # no answer can finish now, however slow the machine
+                if answers_ended(websocket) < 4:
+                    websocket.socket.shutdown(socket.SHUT_RDWR)  # leaves mid-answer, without a closing handshake
+                    break
+    else:
+        pytest.fail("three times, the four answers had all been sent before the engine was frozen")
     deadline = time.monotonic() + 60
     while gone() == before:  # noticed at its next message: the generation is given up
-        assert time.monotonic() < deadline, "the server never noticed the client had left"
+        assert time.monotonic() < deadline, f"the server never noticed the client had left; it had sent {first}"
         time.sleep(0.2)
 
 
