@@ -137,7 +137,7 @@ def frozen(pids: list[int]):
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:
-        yield pids
+        yield
     finally:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
