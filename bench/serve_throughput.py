@@ -16,11 +16,12 @@ A row is one of our dialects through `/invocations` (OpenAI chat `messages`, or 
 penalty 1.1), against the same prompts and sampling through `vllm serve`'s `/v1/chat/completions`.
 `clients` threads each send ROUNDS requests back to back, 64 new tokens, EOS allowed on both sides (this
 server has no `ignore_eos`, and rarely does a prompt here end early); tokens are counted alike on both,
-the answer's text re-tokenized. /ping is polled meanwhile. Both servers start once and stay up; each row
-runs `repeats` times on each, who goes first alternating, because on a shared 2-core machine one run
-against the next varies by more than the edges differ. It prints per row the median tokens/s of both, the
-median ratio (target >= 1.0) and each run's, /ping p99 (target < 100 ms), the one-stream latency, the
-start times, and the naive one-request-at-a-time server (bench/naive_server.py) for scale.
+the answer's text re-tokenized. /ping is polled meanwhile. Both servers start once and stay up; every row
+runs `repeats` times on each, in rounds that take the rows in rotating order, who goes first alternating,
+because on a shared 2-core machine one run against the next varies by more than the edges differ. It
+prints per row the median tokens/s of both, the median ratio (target >= 1.0) and each run's, /ping p99
+(target < 100 ms), the noise floor (`vllm serve` against itself on identical requests), the one-stream
+latency, the start times, and the naive one-request-at-a-time server (bench/naive_server.py) for scale.
 """
 
 from __future__ import annotations
@@ -222,23 +223,25 @@ def warm_up(target: Target, clients: int) -> None:
 
 
 def run_rows(ours: tuple[str, int], theirs: tuple[str, int], rows: list[str], options, count) -> dict:
-    """Each row `repeats` times on both servers, who goes first alternating, so that what else the machine
-    runs meanwhile weighs on both alike; the row's figures are the medians, its ratio the median ratio."""
+    """Every row once per round of repeats, on both servers back to back, the rows' order rotating and who goes
+    first alternating: whatever else the machine runs, and any drift of either server over the hour, weighs on
+    every row and both sides alike. A row's figures are medians, its ratio the median of its paired ratios."""
     results = {"one_stream": {}}
     for side, target in zip(SIDES, targets(ours, theirs, "chat_greedy")):
         warm_up(target, options.clients)
         results["one_stream"][side] = one_stream(target, options.new_tokens)
-    for row in rows:
-        sampling = SAMPLINGS[row.split("_", 1)[1]]
-        pair = dict(zip(SIDES, targets(ours, theirs, row)))
-        runs = []
-        for repeat in range(options.repeats):
-            order = SIDES if repeat % 2 == 0 else SIDES[::-1]
-            runs.append({side: load(pair[side], options.clients, options.new_tokens, sampling, count)
-                         for side in order})
+    pairs = {row: dict(zip(SIDES, targets(ours, theirs, row))) for row in rows}
+    runs = {row: [] for row in rows}
+    for repeat in range(options.repeats):
+        for position, row in enumerate(rows[repeat % len(rows):] + rows[:repeat % len(rows)]):
+            order = SIDES if (repeat + position) % 2 == 0 else SIDES[::-1]
+            sampling = SAMPLINGS[row.split("_", 1)[1]]
+            runs[row].append({side: load(pairs[row][side], options.clients, options.new_tokens, sampling, count)
+                              for side in order})
             print(json.dumps({row: {side: {k: v for k, v in run.items() if k != "pings"}
-                                    for side, run in runs[-1].items()}}), flush=True)
-        results[row] = summary(runs)
+                                    for side, run in runs[row][-1].items()}}), flush=True)
+    results.update({row: summary(runs[row]) for row in rows})
+    results["baseline_against_itself"] = baseline_against_itself(runs)
     return results
 
 
@@ -253,6 +256,19 @@ def summary(runs: list[dict]) -> dict:
                      for run in runs]
     row["ratio"] = statistics.median(row["ratios"])
     return row
+
+
+def baseline_against_itself(runs: dict[str, list[dict]]) -> dict:
+    """The noise floor: `vllm serve` gets the very same requests in a sampling's chat row and its TGI row (both
+    are OpenAI chat to it), so the ratio of its own tokens/s between the two, repeat by repeat, is what this
+    machine's noise alone makes of identical work. A row's distance from 1.0x means little inside this spread."""
+    floor = {}
+    for sampling in SAMPLINGS:
+        chat, tgi = runs.get(f"chat_{sampling}"), runs.get(f"tgi_{sampling}")
+        if chat and tgi:
+            floor[sampling] = [round(a["vllm_serve"]["tokens_per_second"] / b["vllm_serve"]["tokens_per_second"], 2)
+                               for a, b in zip(chat, tgi)]
+    return floor
 
 
 def naive(model_dir: Path, root: Path, options, count) -> dict:
@@ -304,6 +320,9 @@ def report(results: dict, rows: list[str], options) -> None:
               f"{ours['ping_p99_ms']:>11} ms {theirs['ping_p99_ms']:>11} ms  {ours['edge_cpu_ms_per_request']:>24} "
               f"{theirs['edge_cpu_ms_per_request']:>5}  {figures['ratios']}")
     print(f"medians of {options.repeats} runs per row; targets: ratio >= 1.0 on every row; /ping p99 (ours) < 100 ms")
+    for sampling, ratios in results["baseline_against_itself"].items():
+        print(f"noise floor, {sampling}: vllm serve's tok/s on identical requests, its chat row over its TGI row, "
+              f"per round: {ratios} (median {statistics.median(ratios):.2f}x)")
     ours, theirs = results["one_stream"]["ours"], results["one_stream"]["vllm_serve"]
     print(f"one stream (chat, greedy): ours {ours['latency_s']} s, vllm serve {theirs['latency_s']} s "
           f"({ours['latency_s'] / theirs['latency_s']:.2f}x); prompt tokens {ours['prompt_tokens']} / "
