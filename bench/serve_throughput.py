@@ -20,8 +20,9 @@ the answer's text re-tokenized. /ping is polled meanwhile. Both servers start on
 runs `repeats` times on each, in rounds that take the rows in rotating order, who goes first alternating,
 because on a shared 2-core machine one run against the next varies by more than the edges differ. It
 prints per row the median tokens/s of both, the median ratio (target >= 1.0) and each run's, /ping p99
-(target < 100 ms), the noise floor (`vllm serve` against itself on identical requests), the one-stream
-latency, the start times, and the naive one-request-at-a-time server (bench/naive_server.py) for scale.
+(target < 100 ms); the noise floor (`vllm serve` against itself on identical requests); the latency of one
+stream alone and of one-token requests one at a time (the edge's own cost); the start times; and the naive
+one-request-at-a-time server (bench/naive_server.py) for scale.
 """
 
 from __future__ import annotations
@@ -216,6 +217,18 @@ def one_stream(target: Target, new_tokens: int, n: int = 3) -> dict:
     return {"latency_s": round(statistics.median(times), 3), "prompt_tokens": prompt_tokens}
 
 
+def one_token(target: Target, n: int = 30) -> float:
+    """The median latency, in ms, of requests one at a time for one new token: the edge's own cost (parsing,
+    the chat template, tokenizing, the hand-offs to the engine and back, the answer) with the engine's work
+    reduced to one short prefill and one step."""
+    times = []
+    for text in prompts(n, 2000):
+        started = time.perf_counter()
+        target.post(text, 1, SAMPLINGS["greedy"])
+        times.append(time.perf_counter() - started)
+    return round(1000 * statistics.median(times), 1)
+
+
 def warm_up(target: Target, clients: int) -> None:
     """One short burst, not measured: first-batch costs (kernels for new shapes) are paid here."""
     with ThreadPoolExecutor(clients) as pool:
@@ -230,11 +243,12 @@ def run_rows(ours: tuple[str, int], theirs: tuple[str, int], rows: list[str], op
     for side, target in zip(SIDES, targets(ours, theirs, "chat_greedy")):
         warm_up(target, options.clients)
         results["one_stream"][side] = one_stream(target, options.new_tokens)
+        results["one_stream"][side]["one_token_ms"] = one_token(target)
     pairs = {row: dict(zip(SIDES, targets(ours, theirs, row))) for row in rows}
     runs = {row: [] for row in rows}
     for repeat in range(options.repeats):
-        for position, row in enumerate(rows[repeat % len(rows):] + rows[:repeat % len(rows)]):
-            order = SIDES if (repeat + position) % 2 == 0 else SIDES[::-1]
+        for row in rows[repeat % len(rows):] + rows[:repeat % len(rows)]:
+            order = SIDES if (rows.index(row) + repeat) % 2 == 0 else SIDES[::-1]  # per row: each repeat the other
             sampling = SAMPLINGS[row.split("_", 1)[1]]
             runs[row].append({side: load(pairs[row][side], options.clients, options.new_tokens, sampling, count)
                               for side in order})
@@ -327,6 +341,8 @@ def report(results: dict, rows: list[str], options) -> None:
     print(f"one stream (chat, greedy): ours {ours['latency_s']} s, vllm serve {theirs['latency_s']} s "
           f"({ours['latency_s'] / theirs['latency_s']:.2f}x); prompt tokens {ours['prompt_tokens']} / "
           f"{theirs['prompt_tokens']}")
+    print(f"one new token, requests one at a time (the edge's own latency): ours {ours['one_token_ms']} ms, "
+          f"vllm serve {theirs['one_token_ms']} ms (medians of 30)")
     print(f"start to /ping 200: ours {results['start_s']['ours']} s, vllm serve {results['start_s']['vllm_serve']} s",
           flush=True)
 
