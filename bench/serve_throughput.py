@@ -140,6 +140,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def thread_switches(pid: int) -> int:
+    """How often the process's threads have left a core so far (blocked or preempted). On the CPU, vLLM's
+    OpenMP threads spin on every core, so each wake-up of an edge thread takes a core from them a moment."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except FileNotFoundError:  # a thread that ended meanwhile (its switches leave with it)
+            continue
+        total += sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches:" in line)
+    return total
+
+
 def engine_arguments(log: Path) -> dict:
     """The arguments our server gave vLLM's engine, from its log."""
     for line in log.read_text().splitlines():
@@ -176,7 +189,7 @@ def load(target: Target, clients: int, new_tokens: int, sampling: dict, count) -
             latencies.append(time.perf_counter() - started)
 
     pinger = threading.Thread(target=poll_ping, args=(target.url, pings, done), daemon=True)
-    started, cpu = time.perf_counter(), cpu_seconds(target.edge_pid)
+    started, cpu, switches = time.perf_counter(), cpu_seconds(target.edge_pid), thread_switches(target.edge_pid)
     pinger.start()
     try:
         with ThreadPoolExecutor(clients) as pool:
@@ -184,11 +197,13 @@ def load(target: Target, clients: int, new_tokens: int, sampling: dict, count) -
     finally:
         done.set()
     wall, cpu = time.perf_counter() - started, cpu_seconds(target.edge_pid) - cpu
+    switches = thread_switches(target.edge_pid) - switches
     pinger.join()
     tokens = sum(count(text) for text in texts)
     return {"tokens_per_second": round(tokens / wall, 1), "generated_tokens": tokens,
             "p50_latency_s": round(statistics.median(latencies), 2),
-            "edge_cpu_ms_per_request": round(1000 * cpu / len(texts), 2), "pings": pings}
+            "edge_cpu_ms_per_request": round(1000 * cpu / len(texts), 2),
+            "edge_switches_per_request": round(switches / len(texts), 1), "pings": pings}
 
 
 def poll_ping(url: str, pings: list, done: threading.Event) -> None:
@@ -262,7 +277,8 @@ def run_rows(ours: tuple[str, int], theirs: tuple[str, int], rows: list[str], op
 def summary(runs: list[dict]) -> dict:
     """Per side the median of each figure and /ping p99 over all its runs; the ratio ours/theirs per run."""
     row = {side: {key: round(statistics.median(run[side][key] for run in runs), 2)
-                  for key in ("tokens_per_second", "generated_tokens", "p50_latency_s", "edge_cpu_ms_per_request")}
+                  for key in ("tokens_per_second", "generated_tokens", "p50_latency_s", "edge_cpu_ms_per_request",
+                              "edge_switches_per_request")}
            for side in SIDES}
     for side in SIDES:
         row[side]["ping_p99_ms"] = p99_ms([ping for run in runs for ping in run[side]["pings"]])
@@ -333,6 +349,9 @@ def report(results: dict, rows: list[str], options) -> None:
         print(f"{row:<12} {ours['tokens_per_second']:>10} {theirs['tokens_per_second']:>16} {figures['ratio']:>5.2f}x  "
               f"{ours['ping_p99_ms']:>11} ms {theirs['ping_p99_ms']:>11} ms  {ours['edge_cpu_ms_per_request']:>24} "
               f"{theirs['edge_cpu_ms_per_request']:>5}  {figures['ratios']}")
+    print("edge thread switches per request (ours / vllm serve): " + ", ".join(
+        f"{row} {results[row]['ours']['edge_switches_per_request']} / "
+        f"{results[row]['vllm_serve']['edge_switches_per_request']}" for row in rows))
     print(f"medians of {options.repeats} runs per row; targets: ratio >= 1.0 on every row; /ping p99 (ours) < 100 ms")
     for sampling, ratios in results["baseline_against_itself"].items():
         print(f"noise floor, {sampling}: vllm serve's tok/s on identical requests, its chat row over its TGI row, "
