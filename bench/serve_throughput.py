@@ -1,6 +1,6 @@
 """Serving throughput: this server against vLLM's own OpenAI server (`vllm serve`), HTTP to HTTP, in one run.
 
-    .venv/bin/python bench/serve_throughput.py [--clients 32] [--new-tokens 64] [--repeats 5]
+    .venv/bin/python bench/serve_throughput.py [--clients 32] [--new-tokens 64] [--repeats 9]
                                                [--rows chat_greedy,tgi_twin] [--skip-naive]
 
 The baseline is what a user would otherwise deploy: vLLM's OpenAI server (`python -m
@@ -371,7 +371,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
-    parser.add_argument("--repeats", type=int, default=5, help="runs of each row on each server")
+    parser.add_argument("--repeats", type=int, default=9, help="runs of each row on each server")
     parser.add_argument("--skip-naive", action="store_true", help="the naive server takes minutes at 32 clients")
     options = parser.parse_args()
     rows = [row for row in options.rows.split(",") if row]
