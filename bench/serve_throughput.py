@@ -250,6 +250,16 @@ def warm_up(target: Target, clients: int) -> None:
         list(pool.map(lambda p: target.post(p, 4, SAMPLINGS["twin"]), prompts(clients, 1000)))
 
 
+def schedule(rows: list[str], repeats: int) -> list[tuple[str, tuple[str, str]]]:
+    """(row, the sides in the order they run) for every run: `repeats` rounds of every row, the rows' order
+    rotating by one each round, and who goes first on a row alternating from one round to the next."""
+    runs = []
+    for repeat in range(repeats):
+        for row in rows[repeat % len(rows):] + rows[:repeat % len(rows)]:
+            runs.append((row, SIDES if (rows.index(row) + repeat) % 2 == 0 else SIDES[::-1]))
+    return runs
+
+
 def run_rows(ours: tuple[str, int], theirs: tuple[str, int], rows: list[str], options, count) -> dict:
     """Every row once per round of repeats, on both servers back to back, the rows' order rotating and who goes
     first alternating: whatever else the machine runs, and any drift of either server over the hour, weighs on
@@ -261,14 +271,12 @@ def run_rows(ours: tuple[str, int], theirs: tuple[str, int], rows: list[str], op
         results["one_stream"][side]["one_token_ms"] = one_token(target)
     pairs = {row: dict(zip(SIDES, targets(ours, theirs, row))) for row in rows}
     runs = {row: [] for row in rows}
-    for repeat in range(options.repeats):
-        for row in rows[repeat % len(rows):] + rows[:repeat % len(rows)]:
-            order = SIDES if (rows.index(row) + repeat) % 2 == 0 else SIDES[::-1]  # per row: each repeat the other
-            sampling = SAMPLINGS[row.split("_", 1)[1]]
-            runs[row].append({side: load(pairs[row][side], options.clients, options.new_tokens, sampling, count)
-                              for side in order})
-            print(json.dumps({row: {side: {k: v for k, v in run.items() if k != "pings"}
-                                    for side, run in runs[row][-1].items()}}), flush=True)
+    for row, order in schedule(rows, options.repeats):
+        sampling = SAMPLINGS[row.split("_", 1)[1]]
+        runs[row].append({side: load(pairs[row][side], options.clients, options.new_tokens, sampling, count)
+                          for side in order})
+        print(json.dumps({row: {side: {k: v for k, v in run.items() if k != "pings"}
+                                for side, run in runs[row][-1].items()}}), flush=True)
     results.update({row: summary(runs[row]) for row in rows})
     results["baseline_against_itself"] = baseline_against_itself(runs)
     return results
