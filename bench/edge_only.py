@@ -11,6 +11,12 @@ of `requests` took the edges' core from them). Both servers get the same engine 
 log, as serve_throughput does), the same prompts, OpenAI chat, greedy; they run in pairs, who goes first
 alternating. Per run: requests/s, the edge's CPU ms and thread switches per request, /ping p99; then each
 pair's ratio (ours / vllm serve requests/s) and their median.
+
+Meant for a machine with cores to spare. On the 2-core development machine, where the client, the pinger, both
+edges and the engine's own Python threads share the one core the engine leaves, the runs are bimodal: in some,
+one server (either) stalls, its /ping p99 in seconds and its requests/s a fifth of the other's; three sessions
+of it gave median pair ratios of 0.30x, 0.64x and 1.98x. Read it there for what each edge spends per request,
+not for who is faster.
 """
 
 from __future__ import annotations
