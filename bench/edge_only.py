@@ -38,8 +38,7 @@ sys.path.insert(0, str(REPO))
 import aiohttp  # noqa: E402  (vLLM's own dependency)
 
 from bench.serve_throughput import (  # noqa: E402
-    BIN, SAMPLINGS, answer_text, chat_body, cpu_seconds, edge_pid, engine_arguments, free_port, p99_ms, prompts,
-    start, stop, thread_switches, vllm_serve_command)
+    SAMPLINGS, answer_text, both_servers, chat_body, cpu_seconds, p99_ms, prompts, thread_switches)
 from container.model_dir import ServingSpec  # noqa: E402
 from local_test.tiny_model import build_tiny_model  # noqa: E402
 
@@ -77,28 +76,17 @@ async def load(url: str, path: str, pid: int, options) -> dict:
 
 
 def measure(root: Path, options) -> list[dict]:
-    port = free_port()
-    ours, _ = start([str(BIN / "serve")], {"SAGEMAKER_BASE_DIR": str(root), "SAGEMAKER_BIND_TO_PORT": str(port)},
-                    port, root / "ours.log")
-    try:
-        vllm_port = free_port()
-        theirs, _ = start(vllm_serve_command(engine_arguments(root / "ours.log"), vllm_port),
-                          {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}, vllm_port, root / "vllm_serve.log")
-        try:
-            sides = {"ours": (f"http://127.0.0.1:{port}", "/invocations", edge_pid(ours)),
-                     "vllm_serve": (f"http://127.0.0.1:{vllm_port}", "/v1/chat/completions", edge_pid(theirs))}
-            for side in sides.values():
-                asyncio.run(load(*side, options))  # not measured: first-batch costs
-            pairs = []
-            for i in range(options.pairs):
-                order = list(sides) if i % 2 == 0 else list(sides)[::-1]
-                pairs.append({name: asyncio.run(load(*sides[name], options)) for name in order})
-                print(json.dumps(pairs[-1]), flush=True)
-            return pairs
-        finally:
-            stop(theirs)
-    finally:
-        stop(ours)
+    with both_servers(root) as (sides, _):
+        paths = {"ours": "/invocations", "vllm_serve": "/v1/chat/completions"}
+        for name, (url, pid) in sides.items():
+            asyncio.run(load(url, paths[name], pid, options))  # not measured: first-batch costs
+        pairs = []
+        for i in range(options.pairs):
+            order = list(sides) if i % 2 == 0 else list(sides)[::-1]
+            pairs.append({name: asyncio.run(load(sides[name][0], paths[name], sides[name][1], options))
+                          for name in order})
+            print(json.dumps(pairs[-1]), flush=True)
+        return pairs
 
 
 def main() -> None:

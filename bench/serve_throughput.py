@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,8 +256,8 @@ def schedule(rows: list[str], repeats: int) -> list[tuple[str, tuple[str, str]]]
     rotating by one each round, and who goes first on a row alternating from one round to the next."""
     runs = []
     for repeat in range(repeats):
-        for row in rows[repeat % len(rows):] + rows[:repeat % len(rows)]:
-            runs.append((row, SIDES if (rows.index(row) + repeat) % 2 == 0 else SIDES[::-1]))
+        for index in (i % len(rows) for i in range(repeat, repeat + len(rows))):
+            runs.append((rows[index], SIDES if (index + repeat) % 2 == 0 else SIDES[::-1]))
     return runs
 
 
@@ -324,8 +325,10 @@ def naive(model_dir: Path, root: Path, options, count) -> dict:
 
 
 # --- the run ---------------------------------------------------------------------------------------------
-def measure(root: Path, rows: list[str], options, count) -> dict:
-    """Start ours, then `vllm serve` with the arguments ours logged; run every row on both; stop both."""
+@contextmanager
+def both_servers(root: Path):
+    """Ours on the model in root/model, then `vllm serve` with the engine arguments ours logged; yields, per
+    side, (url, edge pid), with the arguments and each side's start-to-ready seconds; stops both after."""
     port = free_port()
     ours, ours_start = start([str(BIN / "serve")], {"SAGEMAKER_BASE_DIR": str(root),
                                                     "SAGEMAKER_BIND_TO_PORT": str(port)}, port, root / "ours.log")
@@ -337,13 +340,19 @@ def measure(root: Path, rows: list[str], options, count) -> dict:
         theirs, theirs_start = start(vllm_serve_command(arguments, vllm_port), environment, vllm_port,
                                      root / "vllm_serve.log")
         try:
-            results = run_rows((f"http://127.0.0.1:{port}", edge_pid(ours)),
-                               (f"http://127.0.0.1:{vllm_port}", edge_pid(theirs)), rows, options, count)
+            yield ({"ours": (f"http://127.0.0.1:{port}", edge_pid(ours)),
+                    "vllm_serve": (f"http://127.0.0.1:{vllm_port}", edge_pid(theirs))},
+                   {"engine_arguments": arguments, "start_s": {"ours": ours_start, "vllm_serve": theirs_start}})
         finally:
             stop(theirs)
     finally:
         stop(ours)
-    return {"engine_arguments": arguments, "start_s": {"ours": ours_start, "vllm_serve": theirs_start}, **results}
+
+
+def measure(root: Path, rows: list[str], options, count) -> dict:
+    """Run every row on both servers."""
+    with both_servers(root) as (sides, started):
+        return {**started, **run_rows(sides["ours"], sides["vllm_serve"], rows, options, count)}
 
 
 def report(results: dict, rows: list[str], options) -> None:
