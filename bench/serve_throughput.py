@@ -11,17 +11,17 @@ access log. The engines are the same, so what is compared is the edge: gunicorn 
 translation against uvicorn + FastAPI + vLLM's own. (vLLM's offline `LLM.generate`, the baseline before,
 has no edge at all: it priced serving over HTTP, which `vllm serve` pays too, and nobody deploys it.)
 
-A row is one of our dialects through `/invocations` (OpenAI chat `messages`, or TGI `{"inputs",
-"parameters"}`) with greedy decoding or the LLM Twin sampling (temperature 0.7, top_p 0.9, repetition
-penalty 1.1), against the same prompts and sampling through `vllm serve`'s `/v1/chat/completions`.
-`clients` threads each send ROUNDS requests back to back, 64 new tokens, EOS allowed on both sides (this
-server has no `ignore_eos`, and rarely does a prompt here end early); tokens are counted alike on both,
-the answer's text re-tokenized. /ping is polled meanwhile. Both servers start once and stay up; every row
-runs `repeats` times on each, in rounds that take the rows in rotating order, who goes first alternating,
-because on a shared 2-core machine one run against the next varies by more than the edges differ. It
-prints per row the median tokens/s of both, the median ratio (target >= 1.0) and each run's, /ping p99
-(target < 100 ms); the noise floor (`vllm serve` against itself on identical requests); the latency of one
-stream alone and of one-token requests one at a time (the edge's own cost); the start times; and the naive
+A row is one of our dialects through `/invocations` (OpenAI chat `messages`, or TGI `{"inputs", "parameters"}`)
+with greedy decoding or the LLM Twin sampling (temperature 0.7, top_p 0.9, repetition penalty 1.1), against the
+same prompts and sampling through `vllm serve`'s `/v1/chat/completions`. `clients` threads each send ROUNDS
+requests back to back, 64 new tokens, EOS allowed on both sides (this server has no `ignore_eos`, and rarely
+does a prompt here end early); tokens are counted alike on both, the answer's text re-tokenized. /ping is polled
+meanwhile. Both servers start once and stay up, the one not measured stopped (SIGSTOP: an idle vLLM model worker
+polls for work); every row runs `repeats` times on each, in rounds that take the rows in rotating order, who
+goes first alternating, because on a shared 2-core machine one run against the next varies by more than the
+edges differ. It prints per row the median tokens/s of both, the median ratio (target >= 1.0) and each run's,
+/ping p99 (target < 100 ms); the noise floor (`vllm serve` against itself on identical requests); the latency of
+one stream alone and of one-token requests one at a time (the edge's own cost); the start times; and the naive
 one-request-at-a-time server (bench/naive_server.py) for scale.
 """
 
@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -126,6 +127,15 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
     except ProcessLookupError:
         pass
+
+
+def only(sides: dict[str, tuple[str, int]], running: str | None) -> None:
+    """Stop (SIGSTOP) every process of the servers but `running`, and let that one go on; None: all go on.
+    An idle vLLM model worker polls for work, a tenth of a core, and with both servers up, either ran at 60%
+    of its speed alone. A side is its edge's process group: our gunicorn worker's holds its vLLM engine
+    processes (serve/server.py post_fork), vllm serve's all of it."""
+    for name, (_, pid) in sides.items():
+        os.killpg(os.getpgid(pid), signal.SIGCONT if running in (None, name) else signal.SIGSTOP)
 
 
 def edge_pid(process: subprocess.Popen) -> int:
@@ -262,22 +272,30 @@ def schedule(rows: list[str], repeats: int) -> list[tuple[str, tuple[str, str]]]
 
 
 def run_rows(ours: tuple[str, int], theirs: tuple[str, int], rows: list[str], options, count) -> dict:
-    """Every row once per round of repeats, on both servers back to back, the rows' order rotating and who goes
-    first alternating: whatever else the machine runs, and any drift of either server over the hour, weighs on
-    every row and both sides alike. A row's figures are medians, its ratio the median of its paired ratios."""
-    results = {"one_stream": {}}
-    for side, target in zip(SIDES, targets(ours, theirs, "chat_greedy")):
-        warm_up(target, options.clients)
-        results["one_stream"][side] = one_stream(target, options.new_tokens)
-        results["one_stream"][side]["one_token_ms"] = one_token(target)
+    """Every row once per round of repeats, on both servers back to back (the other one stopped), the rows' order
+    rotating and who goes first alternating: whatever else the machine runs, and any drift of either server over
+    the hour, weighs on every row and both sides alike. A row's figures are medians, its ratio the median of its
+    paired ratios."""
+    results, sides = {"one_stream": {}}, dict(zip(SIDES, (ours, theirs)))
     pairs = {row: dict(zip(SIDES, targets(ours, theirs, row))) for row in rows}
     runs = {row: [] for row in rows}
-    for row, order in schedule(rows, options.repeats):
-        sampling = SAMPLINGS[row.split("_", 1)[1]]
-        runs[row].append({side: load(pairs[row][side], options.clients, options.new_tokens, sampling, count)
-                          for side in order})
-        print(json.dumps({row: {side: {k: v for k, v in run.items() if k != "pings"}
-                                for side, run in runs[row][-1].items()}}), flush=True)
+    try:
+        for side, target in zip(SIDES, targets(ours, theirs, "chat_greedy")):
+            only(sides, side)
+            warm_up(target, options.clients)
+            results["one_stream"][side] = one_stream(target, options.new_tokens)
+            results["one_stream"][side]["one_token_ms"] = one_token(target)
+        for row, order in schedule(rows, options.repeats):
+            sampling = SAMPLINGS[row.split("_", 1)[1]]
+            run = {}
+            for side in order:
+                only(sides, side)
+                run[side] = load(pairs[row][side], options.clients, options.new_tokens, sampling, count)
+            runs[row].append(run)
+            print(json.dumps({row: {side: {k: v for k, v in figures.items() if k != "pings"}
+                                    for side, figures in run.items()}}), flush=True)
+    finally:
+        only(sides, None)  # before both_servers stops them
     results.update({row: summary(runs[row]) for row in rows})
     results["baseline_against_itself"] = baseline_against_itself(runs)
     return results
