@@ -348,8 +348,9 @@ def both_servers(root: Path):
     """Ours on the model in root/model, then `vllm serve` with the engine arguments ours logged; yields, per
     side, (url, edge pid), with the arguments and each side's start-to-ready seconds; stops both after."""
     port = free_port()
-    ours, ours_start = start([str(BIN / "serve")], {"SAGEMAKER_BASE_DIR": str(root),
-                                                    "SAGEMAKER_BIND_TO_PORT": str(port)}, port, root / "ours.log")
+    environment = {"SAGEMAKER_BASE_DIR": str(root), "SAGEMAKER_BIND_TO_PORT": str(port),
+                   "SAGEMAKER_MODEL_SERVER_TIMEOUT": str(REQUEST_TIMEOUT)}  # vllm serve has no deadline either
+    ours, ours_start = start([str(BIN / "serve")], environment, port, root / "ours.log")
     try:
         arguments = engine_arguments(root / "ours.log")
         vllm_port = free_port()

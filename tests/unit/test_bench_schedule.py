@@ -1,6 +1,11 @@
-"""bench/serve_throughput.py's order of runs: what lets a row's ratio stand against drift over the run."""
+"""bench/serve_throughput.py's order of runs, what lets a row's ratio stand against drift over the run, and its
+stopping of the server not measured."""
 
-from bench.serve_throughput import ROWS, SIDES, baseline_against_itself, schedule
+import subprocess
+import time
+from pathlib import Path
+
+from bench.serve_throughput import ROWS, SIDES, baseline_against_itself, only, schedule
 
 
 def test_every_round_runs_every_row_once_and_the_rows_order_rotates():
@@ -26,3 +31,28 @@ def test_the_noise_floor_is_vllm_serve_against_itself_on_a_samplings_two_rows():
     runs = {"chat_greedy": [run(1, 300), run(1, 330)], "tgi_greedy": [run(9, 300), run(9, 300)],
             "chat_twin": [run(1, 200)]}
     assert baseline_against_itself(runs) == {"greedy": [1.0, 1.1]}  # twin has no TGI row: no floor
+
+
+def test_only_the_server_measured_runs_and_none_lets_both_go_on():
+    def state(pid: int) -> str:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+    def settled(pid: int, wanted: set[str]) -> bool:  # a signal is delivered a moment after kill() returns
+        deadline = time.monotonic() + 10
+        while state(pid) not in wanted and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return state(pid) in wanted
+
+    servers = [subprocess.Popen(["sleep", "60"], start_new_session=True) for _ in SIDES]
+    sides = {side: ("", server.pid) for side, server in zip(SIDES, servers)}
+    try:
+        only(sides, "ours")
+        assert settled(sides["vllm_serve"][1], {"T"}) and settled(sides["ours"][1], {"S", "R"})
+        only(sides, "vllm_serve")
+        assert settled(sides["ours"][1], {"T"}) and settled(sides["vllm_serve"][1], {"S", "R"})
+        only(sides, None)
+        assert all(settled(pid, {"S", "R"}) for _, pid in sides.values())
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
