@@ -346,7 +346,9 @@ def naive(model_dir: Path, root: Path, options, count) -> dict:
 @contextmanager
 def both_servers(root: Path):
     """Ours on the model in root/model, then `vllm serve` with the engine arguments ours logged; yields, per
-    side, (url, edge pid), with the arguments and each side's start-to-ready seconds; stops both after."""
+    side, (url, edge pid), with the arguments and each side's start-to-ready seconds; stops both after, also
+    when the bench is stopped with SIGTERM (`timeout`), which would otherwise leave both running, or stopped."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through the finally clauses below
     port = free_port()
     environment = {"SAGEMAKER_BASE_DIR": str(root), "SAGEMAKER_BIND_TO_PORT": str(port),
                    "SAGEMAKER_MODEL_SERVER_TIMEOUT": str(REQUEST_TIMEOUT)}  # vllm serve has no deadline either
