@@ -107,15 +107,18 @@ def start(command: list[str], env: dict, port: int, log: Path) -> tuple[subproce
         process = subprocess.Popen(command, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
                                    cwd=REPO, start_new_session=True)
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                return process, round(time.perf_counter() - started, 1)
-        except requests.RequestException:
-            pass
-        time.sleep(0.25)
-    stop(process)
-    raise RuntimeError(f"{command[:3]} did not become ready: see the end of {log}:\n{log.read_text()[-3000:]}")
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    return process, round(time.perf_counter() - started, 1)
+            except requests.RequestException:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"{command[:3]} did not become ready: see the end of {log}:\n{log.read_text()[-3000:]}")
+    except BaseException:  # that, or SIGTERM while it starts (both_servers): not left behind
+        stop(process)
+        raise
 
 
 def stop(process: subprocess.Popen) -> None:
