@@ -134,8 +134,8 @@ def stop(process: subprocess.Popen) -> None:
 
 def only(sides: dict[str, tuple[str, int]], running: str | None) -> None:
     """Stop (SIGSTOP) every process of the servers but `running`, and let that one go on; None: all go on.
-    An idle vLLM model worker polls for work, a tenth of a core, and with both servers up, either ran at 60%
-    of its speed alone. A side is its edge's process group: our gunicorn worker's holds its vLLM engine
+    An idle vLLM model worker polls for work (a tenth of a core), on the cores the measured engine needs.
+    A side is its edge's process group: our gunicorn worker's holds its vLLM engine
     processes (serve/server.py post_fork), vllm serve's all of it."""
     for name, (_, pid) in sides.items():
         os.killpg(os.getpgid(pid), signal.SIGCONT if running in (None, name) else signal.SIGSTOP)
