@@ -40,7 +40,7 @@ import aiohttp  # noqa: E402  (vLLM's own dependency)
 
 from bench.serve_throughput import (  # noqa: E402
     ROWS, SAMPLINGS, SIDES, answer_text, baseline_against_itself, both_servers, cpu_seconds, only,
-    prompts, schedule, summary, targets, thread_switches)
+    prompts, run_schedule, summary, targets, thread_switches)
 from container.model_dir import ServingSpec  # noqa: E402
 from local_test.harness import process_tree  # noqa: E402
 from local_test.tiny_model import build_tiny_model  # noqa: E402
@@ -110,22 +110,14 @@ def measure(root: Path, rows: list[str], options, count) -> dict:
     with both_servers(root) as (sides, started):
         engine_cores, edge_cores = split_cores(sides, int(os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"]))
         pairs = {row: dict(zip(SIDES, targets(sides["ours"], sides["vllm_serve"], row))) for row in rows}
-        runs = {row: [] for row in rows}
-        try:
-            for side, target in pairs[rows[0]].items():  # not measured: first-batch costs
-                only(sides, side)
-                asyncio.run(load(target, options, SAMPLINGS["twin"], count))
-            for row, order in schedule(rows, options.repeats):
-                sampling = SAMPLINGS[row.split("_", 1)[1]]
-                run = {}
-                for side in order:
-                    only(sides, side)
-                    run[side] = asyncio.run(load(pairs[row][side], options, sampling, count))
-                runs[row].append(run)
-                print(json.dumps({row: {side: {k: v for k, v in figures.items() if k != "pings"}
-                                        for side, figures in run.items()}}), flush=True)
-        finally:
-            only(sides, None)  # before both_servers stops them
+        for side, target in pairs[rows[0]].items():  # not measured: first-batch costs
+            only(sides, side)
+            asyncio.run(load(target, options, SAMPLINGS["twin"], count))
+
+        def run_one(row: str, side: str) -> dict:
+            return asyncio.run(load(pairs[row][side], options, SAMPLINGS[row.split("_", 1)[1]], count))
+
+        runs = run_schedule(sides, rows, options.repeats, run_one)
     results = {row: summary(runs[row]) for row in rows}
     for row in rows:
         for side in SIDES:

@@ -280,28 +280,36 @@ def run_rows(ours: tuple[str, int], theirs: tuple[str, int], rows: list[str], op
     the hour, weighs on every row and both sides alike. A row's figures are medians, its ratio the median of its
     paired ratios."""
     results, sides = {"one_stream": {}}, dict(zip(SIDES, (ours, theirs)))
+    for side, target in zip(SIDES, targets(ours, theirs, "chat_greedy")):
+        only(sides, side)
+        warm_up(target, options.clients)
+        results["one_stream"][side] = one_stream(target, options.new_tokens)
+        results["one_stream"][side]["one_token_ms"] = one_token(target)
     pairs = {row: dict(zip(SIDES, targets(ours, theirs, row))) for row in rows}
-    runs = {row: [] for row in rows}
-    try:
-        for side, target in zip(SIDES, targets(ours, theirs, "chat_greedy")):
-            only(sides, side)
-            warm_up(target, options.clients)
-            results["one_stream"][side] = one_stream(target, options.new_tokens)
-            results["one_stream"][side]["one_token_ms"] = one_token(target)
-        for row, order in schedule(rows, options.repeats):
-            sampling = SAMPLINGS[row.split("_", 1)[1]]
-            run = {}
-            for side in order:
-                only(sides, side)
-                run[side] = load(pairs[row][side], options.clients, options.new_tokens, sampling, count)
-            runs[row].append(run)
-            print(json.dumps({row: {side: {k: v for k, v in figures.items() if k != "pings"}
-                                    for side, figures in run.items()}}), flush=True)
-    finally:
-        only(sides, None)  # before both_servers stops them
+
+    def run_one(row: str, side: str) -> dict:
+        sampling = SAMPLINGS[row.split("_", 1)[1]]
+        return load(pairs[row][side], options.clients, options.new_tokens, sampling, count)
+
+    runs = run_schedule(sides, rows, options.repeats, run_one)
     results.update({row: summary(runs[row]) for row in rows})
     results["baseline_against_itself"] = baseline_against_itself(runs)
     return results
+
+
+def run_schedule(sides: dict[str, tuple[str, int]], rows: list[str], repeats: int, run_one) -> dict[str, list]:
+    """Every run of schedule(rows, repeats): per row, its runs, each {side: run_one(row, side)} measured with
+    the other server stopped, and printed as it ends."""
+    runs = {row: [] for row in rows}
+    for row, order in schedule(rows, repeats):
+        run = {}
+        for side in order:
+            only(sides, side)
+            run[side] = run_one(row, side)
+        runs[row].append(run)
+        print(json.dumps({row: {side: {k: v for k, v in figures.items() if k != "pings"}
+                                for side, figures in run.items()}}), flush=True)
+    return runs
 
 
 def summary(runs: list[dict]) -> dict:
@@ -363,11 +371,12 @@ def both_servers(root: Path):
                        "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")}
         theirs, theirs_start = start(vllm_serve_command(arguments, vllm_port), environment, vllm_port,
                                      root / "vllm_serve.log")
+        sides = {"ours": (f"http://127.0.0.1:{port}", edge_pid(ours)),
+                 "vllm_serve": (f"http://127.0.0.1:{vllm_port}", edge_pid(theirs))}
         try:
-            yield ({"ours": (f"http://127.0.0.1:{port}", edge_pid(ours)),
-                    "vllm_serve": (f"http://127.0.0.1:{vllm_port}", edge_pid(theirs))},
-                   {"engine_arguments": arguments, "start_s": {"ours": ours_start, "vllm_serve": theirs_start}})
+            yield sides, {"engine_arguments": arguments, "start_s": {"ours": ours_start, "vllm_serve": theirs_start}}
         finally:
+            only(sides, None)  # one stopped by only() would not act on SIGTERM
             stop(theirs)
     finally:
         stop(ours)
