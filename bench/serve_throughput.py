@@ -134,9 +134,9 @@ def stop(process: subprocess.Popen) -> None:
 
 def only(sides: dict[str, tuple[str, int]], running: str | None) -> None:
     """Stop (SIGSTOP) every process of the servers but `running`, and let that one go on; None: all go on.
-    An idle vLLM model worker polls for work (a tenth of a core), on the cores the measured engine needs.
-    A side is its edge's process group: our gunicorn worker's holds its vLLM engine
-    processes (serve/server.py post_fork), vllm serve's all of it."""
+    An idle vLLM model worker polls for work (a tenth of a core), on the cores the measured engine needs. A
+    side is its edge's process group: our gunicorn worker's holds its vLLM engine processes (serve/server.py
+    post_fork), vllm serve's all of it."""
     for name, (_, pid) in sides.items():
         os.killpg(os.getpgid(pid), signal.SIGCONT if running in (None, name) else signal.SIGSTOP)
 
@@ -274,12 +274,12 @@ def schedule(rows: list[str], repeats: int) -> list[tuple[str, tuple[str, str]]]
     return runs
 
 
-def run_rows(ours: tuple[str, int], theirs: tuple[str, int], rows: list[str], options, count) -> dict:
+def run_rows(sides: dict[str, tuple[str, int]], rows: list[str], options, count) -> dict:
     """Every row once per round of repeats, on both servers back to back (the other one stopped), the rows' order
     rotating and who goes first alternating: whatever else the machine runs, and any drift of either server over
     the hour, weighs on every row and both sides alike. A row's figures are medians, its ratio the median of its
     paired ratios."""
-    results, sides = {"one_stream": {}}, dict(zip(SIDES, (ours, theirs)))
+    results, ours, theirs = {"one_stream": {}}, sides["ours"], sides["vllm_serve"]
     for side, target in zip(SIDES, targets(ours, theirs, "chat_greedy")):
         only(sides, side)
         warm_up(target, options.clients)
@@ -385,7 +385,7 @@ def both_servers(root: Path):
 def measure(root: Path, rows: list[str], options, count) -> dict:
     """Run every row on both servers."""
     with both_servers(root) as (sides, started):
-        return {**started, **run_rows(sides["ours"], sides["vllm_serve"], rows, options, count)}
+        return {**started, **run_rows(sides, rows, options, count)}
 
 
 def report(results: dict, rows: list[str], options) -> None:
