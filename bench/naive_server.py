@@ -8,10 +8,13 @@ import torch
 from flask import Flask, jsonify, request
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from container.cpu_features import cpu_dtype
+
 
 def build(model_dir: str) -> Flask:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    dtype = torch.bfloat16 if torch.cuda.is_available() else getattr(torch, cpu_dtype())  # as serve picks it
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     app = Flask("naive")
 
     @app.get("/ping")

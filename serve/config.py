@@ -48,7 +48,7 @@ class ServeConfig:
     workers: int = 0  # 0 = auto: one per GPU when the model fits on one, else one (spanning all GPUs)
     timeout: int = 55  # seconds a request may wait for its answer: inside InvokeEndpoint's 60 s
     stream_timeout: int = 120  # seconds a streamed answer may run
-    dtype: str = "auto"  # auto: the checkpoint's own 16-bit type on GPUs, bf16 on the CPU
+    dtype: str = "auto"  # auto: the checkpoint's own 16-bit type on GPUs; bf16 on a CPU that has it, else fp32
     quantize: str = ""
     max_input_tokens: int = 0  # 0 = from serving.json
     max_total_tokens: int = 0  # 0 = from serving.json: the engine's max model length

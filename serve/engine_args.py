@@ -11,6 +11,7 @@ import json
 import os
 
 from container.config import ConfigError
+from container.cpu_features import cpu_dtype
 from container.model_dir import ADAPTER_DIR, ServingSpec, resolve_base
 from serve.adapters import MODEL_ADAPTER, adapter_rank
 from serve.config import LORA_RANKS, REGISTERED_LORA_RANK, REGISTERED_LORAS, ServeConfig
@@ -31,11 +32,12 @@ def engine_arguments(config: ServeConfig, spec: ServingSpec, lora_rank: int) -> 
     cpu = not _cuda_available()
     adapter_only = spec.weights == "adapter"
     max_total = model_length(config, spec)
+    dtype = (cpu_dtype() if cpu else "auto") if config.dtype == "auto" else config.dtype
     arguments = {
         "model": resolve_base(spec.base_model) if adapter_only else str(config.model_dir),
         "tokenizer": str(config.model_dir),
         "served_model_name": "llm-twin",
-        "dtype": ("bfloat16" if cpu else "auto") if config.dtype == "auto" else config.dtype,
+        "dtype": dtype,
         "max_model_len": max_total or None,
         "enable_prefix_caching": config.prefix_caching,
         "enforce_eager": cpu or not config.cuda_graphs,  # no CUDA graphs on the CPU; and a 25 s start, not 2 min
@@ -56,7 +58,7 @@ def engine_arguments(config: ServeConfig, spec: ServingSpec, lora_rank: int) -> 
     model_config = os.path.join(arguments["model"], "config.json")
     if (config.max_batch_total_tokens or cpu) and os.path.isfile(model_config):  # else vLLM sizes it from GPU memory
         arguments["kv_cache_memory_bytes"] = kv_cache_bytes(model_config, config.max_batch_total_tokens, max_total,
-                                                            config.max_batch_size)
+                                                            config.max_batch_size, 4 if dtype == "float32" else 2)
     if config.quantize:
         arguments["quantization"] = "bitsandbytes" if config.quantize.startswith("bitsandbytes") else config.quantize
     if lora_wanted(config, spec):
@@ -105,17 +107,17 @@ def max_lora_rank(config: ServeConfig, spec: ServingSpec) -> int:
     return next(r for r in LORA_RANKS if r >= largest)
 
 
-def kv_cache_bytes(model_config: str, total_tokens: int, max_total: int, max_seqs: int) -> int:
+def kv_cache_bytes(model_config: str, total_tokens: int, max_total: int, max_seqs: int, element_bytes: int) -> int:
     """KV cache size: MAX_BATCH_TOTAL_TOKENS when set (TGI's meaning: tokens the whole batch may hold);
     else, on the CPU, what a full batch of full-length sequences needs, capped at a share of the host's
-    available memory."""
+    available memory. `element_bytes`: the cache holds the model's dtype, 2 bytes or float32's 4."""
     with open(model_config, encoding="utf-8") as f:
         model_config = json.load(f)
     layers = model_config.get("num_hidden_layers", 32)
     heads = model_config.get("num_attention_heads", 32)
     kv_heads = model_config.get("num_key_value_heads") or heads
     head_dim = model_config.get("head_dim") or model_config.get("hidden_size", 4096) // heads
-    bytes_per_token = 2 * layers * kv_heads * head_dim * 2  # keys and values, 16-bit
+    bytes_per_token = 2 * layers * kv_heads * head_dim * element_bytes  # keys and values
     if total_tokens:
         return total_tokens * bytes_per_token
     wanted = (max_total or 4096) * (max_seqs or 256) * bytes_per_token

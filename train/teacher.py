@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from container.cpu_features import cpu_dtype
 from train.data import read_jsonl, write_jsonl
 from train.instructions import Teacher, backtranslate
 
@@ -90,7 +91,7 @@ class VllmEngine:
 
         cpu = not torch.cuda.is_available()
         arguments = dict(model=teacher.source, revision=teacher.revision, trust_remote_code=teacher.trust_remote_code,
-                         dtype="bfloat16" if cpu else "auto", enforce_eager=cpu, load_format="safetensors", seed=0,
+                         dtype=cpu_dtype() if cpu else "auto", enforce_eager=cpu, load_format="safetensors", seed=0,
                          max_model_len=min(max_model_len, _model_max_length(teacher) or max_model_len),
                          enable_prefix_caching=False, disable_log_stats=True)
         if cpu:

@@ -25,9 +25,12 @@ def served(tmp_path, tiny_model):
     return tmp_path / "model"
 
 
-def test_cpu_defaults_use_every_core_bf16_prefix_caching_and_a_sized_kv_cache(served):
+@pytest.mark.parametrize("cpu_dtype", ["bfloat16", "float32"])
+def test_cpu_defaults_use_every_core_the_cpus_fast_dtype_prefix_caching_and_a_sized_kv_cache(served, monkeypatch,
+                                                                                            cpu_dtype):
+    monkeypatch.setattr("serve.engine_args.cpu_dtype", lambda: cpu_dtype)  # what container/cpu_features reads
     args, environment = arguments(served)
-    assert (args["model"], args["dtype"], args["max_model_len"]) == (str(served), "bfloat16", 512)
+    assert (args["model"], args["dtype"], args["max_model_len"]) == (str(served), cpu_dtype, 512)
     assert args["enable_prefix_caching"] and args["enforce_eager"] and not args["trust_remote_code"]
     assert args["load_format"] == "safetensors" and 2**28 <= args["kv_cache_memory_bytes"]
     assert environment["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
@@ -38,10 +41,12 @@ def test_tgi_variables_map_onto_the_scheduler_and_the_kv_cache(served):
                         MAX_TOTAL_TOKENS="256", PREFIX_CACHING="false", DTYPE="float32")
     config = json.loads((served / "config.json").read_text())
     per_token = (2 * config["num_hidden_layers"] * config["num_key_value_heads"]
-                 * (config["hidden_size"] // config["num_attention_heads"]) * 2)
+                 * (config["hidden_size"] // config["num_attention_heads"]) * 4)  # keys and values in float32
     assert (args["max_num_seqs"], args["max_num_batched_tokens"], args["max_model_len"]) == (8, 1024, 256)
     assert args["kv_cache_memory_bytes"] == 1000 * per_token
     assert not args["enable_prefix_caching"] and args["dtype"] == "float32"
+    bf16_args, _ = arguments(served, MAX_BATCH_TOTAL_TOKENS="1000", DTYPE="bfloat16")
+    assert bf16_args["kv_cache_memory_bytes"] == 500 * per_token
 
 
 def test_an_adapter_only_model_is_served_as_lora_on_its_base(tmp_path, tiny_model):
