@@ -13,7 +13,7 @@ from container.cpu_features import cpu_dtype
 
 def build(model_dir: str) -> Flask:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dtype = torch.bfloat16 if torch.cuda.is_available() else getattr(torch, cpu_dtype())  # as serve picks it
+    dtype = getattr(torch, cpu_dtype())  # it runs on the CPU: the type serve picks there
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     app = Flask("naive")
 
