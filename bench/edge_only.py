@@ -39,8 +39,8 @@ sys.path.insert(0, str(REPO))
 import aiohttp  # noqa: E402  (vLLM's own dependency)
 
 from bench.serve_throughput import (  # noqa: E402
-    ROWS, SAMPLINGS, SIDES, answer_text, baseline_against_itself, both_servers, cpu_seconds, only,
-    prompts, run_schedule, summary, targets, thread_switches)
+    ROWS, SAMPLINGS, SIDES, answer_text, baseline_against_itself, prompts, run_schedule, summary, targets)
+from bench.servers import both_servers, cpu_seconds, only, thread_switches  # noqa: E402
 from container.model_dir import ServingSpec  # noqa: E402
 from local_test.harness import process_tree  # noqa: E402
 from local_test.tiny_model import build_tiny_model  # noqa: E402

@@ -5,7 +5,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.serve_throughput import ROWS, SIDES, baseline_against_itself, only, schedule
+from bench.serve_throughput import ROWS, SIDES, baseline_against_itself, schedule
+from bench.servers import only
 
 
 def test_every_round_runs_every_row_once_and_the_rows_order_rotates():
