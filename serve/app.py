@@ -54,6 +54,7 @@ class Engine(Protocol):
     tests/unit/test_app.py's in-memory one."""
 
     limits: Limits
+    dtype: str  # the weights' type as the engine runs them, "torch.bfloat16" (TGI's /info says it so); DTYPE before
 
     @property
     def state(self) -> str:
@@ -177,7 +178,7 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
     @app.get("/info")
     def info():
         """TGI's /info, with the values this server enforces."""
-        return json_response(200, {"model_id": startup.spec.base_model, "model_dtype": config.dtype,
+        return json_response(200, {"model_id": startup.spec.base_model, "model_dtype": engine.dtype,
                            "model_device_type": "vllm", "max_input_tokens": engine.limits.max_input_tokens,
                            "max_total_tokens": engine.limits.max_total_tokens, "max_best_of": MAX_BEST_OF,
                            "max_stop_sequences": MAX_STOP_SEQUENCES, "max_top_n_tokens": MAX_TOP_N_TOKENS,

@@ -48,6 +48,7 @@ class VllmEngine:
         max_input_tokens = min(config.max_input_tokens or spec.max_input_tokens, max_total_tokens - 1)
         self.limits = translate.Limits(max_input_tokens, max_total_tokens, spec.max_new_tokens)
         self.admission = Admission(config.max_concurrent_requests)
+        self.dtype = config.dtype  # until vLLM has resolved "auto"
         self.tokenizer = None
         self.special_ids: set[int] = set()
         self.llm = None
@@ -72,8 +73,24 @@ class VllmEngine:
         self._thread.start()
 
     def shutdown(self) -> None:
-        if self.llm is not None:
-            self.llm.shutdown()
+        """Stop vLLM's engine processes. What runs on the engine loop (vLLM's output handler, our watch, a
+        request past the graceful timeout) is cancelled first: left running, the output handler finds its
+        engine gone and logs an EngineDeadError traceback for a normal stop."""
+        if self.llm is None:
+            return
+        if self._loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(self._cancel_tasks(), self._loop).result(timeout=10)
+            except (FutureTimeout, RuntimeError):  # a loop that cannot answer: the engine is stopped all the same
+                pass
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self.llm.shutdown()
+
+    async def _cancel_tasks(self) -> None:
+        tasks = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- HTTP threads ------------------------------------------------------------------------------
     def submit(self, request: GenerateRequest, wait: float = 0.0) -> Ticket:
@@ -175,6 +192,7 @@ class VllmEngine:
         os.environ.update(environment)  # read by vLLM's engine processes, which inherit it
         log.info("starting vLLM: %s", json.dumps(arguments, default=str))
         self.llm = self.loras.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**arguments))
+        self.dtype = str(self.llm.model_config.dtype)
         warmup = GenerateRequest("Hello", GenerateParams(max_new_tokens=2))
         ticket = Ticket(warmup, lambda succeeded: None)
         plan = translate.plan(warmup, self.tokenizer, self.limits, self.spec.chat_template_for_inputs)

@@ -34,6 +34,7 @@ class PredictEngine:
         self.limits = Limits(spec.max_input_tokens, spec.max_total_tokens, spec.max_new_tokens)
         self.admission = Admission(config.max_concurrent_requests)
         self.model = None
+        self.dtype = config.dtype  # a model_fn's model is the code's own: its type is not known here
         self._ready = threading.Event()
         self._lock = threading.Lock()
 
@@ -107,5 +108,6 @@ class PredictEngine:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(self.config.model_dir / ADAPTER_DIR)).merge_and_unload()
+        self.dtype = str(model.dtype)
         log.info("model ready for %s's predict_fn (transformers)", self.custom.path)
         return {"model": model.eval(), "tokenizer": tokenizer}

@@ -135,6 +135,7 @@ def test_the_books_deployment_by_hf_model_id_keeps_tgis_limits_refuses_overload_
         assert server.process.wait(timeout=60) == 0
     finally:
         output = server.stop()
+    assert "EngineDeadError" not in output and "output_handler failed" not in output  # a normal stop, said as one
     assert f"serving HF_MODEL_ID={tiny_model}" in output and "hf_book_secret" not in output
     frozen = int(re.search(r"model ready: .*; (\d+) objects frozen", output).group(1))
     assert frozen > 100_000  # the startup heap (vLLM, torch, the model) is out of the collector's reach

@@ -9,6 +9,7 @@ import time
 import pytest
 import requests
 
+from container.cpu_features import cpu_dtype
 from serve.schemas import ADAPTER_HEADER
 from tests.helpers import Server, sse_events, wait_for_ping
 
@@ -95,7 +96,9 @@ def test_adapter_components_register_answer_on_every_worker_and_unregister(adapt
     try:  # each request on a new connection: gunicorn hands them to both workers, and each must know both adapters
         alices, bobs = {ask("alice") for _ in range(8)}, {ask("bob") for _ in range(8)}
         assert len(alices) == 1 and len(bobs) == 1 and len({base, *alices, *bobs}) == 3, (base, alices, bobs)
-        assert requests.get(server.url + "/info", timeout=30).json()["adapters"] == ["alice", "bob", "dana", "sam"]
+        info = requests.get(server.url + "/info", timeout=30).json()
+        assert info["adapters"] == ["alice", "bob", "dana", "sam"]
+        assert info["model_dtype"] == f"torch.{cpu_dtype()}"  # DTYPE=auto as vLLM resolved it on this CPU
         assert requests.delete(server.url + "/adapters/alice", timeout=60).status_code == 200
         gone = server.invoke({"inputs": "x"}, headers={"Content-Type": "application/json", ADAPTER_HEADER: "alice"})
         assert gone.status_code == 422 and gone.json()["error"] == "unknown adapter 'alice'"

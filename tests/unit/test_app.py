@@ -37,6 +37,7 @@ class MemoryEngine:
         self.limits = Limits(max_input_tokens=50, max_total_tokens=80, default_max_new_tokens=16)
         self.admission = Admission(limit, exit_worker=lambda: None)
         self.state = "ready"
+        self.dtype = "torch.float32"
         self.hold = threading.Event()
         self.hold.set()
         self.fail_after: int | None = None
@@ -306,6 +307,7 @@ def test_info_models_metrics_and_execution_parameters(client, engine):
     info = client.get("/info").json
     assert (info["model_id"], info["max_input_tokens"], info["max_total_tokens"]) == ("tiny", 50, 80)
     assert info["adapters"] == ["dana"] and info["max_concurrent_requests"] == 128
+    assert info["model_dtype"] == "torch.float32"  # the engine's, not DTYPE's "auto"
     assert [m["id"] for m in client.get("/v1/models").json["data"]] == ["llm-twin", "dana"]
     post(client, {"inputs": "count me"})
     post(client, {"inputs": 5})
