@@ -32,6 +32,7 @@ def test_the_noise_floor_is_vllm_serve_against_itself_on_a_samplings_two_rows():
     runs = {"chat_greedy": [run(1, 300), run(1, 330)], "tgi_greedy": [run(9, 300), run(9, 300)],
             "chat_twin": [run(1, 200)]}
     assert baseline_against_itself(runs) == {"greedy": [1.0, 1.1]}  # twin has no TGI row: no floor
+    assert baseline_against_itself(runs, "ours") == {"greedy": [0.11, 0.11]}
 
 
 def test_only_the_server_measured_runs_and_none_lets_both_go_on():
