@@ -20,9 +20,10 @@ meanwhile. Both servers start once and stay up, the one not measured stopped (SI
 polls for work); every row runs `repeats` times on each, in rounds that take the rows in rotating order, who
 goes first alternating, because on a shared 2-core machine one run against the next varies by more than the
 edges differ. It prints per row the median tokens/s of both, the median ratio (target >= 1.0) and each run's,
-/ping p99 (target < 100 ms); the noise floor (`vllm serve` against itself on identical requests); the latency of
-one stream alone and of one-token requests one at a time (the edge's own cost); the start times; and the naive
-one-request-at-a-time server (bench/naive_server.py) for scale.
+/ping p99 (target < 100 ms); the noise floor (`vllm serve` against itself on identical requests) and our chat
+row over our TGI row (the same engine work through two dialects); the latency of one stream alone and of
+one-token requests one at a time (the edge's own cost); the start times; and the naive one-request-at-a-time
+server (bench/naive_server.py) for scale.
 """
 
 from __future__ import annotations
