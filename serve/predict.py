@@ -108,6 +108,6 @@ class PredictEngine:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(self.config.model_dir / ADAPTER_DIR)).merge_and_unload()
-        self.dtype = str(model.dtype)
+        self.dtype = str(getattr(model, "dtype", self.dtype))  # a transformers model has one
         log.info("model ready for %s's predict_fn (transformers)", self.custom.path)
         return {"model": model.eval(), "tokenizer": tokenizer}

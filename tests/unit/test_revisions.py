@@ -111,13 +111,15 @@ def test_predict_fn_loads_an_adapters_hub_base_at_the_commit_it_was_trained_on(t
 
     config, spec = adapter_model(tmp_path)
     loads = []
-    model = SimpleNamespace(eval=lambda: "the model", merge_and_unload=lambda: model)
+    model = SimpleNamespace(eval=lambda: "the model", merge_and_unload=lambda: model, dtype="torch.bfloat16")
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda source, **kwargs: "tokenizer")
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
                         lambda source, **kwargs: loads.append((source, kwargs)) or model)
     monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda base, folder: model)
     custom = CustomHandlers(tmp_path / "inference.py", {"predict_fn": lambda data, model: data})
-    assert PredictEngine(config, spec, custom)._load_model() == {"model": "the model", "tokenizer": "tokenizer"}
+    engine = PredictEngine(config, spec, custom)
+    assert engine._load_model() == {"model": "the model", "tokenizer": "tokenizer"}
+    assert engine.dtype == "torch.bfloat16"  # /info's model_dtype: the loaded model's
     assert loads[0][0] == "org/twin-base" and loads[0][1]["revision"] == SHA
 
 
