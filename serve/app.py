@@ -54,7 +54,7 @@ class Engine(Protocol):
     tests/unit/test_app.py's in-memory one."""
 
     limits: Limits
-    dtype: str  # the weights' type as the engine runs them, "torch.bfloat16" (TGI's /info says it so); DTYPE before
+    dtype: str  # the weights' type as the engine runs them ("torch.bfloat16", as TGI's /info); DTYPE's until loaded
 
     @property
     def state(self) -> str:

@@ -158,6 +158,8 @@ class VllmEngine:
         asyncio.set_event_loop(self._loop)
         try:
             self._loop.run_until_complete(self._load())
+        except asyncio.CancelledError:  # the worker stopped while the model loaded (shutdown)
+            return
         except Exception:
             log.exception("loading the model from %s failed", self.config.model_dir)
             os._exit(WORKER_BOOT_ERROR)
