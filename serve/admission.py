@@ -90,6 +90,7 @@ class Admission:
         self.failure: str | None = None  # set once by a fatal fault
         self._slots = threading.BoundedSemaphore(limit)
         self._owed = 0  # slots to keep when they come back, until the limit is down to its new value
+        self.admitted = 0  # requests holding a slot now (/metrics' in-flight gauge)
         self._lock = threading.Lock()
         self._in_flight: weakref.WeakSet = weakref.WeakSet()  # tickets a fatal fault must answer (under the lock)
         self._exit_worker = exit_worker  # gunicorn then starts a fresh worker
@@ -106,9 +107,12 @@ class Admission:
             raise EngineFailed(f"{self.failure} (this worker restarts)")
         if not (self._slots.acquire(timeout=wait) if wait > 0 else self._slots.acquire(blocking=False)):
             raise Overloaded(f"Model is overloaded: more than {self.limit} requests in flight")
+        with self._lock:
+            self.admitted += 1
 
     def release(self, succeeded: bool = False) -> None:
         with self._lock:
+            self.admitted -= 1
             if succeeded:
                 self._count_success()
             if self._owed:

@@ -64,6 +64,10 @@ class Engine(Protocol):
     def capacity(self) -> int:
         """Requests admitted at once now (lowered after an out-of-memory fault)."""
 
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet done."""
+
     def submit(self, request: GenerateRequest, wait: float = 0.0) -> Ticket:
         """Admit and start one generation; Overloaded when no slot frees up within `wait` seconds."""
 
@@ -216,7 +220,8 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
 
     @app.get("/metrics")
     def prometheus():
-        admission = f"# TYPE llm_twin_admission_limit gauge\nllm_twin_admission_limit {engine.capacity}\n"
+        admission = (f"# TYPE llm_twin_admission_limit gauge\nllm_twin_admission_limit {engine.capacity}\n"
+                     f"# TYPE llm_twin_requests_in_flight gauge\nllm_twin_requests_in_flight {engine.in_flight}\n")
         return Response(metrics.text() + admission, mimetype="text/plain; version=0.0.4")
 
     @app.post("/invocations")

@@ -69,6 +69,10 @@ class VllmEngine:
     def capacity(self) -> int:
         return self.admission.limit
 
+    @property
+    def in_flight(self) -> int:
+        return self.admission.admitted
+
     def start(self) -> None:
         self._thread.start()
 

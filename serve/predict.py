@@ -46,6 +46,10 @@ class PredictEngine:
     def capacity(self) -> int:
         return self.admission.limit
 
+    @property
+    def in_flight(self) -> int:
+        return self.admission.admitted
+
     def start(self) -> None:
         threading.Thread(target=self._load, name="engine", daemon=True).start()
 

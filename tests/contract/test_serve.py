@@ -5,11 +5,12 @@ import re
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from tests.helpers import BIN, Server
+from tests.helpers import BIN, Server, frozen
 
 LLM_TWIN_BODY = {"inputs": "\nYou are a content creator. Write what the user asked you to while using the provided "
                            "context as the primary source of information for the content.\n"
@@ -117,18 +118,20 @@ def test_the_books_deployment_by_hf_model_id_keeps_tgis_limits_refuses_overload_
         assert too_many.status_code == 422 and "must be <= 512" in too_many.json()["error"]
 
         slow = {"inputs": "Write a long post", "parameters": {"max_new_tokens": 480}, "stream": True}
-        for _ in range(3):  # the third request must arrive while both streams run: about 2.5 s here when idle
-            streams = [requests.post(server.url + "/invocations", json=slow, stream=True, timeout=60) for _ in range(2)]
-            events = [stream.iter_lines(decode_unicode=True) for stream in streams]
-            assert all(next(line for line in lines if line).startswith("data:") for lines in events)  # both admitted
+        pool = ThreadPoolExecutor(2)
+        with frozen(server.engines()):  # neither stream can end before the third request, however slow the machine
+            posts = [pool.submit(requests.post, server.url + "/invocations", json=slow, stream=True, timeout=120)
+                     for _ in range(2)]
+            admitted = in_flight(server, 2)
+            assert admitted == 2, f"{admitted} streams admitted within 60 s"
             started = time.perf_counter()
             refused = server.invoke({"inputs": "one more", "parameters": {"max_new_tokens": 2}})
-            if refused.status_code != 200:
-                break
-            for lines in events:  # a loaded machine let both streams end first (or admission admits a third)
-                list(lines)
+            refused_in = time.perf_counter() - started
         assert refused.status_code == 429 and refused.json()["error_type"] == "overloaded", refused.text
-        assert time.perf_counter() - started < 15.0  # at once (milliseconds when idle), not after a wait
+        assert refused_in < 15.0  # at once (milliseconds when idle), not after a wait
+        events = [post.result(timeout=120).iter_lines(decode_unicode=True) for post in posts]
+        assert all(next(line for line in lines if line).startswith("data:") for lines in events)
+        pool.shutdown()
         server.process.send_signal(signal.SIGTERM)  # SageMaker scaling in: finish what was accepted
         lasts = [json.loads([line for line in lines if line][-1].removeprefix("data:")) for lines in events]
         assert all(last["generated_text"] for last in lasts), lasts
@@ -137,8 +140,19 @@ def test_the_books_deployment_by_hf_model_id_keeps_tgis_limits_refuses_overload_
         output = server.stop()
     assert "EngineDeadError" not in output and "output_handler failed" not in output  # a normal stop, said as one
     assert f"serving HF_MODEL_ID={tiny_model}" in output and "hf_book_secret" not in output
-    frozen = int(re.search(r"model ready: .*; (\d+) objects frozen", output).group(1))
-    assert frozen > 100_000  # the startup heap (vLLM, torch, the model) is out of the collector's reach
+    frozen_objects = int(re.search(r"model ready: .*; (\d+) objects frozen", output).group(1))
+    assert frozen_objects > 100_000  # the startup heap (vLLM, torch, the model) is out of the collector's reach
+
+
+def in_flight(server: Server, wanted: int, timeout: float = 60) -> int:
+    """The server's admitted requests (its /metrics gauge) once they are `wanted`, or at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = requests.get(server.url + "/metrics", timeout=30).text
+        count = int(re.search(r"^llm_twin_requests_in_flight (\d+)$", metrics, re.M).group(1))
+        if count == wanted or time.monotonic() > deadline:
+            return count
+        time.sleep(0.1)
 
 
 def test_hf_model_id_that_cannot_be_downloaded_is_named_and_the_token_never_printed(tmp_path):

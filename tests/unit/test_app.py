@@ -49,6 +49,10 @@ class MemoryEngine:
     def capacity(self) -> int:
         return self.admission.limit
 
+    @property
+    def in_flight(self) -> int:
+        return self.admission.admitted
+
     def submit(self, request, wait=0.0):
         ticket = self.admission.ticket(request, wait)
         words = (request.messages[-1]["content"] if request.messages else request.inputs).split()
@@ -242,10 +246,12 @@ def test_admission_refuses_at_once_past_its_limit_and_frees_the_slot_when_the_an
     refused = post(client, {"inputs": "one more"})
     assert refused.status_code == 429 and refused.json["error_type"] == "overloaded"
     assert "more than 4 requests in flight" in refused.json["error"]
+    assert "llm_twin_requests_in_flight 4\n" in client.get("/metrics").get_data(as_text=True)
     engine.hold.set()
     for thread in waiting:
         thread.join(timeout=10)
     assert [r.status_code for r in results] == [200] * 4
+    assert "llm_twin_requests_in_flight 0\n" in client.get("/metrics").get_data(as_text=True)
     assert post(client, {"inputs": "now"}).status_code == 200
 
 

@@ -68,9 +68,12 @@ def test_admission_halved_by_an_out_of_memory_climbs_back_as_requests_succeed():
     request = GenerateRequest("hi", GenerateParams())
     tickets = [admission.ticket(request) for _ in range(8)]
     admission.fault(torch.OutOfMemoryError("CUDA out of memory"), "generation")
+    assert admission.admitted == 8
     for ticket in tickets:  # all eight were in flight: four of their slots are kept back as they return
         ticket.emit("error", RuntimeError("failed"))
+    assert admission.admitted == 0  # none in flight, whatever the slots kept back
     held = [admission.ticket(request) for _ in range(4)]
+    assert admission.admitted == 4
     with pytest.raises(Overloaded):
         admission.ticket(request)
     for ticket in held:  # four successes in a row at a limit of four: an eighth of the start's 8 comes back
@@ -86,3 +89,4 @@ def test_admission_halved_by_an_out_of_memory_climbs_back_as_requests_succeed():
     assert admission.limit == 8  # never above the start's
     with pytest.raises(Overloaded):
         admission.ticket(request)
+    assert admission.admitted == 8  # a refusal takes no slot
