@@ -118,20 +118,19 @@ def test_the_books_deployment_by_hf_model_id_keeps_tgis_limits_refuses_overload_
         assert too_many.status_code == 422 and "must be <= 512" in too_many.json()["error"]
 
         slow = {"inputs": "Write a long post", "parameters": {"max_new_tokens": 480}, "stream": True}
-        pool = ThreadPoolExecutor(2)
-        with frozen(server.engines()):  # neither stream can end before the third request, however slow the machine
-            posts = [pool.submit(requests.post, server.url + "/invocations", json=slow, stream=True, timeout=120)
-                     for _ in range(2)]
-            admitted = in_flight(server, 2)
-            assert admitted == 2, f"{admitted} streams admitted within 60 s"
-            started = time.perf_counter()
-            refused = server.invoke({"inputs": "one more", "parameters": {"max_new_tokens": 2}})
-            refused_in = time.perf_counter() - started
+        with ThreadPoolExecutor(2) as pool:
+            with frozen(server.engines()):  # neither stream can end before the third request, however slow the machine
+                posts = [pool.submit(requests.post, server.url + "/invocations", json=slow, stream=True, timeout=120)
+                         for _ in range(2)]
+                admitted = in_flight(server, 2)
+                assert admitted == 2, f"{admitted} streams admitted within 60 s"
+                started = time.perf_counter()
+                refused = server.invoke({"inputs": "one more", "parameters": {"max_new_tokens": 2}})
+                refused_in = time.perf_counter() - started
+            events = [post.result(timeout=120).iter_lines(decode_unicode=True) for post in posts]
         assert refused.status_code == 429 and refused.json()["error_type"] == "overloaded", refused.text
         assert refused_in < 15.0  # at once (milliseconds when idle), not after a wait
-        events = [post.result(timeout=120).iter_lines(decode_unicode=True) for post in posts]
         assert all(next(line for line in lines if line).startswith("data:") for lines in events)
-        pool.shutdown()
         server.process.send_signal(signal.SIGTERM)  # SageMaker scaling in: finish what was accepted
         lasts = [json.loads([line for line in lines if line][-1].removeprefix("data:")) for lines in events]
         assert all(last["generated_text"] for last in lasts), lasts
