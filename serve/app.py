@@ -55,6 +55,7 @@ class Engine(Protocol):
 
     limits: Limits
     dtype: str  # the weights' type as the engine runs them ("torch.bfloat16", as TGI's /info); DTYPE's until loaded
+    device_type: str  # where they run: "cuda" or "cpu" (TGI's /info), "unknown" until loaded
 
     @property
     def state(self) -> str:
@@ -183,7 +184,7 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
     def info():
         """TGI's /info, with the values this server enforces."""
         return json_response(200, {"model_id": startup.spec.base_model, "model_dtype": engine.dtype,
-                           "model_device_type": "vllm", "max_input_tokens": engine.limits.max_input_tokens,
+                           "model_device_type": engine.device_type, "max_input_tokens": engine.limits.max_input_tokens,
                            "max_total_tokens": engine.limits.max_total_tokens, "max_best_of": MAX_BEST_OF,
                            "max_stop_sequences": MAX_STOP_SEQUENCES, "max_top_n_tokens": MAX_TOP_N_TOKENS,
                            "max_concurrent_requests": config.max_concurrent_requests,

@@ -49,6 +49,7 @@ class VllmEngine:
         self.limits = translate.Limits(max_input_tokens, max_total_tokens, spec.max_new_tokens)
         self.admission = Admission(config.max_concurrent_requests)
         self.dtype = config.dtype  # until vLLM has resolved "auto"
+        self.device_type = "unknown"  # until vLLM has chosen its platform
         self.tokenizer = None
         self.special_ids: set[int] = set()
         self.llm = None
@@ -199,6 +200,7 @@ class VllmEngine:
         log.info("starting vLLM: %s", json.dumps(arguments, default=str))
         self.llm = self.loras.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**arguments))
         self.dtype = str(self.llm.model_config.dtype)
+        self.device_type = self.llm.vllm_config.device_config.device_type  # "cuda" or "cpu", TGI's /info values
         warmup = GenerateRequest("Hello", GenerateParams(max_new_tokens=2))
         ticket = Ticket(warmup, lambda succeeded: None)
         plan = translate.plan(warmup, self.tokenizer, self.limits, self.spec.chat_template_for_inputs)

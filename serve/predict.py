@@ -35,6 +35,7 @@ class PredictEngine:
         self.admission = Admission(config.max_concurrent_requests)
         self.model = None
         self.dtype = config.dtype  # a model_fn's model is the code's own: its type is not known here
+        self.device_type = "unknown"  # nor its device
         self._ready = threading.Event()
         self._lock = threading.Lock()
 
@@ -99,6 +100,7 @@ class PredictEngine:
             model = self.custom["model_fn"](str(self.config.model_dir))
             log.info("model ready from %s's model_fn", self.custom.path)
             return model
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer  # plain transformers, for predict_fn only
 
         trust = self.config.trust_remote_code
@@ -106,12 +108,14 @@ class PredictEngine:
         adapter_only = self.spec.weights == "adapter"
         source = resolve_base(self.spec.base_model) if adapter_only else self.config.model_dir
         revision = self.spec.base_model_revision if adapter_only else None  # a hub base: its trained-on commit
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # as the toolkits' default model_fn: the GPU if any
         model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", use_safetensors=True, revision=revision,
-                                                     trust_remote_code=trust)
+                                                     device_map=device, trust_remote_code=trust)
         if adapter_only:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(self.config.model_dir / ADAPTER_DIR)).merge_and_unload()
         self.dtype = str(getattr(model, "dtype", self.dtype))  # a transformers model has one
+        self.device_type = device
         log.info("model ready for %s's predict_fn (transformers)", self.custom.path)
         return {"model": model.eval(), "tokenizer": tokenizer}

@@ -3,6 +3,8 @@
 import shutil
 import subprocess
 
+import requests
+
 from tests.helpers import BIN
 
 WRAPPING_HANDLERS = '''
@@ -28,6 +30,14 @@ def predict_fn(data, model, context):
     if data.get("fail"):
         raise ValueError("asked to fail")
     return {"echo": data["text"][::-1] + model["suffix"]}
+'''
+
+BUILT_IN_MODEL = '''
+def predict_fn(data, model):
+    tokenizer, model = model["tokenizer"], model["model"]
+    ids = tokenizer(data["text"], return_tensors="pt").to(model.device)
+    out = model.generate(**ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    return {"new_tokens": out.shape[1] - ids["input_ids"].shape[1], "device": model.device.type}
 '''
 
 
@@ -63,3 +73,15 @@ def test_model_fn_without_predict_fn_is_refused_at_start(tmp_path):
     result = subprocess.run([str(BIN / "serve")], env={"SAGEMAKER_BASE_DIR": str(tmp_path), "PATH": str(BIN)},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "model_fn without predict_fn" in result.stderr
+
+
+def test_predict_fn_alone_gets_the_model_dirs_transformers_model_on_the_instances_device(
+        tmp_path, tiny_served_model, serve_tree):
+    root = tmp_path / "tree"
+    shutil.copytree(tiny_served_model, root)
+    (root / "model" / "code").mkdir()
+    (root / "model" / "code" / "inference.py").write_text(BUILT_IN_MODEL)
+    server = serve_tree(root)
+    assert server.invoke({"text": "Write about evals"}).json() == {"new_tokens": 3, "device": "cpu"}
+    info = requests.get(server.url + "/info", timeout=30).json()
+    assert (info["model_dtype"], info["model_device_type"]) == ("torch.float32", "cpu")  # the loaded model's

@@ -99,6 +99,7 @@ def test_adapter_components_register_answer_on_every_worker_and_unregister(adapt
         info = requests.get(server.url + "/info", timeout=30).json()
         assert info["adapters"] == ["alice", "bob", "dana", "sam"]
         assert info["model_dtype"] == f"torch.{cpu_dtype()}"  # DTYPE=auto as vLLM resolved it on this CPU
+        assert info["model_device_type"] == "cpu"  # vLLM's platform, as TGI says it
         assert requests.delete(server.url + "/adapters/alice", timeout=60).status_code == 200
         gone = server.invoke({"inputs": "x"}, headers={"Content-Type": "application/json", ADAPTER_HEADER: "alice"})
         assert gone.status_code == 422 and gone.json()["error"] == "unknown adapter 'alice'"

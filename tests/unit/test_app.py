@@ -38,6 +38,7 @@ class MemoryEngine:
         self.admission = Admission(limit, exit_worker=lambda: None)
         self.state = "ready"
         self.dtype = "torch.float32"
+        self.device_type = "cpu"
         self.hold = threading.Event()
         self.hold.set()
         self.fail_after: int | None = None
@@ -313,7 +314,7 @@ def test_info_models_metrics_and_execution_parameters(client, engine):
     info = client.get("/info").json
     assert (info["model_id"], info["max_input_tokens"], info["max_total_tokens"]) == ("tiny", 50, 80)
     assert info["adapters"] == ["dana"] and info["max_concurrent_requests"] == 128
-    assert info["model_dtype"] == "torch.float32"  # the engine's, not DTYPE's "auto"
+    assert (info["model_dtype"], info["model_device_type"]) == ("torch.float32", "cpu")  # the engine's, not DTYPE's
     assert [m["id"] for m in client.get("/v1/models").json["data"]] == ["llm-twin", "dana"]
     post(client, {"inputs": "count me"})
     post(client, {"inputs": 5})
