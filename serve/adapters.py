@@ -53,16 +53,13 @@ log = logging.getLogger(__name__)
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # matched whole (fullmatch)
 FIRST_REGISTERED_ID = 1 << 20  # vLLM's adapter ids: fixed adapters take 1..N, registered ones are above
 MODEL_ADAPTER = "model"  # the name of an adapter-only model directory's own adapter
-RESERVED_NAMES = (MODEL_NAME, MODEL_ADAPTER)  # the served model's names: a registration cannot take them
+RESERVED_NAMES = (*NEUTRAL_MODELS, MODEL_ADAPTER)  # the served model's names: no adapter may take them
 DEFAULT_RANK = 16  # peft's LoraConfig default, for an adapter_config.json that names no rank
 # What SageMaker's adapter inference component calls the adapter: AWS's library names it in its answers to
 # POST and DELETE /adapters ("Adapter {alias} registered"); it never chooses an adapter for a request.
 ALIAS_HEADER = "X-Amzn-SageMaker-Adapter-Alias"
 REGISTRATION_FIELDS = {"name": str, "src": str, "preload": bool, "pin": bool}  # AWS's, with their defaults below
 LIST_LIMIT = 100  # GET /adapters' page, AWS's SageMakerListLoRAAdaptersRequest default
-# OpenAI `model` values that mean the served model itself: ours, TGI's docs' "tgi", and the "dummy" that
-# huggingface_hub's InferenceClient sends to a URL.
-SERVED_MODELS = (*NEUTRAL_MODELS, "dummy")
 
 
 @dataclass(frozen=True)
@@ -144,9 +141,7 @@ class Adapters:
         or the model directory's own adapter, or none. A name that is no adapter here is a 422, never the
         base model's answer: on an endpoint that serves adapters, an OpenAI `model` is one of them or the
         served model's own name."""
-        name = request.params.adapter_id
-        if name is None and request.model not in (None, *SERVED_MODELS) and self.serves_adapters:
-            name = request.model
+        name = self.requested(request)
         if name is None:
             return self.fixed.get(MODEL_ADAPTER)
         adapter = self.find(name)
@@ -156,6 +151,15 @@ class Adapters:
                                       f"{MODEL_NAME!r} for the model itself")
             raise ValidationError(f"unknown adapter {name!r}")
         return adapter
+
+    def requested(self, request: GenerateRequest) -> str | None:
+        """The adapter name a request gives: TGI's adapter_id (where SageMaker's header puts its own), else an
+        OpenAI `model` that is not the served model's own name, on an endpoint that serves adapters."""
+        if request.params.adapter_id is not None:
+            return request.params.adapter_id
+        if request.model not in (None, *NEUTRAL_MODELS) and self.serves_adapters:
+            return request.model
+        return None
 
     @property
     def serves_adapters(self) -> bool:

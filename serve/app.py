@@ -108,7 +108,7 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
         generate_request = bind_to_adapter_header(generate_request, adapter)
         if session_id is None:
             return generate_request, None
-        turn = _sessions(sessions).turn(session_id, generate_request)
+        turn = _sessions(sessions).turn(session_id, generate_request, adapters.requested(generate_request) or "")
         return turn.request, turn
 
     def session_request(body: dict, adapter: str | None, session_id: str | None) -> tuple[dict, dict]:
@@ -136,7 +136,7 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
         try:
             check_ready()
             body = parse_json(data.encode() if isinstance(data, str) else data)
-            session_id = headers.get(SESSION_HEADER) or connection.get("session")
+            session_id = connection.get("session", headers.get(SESSION_HEADER))  # one opened here, else the upgrade's
             if isinstance(body, dict) and "requestType" in body:
                 payload, _ = session_request(body, headers.get(ADAPTER_HEADER), session_id)
                 connection["session"] = None if payload.get("closed") else payload["session_id"]
@@ -232,6 +232,9 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
         if startup.custom is not None:
             return _custom(engine, startup.custom, config.timeout)
         if request.mimetype in JSONLINES_TYPES:
+            if request.headers.get(SESSION_HEADER):
+                raise BadRequest("a session's turn is one JSON request: JSON Lines are not recorded in a session "
+                                 f"(drop the {SESSION_HEADER} header, or send one request)")
             in_flight = engine.capacity if config.batch else max(1, engine.capacity // REALTIME_JSONLINES_SHARE)
             return answer_lines(engine, request.get_data(cache=False), request.headers.get(ADAPTER_HEADER),
                                 config.timeout, in_flight)
@@ -248,7 +251,7 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
         check_ready()
         connections.take()
         try:
-            headers, connection = request.headers, {"session": None}  # the upgrade's, for the connection's life
+            headers, connection = request.headers, {}  # the upgrade's, for the connection's life
             return bidirectional.serve(request.environ, MAX_BODY_BYTES,
                                        lambda data, send: message(data, send, headers, connection),
                                        client_left=lambda: metrics.count(499))

@@ -18,6 +18,7 @@ from typing import Mapping
 from container.config import ConfigError, coerce
 from container.opt_ml import (MODEL_SERVER_TIMEOUT_ENV, MODEL_SERVER_WORKERS_ENV, SESSIONS_EXPIRATION_ENV,
                               SESSIONS_PATH_ENV, STATEFUL_SESSIONS_ENV, OptML, serving_port)
+from serve.adapters import RESERVED_NAMES
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 # TGI's values. `bitsandbytes` is TGI's 8-bit: vLLM quantizes in flight only to 4-bit, so it is refused
@@ -176,6 +177,9 @@ class ServeConfig:
             raise ConfigError(f"MAX_LORA_RANK={config.max_lora_rank} is not a rank vLLM accepts: use one of "
                               f"{', '.join(map(str, LORA_RANKS))}")
         for name, path in config.adapters.items():
+            if name in RESERVED_NAMES:
+                raise ConfigError(f"LORA_ADAPTERS: {name!r} names the served model itself: give the adapter another "
+                                  f"name (none of {', '.join(RESERVED_NAMES)})")
             if not Path(path).is_dir():
                 raise ConfigError(f"LORA_ADAPTERS: adapter {name!r} is not a folder: {path} (hub ids are not "
                                   "downloaded at serve time; put the adapter in the model directory or the image)")

@@ -23,8 +23,9 @@ from serve.errors import Forbidden, ValidationError
 
 MODEL_NAME = "llm-twin"  # the served model's name in OpenAI's answers and /v1/models
 ADAPTER_HEADER = "X-Amzn-SageMaker-Adapter-Identifier"  # inference components' adapter (LoRA) selection
-# What OpenAI-style clients send as `model` when they mean "whatever this endpoint serves" (TGI's docs use "tgi").
-NEUTRAL_MODELS = (MODEL_NAME, "tgi")
+# What OpenAI-style clients send as `model` when they mean "whatever this endpoint serves": ours, TGI's docs'
+# "tgi", and the "dummy" that huggingface_hub's InferenceClient sends to a URL.
+NEUTRAL_MODELS = (MODEL_NAME, "tgi", "dummy")
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_N_TOKENS = 5  # TGI's default limit
 MAX_BEST_OF = 4  # TGI's default limit

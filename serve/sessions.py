@@ -10,10 +10,14 @@ AWS's model-hosting-container-standards library.
 
 Every gunicorn worker of the instance sees every session: they live in a folder the workers share (under
 /dev/shm unless SAGEMAKER_SESSIONS_PATH says), one JSON file per session written whole by rename, and a
-lock file that a turn holds while it runs, so a session has one turn at a time (a second gets 409). A
+lock file that a turn holds while it runs, so a session has one turn at a time (a second gets 409); the lock
+file's modification time is the session's expiry, so counting the open sessions reads no conversation. What
+changes the set of sessions (opening one, which counts them first; closing; recording a turn, which must not
+bring back a session closed meanwhile) holds the folder's own lock, so MAX_SESSIONS holds across workers. A
 worker that dies loses only its turn in flight (its answer is not recorded: the client sends that turn
 again) and its KV cache (the next turn's prompt is computed again, with the same answer). A session
-expires SAGEMAKER_SESSIONS_EXPIRATION seconds after it opened, as its Expires said.
+expires SAGEMAKER_SESSIONS_EXPIRATION seconds after it opened, as its Expires said. A full folder refuses
+the turn or the opening (429), leaving nothing half-written.
 
 Isolation: an id is 122 random bits, checked against its exact shape before it names a file; a session is
 bound to the adapter (inference component) that opened it, and asked for from another one it is as
@@ -25,9 +29,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from dataclasses import replace
@@ -41,6 +47,8 @@ NEW_SESSION_HEADER = "X-Amzn-SageMaker-New-Session-Id"
 CLOSED_SESSION_HEADER = "X-Amzn-SageMaker-Closed-Session-Id"
 NEW_SESSION, CLOSE = "NEW_SESSION", "CLOSE"
 SESSION_ID_CHARS = set("0123456789abcdef-")
+FOLDER_LOCK = ".sessions-lock"  # held while the set of sessions changes
+STAGING_GRACE = 300.0  # seconds after which a staging file nobody renamed is a dead worker's, and swept
 
 
 @dataclass(frozen=True)
@@ -68,9 +76,10 @@ class Turn:
     def answered(self, text: str) -> None:
         """Record the turn and its answer, and let the next turn in."""
         try:
-            if self.sessions.path(self.session.id).exists():  # not closed or expired meanwhile
-                messages = (*self.session.messages, *self.new_messages, {"role": "assistant", "content": text})
-                self.sessions.write(Session(self.session.id, self.session.adapter, self.session.expires, messages))
+            with self.sessions.folder_lock():
+                if self.sessions.path(self.session.id).exists():  # not closed or expired meanwhile
+                    messages = (*self.session.messages, *self.new_messages, {"role": "assistant", "content": text})
+                    self.sessions.write(replace(self.session, messages=messages))
         finally:
             self.release()
 
@@ -94,24 +103,40 @@ class Sessions:
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
         return Path(tempfile.mkdtemp(prefix="llm-twin-sessions-", dir=shm))
 
+    @staticmethod
+    def room_warning(folder: Path, max_sessions: int, max_bytes: int) -> str | None:
+        """What to say at start when the folder cannot hold the most the sessions may take."""
+        most, free = max_sessions * max_bytes, shutil.disk_usage(folder).free
+        if most <= free:
+            return None
+        return (f"sessions may take up to {most / 2**20:.0f} MiB (MAX_SESSIONS={max_sessions} x MAX_SESSION_BYTES="
+                f"{max_bytes}) and their folder has {free / 2**20:.0f} MiB free (in /dev/shm, vLLM's shared memory "
+                "too): past that a turn or an opening gets 429. Lower them, or set SAGEMAKER_SESSIONS_PATH")
+
     def path(self, session_id: str) -> Path:
         return self.folder / f"{session_id}.json"
 
     def open(self, adapter: str) -> Session:
         """A new session, after the expired ones are swept; 429 when the instance holds its maximum."""
-        open_now = self._sweep()
-        if open_now >= self.max_sessions:
-            raise Overloaded(f"this instance holds its maximum of {self.max_sessions} open sessions "
-                             "(MAX_SESSIONS): close one, or try again after sessions expire")
-        session = Session(str(uuid.uuid4()), adapter, self.clock() + self.ttl)
-        (self.folder / f"{session.id}.lock").touch()
-        self.write(session)
+        with self.folder_lock():
+            if self._sweep() >= self.max_sessions:
+                raise Overloaded(f"this instance holds its maximum of {self.max_sessions} open sessions "
+                                 "(MAX_SESSIONS): close one, or try again after sessions expire")
+            session = Session(str(uuid.uuid4()), adapter, self.clock() + self.ttl)
+            lock = self.folder / f"{session.id}.lock"
+            try:
+                lock.touch()
+                os.utime(lock, (session.expires, session.expires))  # what _sweep reads
+                self.write(session)
+            except BaseException:
+                self._remove(session.id)
+                raise
         return session
 
-    def turn(self, session_id: str, request: GenerateRequest) -> Turn:
-        """`request` as the next turn of the session, which is locked for it: 400 when the session is unknown,
-        expired or another adapter's; 409 while another turn of it runs; 422 for a request that cannot be a turn."""
-        adapter = request.params.adapter_id or ""
+    def turn(self, session_id: str, request: GenerateRequest, adapter: str) -> Turn:
+        """`request`, for `adapter` ("" for none), as the next turn of the session, which is locked for it: 400
+        when the session is unknown, expired or another adapter's; 409 while another turn of it runs; 422 for a
+        request that cannot be a turn."""
         new_messages = _new_messages(request)
         session = self.find(session_id, adapter)
         try:
@@ -137,7 +162,8 @@ class Sessions:
     def close(self, session_id: str, adapter: str) -> None:
         """End a session (a turn still running is not waited for: its answer is not recorded)."""
         session = self.find(session_id, adapter)
-        self._remove(session.id)
+        with self.folder_lock():
+            self._remove(session.id)
 
     def find(self, session_id: str, adapter: str) -> Session:
         if not _valid_id(session_id):
@@ -150,7 +176,8 @@ class Sessions:
         if entry is None or entry["adapter"] != adapter:
             raise _not_found(session_id)
         if entry["expires"] <= self.clock():
-            self._remove(session_id)
+            with self.folder_lock():
+                self._remove(session_id)
             raise BadRequest(f"session {session_id} expired at {Session(session_id, '', entry['expires']).expires_at}"
                              ': open a new one with {"requestType": "NEW_SESSION"}')
         return Session(session_id, entry["adapter"], entry["expires"], tuple(entry["messages"]))
@@ -163,24 +190,49 @@ class Sessions:
                                   f"{self.max_bytes} (MAX_SESSION_BYTES): close it and open a new one")
 
     def write(self, session: Session) -> None:
+        """The session's file, replaced whole; a folder that is full (or failing) is a 429, and leaves nothing."""
         entry = {"adapter": session.adapter, "expires": session.expires, "messages": list(session.messages)}
-        descriptor, staging = tempfile.mkstemp(dir=self.folder, prefix=f".{session.id}.", suffix=".tmp")
-        with os.fdopen(descriptor, "w", encoding="utf-8") as f:
-            json.dump(entry, f)
-        os.replace(staging, self.path(session.id))
+        staging = None
+        try:
+            descriptor, staging = tempfile.mkstemp(dir=self.folder, prefix=f".{session.id}.", suffix=".tmp")
+            with os.fdopen(descriptor, "w", encoding="utf-8") as f:
+                json.dump(entry, f)
+            os.replace(staging, self.path(session.id))
+        except OSError as e:
+            if staging is not None:
+                Path(staging).unlink(missing_ok=True)
+            raise Overloaded(f"this instance cannot store its sessions now ({e.strerror}): close sessions, or try "
+                             "again after some expire") from None
+
+    @contextmanager
+    def folder_lock(self):
+        """The instance's lock on its set of sessions (every worker's threads included: one descriptor each)."""
+        descriptor = os.open(self.folder / FOLDER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)
 
     def _sweep(self) -> int:
-        """Remove expired sessions; the number still open."""
+        """Remove expired sessions, and staging files that a dead worker left; the number still open. Reads
+        each session's expiry from its lock file's time (no conversation is read), under the folder lock."""
         now, open_now = self.clock(), 0
-        for path in self.folder.glob("*.json"):
+        for lock in self.folder.glob("*.lock"):
             try:
-                expires = json.loads(path.read_text(encoding="utf-8"))["expires"]
-            except (FileNotFoundError, ValueError):  # closed meanwhile, or being replaced
+                expires = lock.stat().st_mtime
+            except FileNotFoundError:  # expired and removed by a turn that found it so
                 continue
             if expires <= now:
-                self._remove(path.stem)
+                self._remove(lock.stem)
             else:
                 open_now += 1
+        for staging in self.folder.glob(".*.tmp"):
+            try:
+                if staging.stat().st_mtime < time.time() - STAGING_GRACE:
+                    staging.unlink()
+            except FileNotFoundError:  # renamed meanwhile
+                continue
         return open_now
 
     def _remove(self, session_id: str) -> None:

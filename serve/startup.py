@@ -76,6 +76,9 @@ def prepare(environ: Mapping[str, str] = os.environ) -> Startup:
         raise ConfigError("SAGEMAKER_ENABLE_STATEFUL_SESSIONS is for the built-in request path: code/inference.py "
                           "handles its requests itself (keep its state there, or remove it)")
     sessions = Sessions.create_folder(config.sessions_path) if config.stateful_sessions else None
+    if sessions is not None and (warning := Sessions.room_warning(sessions, config.max_sessions,
+                                                                  config.max_session_bytes)):
+        print(f"serve: {warning}", flush=True)
     return Startup(config, spec, custom, placement, gpus, fixed_adapters=fixed_adapters(config, spec) if lora else {},
                    lora_rank=lora_rank, adapter_registry=registry, session_folder=sessions)
 

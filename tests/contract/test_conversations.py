@@ -90,8 +90,9 @@ def test_session_requests_that_cannot_be_served_are_4xx(server):
     assert several.status_code == 422 and "one answer" in several.json()["error"]
 
 
-def bidirectional(server):
-    return connect(f"ws://127.0.0.1:{server.port}/invocations-bidirectional-stream", open_timeout=60)
+def bidirectional(server, **headers):
+    return connect(f"ws://127.0.0.1:{server.port}/invocations-bidirectional-stream", open_timeout=60,
+                   additional_headers=headers)
 
 
 def receive_answer(websocket, last, binary: bool = False) -> list:
@@ -143,7 +144,8 @@ def test_bidirectional_stream_answers_many_turns_in_each_dialect(server):
 
 
 def test_bidirectional_stream_keeps_a_session_and_leaving_aborts_the_generation(server):
-    with bidirectional(server) as websocket:
+    upgrades = open_session(server)  # named by the upgrade request: the connection's session until it opens one
+    with bidirectional(server, **{SESSION_HEADER: upgrades}) as websocket:
         websocket.send(json.dumps({"requestType": "NEW_SESSION"}))
         session_id = json.loads(websocket.recv(timeout=60))["session_id"]
         websocket.send(json.dumps({"inputs": "My name is Ada.", "parameters": {"max_new_tokens": 3}}))
@@ -155,11 +157,13 @@ def test_bidirectional_stream_keeps_a_session_and_leaving_aborts_the_generation(
         assert "My name is Ada." in "".join(token["text"] for token in answer["details"]["prefill"])
         websocket.send(json.dumps({"requestType": "CLOSE"}))
         assert json.loads(websocket.recv(timeout=60)) == {"session_id": session_id, "closed": True}
+    untouched = server.invoke({"inputs": "Name?", "parameters": {"max_new_tokens": 2, "details": True,
+                                                                 "decoder_input_details": True}},
+                              headers={**JSON, SESSION_HEADER: upgrades}).json()[0]
+    assert "Ada" not in "".join(token["text"] for token in untouched["details"]["prefill"])
 
     def gone() -> int:
-        metrics = requests.get(server.url + "/metrics", timeout=30).text
-        found = re.search(r'llm_twin_responses_total\{status="499"\} (\d+)', metrics)
-        return int(found.group(1)) if found else 0
+        return metric(server, r'llm_twin_responses_total\{status="499"\}')
 
     before, engines = gone(), server.engines()
     for _ in range(3):
@@ -176,6 +180,41 @@ def test_bidirectional_stream_keeps_a_session_and_leaving_aborts_the_generation(
     deadline = time.monotonic() + 60
     while gone() == before:  # noticed at its next message: the generation is given up
         assert time.monotonic() < deadline, f"the server never noticed the client had left; it had sent {first}"
+        time.sleep(0.2)
+
+
+def test_leaving_during_a_plain_answer_aborts_it_and_records_nothing_in_its_session(server):
+    """A plain answer sends nothing until it is whole: the server notices the connection closing meanwhile."""
+    before, engines = metric(server, r'llm_twin_responses_total\{status="499"\}'), server.engines()
+    with bidirectional(server) as websocket:
+        websocket.send(json.dumps({"requestType": "NEW_SESSION"}))
+        session_id = json.loads(websocket.recv(timeout=60))["session_id"]
+        with frozen(engines):  # the answer cannot end before the client leaves, however slow the machine
+            websocket.send(json.dumps({"inputs": "Remember the word heliotrope.", "stream": False,
+                                       "parameters": {"max_new_tokens": 400}}))
+            wait_until(lambda: metric(server, "llm_twin_requests_in_flight") == 1, "the turn was never admitted")
+            websocket.socket.shutdown(socket.SHUT_RDWR)  # gone, without a closing handshake
+            wait_until(lambda: metric(server, r'llm_twin_responses_total\{status="499"\}') == before + 1,
+                       "the server never noticed the client had left")
+            assert metric(server, "llm_twin_requests_in_flight") == 0  # given up while the engine was frozen
+    turn = server.invoke({"inputs": "Which word?", "parameters": {"max_new_tokens": 2, "details": True,
+                                                                  "decoder_input_details": True}},
+                         headers={**JSON, SESSION_HEADER: session_id})
+    assert turn.status_code == 200, turn.text  # the left turn's lock was let go
+    prompt = "".join(token["text"] for token in turn.json()[0]["details"]["prefill"])
+    assert "Which word?" in prompt and "heliotrope" not in prompt  # and its answer never recorded
+
+
+def metric(server, name: str) -> int:
+    """A counter or gauge of the server's /metrics (0 when it has no such line yet); `name` is a regex."""
+    found = re.search(rf"^{name} (\d+)$", requests.get(server.url + "/metrics", timeout=30).text, re.M)
+    return int(found.group(1)) if found else 0
+
+
+def wait_until(condition, failure: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, failure
         time.sleep(0.2)
 
 

@@ -96,6 +96,8 @@ def test_a_twin_model_directory_is_an_adapter_through_its_adapter_folder(tmp_pat
     ("ok", "{root}/no/such/folder", ValidationError, "holds no adapter_config.json"),
     ("llm-twin", "/x", BadRequest, "adapter name 'llm-twin' is reserved"),
     ("model", "/x", BadRequest, "adapter name 'model' is reserved"),
+    ("tgi", "/x", BadRequest, "adapter name 'tgi' is reserved"),  # a request naming it means the model itself
+    ("dummy", "/x", BadRequest, "adapter name 'dummy' is reserved"),
 ])
 def test_bad_registrations_say_what_is_wrong(tmp_path, name, src, error, message):
     with pytest.raises(error, match=message):

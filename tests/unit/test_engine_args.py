@@ -66,6 +66,8 @@ def test_quantize_takes_tgis_names_and_refuses_8_bit(served):
         arguments(served, QUANTIZE="bitsandbytes")
     with pytest.raises(ConfigError, match="LORA_ADAPTERS: adapter 'x' is not a folder"):
         arguments(served, LORA_ADAPTERS="x=/nowhere")
+    with pytest.raises(ConfigError, match="LORA_ADAPTERS: 'tgi' names the served model itself"):
+        arguments(served, LORA_ADAPTERS=f"tgi={served}")
 
 
 def test_batch_transform_parameters_stay_within_sagemakers_100_mb_and_honour_its_variables():

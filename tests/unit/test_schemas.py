@@ -114,3 +114,6 @@ def test_completions_use_the_raw_prompt_and_the_adapter_header_picks_an_adapter(
     assert parse_request({"inputs": "x"}, adapter_header="dana").params.adapter_id == "dana"
     with pytest.raises(Forbidden, match="set by SageMaker's X-Amzn-SageMaker-Adapter-Identifier header"):
         parse_request({"inputs": "x", "parameters": {"adapter_id": "sam"}}, adapter_header="dana")
+    for served in ("llm-twin", "tgi", "dummy"):  # the served model's names (huggingface_hub sends "dummy")
+        chat = {"messages": [{"role": "user", "content": "x"}], "model": served}
+        assert parse_request(chat, adapter_header="dana").params.adapter_id == "dana"

@@ -3,8 +3,11 @@ test client against tests/unit/test_app.py's in-memory engine. Real gunicorn + v
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -14,7 +17,7 @@ from serve.app import create_app
 from serve.errors import BadRequest, Conflict, Overloaded, ValidationError
 from serve.schemas import ADAPTER_HEADER, GenerateParams, GenerateRequest
 from serve.sessions import CLOSED_SESSION_HEADER, NEW_SESSION_HEADER, SESSION_HEADER, Sessions
-from tests.unit.test_app import MemoryEngine, post, startup, test_client, wait_until
+from tests.unit.test_app import JSONLINES, MemoryEngine, post, startup, test_client, wait_until
 
 
 class Clock:
@@ -41,10 +44,10 @@ def ask(text: str, adapter: str | None = None) -> GenerateRequest:
 
 def test_a_turn_sees_the_conversation_so_far_and_records_its_answer(sessions):
     session = sessions.open("")
-    turn = sessions.turn(session.id, ask("Hello"))
+    turn = sessions.turn(session.id, ask("Hello"), "")
     assert turn.request.conversation == [{"role": "user", "content": "Hello"}]
     turn.answered("Hi there")
-    turn = sessions.turn(session.id, ask("And you?"))
+    turn = sessions.turn(session.id, ask("And you?"), "")
     assert turn.request.conversation == [{"role": "user", "content": "Hello"},
                                          {"role": "assistant", "content": "Hi there"},
                                          {"role": "user", "content": "And you?"}]
@@ -55,21 +58,21 @@ def test_a_turn_sees_the_conversation_so_far_and_records_its_answer(sessions):
 
 def test_one_turn_at_a_time_and_a_second_store_sees_the_same_sessions(sessions, tmp_path, clock):
     session = sessions.open("")
-    running = sessions.turn(session.id, ask("Hello"))
+    running = sessions.turn(session.id, ask("Hello"), "")
     other_worker = Sessions(tmp_path, ttl=60, max_sessions=3, max_bytes=2000, clock=clock)
     with pytest.raises(Conflict, match="another turn of this session is still running"):
-        other_worker.turn(session.id, ask("Hello again"))
+        other_worker.turn(session.id, ask("Hello again"), "")
     running.answered("Hi")
-    other_worker.turn(session.id, ask("Hello again")).answered("Hi again")
+    other_worker.turn(session.id, ask("Hello again"), "").answered("Hi again")
     assert len(sessions.find(session.id, "").messages) == 4
 
 
 def test_sessions_expire_are_bounded_and_are_each_adapters_own(sessions, clock):
     alice = sessions.open("alice")
     with pytest.raises(BadRequest) as other:
-        sessions.turn(alice.id, ask("Hi", adapter="bob"))
+        sessions.turn(alice.id, ask("Hi", adapter="bob"), "bob")
     with pytest.raises(BadRequest) as unknown:
-        sessions.turn("00000000-0000-4000-8000-000000000000", ask("Hi", adapter="bob"))
+        sessions.turn("00000000-0000-4000-8000-000000000000", ask("Hi", adapter="bob"), "bob")
     assert str(other.value).replace(alice.id, "ID") == str(unknown.value).replace(
         "00000000-0000-4000-8000-000000000000", "ID")  # another adapter's session is as unknown as none
     with pytest.raises(BadRequest, match="not a session id this endpoint gave"):
@@ -80,7 +83,7 @@ def test_sessions_expire_are_bounded_and_are_each_adapters_own(sessions, clock):
         sessions.open("")
     clock.now += 61
     with pytest.raises(BadRequest, match="expired at"):
-        sessions.turn(alice.id, ask("Hi", adapter="alice"))
+        sessions.turn(alice.id, ask("Hi", adapter="alice"), "alice")
     sessions.open("")  # the expired ones were swept: room again
     assert len(list(sessions.folder.glob("*.json"))) == 1
 
@@ -88,13 +91,74 @@ def test_sessions_expire_are_bounded_and_are_each_adapters_own(sessions, clock):
 def test_a_conversation_is_bounded_in_size_and_a_turn_is_one_chat_answer(sessions):
     session = sessions.open("")
     with pytest.raises(ValidationError, match="would be .* bytes, over this endpoint's 2000"):
-        sessions.turn(session.id, ask("word " * 500))
+        sessions.turn(session.id, ask("word " * 500), "")
     several = GenerateRequest("Hi", GenerateParams(best_of=2))
     with pytest.raises(ValidationError, match="one answer"):
-        sessions.turn(session.id, several)
+        sessions.turn(session.id, several, "")
     with pytest.raises(ValidationError, match="not a completion"):
-        sessions.turn(session.id, GenerateRequest("Hi", GenerateParams(), completion=True))
-    sessions.turn(session.id, ask("Hi")).answered("Hello")  # the lock was not kept by the refusals
+        sessions.turn(session.id, GenerateRequest("Hi", GenerateParams(), completion=True), "")
+    sessions.turn(session.id, ask("Hi"), "").answered("Hello")  # the lock was not kept by the refusals
+
+
+def test_the_maximum_holds_when_workers_open_sessions_at_once(tmp_path, clock):
+    workers = [Sessions(tmp_path, ttl=60, max_sessions=5, max_bytes=2000, clock=clock) for _ in range(8)]
+    start, outcomes = threading.Barrier(8), []
+
+    def open_one(store):
+        start.wait()
+        try:
+            outcomes.append(store.open("").id)
+        except Overloaded:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=open_one, args=(store,)) for store in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert outcomes.count("refused") == 3 and len(list(tmp_path.glob("*.json"))) == 5
+
+
+def test_a_full_folder_refuses_the_turn_and_leaves_the_session_as_it_was(sessions, monkeypatch):
+    session = sessions.open("")
+    sessions.turn(session.id, ask("Hello"), "").answered("Hi")
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("serve.sessions.json.dump", no_space)
+    turn = sessions.turn(session.id, ask("And you?"), "")
+    with pytest.raises(Overloaded, match=r"cannot store its sessions now \(No space left on device\)"):
+        turn.answered("Fine")
+    with pytest.raises(Overloaded, match="No space left on device"):
+        sessions.open("")
+    assert sorted(p.name for p in sessions.folder.iterdir() if p.name != ".sessions-lock") == [
+        f"{session.id}.json", f"{session.id}.lock"]  # no staging file, no half-opened session
+    monkeypatch.undo()
+    assert "past that a turn or an opening gets 429" in Sessions.room_warning(sessions.folder, 10, 2**60)
+    assert Sessions.room_warning(sessions.folder, 3, 2000) is None
+    assert [m["content"] for m in sessions.find(session.id, "").messages] == ["Hello", "Hi"]
+    sessions.turn(session.id, ask("And you?"), "").answered("Fine")  # the refused turn let its lock go
+
+
+def test_a_closed_session_stays_closed_and_the_sweep_reads_no_conversation(sessions, clock):
+    running_session, other = sessions.open(""), sessions.open("")
+    running = sessions.turn(running_session.id, ask("Hello"), "")
+    sessions.close(running_session.id, "")
+    running.answered("Hi")  # its session was closed meanwhile: not brought back
+    with pytest.raises(BadRequest, match="session not found"):
+        sessions.find(running_session.id, "")
+    sessions.path(other.id).write_text("{not json")  # the count comes from the lock files' times
+    left = sessions.folder / ".dead-worker.tmp"
+    left.write_text("half")
+    os.utime(left, (time.time() - 3600, time.time() - 3600))
+    sessions.open(""), sessions.open("")  # with `other`, three: the closed one is not counted
+    with pytest.raises(Overloaded, match="maximum of 3"):
+        sessions.open("")
+    assert not left.exists()  # a staging file nobody renamed for an hour was swept
+    clock.now += 61
+    sessions.open("")  # the two expired, the corrupt one too
+    assert len(list(sessions.folder.glob("*.lock"))) == 1
 
 
 @pytest.fixture
@@ -141,6 +205,12 @@ def test_a_session_is_bound_to_its_adapter_and_a_body_cannot_move_it(client):
     assert by_body.status_code == 403
     own = post(client, {"inputs": "hi"}, headers={SESSION_HEADER: session_id, ADAPTER_HEADER: "dana"})
     assert own.status_code == 200
+    base_session = new_session(client)  # without the header, OpenAI's model names the adapter: not this session's
+    moved = post(client, {"messages": [{"role": "user", "content": "hi"}], "model": "dana"},
+                 headers={SESSION_HEADER: base_session})
+    assert moved.status_code == 400 and "session not found" in moved.json["error"]
+    lines = client.post("/invocations", data=b'{"inputs": "hi"}\n', headers={**JSONLINES, SESSION_HEADER: base_session})
+    assert lines.status_code == 400 and "JSON Lines are not recorded in a session" in lines.json["error"]
 
 
 def test_a_second_turn_while_one_runs_is_409_and_a_failed_turn_records_nothing(client, engine, tmp_path):
