@@ -142,9 +142,15 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
                 connection["session"] = None if payload.get("closed") else payload["session_id"]
                 send(payload)
                 return
-            if isinstance(body, dict) and "stream" not in body:
-                body = {**body, "stream": True}
-            generate_request, turn = prepare(parse_request(body), headers.get(ADAPTER_HEADER), session_id)
+            implied = isinstance(body, dict) and "stream" not in body
+            try:
+                parsed = parse_request({**body, "stream": True} if implied else body)
+            except ValidationError as e:
+                if implied and "'stream'" in e.message:  # the client never said stream: say where it came from
+                    raise ValidationError(f'{e.message} (a WebSocket message streams unless it says "stream": '
+                                          "false)") from None
+                raise
+            generate_request, turn = prepare(parsed, headers.get(ADAPTER_HEADER), session_id)
             send_answer(engine, generate_request, config.stream_timeout, metrics, turn, send)
         except ServeError as e:
             metrics.count(e.status)
@@ -324,11 +330,17 @@ def _custom(engine: Engine, custom: CustomHandlers, timeout: float) -> Response:
             raise ValidationError("'stream' is not available with custom input_fn/output_fn")
         prediction = response_payload(generate, engine.submit(generate).result(timeout))
     if "output_fn" not in custom:
-        return json_response(200, prediction)
+        try:
+            return Response(json.dumps(prediction, allow_nan=False), status=200, mimetype="application/json")
+        except (TypeError, ValueError) as e:  # a set, a tensor, NaN...: not a JSON body
+            raise GenerationError(f"predict_fn's result is not JSON ({type(e).__name__}: {e}): return lists, "
+                                  "dicts, strings and numbers, or define output_fn") from None
     try:
         body = custom["output_fn"](prediction, accept)
     except Exception as e:
         raise GenerationError(f"output_fn failed: {type(e).__name__}: {e}") from None
+    if not isinstance(body, (str, bytes, bytearray)):
+        raise GenerationError(f"output_fn returned {type(body).__name__}: it must return the body, str or bytes")
     return Response(body, status=200, mimetype=accept, headers={"X-Content-Type-Options": "nosniff"})
 
 

@@ -44,7 +44,7 @@ def stream(request: GenerateRequest, events: Iterable[tuple[str, object]]) -> It
         yield first
     for kind, payload in events:
         if kind == "token":
-            chunk = chunks.token(payload["token"])
+            chunk = chunks.token(payload["token"], payload["top_tokens"])
             if chunk is not None:
                 yield chunk
         elif kind == "done":
@@ -52,29 +52,40 @@ def stream(request: GenerateRequest, events: Iterable[tuple[str, object]]) -> It
 
 
 class Chunks:
-    """A stream's chunks: the first (the role), one per token text, the last (finish_reason and usage)."""
+    """A stream's chunks: the first (the role), one per token text, the last (finish_reason and usage). With
+    logprobs, each chunk has an entry for every token since the previous chunk: a token without text of its
+    own (a piece of a character, a special token) goes with the next chunk, as in the whole answer."""
 
     def __init__(self, request: GenerateRequest):
         self.request = request
         self.ident = f"{'cmpl' if request.completion else 'chatcmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self._entries: list[dict] = []  # logprob entries not yet sent
 
     def first(self) -> dict | None:
         return None if self.request.completion else self._chunk({"role": "assistant", "content": ""})
 
-    def token(self, token: dict) -> dict | None:
+    def token(self, token: dict, top: list[dict] | None) -> dict | None:
+        if self.request.params.logprobs:
+            self._entries.append(_entry(token, top or []))
         if not token["text"]:
             return None
         if self.request.completion:
             return self._chunk({"text": token["text"]})
-        return self._chunk({"role": "assistant", "content": token["text"]},
-                           logprobs=_logprobs_of([token]) if self.request.params.logprobs else None)
+        return self._chunk({"role": "assistant", "content": token["text"]}, logprobs=self._logprobs())
 
     def last(self, result: GenerateResult) -> dict:
         finish = FINISH[result.finish_reason]
-        body = self._chunk({"text": ""} if self.request.completion else {"role": "assistant"}, finish)
+        body = self._chunk({"text": ""} if self.request.completion else {"role": "assistant"}, finish,
+                           logprobs=self._logprobs() if self._entries else None)
         body["usage"] = usage(result)
         return body
+
+    def _logprobs(self) -> dict | None:
+        if not self.request.params.logprobs:
+            return None
+        entries, self._entries = self._entries, []
+        return {"content": entries}
 
     def _chunk(self, delta: dict, finish: str | None = None, logprobs=None) -> dict:
         kind = "text_completion" if self.request.completion else "chat.completion.chunk"
@@ -98,10 +109,6 @@ def _envelope(prefix: str, kind: str, request: GenerateRequest, choices: list, u
 def _logprobs(sequence: Sequence) -> dict:
     tops = sequence.top_tokens or [[] for _ in sequence.tokens]
     return {"content": [_entry(token, top) for token, top in zip(sequence.tokens, tops)]}
-
-
-def _logprobs_of(tokens: list[dict]) -> dict:
-    return {"content": [_entry(token, []) for token in tokens]}
 
 
 def _entry(token: dict, top: list[dict]) -> dict:

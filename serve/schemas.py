@@ -114,6 +114,8 @@ def parse_request(body: object, adapter_header: str | None = None) -> GenerateRe
     """Route on the body's keys, as TGI does: `messages` → chat, otherwise TGI generate. SageMaker's
     adapter header, when present, decides the adapter (bind_to_adapter_header)."""
     if isinstance(body, dict) and "messages" in body:
+        if "inputs" in body:
+            raise ValidationError("send TGI's 'inputs' or OpenAI chat's 'messages', not both")
         request = parse_chat(body)
     else:
         request = parse_generate(body)
@@ -142,9 +144,12 @@ def parse_generate(body: object) -> GenerateRequest:
     if not isinstance(body, dict):
         raise ValidationError(f"request body must be a JSON object, got {_json_type(body)}")
     unknown = sorted(set(body) - {"inputs", "parameters", "stream"})
+    if "messages" in unknown:
+        raise ValidationError("TGI's generate takes 'inputs', not 'messages': a chat goes to /v1/chat/completions "
+                              "or /invocations")
     if unknown:
         raise ValidationError(f"unknown field '{unknown[0]}': did you mean "
-                              f"'{nearest(unknown[0], ('inputs', 'parameters', 'stream', 'messages'))}'?")
+                              f"'{nearest(unknown[0], ('inputs', 'parameters', 'stream'))}'?")
     if "inputs" not in body:
         raise ValidationError("missing field 'inputs' (the prompt string), or 'messages' for a chat completion")
     inputs = body["inputs"]
@@ -179,8 +184,8 @@ def parse_chat(body: dict) -> GenerateRequest:
     if not isinstance(messages, list) or not messages:
         raise ValidationError("'messages' must be a non-empty array of {role, content} objects")
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise ValidationError(f"messages[{i}] must be an object with a string 'content'")
+        if not isinstance(message, dict) or not isinstance(message.get("content"), (str, list)):
+            raise ValidationError(f"messages[{i}] must be an object with a 'content' string or array of text parts")
         if message.get("role") not in ("system", "user", "assistant"):
             raise ValidationError(f"messages[{i}].role must be system, user or assistant, got {message.get('role')!r}")
     for key in _CHAT_UNSUPPORTED:
@@ -188,6 +193,14 @@ def parse_chat(body: dict) -> GenerateRequest:
             raise ValidationError(f"'{key}' is not supported by this server")
     values = {k: v for k, v in body.items() if v is not None}
     stream = _flag(body, "stream")
+    if values.get("user") is not None and not isinstance(values["user"], str):
+        raise ValidationError(f"'user' must be a string, got {_json_type(values['user'])}")
+    options = values.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}
+                                or not isinstance(options.get("include_usage", False), bool)):
+        raise ValidationError("'stream_options' must be {\"include_usage\": true | false}")
+    if options is not None and not stream:
+        raise ValidationError("'stream_options' is only allowed when 'stream' is true")
     n = _number(values, "n", int, minimum=1, maximum=MAX_BEST_OF) or 1
     if stream and n > 1:
         raise ValidationError("'n' > 1 is not supported when 'stream' is true")
@@ -207,12 +220,27 @@ def parse_chat(body: dict) -> GenerateRequest:
     presence = _number(values, "presence_penalty", float, minimum=-2.0, maximum=2.0)
     params = _replace(params, best_of=n, logprobs=logprobs, presence_penalty=presence,
                       grammar=_response_format(values.get("response_format")))
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    messages = [{"role": m["role"], "content": _text(i, m["content"])} for i, m in enumerate(messages)]
     last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     model = values.get("model")
     if model is not None and not isinstance(model, str):
         raise ValidationError(f"'model' must be a string, got {_json_type(model)}")
     return GenerateRequest(inputs=last_user, params=params, stream=stream, messages=messages, model=model)
+
+
+def _text(index: int, content: str | list) -> str:
+    """A message's content: a string, or OpenAI's and TGI's array of parts, of which this server reads text
+    parts only (joined by newlines, as vLLM joins them)."""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else _json_type(part)
+            raise ValidationError(f"messages[{index}].content: only text parts {{\"type\": \"text\", \"text\": "
+                                  f"...}} are served by this text model, got {str(kind)[:40]!r}")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def parse_completion(body: object) -> GenerateRequest:
@@ -230,7 +258,7 @@ def parse_completion(body: object) -> GenerateRequest:
             raise ValidationError(f"'{key}' is not supported by this server")
     if body.get("echo") not in (None, False):
         raise ValidationError("'echo' is not supported by this server")
-    chat_like = {k: v for k, v in body.items() if k in _CHAT_FIELDS}
+    chat_like = {k: v for k, v in body.items() if k in _CHAT_FIELDS and k != "logprobs"}  # a number here: 0
     request = parse_chat({**chat_like, "messages": [{"role": "user", "content": prompt}]})
     return GenerateRequest(prompt, request.params, request.stream, None, request.model, completion=True)
 
@@ -295,18 +323,21 @@ def _pattern(pattern: str) -> str:
 
 
 def _response_format(raw: object) -> Grammar | None:
-    """OpenAI's response_format: {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}."""
+    """A chat's response_format, OpenAI's ({"type": "text" | "json_object"}, {"type": "json_schema",
+    "json_schema": {"name": ..., "schema": {...}}}) or TGI's (its grammar: {"type": "json" | "json_object" |
+    "regex", "value": ...})."""
     if raw is None:
         return None
     kind = raw.get("type") if isinstance(raw, dict) else None
-    if kind == "text":
+    if kind == "text" and set(raw) == {"type"}:
         return None
-    if kind == "json_object":
-        return Grammar("json", None)
-    if kind == "json_schema" and isinstance(raw.get("json_schema"), dict):
+    if kind in ("json", "json_object", "regex") and set(raw) <= {"type", "value"}:
+        return _grammar(raw) if "value" in raw else Grammar("json", None)  # no value: any JSON object
+    if kind == "json_schema" and set(raw) == {"type", "json_schema"} and isinstance(raw["json_schema"], dict):
         return Grammar("json", _schema(raw["json_schema"].get("schema")))
-    raise ValidationError("'response_format' must be {\"type\": \"text\" | \"json_object\"} or "
-                          "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}")
+    raise ValidationError("'response_format' must be {\"type\": \"text\" | \"json_object\"}, {\"type\": "
+                          "\"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}, or TGI's {\"type\": "
+                          "\"json\" | \"regex\", \"value\": ...}")
 
 
 def _schema(value: object):

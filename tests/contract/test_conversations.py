@@ -132,6 +132,9 @@ def test_bidirectional_stream_answers_many_turns_in_each_dialect(server):
         websocket.send("{not json")  # a bad message is answered, and the connection stays open
         error = json.loads(websocket.recv(timeout=60))
         assert error["error_type"] == "bad_request" and "not valid JSON" in error["error"]
+        websocket.send(json.dumps({"messages": [{"role": "user", "content": "Hi"}], "n": 2}))  # can't stream
+        error = json.loads(websocket.recv(timeout=60))["error"]
+        assert error.startswith("'n' > 1 is not supported") and 'streams unless it says "stream": false' in error
 
         chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
         websocket.send(json.dumps(chat).encode())  # binary in, binary out

@@ -145,6 +145,14 @@ def test_openai_sdk_chat_and_completions(server):
     two = client.chat.completions.create(model="llm-twin", messages=messages, max_tokens=3, n=2, logprobs=True,
                                          top_logprobs=2)
     assert len(two.choices) == 2 and two.choices[0].logprobs.content[0].top_logprobs
+    chunks = list(client.chat.completions.create(model="llm-twin", messages=messages, max_tokens=4, temperature=0,
+                                                 stream=True, logprobs=True, top_logprobs=2))
+    entries = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert len(entries) == chunks[-1].usage.completion_tokens == 4  # one per token, as the whole answer has
+    assert all(len(entry.top_logprobs) == 2 for entry in entries)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Write about evals"}]}]  # text parts, as SDKs send
+    as_parts = client.chat.completions.create(model="llm-twin", messages=parts, max_tokens=6, temperature=0, seed=1)
+    assert as_parts.choices[0].message.content == whole.choices[0].message.content
     completion = client.completions.create(model="llm-twin", prompt="Once upon a time", max_tokens=5, temperature=0)
     assert completion.choices[0].text and completion.usage.completion_tokens == 5
     assert [m.id for m in client.models.list()] == ["llm-twin"]

@@ -407,3 +407,25 @@ def test_custom_input_and_output_fn_wrap_the_built_in_generation(engine, tmp_pat
     for accept in ("text/html,application/xhtml+xml", "*/*;q=0.8,text/html", "nonsense", "a/b; x=<script>"):
         refused = client.post("/invocations", data="one", content_type="text/plain", headers={"Accept": accept})
         assert refused.status_code == 406 and refused.json["error_type"] == "not_acceptable", accept
+
+
+def test_custom_results_that_are_no_body_are_a_424_saying_what_was_returned(tmp_path):
+    class Predicting(MemoryEngine):
+        def predict(self, data):
+            return {"set": {1, 2}, "nan": float("nan"), "dict": {"ok": True}}[data["give"]]
+
+    def ask(client, give):
+        return client.post("/invocations", json={"give": give})
+
+    predict_only = CustomHandlers(tmp_path / "inference.py", {"predict_fn": None})
+    client = create_app(Predicting(), Adapters({}), startup(tmp_path, predict_only)).test_client()
+    assert ask(client, "dict").json == {"ok": True}
+    for give, why in (("set", "TypeError: Object of type set"), ("nan", "ValueError: Out of range float")):
+        refused = ask(client, give)
+        assert refused.status_code == 424
+        assert refused.json["error"].startswith(f"predict_fn's result is not JSON ({why}")
+    as_is = CustomHandlers(tmp_path / "inference.py", {"predict_fn": None, "output_fn": lambda p, accept: p})
+    client = create_app(Predicting(), Adapters({}), startup(tmp_path, as_is)).test_client()
+    refused = ask(client, "dict")
+    assert refused.status_code == 424 and refused.json["error"] == ("output_fn returned dict: it must return the "
+                                                                    "body, str or bytes")

@@ -64,6 +64,15 @@ def test_stop_sequences_is_an_alias_of_stop():
     ({"messages": [{"role": "user", "content": "x"}], "max_tokenz": 2},
      "unknown field 'max_tokenz': did you mean 'max_tokens'"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "'temperature' must be <= 2.0"),
+    ({"inputs": "x", "messages": [{"role": "user", "content": "x"}]}, "'inputs' or OpenAI chat's 'messages', not both"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "only text parts .* got 'image_url'"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream_options": 5}, "'stream_options' must be"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}},
+     "only allowed when 'stream' is true"),
+    ({"messages": [{"role": "user", "content": "x"}], "user": 5}, "'user' must be a string"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object", "schema": {}}},
+     "'response_format' must be"),  # OpenAI's json_object has no schema; TGI's says `value`
 ])
 def test_invalid_requests_are_validation_errors_naming_the_field(body, message):
     with pytest.raises(ValidationError, match=message):
@@ -89,6 +98,25 @@ def test_neutral_values_of_every_tgi_parameter_are_accepted():
     request = parse_generate({"inputs": "x", "parameters": TGI_CLIENT_PARAMETERS, "stream": False})
     assert request.params.max_new_tokens == 20 and not request.params.sampling and request.params.best_of == 1
     assert parse_generate({"inputs": "x", "parameters": {"typical_p": 1.0, "watermark": False}}).params.best_of == 1
+
+
+def test_chat_takes_text_parts_tgis_response_formats_and_generate_says_where_a_chat_goes():
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]
+    assert parse_request({"messages": [{"role": "user", "content": parts}]}).messages == [
+        {"role": "user", "content": "Hello\nthere"}]
+    schema = {"type": "object", "properties": {"unit": {"type": "string"}}, "required": ["unit"]}
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    for response_format, grammar in (({"type": "json_object", "value": schema}, ("json", schema)),  # TGI's docs
+                                     ({"type": "json", "value": schema}, ("json", schema)),
+                                     ({"type": "regex", "value": "[0-9]+"}, ("regex", "[0-9]+")),
+                                     ({"type": "json_object"}, ("json", None)),  # OpenAI's: any JSON object
+                                     ({"type": "json_schema", "json_schema": {"name": "w", "schema": schema}},
+                                      ("json", schema))):
+        parsed = parse_request({**chat, "response_format": response_format}).params.grammar
+        assert (parsed.kind, parsed.value) == grammar, response_format
+    with pytest.raises(ValidationError, match="TGI's generate takes 'inputs', not 'messages'"):
+        parse_generate({"inputs": "x", "messages": []})
+    assert parse_completion({"prompt": "Once", "logprobs": 0}).completion  # OpenAI's integer, 0: none
 
 
 def test_grammar_best_of_and_top_n_tokens_parse():

@@ -151,3 +151,22 @@ def test_a_prompt_that_cannot_fit_is_refused_before_the_template_and_the_tokeniz
     truncated = translate.plan(parse_generate({"inputs": "one two " * 10**5, "parameters": {"truncate": 4}}),
                                tokenizer, limits, False)  # cut to its last characters, then to 4 tokens
     assert tokenizer.decode(truncated.prompt_ids).strip().endswith("one two")
+
+
+def test_a_streamed_chat_carries_every_tokens_logprob_and_top_logprobs_as_the_whole_answer_does(tokenizer):
+    from serve import openai
+
+    body = {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": 2, "stream": True}
+    streamed = plan(tokenizer, body, parse=parse_chat)
+    sequence, events = translate.SequenceOutput(), []
+    tops = [{5: logprob(-0.5, 1, "a"), 8: logprob(-1.5, 2, "b")}, {6: logprob(-0.7, 1, "c"), 9: logprob(-2.0, 2)}]
+    events += translate.add_output(sequence, output([5, 6], "ab", logprobs=tops), streamed, {0}, tokenizer.decode)
+    events += translate.add_output(sequence, output([7], "c", finish="length", logprobs=[{7: logprob(-0.1)}]),
+                                   streamed, {0}, tokenizer.decode)
+    result = translate.result(streamed, {0: sequence}, prefill=[])
+    chunks = list(openai.stream(parse_chat(body), [*(("token", e) for e in events), ("done", result)]))
+    entries = [entry for chunk in chunks if chunk["choices"][0]["logprobs"]
+               for entry in chunk["choices"][0]["logprobs"]["content"]]
+    assert [e["logprob"] for e in entries] == [-0.5, -0.7, -0.1] == [t["logprob"] for t in result.best.tokens]
+    assert [[t["token"] for t in e["top_logprobs"]] for e in entries[:2]] == [["a", "b"], ["c", ""]]
+    assert [c["choices"][0]["delta"].get("content") for c in chunks] == ["", "ab", "c", None]  # role, texts, last
