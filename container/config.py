@@ -18,6 +18,7 @@ import ast
 import dataclasses
 import difflib
 import json
+import math
 import re
 import typing
 from typing import Any, Mapping, TypeVar
@@ -66,12 +67,15 @@ def coerce(name: str, raw: str, kind: Any) -> Any:
         except ValueError:
             raise ConfigError(f"{name}={raw!r}: expected an integer") from None
     if kind is float:
-        if isinstance(decoded, (int, float)) and not isinstance(decoded, bool):
-            return float(decoded)
         try:
-            return float(str(decoded).strip())
-        except ValueError:
+            if isinstance(decoded, bool):
+                raise ValueError
+            number = float(decoded) if isinstance(decoded, (int, float)) else float(str(decoded).strip())
+        except (ValueError, OverflowError):  # OverflowError: an integer too large for a float
             raise ConfigError(f"{name}={raw!r}: expected a number") from None
+        if not math.isfinite(number):  # nan or inf would pass every range check and train a broken model
+            raise ConfigError(f"{name}={raw!r}: expected a finite number")
+        return number
     if typing.get_origin(kind) is tuple:  # tuple[str, ...]: a JSON list, a Python list repr, or "a,b"
         if isinstance(decoded, str):
             decoded = _python_literal_or(decoded)

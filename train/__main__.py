@@ -25,7 +25,7 @@ from train.documents import read_documents, split_documents
 from train.instructions import Corpus, require_enough
 from train.errors import EXIT_FRAMEWORK_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR, TrainingInterrupted
 from train.launcher import BASE_REVISION_ENV, WORKER_ENV, launch, topology, write_rank_failure
-from train.model import resolve_base_model
+from train.model import check_answer_room, resolve_base_model
 from train.stop import Stop
 from train.tracking import check_environment
 
@@ -148,6 +148,7 @@ def run(config: TrainConfig, paths: OptML, worker: bool, stop: Stop) -> None:
     log.info("base model: %s%s", base.source, f" at commit {base.revision}" if base.revision else "")
     with stop.phase("counting the GPUs (loading torch)"):
         top = topology(config, paths)
+    check_answer_room(config, base)
     # config and data are fine: start the workers (DeepSpeed wants torchrun's rendezvous even for one process)
     if (top.needs_launcher or config.distributed in ("zero2", "zero3")) and not worker:
         with stop.phase("starting the training processes"):

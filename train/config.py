@@ -12,6 +12,9 @@ from typing import Mapping
 
 from container.config import ConfigError, describe, from_strings
 
+MIN_PASSAGE_TOKENS = 32  # a smaller passage_max_tokens leaves no room for a passage of documents.MIN_WORDS words
+SEED_RANGE = 2**32  # numpy's: transformers' set_seed seeds it too
+
 # (stage, full fine-tuning) -> peak learning rate; LoRA takes about 10x the full rate. ORPO's is its paper's
 # 8e-6 (full); SimPO's and KTO's follow DPO's scale.
 AUTO_LEARNING_RATES = {("sft", False): 2e-4, ("sft", True): 2e-5, ("dpo", False): 5e-6, ("dpo", True): 5e-7,
@@ -175,6 +178,11 @@ class TrainConfig:
         if self.preference == "auto" and not any(stage in PREFERENCE_STAGES for stage in self.stages):
             raise ConfigError(f"preference=auto builds data for a preference stage, but method={self.method} has none: "
                               "use method=sft+dpo (or dpo, orpo, simpo, kto)")
+        if self.passage_max_tokens < MIN_PASSAGE_TOKENS:
+            raise ConfigError(f"hyperparameter passage_max_tokens={self.passage_max_tokens} must be at least "
+                              f"{MIN_PASSAGE_TOKENS}: a passage is at least a paragraph of some 20 words")
+        if not 0 <= self.seed < SEED_RANGE:
+            raise ConfigError(f"hyperparameter seed={self.seed} must be in [0, {SEED_RANGE - 1}]")
         if not 0.0 < self.instructions_keep <= 1.0:
             raise ConfigError(f"hyperparameter instructions_keep={self.instructions_keep} must be in (0, 1]")
         if self.instructions == "auto" and self.preference != "auto" and not {"sft", "grpo"} & set(self.stages):

@@ -22,6 +22,7 @@ is an error naming file and line (or row); nothing is skipped silently. No torch
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from pathlib import Path
@@ -120,15 +121,28 @@ def read_records(channel_dir: Path) -> Iterator[tuple[str, object]]:
             raise DataError(f"{path}: the file has no examples")
 
 
+def read_text(path: Path) -> str:
+    """A data file's text: UTF-8, a byte-order mark (Excel's "CSV UTF-8", Notepad's) dropped. Anything else
+    is a DataError naming the file and the line, not a decoder's traceback."""
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        raise DataError(f"{path}: gzip-compressed: decompress it (the channel's files are read as they are)")
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (invalid byte 0x{data[e.start]:02x} at byte offset "
+                        f"{e.start}): save it as UTF-8, or take it out of the channel if it is not text") from None
+
+
 def _jsonl(path: Path) -> Iterator[tuple[str, object]]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                yield f"{path}:{number}", _json_line(line, f"{path}:{number}")
+    for number, line in enumerate(read_text(path).split("\n"), start=1):  # not splitlines: U+2028 is JSON text
+        if line.strip():
+            yield f"{path}:{number}", _json_line(line, f"{path}:{number}")
 
 
 def _json(path: Path) -> Iterator[tuple[str, object]]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
@@ -143,13 +157,28 @@ def _json(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def _csv(path: Path) -> Iterator[tuple[str, object]]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        for record in reader:
-            where = f"{path}:{reader.line_num}"
-            if None in record:
-                raise DataError(f"{where}: more fields than the header has columns")
-            yield where, {k: _maybe_json_list(v) for k, v in record.items() if v is not None}
+    """Rows of a CSV file with a header. Strict: a quote never closed is an error, not the rest of the file
+    swallowed into one cell; a cell may hold a whole article (no 128 KiB limit). A `label` cell that says true
+    or false is KTO's boolean."""
+    csv.field_size_limit(2**31 - 1)
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""), strict=True)
+    try:
+        reader.fieldnames  # the header, read now: line_num counts from it
+    except csv.Error as e:
+        raise DataError(f"{path}:1: malformed CSV header ({e})") from None
+    while True:
+        starts = reader.line_num + 1
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{path}:{starts}: malformed CSV ({e}; a quote opened in this row may never close)") \
+                from None
+        where = f"{path}:{starts}"
+        if None in record:
+            raise DataError(f"{where}: more fields than the header has columns")
+        yield where, {k: _csv_cell(k, v) for k, v in record.items() if v is not None}
 
 
 def _parquet(path: Path) -> Iterator[tuple[str, object]]:
@@ -173,8 +202,10 @@ def _json_line(line: str, where: str) -> object:
         raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
-def _maybe_json_list(value: str) -> object:
-    """CSV cells hold message lists as JSON text."""
+def _csv_cell(column: str, value: str) -> object:
+    """CSV cells hold message lists as JSON text, and KTO's label as true or false."""
+    if column == "label" and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
     if value.lstrip().startswith("["):
         try:
             return json.loads(value)

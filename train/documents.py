@@ -49,12 +49,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.data import DataError
+from train.config import MIN_PASSAGE_TOKENS
+from train.data import DataError, read_text
 from train.markup import html_to_text, markdown_to_text
 
 DOCUMENT_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".jsonl")
 MIN_WORDS = 20  # a shorter passage is merged forward, or dropped when last
-MIN_BUDGET = 32  # passage_max_tokens below this leaves no room for a passage of MIN_WORDS words
 BOILERPLATE_DOCUMENTS = 3  # a paragraph in this many documents is boilerplate
 SHINGLE_WORDS = 5
 NEAR_DUPLICATE = 0.8  # Jaccard similarity of shingle sets
@@ -81,8 +81,8 @@ def estimate_tokens(text: str) -> int:
 def read_documents(channel_dir: Path, passage_max_tokens: int) -> tuple[list[Document], list[str]]:
     """Documents in sorted path order (subfolders included, dotfiles ignored), each with at least one passage
     after cleaning and deduplication, and the skipped ones: one line per skipped document, "<source>: <why>"."""
-    if passage_max_tokens < MIN_BUDGET:
-        raise ValueError(f"passage_max_tokens must be at least {MIN_BUDGET}, got {passage_max_tokens}")
+    if passage_max_tokens < MIN_PASSAGE_TOKENS:  # the job's config refuses it first; this guards other callers
+        raise ValueError(f"passage_max_tokens must be at least {MIN_PASSAGE_TOKENS}, got {passage_max_tokens}")
     texts = [(source, paragraphs) for path in _document_files(channel_dir)
              for source, paragraphs in _read(path, path.relative_to(channel_dir).as_posix())]
     reasons: dict[str, str] = {}  # why a document was skipped
@@ -158,7 +158,7 @@ def _document_files(channel_dir: Path) -> list[Path]:
 
 def _read(path: Path, source: str) -> list[tuple[str, list[str]]]:
     """(source, paragraphs) for each document in the file."""
-    text = _decode(path)
+    text = read_text(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _jsonl(path, source, text)
@@ -167,15 +167,6 @@ def _read(path: Path, source: str) -> list[tuple[str, list[str]]]:
     if suffix in (".md", ".markdown"):
         return [(source, _paragraphs(markdown_to_text(text)))]
     return [(source, _paragraphs(text))]
-
-
-def _decode(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (invalid byte 0x{data[e.start]:02x} at byte offset {e.start}); "
-                        f"save it as UTF-8, or remove it if it is not writing") from None
 
 
 def _jsonl(path: Path, source: str, text: str) -> list[tuple[str, list[str]]]:

@@ -67,6 +67,19 @@ def resolve_base_model(config: TrainConfig, paths: OptML, pinned: str | None = N
     return BaseModel(str(embedded), EMBEDDED_BASE)
 
 
+def check_answer_room(config: TrainConfig, base: BaseModel) -> None:
+    """max_new_tokens (the served model's default answer length) must leave the prompt room in the base model's
+    context: serving.json's max_input_tokens is the context less it. Checked before training, not at export."""
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(base.source, revision=base.revision,
+                                              trust_remote_code=config.trust_remote_code)
+    context = int(getattr(model_config, "max_position_embeddings", 0) or 0)
+    if context and config.max_new_tokens >= context:
+        raise ConfigError(f"hyperparameter max_new_tokens={config.max_new_tokens} leaves no room for a prompt in the "
+                          f"base model's context of {context} tokens: use at most {context // 2}, say")
+
+
 def resolve_teacher(config: TrainConfig, paths: OptML, base: BaseModel) -> Teacher:
     """instructions=auto's teacher: the `teacher` channel (a folder or a model.tar.gz), else teacher_model_id (a
     hub id, pinned to its commit now, or a local path), else the base model."""

@@ -74,6 +74,20 @@ def test_malformed_row_names_file_and_line(tmp_path):
     fails_with(root, "posts.jsonl:4: invalid JSON")
 
 
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    root = make_tree(tmp_path, FAST, {"train/posts.jsonl": jsonl(TINY_ROWS[:2])})
+    with (root / "input" / "data" / "train" / "posts.jsonl").open("ab") as f:
+        f.write(b'{"instruction": "caf\xe9", "output": "x"}\n')  # Latin-1, as an old export writes it
+    fails_with(root, "posts.jsonl:3: not UTF-8 text (invalid byte 0xe9")
+
+
+def test_an_answer_length_the_base_model_cannot_hold_fails_before_training(tmp_path, tiny_model):
+    root = make_tree(tmp_path, {**FAST, "model_id": str(tiny_model), "max_new_tokens": "512"},
+                     {"train/d.jsonl": jsonl(TINY_ROWS)})
+    failure = fails_with(root, "max_new_tokens=512 leaves no room for a prompt", "context of 512 tokens")
+    assert failure.count("\n") == 0
+
+
 def test_empty_data_file_is_named(tmp_path):
     root = make_tree(tmp_path, FAST, {"train/posts.jsonl": ""})
     fails_with(root, "posts.jsonl: the file has no examples")

@@ -55,6 +55,11 @@ def test_report_to_takes_a_list_of_trackers_each_checked():
     ("trust_remote_code", "maybe", "expected true or false"),
     ("max_steps", "0", "max_steps=0 must be positive, or -1"),
     ("lora_dropout", "1.5", r"lora_dropout=1.5 must be in \[0, 1\)"),
+    ("learning_rate", "inf", "learning_rate='inf': expected a finite number"),  # would train to inf weights
+    ("beta", "NaN", "beta='NaN': expected a finite number"),  # passes every `< 0` check
+    ("num_train_epochs", "1e400", "expected a finite number"),
+    ("seed", "-1", r"seed=-1 must be in \[0, 4294967295\]"),  # numpy's range: set_seed would fail after loading
+    ("passage_max_tokens", "16", "passage_max_tokens=16 must be at least 32"),
 ])
 def test_bad_values_say_what_is_expected(key, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -154,3 +154,31 @@ def test_kto_takes_unpaired_rows_and_splits_pairs_into_a_good_and_a_bad_one(tmp_
     (tmp_path / "u.jsonl").write_text(json.dumps({"prompt": "Hi", "completion": "Hello!", "label": True}) + "\n")
     with pytest.raises(DataError, match="KTO needs both good .* and bad"):
         load_kto_rows(tmp_path)
+
+
+def test_files_that_are_not_plain_utf8_are_read_or_refused_naming_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    row = json.dumps({"instruction": "Write a post", "output": "Here it is."})
+    path.write_bytes(b"\xef\xbb\xbf" + row.encode() + b"\r\n")  # Notepad's BOM and CRLF: read
+    assert load_sft_rows(tmp_path) == [EXPECTED]
+    path.write_bytes(row.encode() + b'\n{"instruction": "caf\xe9", "output": "x"}\n')  # Latin-1
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not UTF-8 text \(invalid byte 0xe9 .*save it as UTF-8"):
+        load_sft_rows(tmp_path)
+    path.write_bytes(b"\x1f\x8b\x08\x00rest")
+    with pytest.raises(DataError, match=r"d\.jsonl: gzip-compressed: decompress it"):
+        load_sft_rows(tmp_path)
+
+
+def test_csv_from_excel_long_cells_kto_labels_and_an_unclosed_quote(tmp_path):
+    from train.data import load_kto_rows
+
+    path = tmp_path / "d.csv"
+    article = "word " * 40_000  # 200 kB in one cell: over the csv module's default limit
+    path.write_text(f"\ufeffinstruction,output\nWrite a post,Here it is.\nWrite long,{article}\n", encoding="utf-8")
+    rows = load_sft_rows(tmp_path)
+    assert rows[0] == EXPECTED and rows[1]["completion"][0]["content"] == article.strip()
+    path.write_text('instruction,output\nA,Done.\nB,"Two\nC,Three\n')
+    with pytest.raises(DataError, match=r"d\.csv:3: malformed CSV \(unexpected end of data"):
+        load_sft_rows(tmp_path)
+    path.write_text("prompt,completion,label\nHi,Hello!,true\nHi,Go away.,FALSE\n")
+    assert [row["label"] for row in load_kto_rows(tmp_path)] == [True, False]

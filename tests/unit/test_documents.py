@@ -170,7 +170,7 @@ def test_documents_in_path_order_with_subfolders_jsonl_and_no_dotfiles(tmp_path)
 def test_a_file_that_is_not_utf8_is_an_error_naming_file_and_byte(tmp_path):
     (tmp_path / "ok.md").write_bytes(b"\xef\xbb\xbf" + words(30, "w").encode())  # a BOM is fine
     (tmp_path / "photo.txt").write_bytes(b"Hello \xff\xd8 world")
-    with pytest.raises(DataError, match=r"photo\.txt: not UTF-8 .*byte offset 6.*save it as UTF-8"):
+    with pytest.raises(DataError, match=r"photo\.txt:1: not UTF-8 .*byte offset 6.*save it as UTF-8"):
         read_documents(tmp_path, 256)
     (tmp_path / "photo.txt").unlink()
     assert read_documents(tmp_path, 256)[0][0].passages[0].text == words(30, "w")
