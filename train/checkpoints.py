@@ -128,7 +128,7 @@ def verify(folder: Path, markers: Markers = Markers()) -> str | None:
         try:
             for path, entry in json.loads((folder / name).read_text(encoding="utf-8"))["files"].items():
                 expected.setdefault(path, set()).add((int(entry["size"]), str(entry["sha256"])))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:  # 1e400: inf
             return f"{name} is unreadable ({type(e).__name__}: {e})"
     paths = sorted(expected)
     for path in paths:  # sizes first: a truncated file is found without reading anything

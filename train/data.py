@@ -107,7 +107,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def read_records(channel_dir: Path) -> Iterator[tuple[str, object]]:
-    files = sorted(p for p in channel_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in channel_dir.rglob("*")  # not hidden, nor in .ipynb_checkpoints and the like
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(channel_dir).parts))
     data_files = [p for p in files if p.suffix.lower() in SUFFIXES]
     if not data_files:
         found = ", ".join(p.name for p in files[:5]) or "nothing"
@@ -289,6 +290,8 @@ def _messages(value: object, where: str, key: str) -> list[dict]:
             raise DataError(f"{where}: {key}[{i}] must be an object with a string 'content'")
         if message.get("role") not in ROLES:
             raise DataError(f"{where}: {key}[{i}] has role {message.get('role')!r}; expected one of {', '.join(ROLES)}")
+        if message["role"] == "user" and not message["content"].strip():  # as an empty instruction is refused
+            raise DataError(f"{where}: {key}[{i}] is a user message with no content")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 

@@ -55,6 +55,8 @@ def test_verify_names_the_first_thing_wrong(tmp_path):
     assert verify(folder) == "the manifest names '../../etc/passwd', which is outside the checkpoint"
     (folder / "manifest.json").write_text('{"files": ')  # a manifest cut short is not trusted either
     assert verify(folder).startswith("manifest.json is unreadable (JSONDecodeError")
+    (folder / "manifest.json").write_text('{"files": {"model.safetensors": {"size": 1e400, "sha256": "x"}}}')
+    assert verify(folder).startswith("manifest.json is unreadable (OverflowError")  # not a crash at every restart
     (folder / "manifest.json").unlink()  # a marker alone (an older image's checkpoint, or S3 lagging) is not enough
     assert verify(folder) == "manifest.json is missing (writing it was cut short, or it did not reach S3)"
 

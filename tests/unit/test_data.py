@@ -88,6 +88,8 @@ def test_text_rows_and_mixing_kinds(tmp_path):
     ('{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}',
      "last message of 'messages'"),
     ('{"prompt": "x", "completion": [{"role": "user", "content": "y"}]}', "last message of 'completion'"),
+    ('{"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "y"}]}',
+     "messages\\[0\\] is a user message with no content"),
 ])
 def test_malformed_rows_name_file_and_line(tmp_path, line, message):
     path = write(tmp_path / "data.jsonl", [json.dumps({"instruction": "ok", "output": "ok"}), line])
@@ -160,6 +162,8 @@ def test_files_that_are_not_plain_utf8_are_read_or_refused_naming_file_and_line(
     path = tmp_path / "d.jsonl"
     row = json.dumps({"instruction": "Write a post", "output": "Here it is."})
     path.write_bytes(b"\xef\xbb\xbf" + row.encode() + b"\r\n")  # Notepad's BOM and CRLF: read
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "d-checkpoint.jsonl").write_text(row + "\n")  # a notebook's copy: not data
     assert load_sft_rows(tmp_path) == [EXPECTED]
     path.write_bytes(row.encode() + b'\n{"instruction": "caf\xe9", "output": "x"}\n')  # Latin-1
     with pytest.raises(DataError, match=r"d\.jsonl:2: not UTF-8 text \(invalid byte 0xe9 .*save it as UTF-8"):
