@@ -194,11 +194,16 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
                            "max_total_tokens": engine.limits.max_total_tokens, "max_best_of": MAX_BEST_OF,
                            "max_stop_sequences": MAX_STOP_SEQUENCES, "max_top_n_tokens": MAX_TOP_N_TOKENS,
                            "max_concurrent_requests": config.max_concurrent_requests,
-                           "adapters": adapters.names(), "router": "llm-twin", "version": "0.1.0"})
+                           "adapters": visible_adapters(), "router": "llm-twin", "version": "0.1.0"})
 
     @app.get("/v1/models")
     def models():
-        return json_response(200, openai.models(adapters.names()))
+        return json_response(200, openai.models(visible_adapters()))
+
+    def visible_adapters() -> list[str]:
+        """Every adapter's name, or with SageMaker's adapter header only that one's (as GET /adapters)."""
+        only = request.headers.get(ADAPTER_HEADER)
+        return [name for name in adapters.names() if only is None or name == only]
 
     @app.post("/adapters")
     def register_adapter():

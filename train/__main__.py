@@ -124,6 +124,10 @@ def _require_eval_rows(config: TrainConfig, stage: str, eval_channel: str, eval_
     if (config.early_stopping_patience or config.load_best_model_at_end) and not eval_rows:
         raise ConfigError(f"early_stopping_patience/load_best_model_at_end compare evaluations, but {stage} has no "
                           f"held-out data: add a '{eval_channel}' channel or set validation_split > 0")
+    if config.eval_steps and not eval_rows:  # asked for: not switched off without a word
+        raise ConfigError(f"eval_steps={config.eval_steps} asks for evaluations, but {stage} has no held-out data: "
+                          f"add a '{eval_channel}' channel, set validation_split > 0 (on enough rows to hold one "
+                          "back), or set eval_steps=0")
 
 
 class WorkersFailed(Exception):

@@ -88,6 +88,11 @@ def test_an_answer_length_the_base_model_cannot_hold_fails_before_training(tmp_p
     assert failure.count("\n") == 0
 
 
+def test_evaluations_asked_for_without_held_out_data_fail_before_training(tmp_path):
+    root = make_tree(tmp_path, {**FAST, "eval_steps": "2"}, {"train/d.jsonl": jsonl(TINY_ROWS)})  # split 0
+    fails_with(root, "eval_steps=2 asks for evaluations, but sft has no held-out data", "validation_split > 0")
+
+
 def test_empty_data_file_is_named(tmp_path):
     root = make_tree(tmp_path, FAST, {"train/posts.jsonl": ""})
     fails_with(root, "posts.jsonl: the file has no examples")

@@ -20,7 +20,7 @@ from serve.config import ServeConfig
 from serve.custom import CustomHandlers
 from serve.errors import ValidationError
 from serve.placement import Placement
-from serve.schemas import GenerateResult, Sequence
+from serve.schemas import ADAPTER_HEADER, GenerateResult, Sequence
 from serve.startup import Startup
 from serve.translate import Limits
 from tests.helpers import sse_events
@@ -334,6 +334,9 @@ def test_adapters_register_through_the_engine_and_unregister(client, engine, tmp
     assert registered.status_code == 200 and registered.json == {"name": "alice", "src": str(folder), "pin": False,
                                                                  "preload": True, "message": "Adapter alice registered"}
     assert engine.loaded == ["alice"] and client.get("/info").json["adapters"] == ["alice", "dana"]
+    as_alice = {ADAPTER_HEADER: "alice"}  # an inference component sees its own adapter's name only
+    assert client.get("/info", headers=as_alice).json["adapters"] == ["alice"]
+    assert [m["id"] for m in client.get("/v1/models", headers=as_alice).json["data"]] == ["llm-twin", "alice"]
     assert post(client, {"name": "bob", "src": str(folder)}, "/adapters").status_code == 200
     assert engine.loaded == ["alice", "bob"]
     missing = post(client, {"name": "x"}, "/adapters")
