@@ -61,7 +61,7 @@ def answer(engine, generate: GenerateRequest, timeout: float, stream_timeout: fl
 def send_answer(engine, generate: GenerateRequest, timeout: float, metrics: Metrics, turn: Turn | None,
                 send: Callable[[object], None]) -> None:
     """The answer as WebSocket messages: the stream's events as SSE has them (a plain request's whole answer
-    as one message, and a session's turn recorded once it is sent). Errors are raised for the caller to send.
+    as one message). Errors are raised for the caller to send.
     A client gone raises ClientGone: from `send`, or, while nothing is sent (a plain answer, a stream before its
     first token), from the connection's hang-up watch (the TCP connection closed: a close frame alone is not
     read until the answer ends, and a client library drops the connection a few seconds after sending one)."""
@@ -71,9 +71,9 @@ def send_answer(engine, generate: GenerateRequest, timeout: float, metrics: Metr
             if not generate.stream:
                 result = ticket.result(timeout)
                 metrics.count(200, result.generated_tokens)
-                send(response_payload(generate, result))
                 if turn is not None:
                     turn.answered(result.text)
+                send(response_payload(generate, result))
                 return
             events = ticket.stream(timeout)
             try:

@@ -146,7 +146,7 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
             try:
                 parsed = parse_request({**body, "stream": True} if implied else body)
             except ValidationError as e:
-                if implied and "'stream'" in e.message:  # the client never said stream: say where it came from
+                if implied and "when 'stream' is true" in e.message:  # the client never said stream: say where from
                     raise ValidationError(f'{e.message} (a WebSocket message streams unless it says "stream": '
                                           "false)") from None
                 raise
@@ -334,6 +334,8 @@ def _custom(engine: Engine, custom: CustomHandlers, timeout: float) -> Response:
         if generate.stream:
             raise ValidationError("'stream' is not available with custom input_fn/output_fn")
         prediction = response_payload(generate, engine.submit(generate).result(timeout))
+    if "output_fn" not in custom and "predict_fn" not in custom:
+        return json_response(200, prediction)
     if "output_fn" not in custom:
         try:
             return Response(json.dumps(prediction, allow_nan=False), status=200, mimetype="application/json")

@@ -332,7 +332,7 @@ def _response_format(raw: object) -> Grammar | None:
     if kind == "text" and set(raw) == {"type"}:
         return None
     if kind in ("json", "json_object", "regex") and set(raw) <= {"type", "value"}:
-        return _grammar(raw) if "value" in raw else Grammar("json", None)  # no value: any JSON object
+        return _grammar(raw) if "value" in raw or kind == "regex" else Grammar("json", None)  # any JSON object
     if kind == "json_schema" and set(raw) == {"type", "json_schema"} and isinstance(raw["json_schema"], dict):
         return Grammar("json", _schema(raw["json_schema"].get("schema")))
     raise ValidationError("'response_format' must be {\"type\": \"text\" | \"json_object\"}, {\"type\": "

@@ -128,9 +128,9 @@ class Sessions:
                 lock.touch()
                 os.utime(lock, (session.expires, session.expires))  # what _sweep reads
                 self.write(session)
-            except BaseException:
+            except BaseException as e:
                 self._remove(session.id)
-                raise
+                raise _storage_failed(e) if isinstance(e, OSError) else e
         return session
 
     def turn(self, session_id: str, request: GenerateRequest, adapter: str) -> Turn:
@@ -201,13 +201,15 @@ class Sessions:
         except OSError as e:
             if staging is not None:
                 Path(staging).unlink(missing_ok=True)
-            raise Overloaded(f"this instance cannot store its sessions now ({e.strerror}): close sessions, or try "
-                             "again after some expire") from None
+            raise _storage_failed(e) from None
 
     @contextmanager
     def folder_lock(self):
         """The instance's lock on its set of sessions (every worker's threads included: one descriptor each)."""
-        descriptor = os.open(self.folder / FOLDER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            descriptor = os.open(self.folder / FOLDER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise _storage_failed(e) from None
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX)
             yield
@@ -260,6 +262,11 @@ def _new_messages(request: GenerateRequest) -> list[dict]:
     if request.params.truncate is not None:
         raise ValidationError("'truncate' is not available in a session turn: the conversation is kept whole")
     return request.messages if request.messages is not None else [{"role": "user", "content": request.inputs}]
+
+
+def _storage_failed(error: OSError) -> Overloaded:
+    return Overloaded(f"this instance cannot store its sessions now ({error.strerror}): close sessions, or try again "
+                      "after some expire")
 
 
 def _not_found(session_id: str) -> BadRequest:

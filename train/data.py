@@ -126,20 +126,38 @@ def read_text(path: Path) -> str:
     """A data file's text: UTF-8, a byte-order mark (Excel's "CSV UTF-8", Notepad's) dropped. Anything else
     is a DataError naming the file and the line, not a decoder's traceback."""
     data = path.read_bytes()
-    if data[:2] == b"\x1f\x8b":
-        raise DataError(f"{path}: gzip-compressed: decompress it (the channel's files are read as they are)")
+    _refuse_gzip(path, data[:2])
     try:
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (invalid byte 0x{data[e.start]:02x} at byte offset "
-                        f"{e.start}): save it as UTF-8, or take it out of the channel if it is not text") from None
+        raise _not_utf8(f"{path}:{line}", data[e.start], f"byte offset {e.start}") from None
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, object]]:
-    for number, line in enumerate(read_text(path).split("\n"), start=1):  # not splitlines: U+2028 is JSON text
-        if line.strip():
-            yield f"{path}:{number}", _json_line(line, f"{path}:{number}")
+    """Read line by line (a file may be larger than the memory a copy of its text would take)."""
+    with path.open("rb") as lines:  # split on b"\n" only: U+2028 and the like are JSON text
+        _refuse_gzip(path, lines.read(2))
+        lines.seek(0)
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(f"{path}:{number}", raw[e.start], f"column {e.start + 1}") from None
+            if number == 1:
+                line = line.removeprefix("\ufeff")
+            if line.strip():
+                yield f"{path}:{number}", _json_line(line, f"{path}:{number}")
+
+
+def _refuse_gzip(path: Path, head: bytes) -> None:
+    if head == b"\x1f\x8b":
+        raise DataError(f"{path}: gzip-compressed: decompress it (the channel's files are read as they are)")
+
+
+def _not_utf8(where: str, byte: int, at: str) -> DataError:
+    return DataError(f"{where}: not UTF-8 text (invalid byte 0x{byte:02x} at {at}): save it as UTF-8, or take it "
+                     "out of the channel if it is not text")
 
 
 def _json(path: Path) -> Iterator[tuple[str, object]]:
@@ -158,28 +176,29 @@ def _json(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def _csv(path: Path) -> Iterator[tuple[str, object]]:
-    """Rows of a CSV file with a header. Strict: a quote never closed is an error, not the rest of the file
-    swallowed into one cell; a cell may hold a whole article (no 128 KiB limit). A `label` cell that says true
-    or false is KTO's boolean."""
+    """Rows of a CSV file under its header row, each named by the line it starts on (blank lines skipped).
+    Strict: a quote never closed is an error, not the rest of the file swallowed into one cell; a cell may
+    hold a whole article (no 128 KiB limit). A `label` cell that says true or false is KTO's boolean."""
     csv.field_size_limit(2**31 - 1)
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""), strict=True)
-    try:
-        reader.fieldnames  # the header, read now: line_num counts from it
-    except csv.Error as e:
-        raise DataError(f"{path}:1: malformed CSV header ({e})") from None
+    rows = csv.reader(io.StringIO(read_text(path), newline=""), strict=True)
+    header = None
     while True:
-        starts = reader.line_num + 1
+        starts = rows.line_num + 1
         try:
-            record = next(reader)
+            row = next(rows)
         except StopIteration:
             return
         except csv.Error as e:
             raise DataError(f"{path}:{starts}: malformed CSV ({e}; a quote opened in this row may never close)") \
                 from None
-        where = f"{path}:{starts}"
-        if None in record:
-            raise DataError(f"{where}: more fields than the header has columns")
-        yield where, {k: _csv_cell(k, v) for k, v in record.items() if v is not None}
+        if not row:
+            continue  # a blank line
+        if header is None:
+            header = row
+            continue
+        if len(row) > len(header):
+            raise DataError(f"{path}:{starts}: more fields than the header has columns")
+        yield f"{path}:{starts}", {column: _csv_cell(column, value) for column, value in zip(header, row)}
 
 
 def _parquet(path: Path) -> Iterator[tuple[str, object]]:

@@ -17,12 +17,11 @@ from container.config import ConfigError
 from container.model_dir import ADAPTER_DIR, TRAINING_REPORT_FILE, ServingSpec, publish
 from container.opt_ml import OptML
 from train.config import TrainConfig
-from train.model import BaseModel, load_trained
+from train.model import BaseModel, context_length, load_trained
 from train.model_card import model_card
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOTAL_TOKENS = 4096
 MODEL_CARD_FILE = "README.md"
 EXPORT_SLACK_BYTES = 64 * 2**20  # the tokenizer, chat template, report and card, beside the weights
 
@@ -53,7 +52,7 @@ def export_model(config: TrainConfig, paths: OptML, tokenizer, base: BaseModel, 
     for name, path in (extras or {}).items():
         shutil.copy2(path, staging / name)
 
-    max_total = int(getattr(model_config, "max_position_embeddings", 0) or DEFAULT_MAX_TOTAL_TOKENS)
+    max_total = context_length(model_config)
     weights = "adapter" if config.export == "adapter" else "merged"
     ServingSpec(
         base_model=base.reference if weights == "adapter" else (base.reference or base.source),

@@ -21,6 +21,7 @@ from train.instructions import Teacher
 log = logging.getLogger(__name__)
 
 MODEL_CHANNEL = "model"
+DEFAULT_CONTEXT_TOKENS = 4096  # for a model config that names no max_position_embeddings
 TEACHER_CHANNEL = "teacher"
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")  # a full hub commit hash: already pinned, nothing to resolve
 
@@ -67,6 +68,12 @@ def resolve_base_model(config: TrainConfig, paths: OptML, pinned: str | None = N
     return BaseModel(str(embedded), EMBEDDED_BASE)
 
 
+def context_length(model_config) -> int:
+    """The model's context in tokens (serving.json's max_total_tokens): its max_position_embeddings, else
+    DEFAULT_CONTEXT_TOKENS."""
+    return int(getattr(model_config, "max_position_embeddings", 0) or DEFAULT_CONTEXT_TOKENS)
+
+
 def check_answer_room(config: TrainConfig, base: BaseModel) -> None:
     """max_new_tokens (the served model's default answer length) must leave the prompt room in the base model's
     context: serving.json's max_input_tokens is the context less it. Checked before training, not at export."""
@@ -74,8 +81,8 @@ def check_answer_room(config: TrainConfig, base: BaseModel) -> None:
 
     model_config = AutoConfig.from_pretrained(base.source, revision=base.revision,
                                               trust_remote_code=config.trust_remote_code)
-    context = int(getattr(model_config, "max_position_embeddings", 0) or 0)
-    if context and config.max_new_tokens >= context:
+    context = context_length(model_config)
+    if config.max_new_tokens >= context:
         raise ConfigError(f"hyperparameter max_new_tokens={config.max_new_tokens} leaves no room for a prompt in the "
                           f"base model's context of {context} tokens: use at most {context // 2}, say")
 

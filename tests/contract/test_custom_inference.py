@@ -4,6 +4,7 @@ import shutil
 import subprocess
 
 import requests
+import torch
 
 from tests.helpers import BIN
 
@@ -82,6 +83,7 @@ def test_predict_fn_alone_gets_the_model_dirs_transformers_model_on_the_instance
     (root / "model" / "code").mkdir()
     (root / "model" / "code" / "inference.py").write_text(BUILT_IN_MODEL)
     server = serve_tree(root)
-    assert server.invoke({"text": "Write about evals"}).json() == {"new_tokens": 3, "device": "cpu"}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert server.invoke({"text": "Write about evals"}).json() == {"new_tokens": 3, "device": device}
     info = requests.get(server.url + "/info", timeout=30).json()
-    assert (info["model_dtype"], info["model_device_type"]) == ("torch.float32", "cpu")  # the loaded model's
+    assert (info["model_dtype"], info["model_device_type"]) == ("torch.float32", device)  # the loaded model's

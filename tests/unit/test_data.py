@@ -181,8 +181,8 @@ def test_csv_from_excel_long_cells_kto_labels_and_an_unclosed_quote(tmp_path):
     path.write_text(f"\ufeffinstruction,output\nWrite a post,Here it is.\nWrite long,{article}\n", encoding="utf-8")
     rows = load_sft_rows(tmp_path)
     assert rows[0] == EXPECTED and rows[1]["completion"][0]["content"] == article.strip()
-    path.write_text('instruction,output\nA,Done.\nB,"Two\nC,Three\n')
-    with pytest.raises(DataError, match=r"d\.csv:3: malformed CSV \(unexpected end of data"):
+    path.write_text('instruction,output\n\nA,"Done,\nin two lines."\n\nB,"Two\nC,Three\n')  # blank lines skipped
+    with pytest.raises(DataError, match=r"d\.csv:6: malformed CSV \(unexpected end of data"):
         load_sft_rows(tmp_path)
     path.write_text("prompt,completion,label\nHi,Hello!,true\nHi,Go away.,FALSE\n")
     assert [row["label"] for row in load_kto_rows(tmp_path)] == [True, False]

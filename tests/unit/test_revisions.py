@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
+import torch
 
 from container.config import ConfigError
 from container.model_dir import EMBEDDED_MODEL_ENV, ServingSpec
@@ -120,7 +121,7 @@ def test_predict_fn_loads_an_adapters_hub_base_at_the_commit_it_was_trained_on(t
     engine = PredictEngine(config, spec, custom)
     assert engine._load_model() == {"model": "the model", "tokenizer": "tokenizer"}
     assert engine.dtype == "torch.bfloat16"  # /info's model_dtype: the loaded model's
-    assert engine.device_type == loads[0][1]["device_map"] == "cpu"  # this machine has no GPU: "cuda" where it has
+    assert engine.device_type == loads[0][1]["device_map"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert loads[0][0] == "org/twin-base" and loads[0][1]["revision"] == SHA
 
 

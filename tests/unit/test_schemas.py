@@ -73,6 +73,7 @@ def test_stop_sequences_is_an_alias_of_stop():
     ({"messages": [{"role": "user", "content": "x"}], "user": 5}, "'user' must be a string"),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object", "schema": {}}},
      "'response_format' must be"),  # OpenAI's json_object has no schema; TGI's says `value`
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "regex"}}, "non-empty pattern"),
 ])
 def test_invalid_requests_are_validation_errors_naming_the_field(body, message):
     with pytest.raises(ValidationError, match=message):

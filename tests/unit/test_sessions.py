@@ -132,6 +132,9 @@ def test_a_full_folder_refuses_the_turn_and_leaves_the_session_as_it_was(session
         turn.answered("Fine")
     with pytest.raises(Overloaded, match="No space left on device"):
         sessions.open("")
+    monkeypatch.setattr("serve.sessions.os.utime", no_space)  # the lock file's time, before the conversation
+    with pytest.raises(Overloaded, match="No space left on device"):
+        sessions.open("")
     assert sorted(p.name for p in sessions.folder.iterdir() if p.name != ".sessions-lock") == [
         f"{session.id}.json", f"{session.id}.lock"]  # no staging file, no half-opened session
     monkeypatch.undo()
