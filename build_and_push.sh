@@ -3,7 +3,8 @@
 #
 #   ./build_and_push.sh [--dry-run] [--region REGION] [IMAGE_NAME] [TAG]
 #
-# IMAGE_NAME defaults to llm-twin-sagemaker, TAG to the current git commit. The region comes from
+# IMAGE_NAME defaults to llm-twin-sagemaker, TAG to the current git commit (with -dirty when the tree has
+# uncommitted changes, so a tag never names two different builds). The region comes from
 # --region, then AWS_REGION / AWS_DEFAULT_REGION, then `aws configure get region`. The account comes
 # from STS. The ECR repository is created (scan on push) if it does not exist. --dry-run prints every
 # command instead of running it.
@@ -16,14 +17,24 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) dry_run=true; shift ;;
     --region) region="${2:?--region needs a value}"; shift 2 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     -*) echo "build_and_push.sh: unknown option $1 (expected --dry-run, --region)" >&2; exit 2 ;;
     *) positional+=("$1"); shift ;;
   esac
 done
 
 image="${positional[0]:-llm-twin-sagemaker}"
-tag="${positional[1]:-$(git -C "$(dirname "$0")" rev-parse --short HEAD 2>/dev/null || echo latest)}"
+here="$(dirname "$0")"
+commit="$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo latest)"
+if [[ "$commit" != latest && -n "$(git -C "$here" status --porcelain 2>/dev/null)" ]]; then
+  commit="$commit-dirty"
+fi
+tag="${positional[1]:-$commit}"
+if ! $dry_run; then
+  for tool in aws docker; do
+    command -v "$tool" >/dev/null || { echo "build_and_push.sh: needs $tool on PATH" >&2; exit 2; }
+  done
+fi
 region="${region:-${AWS_REGION:-${AWS_DEFAULT_REGION:-$(aws configure get region 2>/dev/null || true)}}}"
 if [[ -z "$region" ]]; then
   echo "build_and_push.sh: no AWS region: pass --region, set AWS_REGION, or run 'aws configure'" >&2

@@ -1,4 +1,4 @@
-"""`python -m launch train|deploy|invoke|delete`: the image's jobs and endpoints on SageMaker.
+"""`python -m launch train|deploy|batch|invoke|delete`: the image's jobs and endpoints on SageMaker.
 
     python -m launch train --image URI --role ARN --train s3://b/train/ --output s3://b/out/ \\
         --hyperparameters hp.json --instance-type ml.g5.2xlarge [--preference s3://...] [--spot --checkpoints s3://...]
@@ -31,9 +31,17 @@ COMPONENT_WAIT_SECONDS = 3600  # how long deploy and delete wait for a component
 
 
 def main(argv: list[str] | None = None, clients=None) -> int:
+    """Exits with AWS's own words (no traceback) when a call is refused or no credentials or region are set."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     args = parser().parse_args(argv)
-    clients = clients or _boto3_clients(args.region)
-    return args.run(args, clients)
+    try:
+        clients = clients or _boto3_clients(args.region)
+        return args.run(args, clients)
+    except (BotoCoreError, ClientError) as e:
+        cleanup = (f"; `python -m launch delete --name {args.name}` removes what deploy created"
+                   if args.run is run_deploy else "")
+        raise SystemExit(f"launch: AWS refused: {e}{cleanup}") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,8 +52,8 @@ def parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="start a training job")
     train.add_argument("--image", required=True)
     train.add_argument("--role", required=True)
-    for channel in ("train", "validation", "preference", "preference-validation", "model"):
-        train.add_argument(f"--{channel}", help=f"S3 URI of the {channel} channel")
+    for channel in ("train", "validation", "preference", "preference-validation", "documents", "teacher", "model"):
+        train.add_argument(f"--{channel}", help=f"S3 URI of the {channel.replace('-', '_')} channel")
     train.add_argument("--output", required=True, help="S3 prefix for model.tar.gz")
     train.add_argument("--hyperparameters", type=Path, help="JSON file of hyperparameters")
     train.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeatable)")
@@ -84,7 +92,8 @@ def parser() -> argparse.ArgumentParser:
     deploy.add_argument("--async-concurrency", type=int, default=4,
                         help="MaxConcurrentInvocationsPerInstance for --async (default 4)")
     deploy.add_argument("--autoscale", metavar="MIN:MAX",
-                        help="target-tracking autoscaling of the instance count on concurrent requests per model copy")
+                        help="target-tracking autoscaling on concurrent requests per model copy: of the instance "
+                             "count, or with inference components of the base component's copy count")
     deploy.add_argument("--autoscale-target", type=float, default=16.0,
                         help="concurrent requests per model copy that --autoscale keeps to (default 16)")
     deploy.add_argument("--inference-components", action="store_true",
@@ -150,10 +159,9 @@ def _ami(args) -> str | None:
 
 
 def run_train(args, clients) -> int:
-    hyperparameters = json.loads(args.hyperparameters.read_text()) if args.hyperparameters else {}
-    hyperparameters.update(_pairs(args.hp, "--hp"))
+    hyperparameters = {**_hyperparameter_file(args.hyperparameters), **_pairs(args.hp, "--hp")}
     channels = {name: getattr(args, name.replace("-", "_")) for name in
-                ("train", "validation", "preference", "preference-validation", "model")}
+                ("train", "validation", "preference", "preference-validation", "documents", "teacher", "model")}
     channels = {name.replace("-", "_"): uri for name, uri in channels.items() if uri}
     passed = ("HF_TOKEN",) + (WANDB_ENV if args.wandb else ()) + (MLFLOW_ENV if args.mlflow else ())
     environment = {k: os.environ[k] for k in passed if os.environ.get(k) and not is_secret_name(k)}
@@ -173,6 +181,21 @@ def run_train(args, clients) -> int:
     clients["sagemaker"].create_training_job(**request)
     print(f"started training job {args.name}")
     return 0
+
+
+def _hyperparameter_file(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise SystemExit(f"--hyperparameters {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise SystemExit(f"--hyperparameters {path}: not JSON ({e})") from None
+    if not isinstance(loaded, dict):
+        raise SystemExit(f"--hyperparameters {path}: expected a JSON object of name: value, got "
+                         f"{type(loaded).__name__}")
+    return loaded
 
 
 def _serving_environment(args, clients) -> tuple[dict[str, str], set[str]]:
@@ -365,11 +388,25 @@ def run_delete(args, clients) -> int:
             time.sleep(POLL_SECONDS)
     if components:
         _delete_component_autoscaling(clients, base, [c["InferenceComponentName"] for c in components])
-    sm.delete_endpoint(EndpointName=args.name)
-    sm.delete_endpoint_config(EndpointConfigName=args.name)
-    sm.delete_model(ModelName=args.name)
-    print(f"deleted endpoint, endpoint config and model {args.name}")
+    deleted = [kind for kind, delete, key in ((("endpoint", sm.delete_endpoint, "EndpointName"),
+                                               ("endpoint config", sm.delete_endpoint_config, "EndpointConfigName"),
+                                               ("model", sm.delete_model, "ModelName")))
+               if _delete_if_there(delete, **{key: args.name})]
+    print(f"deleted {', '.join(deleted) or 'nothing (none was there)'} {args.name}")
     return 0
+
+
+def _delete_if_there(delete, **name) -> bool:
+    """One deletion; False when there was nothing of that name (a deploy that failed half-way leaves some)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        delete(**name)
+    except ClientError as e:
+        if "Could not find" in str(e) or e.response.get("Error", {}).get("Code") == "ResourceNotFound":
+            return False
+        raise
+    return True
 
 
 def _delete_component_autoscaling(clients, base: str, components: list[str]) -> None:

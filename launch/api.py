@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 
 from container.config import URI_WITH_PASSWORD, coerce
 from container.metrics import METRIC_DEFINITIONS
-from launch.secrets import SUFFIX, check_environment, is_secret_name
+from launch.secrets import ROLE_ARN, SUFFIX, check_environment, is_secret_name, secret_refusal
 
 WANDB_ENV = ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_BASE_URL")  # what --wandb passes on
 MLFLOW_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")  # and --mlflow
@@ -35,6 +35,22 @@ TRANSFORM_INVOCATION_TIMEOUT = 3600
 TRANSFORM_SERVER_TIMEOUT = 3540
 ASYNC_SERVER_TIMEOUT = 3540  # an async invocation may run up to 3600 s; the server answers first
 VARIANT = "AllTraffic"
+
+
+def check_s3(flag: str, uri: str | None) -> None:
+    """SageMaker takes S3 URIs only: a local path or a typo fails here, not after an instance has started."""
+    if uri is not None and not re.fullmatch(r"s3://[^/\s]+(/.*)?", uri):
+        raise ValueError(f"{flag} {uri!r}: expected an S3 URI, s3://BUCKET/PREFIX (upload local files first: "
+                         "aws s3 cp --recursive)")
+
+
+def check_hosts(role: str, instance_type: str, instance_count: int = 1) -> None:
+    if not ROLE_ARN.fullmatch(role):
+        raise ValueError(f"--role {role!r}: expected an IAM role's ARN, arn:aws:iam::ACCOUNT:role/NAME")
+    if not re.fullmatch(r"ml\.[a-z0-9-]+\.[a-z0-9]+", instance_type):
+        raise ValueError(f"--instance-type {instance_type!r}: expected a SageMaker instance type, e.g. ml.g5.2xlarge")
+    if instance_count < 1:
+        raise ValueError(f"--instance-count {instance_count}: expected 1 or more")
 
 
 def default_inference_ami(instance_type: str) -> str | None:
@@ -60,6 +76,18 @@ def training_job_request(*, name: str, image: str, role: str, channels: dict[str
     in mlflow_experiment; wandb: W&B, with the WANDB_* variables `environment` holds."""
     if spot and not checkpoint_s3:
         raise ValueError("spot training needs a checkpoint S3 URI, or an interruption loses the work")
+    if max_wait is not None and not spot:
+        raise ValueError("--max-wait is how long a spot job may wait for capacity: give --spot too, or drop it")
+    if spot and max_wait is not None and max_wait < max_run:
+        raise ValueError(f"--max-wait {max_wait} is below --max-run {max_run}: SageMaker's MaxWaitTimeInSeconds "
+                         "counts the run and the waiting for spot capacity, so it must be at least --max-run")
+    check_hosts(role, instance_type, instance_count)
+    for flag, uri in (*((f"--{channel.replace('_', '-')}", uri) for channel, uri in channels.items()),
+                      ("--output", output), ("--checkpoints", checkpoint_s3), ("--tensorboard", tensorboard_s3)):
+        check_s3(flag, uri)
+    for key in hyperparameters:  # shown to anyone who may describe the job, and printed by launch
+        if is_secret_name(key.upper()):
+            raise ValueError(secret_refusal(key, "hyperparameter"))
     hyperparameters, environment = dict(hyperparameters), dict(environment or {})
     if mlflow:
         if mlflow.startswith("arn:") and not MLFLOW_ARN.fullmatch(mlflow):
@@ -98,7 +126,7 @@ def training_job_request(*, name: str, image: str, role: str, channels: dict[str
     }
     if spot:
         request["EnableManagedSpotTraining"] = True
-        request["StoppingCondition"]["MaxWaitTimeInSeconds"] = max(max_wait or 0, max_run)
+        request["StoppingCondition"]["MaxWaitTimeInSeconds"] = max_wait or max_run
     if checkpoint_s3:
         request["CheckpointConfig"] = {"S3Uri": checkpoint_s3, "LocalPath": "/opt/ml/checkpoints"}
     if tensorboard_s3:  # SageMaker uploads the job's event files there while it runs
@@ -121,6 +149,8 @@ def endpoint_requests(*, name: str, image: str, role: str, model_data: str | Non
     """CreateModel, CreateEndpointConfig and CreateEndpoint for one endpoint: real-time, or asynchronous
     with async_output (answers written to S3; a request may then run up to an hour). ami_version "auto" is
     default_inference_ami(instance_type); None or "" leaves SageMaker's default host image."""
+    check_hosts(role, instance_type)
+    check_s3("--async", async_output)
     if ami_version == "auto":
         ami_version = default_inference_ami(instance_type)
     environment = dict(environment or {})
@@ -178,7 +208,9 @@ def component_endpoint_requests(*, name: str, image: str, role: str, model_data:
     CreateEndpointConfig, CreateEndpoint, the base's CreateInferenceComponent and one per adapter, in order."""
     if not 0 <= min_instances <= max_instances or max_instances < 1:
         raise ValueError(f"--autoscale {min_instances}:{max_instances}: need 0 <= MIN <= MAX and MAX >= 1")
+    check_hosts(role, instance_type)
     for adapter, uri in (adapters or {}).items():
+        check_s3(f"--adapter {adapter}=", uri)
         if adapter_component(name, adapter) == base_component(name):
             raise ValueError(f"--adapter {adapter}=...: the name '{adapter}' would collide with the base component "
                              f"{base_component(name)}: choose another")
@@ -266,6 +298,9 @@ def model_request(*, name: str, image: str, role: str, model_data: str | None,
     the environment names the model (HF_MODEL_ID)."""
     container = {"Image": image, "Environment": dict(environment or {})}
     check_environment(container["Environment"])
+    check_s3("--model-data", model_data)
+    if not ROLE_ARN.fullmatch(role):
+        raise ValueError(f"--role {role!r}: expected an IAM role's ARN, arn:aws:iam::ACCOUNT:role/NAME")
     if model_data and model_data.endswith((".tar.gz", ".tgz")):
         container["ModelDataUrl"] = model_data
     elif model_data:
@@ -283,6 +318,12 @@ def transform_requests(*, name: str, image: str, role: str, model_data: str, inp
     """CreateModel and CreateTransformJob for a batch of jsonlines requests (one TGI or chat request per line,
     one answer per line, in order). MaxConcurrentTransforms, MaxPayloadInMB and BatchStrategy are left to
     the container's GET /execution-parameters, which sizes them for its engines within SageMaker's limits."""
+    if not model_data.endswith((".tar.gz", ".tgz")):
+        raise ValueError(f"--model-data {model_data!r}: batch transform takes a model.tar.gz (it cannot load a "
+                         "model's files from an S3 prefix: train without --uncompressed-output)")
+    check_hosts(role, instance_type, instance_count)
+    check_s3("--input", input_s3)
+    check_s3("--output", output_s3)
     if ami_version == "auto":
         ami_version = default_transform_ami(instance_type)
     resources = {"InstanceType": instance_type, "InstanceCount": instance_count}

@@ -32,7 +32,7 @@ serve_and_ask() {  # $1: the SAGEMAKER_BASE_DIR whose model to serve
 }
 
 rows_job="$here/test_dir"
-rm -rf "$rows_job/model" "$rows_job/output"
+rm -rf "$rows_job/model" "$rows_job/output" "$rows_job/checkpoints"
 echo "== 1. train from instruction rows (SAGEMAKER_BASE_DIR=$rows_job)"
 SAGEMAKER_BASE_DIR="$rows_job" train
 serve_and_ask "$rows_job"

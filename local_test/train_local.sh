@@ -4,8 +4,11 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 image="${1:-llm-twin-sagemaker:latest}"
-rm -rf "$here/test_dir/model" "$here/test_dir/output" "$here/test_dir/input/scratch"
+# A fresh run: no model, output or checkpoints of the last one (which it would resume from). Removed through the
+# image, because a rootful Docker leaves them owned by root.
+docker run --rm --entrypoint rm -v "$here/test_dir:/opt/ml" "$image" \
+  -rf /opt/ml/model /opt/ml/output /opt/ml/checkpoints /opt/ml/input/scratch
 mkdir -p "$here/test_dir/model" "$here/test_dir/output"
 gpus=()
 if command -v nvidia-smi >/dev/null 2>&1; then gpus=(--gpus all); fi
-docker run --rm "${gpus[@]}" -v "$here/test_dir:/opt/ml" "$image" train
+docker run --rm ${gpus[@]+"${gpus[@]}"} -v "$here/test_dir:/opt/ml" "$image" train  # bash 3.2 (macOS): no empty "${a[@]}"

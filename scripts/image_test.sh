@@ -71,7 +71,8 @@ git -C "$repo" ls-files -z | (cd "$repo" && xargs -0 cp --parents -t "$context")
 torch_version="$(sed -n 's/^torch==//p' "$repo/requirements.txt")"
 wheel="${TORCH_WHEEL:-}"
 for folder in ${PIP_FIND_LINKS:-} /opt/wheels; do
-  [[ -n "$wheel" ]] || wheel="$(find "$folder" -maxdepth 1 -name "torch-$torch_version+cpu-cp311-*.whl" 2>/dev/null | head -1)"
+  [[ -z "$wheel" && -d "$folder" ]] || continue  # a missing folder (or a URL) must not end the script: pipefail
+  wheel="$(find "$folder" -maxdepth 1 -name "torch-$torch_version+cpu-cp311-*.whl" | head -1)"
 done
 if [[ -n "$wheel" ]]; then
   cp "$wheel" "$context/.wheels/"

@@ -1,5 +1,6 @@
 """build_and_push.sh with fake `aws` and `docker` on PATH: the commands it runs, per partition."""
 
+import shutil
 import subprocess
 
 import pytest
@@ -72,3 +73,27 @@ def test_dry_run_runs_nothing_and_a_missing_region_is_an_error(fake_cli):
     assert result.returncode == 0 and "+ docker push" in result.stdout and not calls.exists()
     missing = subprocess.run([str(REPO / "build_and_push.sh")], env=env, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "no AWS region" in missing.stderr
+
+
+def test_the_default_tag_is_the_commit_and_says_dirty_when_the_tree_has_changes(fake_cli, tmp_path):
+    env, calls = fake_cli
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(REPO / "build_and_push.sh", repo)
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
+                              env=env).stdout.strip()
+
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "one")
+    commit = git("rev-parse", "--short", "HEAD")
+    for change, tag in ((None, commit), ("new.txt", f"{commit}-dirty")):
+        if change:
+            (repo / change).write_text("not committed")
+        calls.write_text("")
+        result = subprocess.run([str(repo / "build_and_push.sh"), "--region", "us-east-1", "twin"], env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert f"docker push 123456789012.dkr.ecr.us-east-1.amazonaws.com/twin:{tag}" in calls.read_text()

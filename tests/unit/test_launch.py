@@ -148,7 +148,7 @@ def test_batch_sends_the_exact_transform_job_with_the_driver_535_host_image():
         stub.assert_no_pending_responses()
     from launch.api import transform_requests
 
-    cpu = transform_requests(name="n", image=IMAGE, role=ROLE, model_data="s3://b/m", input_s3="s3://b/i",
+    cpu = transform_requests(name="n", image=IMAGE, role=ROLE, model_data="s3://b/m.tar.gz", input_s3="s3://b/i",
                              output_s3="s3://b/o", instance_type="ml.m5.xlarge")
     assert "TransformAmiVersion" not in cpu["job"]["TransformResources"]
 
@@ -374,3 +374,50 @@ def test_inference_components_refuse_async_and_a_bad_adapter_clearly():
     with pytest.raises(SystemExit, match="need 0 <= MIN <= MAX"):
         main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/m.tar.gz", "--name", "z",
               "--inference-components", "--autoscale", "3:1"], clients={"sagemaker": sm})
+
+
+def test_a_deploy_that_failed_half_way_is_deleted_and_aws_refusals_are_one_line():
+    sm = client("sagemaker")
+    with Stubber(sm) as stub:
+        stub.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:us-east-1:123456789012:model/twin"})
+        stub.add_client_error("create_endpoint_config", "ResourceLimitExceeded", "account-level service limit")
+        with pytest.raises(SystemExit) as refused:
+            main(["deploy", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/m.tar.gz", "--name", "twin"],
+                 clients={"sagemaker": sm})
+        assert str(refused.value.code).startswith("launch: AWS refused: An error occurred (ResourceLimitExceeded)")
+        assert "`python -m launch delete --name twin` removes what deploy created" in str(refused.value.code)
+        stub.add_response("list_inference_components", {"InferenceComponents": []})
+        stub.add_client_error("delete_endpoint", "ValidationException", 'Could not find endpoint "twin".')
+        stub.add_client_error("delete_endpoint_config", "ValidationException",
+                              'Could not find endpoint configuration "twin".')
+        stub.add_response("delete_model", {}, {"ModelName": "twin"})
+        assert main(["delete", "--name", "twin"], clients={"sagemaker": sm}) == 0
+        stub.assert_no_pending_responses()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train", "./data"], "--train './data': expected an S3 URI"),
+    (["--role", "SageMakerRole"], "--role 'SageMakerRole': expected an IAM role's ARN"),
+    (["--instance-type", "g5.2xlarge"], "expected a SageMaker instance type, e.g. ml.g5.2xlarge"),
+    (["--instance-count", "0"], "--instance-count 0: expected 1 or more"),
+    (["--spot", "--checkpoints", "s3://b/c/", "--max-run", "7200", "--max-wait", "3600"],
+     "--max-wait 3600 is below --max-run 7200"),
+    (["--max-wait", "3600"], "give --spot too"),
+    (["--hyperparameters", "/no/such.json"], "--hyperparameters /no/such.json: No such file"),
+])
+def test_train_refuses_what_sagemaker_would_refuse_only_after_starting(argv, message):
+    flags = ["--image", IMAGE, "--role", ROLE, "--train", "s3://b/t/", "--output", "s3://b/o/", *argv]  # last wins
+    with pytest.raises(SystemExit) as refused:
+        main(["train", *flags], clients={"sagemaker": client("sagemaker")})
+    assert message in str(refused.value.code)
+
+
+def test_hyperparameters_file_must_hold_an_object_and_batch_a_tarball(tmp_path):
+    listed = tmp_path / "hp.json"
+    listed.write_text('["lora_r", 8]')
+    with pytest.raises(SystemExit, match="expected a JSON object of name: value, got list"):
+        main(["train", "--image", IMAGE, "--role", ROLE, "--train", "s3://b/t/", "--output", "s3://b/o/",
+              "--hyperparameters", str(listed)], clients={"sagemaker": client("sagemaker")})
+    with pytest.raises(SystemExit, match="batch transform takes a model.tar.gz"):
+        main(["batch", "--image", IMAGE, "--role", ROLE, "--model-data", "s3://b/out/job/output/model/",
+              "--input", "s3://b/i/", "--output", "s3://b/o/"], clients={"sagemaker": client("sagemaker")})

@@ -138,6 +138,7 @@ def test_a_secret_value_for_a_model_is_refused_and_never_repeated(monkeypatch, c
      "export MLFLOW_TRACKING_PASSWORD_SECRET_ARN=ITS_ARN"),
     (["--secret", "HF_TOKEN=hf_secret_value"], {}, "--secret HF_TOKEN=...: expected arn:aws:secretsmanager"),
     (["--secret", "HF_TOKEN_SECRET_ARN=" + HF_ARN], {}, "without _SECRET_ARN"),
+    (["--hp", "hub_token=hf_secret_value"], {}, "hyperparameter: hub_token is a secret"),  # shown like Environment
 ])
 def test_a_secret_value_for_a_training_job_is_refused_and_never_repeated(monkeypatch, capsys, argv, shell, message):
     for name, value in shell.items():
