@@ -21,9 +21,10 @@ from container.opt_ml import (MODEL_SERVER_TIMEOUT_ENV, MODEL_SERVER_WORKERS_ENV
 from serve.adapters import RESERVED_NAMES
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-# TGI's values. `bitsandbytes` is TGI's 8-bit: vLLM quantizes in flight only to 4-bit, so it is refused
-# by name rather than silently given another precision.
-QUANTIZE = ("", "bitsandbytes-nf4", "awq", "gptq", "fp8")
+# TGI's values that vLLM 0.32 has. TGI's bitsandbytes ones are refused by name: vLLM 0.32 has no bitsandbytes
+# quantization (it is not among its QUANTIZATION_METHODS), so they could only fail once the model is loading.
+QUANTIZE = ("", "awq", "gptq", "fp8")
+BITSANDBYTES = ("bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4")
 PING_THREADS = 4  # HTTP threads kept free of generation work for /health, /info, /metrics (the worker answers /ping)
 # Batch transform (SAGEMAKER_BATCH=true). SageMaker refuses a transform job whose MaxConcurrentTransforms x
 # MaxPayloadInMB exceeds 100 MB. A mini-batch of 1 MB (the smallest above 0) of prompts is still thousands of
@@ -153,9 +154,10 @@ class ServeConfig:
         )
         if config.dtype not in DTYPES:
             raise ConfigError(f"DTYPE={config.dtype!r} is not valid: use one of {', '.join(DTYPES)}")
-        if config.quantize == "bitsandbytes":
-            raise ConfigError("QUANTIZE=bitsandbytes is TGI's 8-bit, which vLLM cannot quantize to in flight: "
-                              "use bitsandbytes-nf4 (4-bit), or serve a pre-quantized awq/gptq/fp8 model")
+        if config.quantize in BITSANDBYTES:
+            raise ConfigError(f"QUANTIZE={config.quantize} is TGI's bitsandbytes, which vLLM 0.32 does not have: "
+                              "serve the 16-bit model, a pre-quantized awq or gptq one, or QUANTIZE=fp8 (8-bit "
+                              "weights in flight, on GPUs with FP8: L4, L40S, H100)")
         if config.quantize not in QUANTIZE:
             raise ConfigError(f"QUANTIZE={config.quantize!r} is not valid: use one of {', '.join(QUANTIZE[1:])}, "
                               "or leave it unset")

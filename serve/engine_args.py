@@ -60,7 +60,7 @@ def engine_arguments(config: ServeConfig, spec: ServingSpec, lora_rank: int) -> 
         arguments["kv_cache_memory_bytes"] = kv_cache_bytes(model_config, config.max_batch_total_tokens, max_total,
                                                             config.max_batch_size, 4 if dtype == "float32" else 2)
     if config.quantize:
-        arguments["quantization"] = "bitsandbytes" if config.quantize.startswith("bitsandbytes") else config.quantize
+        arguments["quantization"] = config.quantize
     if lora_wanted(config, spec):
         slots = lora_slots(config, spec)
         arguments.update(enable_lora=True, max_loras=slots, max_cpu_loras=slots, max_lora_rank=lora_rank)

@@ -35,12 +35,15 @@ log = logging.getLogger(__name__)
 
 
 def lora_request(adapter: Adapter | None):
-    """vLLM's LoRARequest for `adapter` (None: the base model)."""
+    """vLLM's LoRARequest for `adapter` (None: the base model). Its name is the version's own: vLLM tells
+    LoRARequests apart by name alone (equality, hashing, the prefix cache's keys with the path), so two versions
+    of one adapter named alike would share cached KV (stale answers after a re-registration from the same
+    folder) and collapse into one in a batch that holds both (the new one then evicted while it runs)."""
     if adapter is None:
         return None
     from vllm.lora.request import LoRARequest
 
-    return LoRARequest(adapter.name, adapter.number, str(adapter.path))
+    return LoRARequest(f"{adapter.name}@{adapter.number}", adapter.number, str(adapter.path))
 
 
 class LoraCache:

@@ -56,9 +56,6 @@ def prepare(environ: Mapping[str, str] = os.environ) -> Startup:
     custom = load_custom_handlers(config.model_dir)
     spec = serving_spec(config.model_dir, custom)
     gpus, gpu_bytes = gpus_present()
-    if config.quantize.startswith("bitsandbytes") and not gpus:
-        raise ConfigError(f"QUANTIZE={config.quantize} needs a GPU: vLLM's CPU engine has no bitsandbytes kernels "
-                          "(serve the 16-bit model on the CPU)")
     if config.num_shard:  # NUM_SHARD set: one engine sharded over that many GPUs, as TGI does
         placement = Placement(config.workers or 1, pin_gpus=False, span_gpus=False)
     else:

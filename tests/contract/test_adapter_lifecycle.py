@@ -136,6 +136,34 @@ def replace_during_a_stream(server, old: Path, new: Path) -> tuple[str, bool]:
     return short_on_new, overlapped
 
 
+def test_a_twin_retrained_into_the_same_folder_answers_from_its_new_weights_not_cached_ones(lifecycle):
+    """Registered again from the same folder, a new version must not reuse the prefix-cache KV its old
+    version computed for a prompt (vLLM keys that cache on the LoRA's name and folder)."""
+    server, root = lifecycle
+    folder, retrained = root / "twin-in-place", make_adapter(root / "model", root / "twin-42", seed=42)
+    make_adapter(root / "model", folder, seed=41)
+    prompt = "Write about lesson 3, and what it taught you. " * 12  # several of the KV cache's blocks
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": 8}}
+
+    def answer(adapter):
+        response = server.invoke(body, headers={"Content-Type": "application/json", ADAPTER_HEADER: adapter})
+        assert response.status_code == 200, response.text
+        return response.json()[0]["generated_text"]
+
+    try:
+        register(server, "twin", folder)
+        before = answer("twin")  # the prompt's KV, computed with the first weights, is now in the cache
+        register(server, "reference", retrained)
+        expected = answer("reference")
+        shutil.rmtree(folder)
+        shutil.copytree(retrained, folder)  # a retraining written over the first
+        register(server, "twin", folder)
+        assert answer("twin") == expected != before
+    finally:
+        for name in ("twin", "reference"):
+            requests.delete(server.url + f"/adapters/{name}", timeout=60)
+
+
 def test_a_name_that_is_not_registered_is_a_4xx_never_the_base_models_answer(lifecycle):
     server, root = lifecycle
     base = server.invoke({"inputs": PROMPT, "parameters": {"max_new_tokens": 8}}).json()[0]["generated_text"]

@@ -1,4 +1,4 @@
-"""GPU paths: training in bf16 on CUDA and serving on CUDA (vLLM), 4-bit too. Skipped cleanly without a GPU."""
+"""GPU paths: training in bf16 on CUDA and serving on CUDA (vLLM), FP8 too. Skipped cleanly without a GPU."""
 
 import pytest
 
@@ -24,12 +24,14 @@ def test_train_in_bf16_on_cuda_then_serve_on_cuda(tmp_path, tiny_model, serve_tr
     assert "model ready: vLLM engine" in server.stop()
 
 
-def test_serve_bitsandbytes_nf4_on_cuda(tiny_served_model, serve_tree):
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 needs compute capability 8.9 (L4, L40S, H100)")
+def test_serve_fp8_in_flight_on_cuda(tiny_served_model, serve_tree):
     pytest.importorskip("vllm", reason="serving needs vLLM")
-    server = serve_tree(tiny_served_model, QUANTIZE="bitsandbytes-nf4")
+    server = serve_tree(tiny_served_model, QUANTIZE="fp8")
     response = server.invoke({"inputs": "Hello", "parameters": {"max_new_tokens": 4, "details": True}})
     assert response.status_code == 200, response.text
-    assert '"quantization": "bitsandbytes"' in server.stop()
+    assert '"quantization": "fp8"' in server.stop()
 
 
 def test_qlora_4bit_on_cuda(tmp_path, tiny_model):

@@ -61,9 +61,10 @@ def test_an_adapter_only_model_is_served_as_lora_on_its_base(tmp_path, tiny_mode
 
 def test_quantize_takes_tgis_names_and_refuses_8_bit(served):
     assert arguments(served, QUANTIZE="awq")[0]["quantization"] == "awq"
-    assert arguments(served, HF_MODEL_QUANTIZE="bitsandbytes-nf4")[0]["quantization"] == "bitsandbytes"
-    with pytest.raises(ConfigError, match="QUANTIZE=bitsandbytes is TGI's 8-bit"):
-        arguments(served, QUANTIZE="bitsandbytes")
+    assert arguments(served, HF_MODEL_QUANTIZE="fp8")[0]["quantization"] == "fp8"
+    for tgis in ("bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4"):  # vLLM 0.32 has none of them
+        with pytest.raises(ConfigError, match=f"QUANTIZE={tgis} is TGI's bitsandbytes, which vLLM 0.32 does not"):
+            arguments(served, QUANTIZE=tgis)
     with pytest.raises(ConfigError, match="LORA_ADAPTERS: adapter 'x' is not a folder"):
         arguments(served, LORA_ADAPTERS="x=/nowhere")
     with pytest.raises(ConfigError, match="LORA_ADAPTERS: 'tgi' names the served model itself"):

@@ -227,3 +227,11 @@ def test_max_loras_is_both_vllms_cache_and_its_batch_so_the_lru_holds_what_runs(
         assert lora_slots(config, spec) == slots
         wanted = (slots, slots) if slots else (None, None)  # no adapters: no LoRA in the engine at all
         assert (arguments.get("max_loras"), arguments.get("max_cpu_loras")) == wanted
+
+
+def test_each_version_of_an_adapter_is_its_own_lora_for_vllm(tmp_path):
+    """vLLM tells LoRARequests apart by name alone (and keys its prefix cache on name and path): two versions
+    of one adapter from the same folder must not be one LoRA to it."""
+    old, new = (lora_request(Adapter("alice", number, tmp_path)) for number in (1 << 20, (1 << 20) + 7))
+    assert old != new and len({old, new}) == 2 and old.lora_name != new.lora_name
+    assert (old.lora_int_id, new.lora_int_id) == (1 << 20, (1 << 20) + 7) and old.lora_path == new.lora_path
