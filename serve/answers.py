@@ -32,17 +32,18 @@ hang_ups = HangUps()  # this worker's watch on the clients of plain requests tha
 def answer(engine, generate: GenerateRequest, timeout: float, stream_timeout: float, metrics: Metrics,
            one_object: bool = False, turn: Turn | None = None) -> Response:
     """one_object: TGI's /generate answers the item itself, not a list of one. A stream has its own timeout.
-    A client that leaves a stream stops it at the next write; one that leaves a plain request is noticed
-    while it waits (gunicorn gives the connection's socket), and its generation is aborted."""
+    A client that leaves a stream stops it at the next write; one that leaves before anything was written (a
+    plain request, a stream before its first event) is noticed while it waits (gunicorn gives the connection's
+    socket), and its generation is aborted."""
     streaming = False
     try:
         ticket = engine.submit(generate)
-        if generate.stream:
-            response = _stream(ticket, generate, stream_timeout, metrics, turn)
-            streaming = True  # the response releases the turn when it ends
-            return response
         try:
             with hang_ups.watch(request.environ.get("gunicorn.socket"), ticket.hang_up):
+                if generate.stream:
+                    response = _stream(ticket, generate, stream_timeout, metrics, turn)  # has its first event
+                    streaming = True  # the response releases the turn when it ends
+                    return response
                 result = ticket.result(timeout)
         except ClientGone:
             log.info("client left before its answer: generation aborted")
@@ -126,6 +127,8 @@ def _stream(ticket: Ticket, generate: GenerateRequest, timeout: float, metrics: 
             yield _sse({"error": e.message, "error_type": e.error_type})
         except TimeoutError as e:
             yield _sse({"error": str(e), "error_type": "generation"})
+        except ClientGone:  # it left just as its first event came: nobody to write to
+            return
 
     def ended() -> None:  # also when the body was never read
         events.close()

@@ -8,6 +8,7 @@ run at once, NUM_SHARD the tensor-parallel GPUs, CUDA_MEMORY_FRACTION vLLM's GPU
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from container.config import ConfigError
@@ -16,6 +17,7 @@ from container.model_dir import ADAPTER_DIR, ServingSpec, resolve_base
 from serve.adapters import MODEL_ADAPTER, adapter_rank
 from serve.config import LORA_RANKS, REGISTERED_LORA_RANK, REGISTERED_LORAS, ServeConfig
 
+log = logging.getLogger(__name__)
 CPU_KV_CACHE_SHARE = 0.25  # of the host's available memory, at most, when MAX_BATCH_TOTAL_TOKENS is unset
 
 
@@ -58,7 +60,12 @@ def engine_arguments(config: ServeConfig, spec: ServingSpec, lora_rank: int) -> 
     model_config = os.path.join(arguments["model"], "config.json")
     if (config.max_batch_total_tokens or cpu) and os.path.isfile(model_config):  # else vLLM sizes it from GPU memory
         arguments["kv_cache_memory_bytes"] = kv_cache_bytes(model_config, config.max_batch_total_tokens, max_total,
-                                                            config.max_batch_size, 4 if dtype == "float32" else 2)
+                                                            config.max_batch_size, 4 if dtype == "float32" else 2,
+                                                            shards=arguments.get("tensor_parallel_size", 1))
+    elif config.max_batch_total_tokens:  # a hub base (an adapter-only twin): its config is not here before vLLM's
+        log.warning("MAX_BATCH_TOTAL_TOKENS=%d is not applied: the base model %s is not a local folder, so its "
+                    "per-token KV size is unknown before vLLM loads it; vLLM sizes the cache from memory",
+                    config.max_batch_total_tokens, arguments["model"])
     if config.quantize:
         arguments["quantization"] = config.quantize
     if lora_wanted(config, spec):
@@ -107,15 +114,18 @@ def max_lora_rank(config: ServeConfig, spec: ServingSpec) -> int:
     return next(r for r in LORA_RANKS if r >= largest)
 
 
-def kv_cache_bytes(model_config: str, total_tokens: int, max_total: int, max_seqs: int, element_bytes: int) -> int:
-    """KV cache size: MAX_BATCH_TOTAL_TOKENS when set (TGI's meaning: tokens the whole batch may hold);
-    else, on the CPU, what a full batch of full-length sequences needs, capped at a share of the host's
-    available memory. `element_bytes`: the cache holds the model's dtype, 2 bytes or float32's 4."""
+def kv_cache_bytes(model_config: str, total_tokens: int, max_total: int, max_seqs: int, element_bytes: int,
+                   shards: int = 1) -> int:
+    """KV cache size per GPU (vLLM's kv_cache_memory_bytes): MAX_BATCH_TOTAL_TOKENS when set (TGI's meaning:
+    tokens the whole batch may hold); else, on the CPU, what a full batch of full-length sequences needs,
+    capped at a share of the host's available memory. `element_bytes`: the cache holds the model's dtype, 2
+    bytes or float32's 4. `shards`: tensor parallelism splits the KV heads over the GPUs (each keeps one at
+    least)."""
     with open(model_config, encoding="utf-8") as f:
         model_config = json.load(f)
     layers = model_config.get("num_hidden_layers", 32)
     heads = model_config.get("num_attention_heads", 32)
-    kv_heads = model_config.get("num_key_value_heads") or heads
+    kv_heads = max(1, (model_config.get("num_key_value_heads") or heads) // shards)
     head_dim = model_config.get("head_dim") or model_config.get("hidden_size", 4096) // heads
     bytes_per_token = 2 * layers * kv_heads * head_dim * element_bytes  # keys and values
     if total_tokens:

@@ -30,6 +30,7 @@ from contextlib import asynccontextmanager
 
 from serve.adapters import Adapter
 from serve.errors import ValidationError
+from serve.faults import REQUEST, classify
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,8 @@ class LoraCache:
             try:
                 await self.llm.add_lora(lora_request(adapter))
             except Exception as e:  # vLLM's engine answers a failed add_lora with an error, and lives on
+                if classify(e) != REQUEST:  # unless the engine itself died: the fault policy's, not a bad adapter
+                    raise
                 raise ValidationError(f"adapter {adapter.name!r} from {adapter.path} could not be loaded onto the "
                                       f"base model: {type(e).__name__}: {e}") from None
             self.known[adapter.number] = adapter

@@ -48,6 +48,16 @@ def plan(requested_workers: int, gpus: int, gpu_bytes: int, model_bytes: int | N
     return Placement(1, pin_gpus=False, span_gpus=gpus > 1)
 
 
+def sharded(shards: int, requested_workers: int, gpus: int) -> Placement:
+    """NUM_SHARD: one engine over `shards` GPUs, as TGI runs it. More workers would each take the same GPUs."""
+    if shards > max(gpus, 1):
+        raise ConfigError(f"NUM_SHARD={shards} shards the model over {shards} GPUs, and this host has {gpus}")
+    if requested_workers > 1:
+        raise ConfigError(f"NUM_SHARD={shards} runs one engine over {shards} GPUs; {MODEL_SERVER_WORKERS_ENV}="
+                          f"{requested_workers} would start {requested_workers} of them on the same GPUs: unset it")
+    return Placement(1, pin_gpus=False, span_gpus=False)
+
+
 def free_gpu(taken: set[int], gpus: int) -> int:
     """The lowest GPU index no live worker holds (a restarted worker takes its predecessor's GPU)."""
     return min(set(range(gpus)) - taken) if len(taken) < gpus else 0

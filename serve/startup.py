@@ -21,7 +21,7 @@ from serve.config import ServeConfig
 from serve.custom import CustomHandlers, load_custom_handlers
 from serve.engine_args import fixed_adapters, lora_wanted, max_lora_rank
 from serve.model_source import model_source
-from serve.placement import Placement, gpus_present, model_bytes, plan
+from serve.placement import Placement, gpus_present, model_bytes, plan, sharded
 from serve.sessions import Sessions
 
 SHM_NEEDED = 400 * 2**20  # vLLM's multiprocess executor keeps two message queues there (160 + 240 MiB)
@@ -57,7 +57,7 @@ def prepare(environ: Mapping[str, str] = os.environ) -> Startup:
     spec = serving_spec(config.model_dir, custom)
     gpus, gpu_bytes = gpus_present()
     if config.num_shard:  # NUM_SHARD set: one engine sharded over that many GPUs, as TGI does
-        placement = Placement(config.workers or 1, pin_gpus=False, span_gpus=False)
+        placement = sharded(config.num_shard, config.workers, gpus)
     else:
         placement = plan(config.workers, gpus, gpu_bytes, model_bytes(config.model_dir))
     config = config.with_engine_copies(placement.workers)

@@ -208,6 +208,21 @@ def test_leaving_during_a_plain_answer_aborts_it_and_records_nothing_in_its_sess
     assert "Which word?" in prompt and "heliotrope" not in prompt  # and its answer never recorded
 
 
+def test_an_sse_stream_left_before_its_first_event_is_aborted(server):
+    """Nothing is written to a stream's client before its first event: its leaving is watched until then."""
+    before, engines = metric(server, r'llm_twin_responses_total\{status="499"\}'), server.engines()
+    body = json.dumps({"inputs": "Go on", "stream": True, "parameters": {"max_new_tokens": 400}}).encode()
+    with frozen(engines):  # no first token can come, however slow the machine
+        client = socket.create_connection(("127.0.0.1", server.port))
+        client.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_until(lambda: metric(server, "llm_twin_requests_in_flight") == 1, "the stream was never admitted")
+        client.close()
+        wait_until(lambda: metric(server, r'llm_twin_responses_total\{status="499"\}') == before + 1,
+                   "the server never noticed the stream's client had left")
+        assert metric(server, "llm_twin_requests_in_flight") == 0  # its slot is free while the engine is frozen
+
+
 def metric(server, name: str) -> int:
     """A counter or gauge of the server's /metrics (0 when it has no such line yet); `name` is a regex."""
     found = re.search(rf"^{name} (\d+)$", requests.get(server.url + "/metrics", timeout=30).text, re.M)

@@ -129,3 +129,14 @@ def test_enable_lora_readies_the_engine_for_adapters_registered_later(served, tm
     (wide / "adapter_config.json").write_text(json.dumps({"r": 32}))
     with pytest.raises(ConfigError, match="MAX_LORA_RANK=16 is below the rank of .*wide \\(32\\)"):
         arguments(served, LORA_ADAPTERS=f"wide={wide}", MAX_LORA_RANK="16")
+
+
+def test_the_kv_cache_is_sized_per_gpu_when_tensor_parallelism_splits_its_heads(tmp_path):
+    from serve.engine_args import kv_cache_bytes
+
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 4, "num_attention_heads": 16,
+                                                      "num_key_value_heads": 8, "hidden_size": 1024}))
+    whole = kv_cache_bytes(str(tmp_path / "config.json"), 1000, 512, 8, 2)
+    assert whole == 1000 * 2 * 4 * 8 * 64 * 2  # tokens x (keys, values) x layers x heads x head_dim x bytes
+    assert kv_cache_bytes(str(tmp_path / "config.json"), 1000, 512, 8, 2, shards=2) == whole // 2
+    assert kv_cache_bytes(str(tmp_path / "config.json"), 1000, 512, 8, 2, shards=16) == whole // 8  # one head each

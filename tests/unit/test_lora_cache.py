@@ -22,17 +22,23 @@ from serve.errors import ValidationError
 from serve.lora_cache import LoraCache, lora_request
 
 
+class EngineDeadError(Exception):
+    """Named as vLLM's (vllm.v1.engine.exceptions): serve/faults.py classifies errors by their type's name."""
+
+
 class CacheLLM:
     """vLLM's LRU cache of `capacity` adapters (least recently used out first, never a pinned one), and its
     engine's failure when a batch's adapters do not fit beside the pins."""
 
-    def __init__(self, capacity: int, broken: tuple[str, ...] = ()):
-        self.capacity, self.broken = capacity, broken
+    def __init__(self, capacity: int, broken: tuple[str, ...] = (), dead: bool = False):
+        self.capacity, self.broken, self.dead = capacity, broken, dead
         self.cache: dict[int, str] = {}  # oldest first
         self.pinned: set[int] = set()
         self.loads: list[int] = []
 
     async def add_lora(self, request):
+        if self.dead:
+            raise EngineDeadError("EngineCore encountered an issue")
         if request.lora_path in self.broken:
             raise RuntimeError(f"Loading lora {request.lora_name} failed")
         if request.lora_int_id not in self.cache:
@@ -84,6 +90,16 @@ def test_a_version_loads_once_and_one_that_cannot_load_is_a_422_not_an_engine_fa
 
     loras = run(scenario())
     assert loras.llm.loads == [1] and loras.in_flight == {} and set(loras.known) == {1}
+
+
+def test_an_engine_that_died_while_loading_an_adapter_is_a_fatal_fault_not_a_bad_adapter():
+    async def scenario():
+        async with cache(2, dead=True).use(version("alice", 1)):
+            pass
+
+    with pytest.raises(EngineDeadError):  # the fault policy restarts the worker; no 422 blames the adapter
+        run(scenario())
+
 
 
 def test_a_pinned_adapter_stays_while_the_others_are_evicted_least_recently_used_first():

@@ -47,3 +47,13 @@ def test_too_little_shared_memory_for_vllm_is_refused_with_the_fix(monkeypatch):
         check_shared_memory()
     monkeypatch.setattr("shutil.disk_usage", lambda path: usage(2**30, 0, 2**30))
     check_shared_memory()  # 1 GiB: enough
+
+
+def test_num_shard_runs_one_engine_over_gpus_the_host_has():
+    from serve.placement import sharded
+
+    assert sharded(4, 0, gpus=4) == Placement(1, pin_gpus=False, span_gpus=False)
+    with pytest.raises(ConfigError, match="NUM_SHARD=2 shards the model over 2 GPUs, and this host has 0"):
+        sharded(2, 0, gpus=0)
+    with pytest.raises(ConfigError, match="would start 2 of them on the same GPUs"):
+        sharded(2, 2, gpus=4)
