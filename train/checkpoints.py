@@ -23,6 +23,12 @@ for it. The first process decides where to resume and tells the others (`on_firs
 every instance resumes from the same step. A resume never deletes another instance's files; a stale folder is
 cleared (on every instance, its own copy of the union) only when all of them are about to write that step anew.
 
+Whose. A job resumes only checkpoints of the same training: `claim` keeps what they were trained on (the base
+model and its commit, the method, the adapter's shape, a digest of every stage's rows) in `job.json` at the
+checkpoints' root, and a job that finds another there is refused before it trains, rather than skipping a stage
+or resuming a step of someone else's work. A restart, or a new job given the same checkpoint URI to go on with
+the same training, finds its own and resumes; other hyperparameters (steps, learning rate) may change.
+
 Stopping. SIGTERM (train/stop.py) stops training at the next micro-batch: `StopAtNextMicroBatch`.
 """
 
@@ -44,6 +50,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from container.config import ConfigError
 from train.stop import Stop
 
 log = logging.getLogger(__name__)
@@ -214,6 +221,32 @@ def is_complete(folder: Path, markers: Markers = Markers()) -> bool:
         log.warning("%s fails verification: %s; training that stage again (kept until it is replaced)", folder,
                     problem)
     return problem is None
+
+
+JOB_FILE = "job.json"
+
+
+def claim(checkpoints_dir: Path, training: dict, write: bool) -> None:
+    """Refuse checkpoints of another training (see Whose, above); `write`: this process records `training` when
+    the folder has none (the first process of each instance)."""
+    path = checkpoints_dir / JOB_FILE
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        found = None
+    except ValueError:  # written whole by rename, so only a hand-edited file: it says nothing to trust
+        log.warning("%s is not JSON: recording this training in its place", path)
+        found = None
+    if isinstance(found, dict) and found != training:
+        differ = sorted(key for key in training.keys() | found.keys() if training.get(key) != found.get(key))
+        raise ConfigError(f"the checkpoints in {checkpoints_dir} are another training's ({', '.join(differ)} "
+                          "differ), which this job would resume as its own: give it a new checkpoint S3 URI (or "
+                          "empty that one)")
+    if found is None and write:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{JOB_FILE}.{os.getpid()}.tmp")
+        staging.write_text(json.dumps(training, sort_keys=True, indent=1) + "\n", encoding="utf-8")
+        staging.replace(path)
 
 
 def on_first_process(decide: Callable[[], T]) -> T:

@@ -52,10 +52,9 @@ def resolve_base_model(config: TrainConfig, paths: OptML, pinned: str | None = N
     A hub model_id's revision is resolved to its commit here, unless `pinned` (the launcher's) already is."""
     if config.model_id:
         local = Path(config.model_id)
-        reference = None if local.is_absolute() else config.model_id
-        if local.is_absolute() or local.is_dir():  # a folder on this machine: no hub revision
-            return BaseModel(config.model_id, reference)
-        return BaseModel(config.model_id, reference, pinned or hub_commit(config.model_id, config.model_revision))
+        if local.is_absolute() or local.is_dir():  # a folder on this machine: no hub revision, no endpoint finds it
+            return BaseModel(config.model_id, None)
+        return BaseModel(config.model_id, config.model_id, pinned or hub_commit(config.model_id, config.model_revision))
     channel = paths.channel(MODEL_CHANNEL)
     if channel.is_dir():
         return BaseModel(str(_model_folder(channel)), None)

@@ -19,7 +19,7 @@ import torch
 
 from container.model_dir import TRAINING_REPORT_FILE
 from container.opt_ml import OptML
-from train.checkpoints import Markers, is_complete, mark_complete
+from train.checkpoints import Markers, claim, is_complete, mark_complete
 from train.config import TrainConfig
 from train.data import read_jsonl, to_sft_row, write_jsonl
 from train.export import MODEL_CARD_FILE, export_model
@@ -45,6 +45,7 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
         with stop.phase("writing the instructions (instructions=auto)"):
             rows, report["instructions"] = instruction_rows(config, paths, corpus, base)
         data = {**data, **{stage: rows for stage in config.stages if stage not in data}}
+    claim(paths.checkpoints_dir, training_identity(config, base, data), write=_rank("LOCAL_RANK") == 0)
     with stop.phase("loading the tokenizer"):
         tokenizer = load_tokenizer(base.source, config, base.revision)
     params = {**{k: ",".join(v) if isinstance(v, tuple) else v for k, v in report["config"].items()},
@@ -53,6 +54,13 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
         params["base_model_revision"] = base.revision
     with tracked(config.report_to, paths, params) as tracking:
         _train_stages(config, paths, data, base, stop, device, tokenizer, report, tracking)
+
+
+def training_identity(config: TrainConfig, base: BaseModel, data: dict[str, tuple[list, list]]) -> dict:
+    """What checkpoints must have been trained on to be resumed (train/checkpoints.py claim)."""
+    return {"base_model": base.source, "base_model_revision": base.revision, "method": config.method,
+            "adapter": config.adapter, "lora": [config.lora_r, config.lora_alpha, list(config.lora_target_modules)],
+            "data": {stage: [rows_digest(train), rows_digest(held_out)] for stage, (train, held_out) in data.items()}}
 
 
 def start_report(config: TrainConfig, base: BaseModel, device) -> dict:
@@ -73,7 +81,7 @@ def _train_stages(config: TrainConfig, paths: OptML, data: dict[str, tuple[list,
     extras: dict[str, Path] = {}  # files shipped with the model besides what export writes
     resources = paths.read_resource_config()
     markers = Markers.for_hosts(resources.current_host, resources.hosts)
-    run = RunContext(device, stop, markers, tracking)
+    run = RunContext(device, stop, markers, tracking, revision=base.revision_of)
     for index, stage in enumerate(config.stages):
         stage_dir = paths.checkpoints_dir / stage
         final = stage_dir / "final"
@@ -138,7 +146,7 @@ def _auto_pairs(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
     data reuses them, a restart on changed data builds new ones."""
     from accelerate.utils import broadcast_object_list, gather_object
 
-    state = _processes()
+    state = _processes(config)
     files = [stage_dir / f"{name}-{rows_digest(rows)}.jsonl"
              for name, rows in (("train", train_rows), ("eval", eval_rows))]
     found = [[read_jsonl(f) for f in files] if state.is_main_process and all(f.is_file() for f in files) else None]
@@ -170,7 +178,7 @@ def instruction_rows(config: TrainConfig, paths: OptML, corpus: Corpus, base: Ba
     on again (not with keep_writing_private)."""
     from accelerate.utils import broadcast_object_list
 
-    state = _processes()
+    state = _processes(config)
     shared = [_make_instruction_rows(config, paths, corpus, base) if state.is_main_process else None]
     broadcast_object_list(shared)  # the first process's rows, for every process (and instance)
     train_rows, held_out_rows, counts = shared[0]
@@ -221,12 +229,16 @@ def _make_instruction_rows(config: TrainConfig, paths: OptML, corpus: Corpus, ba
     return train_rows, held_out_rows, counts
 
 
-def _processes():
+def _processes(config: TrainConfig):
     """This job's processes as accelerate sees them, under torchrun the process group the Trainer would start
-    anyway, started now. On the CPU accelerate joins them (over gloo) only when told it is the CPU."""
+    anyway, started now, with the Trainer's timeout (ddp_timeout): the first start sets it for the job, and the
+    other ranks wait in a collective while the first writes instructions. On the CPU accelerate joins them (over
+    gloo) only when told it is the CPU."""
+    from datetime import timedelta
+
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=config.ddp_timeout))
 
 
 def _rank(name: str) -> int:

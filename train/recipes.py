@@ -15,6 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from datasets import Dataset
@@ -142,12 +143,14 @@ class StageRows:
 
 @dataclass(frozen=True)
 class RunContext:
-    """What every stage of one job shares: the device, the SIGTERM stop, the checkpoint markers, the trackers."""
+    """What every stage of one job shares: the device, the SIGTERM stop, the checkpoint markers, the trackers,
+    and where a stage's model came from at which commit."""
 
     device: Device
     stop: Stop
     markers: Markers = Markers()
     tracking: Tracking = Tracking([])
+    revision: Callable[[str], str | None] = lambda source: None  # BaseModel.revision_of: a hub base's commit
 
 
 def train_stage(stage: str, config: TrainConfig, model, tokenizer, rows: StageRows, stage_dir: Path,
@@ -196,6 +199,10 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, rows: StageRo
         disable_tqdm=True,
         **distributed_args(config, choice),
     )
+    if config.adapter == "full" and stage != "sft":  # TRL loads the frozen reference itself, with these
+        source = model.config._name_or_path
+        common["model_init_kwargs"] = {"use_safetensors": True, **({"revision": run.revision(source)}
+                                                                   if run.revision(source) else {})}
     voice = VoiceCallback(stage, tokenizer, eval_rows, config, enabled=choice in ("single", "ddp"), tracking=tracking)
     if comparing and config.metric_for_best_model.startswith("voice_") and not voice.prompts:
         raise ConfigError(f"metric_for_best_model={config.metric_for_best_model}: {stage} has no voice metrics to "

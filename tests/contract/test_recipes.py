@@ -113,10 +113,12 @@ def test_qlora_loads_4bit_and_merges_onto_the_16bit_base(tmp_path, tiny_model):
 
 
 def test_full_fine_tuning(tmp_path, tiny_model):
-    root = make_tree(tmp_path, {**FAST, "adapter": "full"}, {"train/d.jsonl": jsonl(TINY_ROWS)})
+    root = make_tree(tmp_path, {**FAST, "adapter": "full", "method": "sft+dpo"},
+                     {"train/d.jsonl": jsonl(TINY_ROWS), "preference/p.jsonl": jsonl(PREFERENCES)})
     link_model_channel(root, tiny_model)
-    trained(root)
-    assert training_report(root)["stages"]["sft"]["learning_rate"] == 2e-5
+    trained(root)  # DPO's frozen reference is TRL's own load of the SFT model (safetensors, its commit for a hub base)
+    report = training_report(root)["stages"]
+    assert (report["sft"]["learning_rate"], report["dpo"]["learning_rate"]) == (2e-5, 5e-7)
     loads_and_generates(root)
 
 

@@ -1,6 +1,7 @@
 """The real `train` entrypoint on temporary /opt/ml trees."""
 
 import json
+import shutil
 
 import pytest
 
@@ -86,6 +87,18 @@ def test_an_answer_length_the_base_model_cannot_hold_fails_before_training(tmp_p
                      {"train/d.jsonl": jsonl(TINY_ROWS)})
     failure = fails_with(root, "max_new_tokens=512 leaves no room for a prompt", "context of 512 tokens")
     assert failure.count("\n") == 0
+
+
+def test_checkpoints_of_another_training_are_refused_not_resumed(tmp_path, tiny_model):
+    root = make_tree(tmp_path, FAST, {"train/d.jsonl": jsonl(TINY_ROWS)})
+    link_model_channel(root, tiny_model)
+    first = run_train(root)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    for fresh in ("model", "output"):  # a new job on the same checkpoint URI, with other data
+        shutil.rmtree(root / fresh, ignore_errors=True)
+        (root / fresh).mkdir()
+    (root / "input" / "data" / "train" / "d.jsonl").write_text(jsonl(TINY_ROWS[:-2]))
+    fails_with(root, "are another training's (data differ)", "give it a new checkpoint S3 URI")
 
 
 def test_evaluations_asked_for_without_held_out_data_fail_before_training(tmp_path):

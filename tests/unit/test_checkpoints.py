@@ -8,6 +8,7 @@ import logging
 import random
 from types import SimpleNamespace
 
+import pytest
 import torch
 from transformers import TrainerControl, TrainerState
 
@@ -215,3 +216,23 @@ def test_a_passed_over_folder_is_cleared_before_a_save_of_its_step_and_the_new_o
     checkpoint(tmp_path, 6)  # what the Trainer writes
     seal.on_save(args, state, control)
     assert verify(stale) is None and "rng_state_7.pth" not in (stale / "manifest.json").read_text()
+
+
+def test_a_job_resumes_only_checkpoints_of_its_own_training(tmp_path):
+    from container.config import ConfigError
+    from train.checkpoints import JOB_FILE, claim
+
+    ours = {"base_model": "/m", "method": "sft+dpo", "data": {"sft": ["a1", "b1"], "dpo": ["c1", "d1"]}}
+    claim(tmp_path, ours, write=False)  # another process of the instance: the first one records it
+    assert not (tmp_path / JOB_FILE).exists()
+    claim(tmp_path, ours, write=True)
+    claim(tmp_path, ours, write=True)  # a restart of the same training: resumed
+    assert json.loads((tmp_path / JOB_FILE).read_text()) == ours and not list(tmp_path.glob(".*.tmp"))
+    other = {**ours, "data": {"sft": ["a2", "b1"], "dpo": ["c1", "d1"]}}
+    with pytest.raises(ConfigError, match=r"checkpoints in .* are another training's \(data differ\)"):
+        claim(tmp_path, other, write=True)
+    with pytest.raises(ConfigError, match=r"\(base_model, method differ\)"):
+        claim(tmp_path, {**ours, "base_model": "/n", "method": "dpo"}, write=False)
+    (tmp_path / JOB_FILE).write_text("{cut")  # only a hand edit can do this: recorded anew
+    claim(tmp_path, other, write=True)
+    assert json.loads((tmp_path / JOB_FILE).read_text()) == other

@@ -19,7 +19,7 @@ from serve.model_source import model_source
 from serve.predict import PredictEngine
 from train import launcher
 from train.config import TrainConfig
-from train.model import resolve_base_model
+from train.model import BaseModel, resolve_base_model
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -51,6 +51,8 @@ def test_local_bases_a_full_commit_and_the_launchers_commit_never_ask_the_hub(tm
     paths = OptML(tmp_path)
     assert resolve_base_model(TrainConfig(), paths).revision is None
     assert resolve_base_model(TrainConfig(model_id=str(tmp_path / "embedded")), paths).revision is None
+    monkeypatch.chdir(tmp_path)  # a relative folder: no endpoint could load it by that name (export=adapter)
+    assert resolve_base_model(TrainConfig(model_id="embedded"), paths) == BaseModel("embedded", None)
     assert resolve_base_model(TrainConfig(model_id="org/twin-base", model_revision=SHA), paths).revision == SHA
     pinned = "f" * 40
     assert resolve_base_model(TrainConfig(model_id="org/twin-base"), paths, pinned=pinned).revision == pinned
