@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from train.instructions import INSTRUCTIONS_FILE, VALIDATION_FILE, Corpus, diges
 from train.model import (TEACHER_CHANNEL, BaseModel, load_for_training, load_tokenizer, load_trained,
                          resolve_teacher)
 from train.preferences import PAIRS_FILE, build_pairs, kto_rows, rows_digest
-from train.recipes import RunContext, StageRows, detect_device, train_stage
+from train.recipes import RunContext, StageRows, detect_device, log_partition, sharded_loading, train_stage
 from train.stop import Stop
 from train.teacher import engine_name, write_instructions
 from train.tracking import Tracking, tracked
@@ -92,9 +93,13 @@ def _train_stages(config: TrainConfig, paths: OptML, data: dict[str, tuple[list,
             source = str(final)
             continue
         train_rows, eval_rows = data[stage]
-        with stop.phase(f"loading the model for {stage}"):
+        generates = stage != "sft" and config.preference == "auto"  # before training: a whole model, unsharded
+        with (stop.phase(f"loading the model for {stage}"),
+              nullcontext() if generates else sharded_loading(config, device, stage_dir, source,
+                                                               base.revision_of(source))):
             model = load_for_training(source, config, device.dtype, device.attn_implementation,
                                       base.revision_of(source))
+        log_partition(model)
         if stage != "sft" and config.preference == "auto":
             with stop.phase(f"building {stage}'s preference pairs (preference=auto)"):
                 train_rows, eval_rows = _auto_pairs(stage, config, model, tokenizer, train_rows, eval_rows, stage_dir)

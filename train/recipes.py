@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -74,9 +75,9 @@ def use_gradient_checkpointing(config: TrainConfig, model) -> bool:
         return config.gradient_checkpointing == "true"
     if not torch.cuda.is_available():
         return False
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if config.adapter != "full" else None
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    state = (trainable if trainable is not None else sum(p.numel() for p in model.parameters())) * 16
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad) if config.adapter != "full" else None
+    weights = sum(_numel(p) * p.element_size() for p in model.parameters())
+    state = (trainable if trainable is not None else sum(_numel(p) for p in model.parameters())) * 16
     need = weights + state
     total = torch.cuda.get_device_properties(0).total_memory
     on = need > 0.5 * total
@@ -102,8 +103,8 @@ def strategy(config: TrainConfig, model) -> str:
     if not torch.cuda.is_available():
         log.info("distributed=auto: DDP over gloo on the CPU (%d processes)", world_size())
         return "ddp"
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if config.adapter != "full" else params
+    params = sum(_numel(p) for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad) if config.adapter != "full" else params
     need = params * 2 + trainable * 16  # 16-bit weights; fp32 master weights, gradients and two Adam moments
     total = torch.cuda.get_device_properties(0).total_memory
     choice = "ddp" if need < 0.8 * total else "zero3"
@@ -111,6 +112,60 @@ def strategy(config: TrainConfig, model) -> str:
              "DDP (a replica fits one GPU)" if choice == "ddp"
              else "ZeRO-3 (shard weights, gradients and optimizer state)")
     return choice
+
+
+@contextmanager
+def sharded_loading(config: TrainConfig, device, output_dir: Path, source: str, revision: str | None):
+    """The model loads partitioned under ZeRO-3 (DeepSpeed's zero.Init, which transformers uses while a
+    ZeRO-3 config is alive): loaded whole, every process would hold all of it in host memory and DeepSpeed would
+    put all of it on each GPU before sharding, so a model that does not fit one GPU could not train at all."""
+    if planned_strategy(config, source, revision) != "zero3":
+        yield
+        return
+    from datetime import timedelta
+
+    from accelerate import PartialState
+    from transformers import TrainingArguments
+
+    import deepspeed
+
+    PartialState(cpu=device.use_cpu, timeout=timedelta(seconds=config.ddp_timeout))  # the process group, now,
+    deepspeed.init_distributed(timeout=timedelta(seconds=config.ddp_timeout))  # and DeepSpeed's view of it
+    plan = TrainingArguments(output_dir=str(output_dir), deepspeed=str(DEEPSPEED_CONFIGS / "zero3.json"),
+                             per_device_train_batch_size=config.per_device_train_batch_size,
+                             gradient_accumulation_steps=config.gradient_accumulation_steps, bf16=device.bf16,
+                             use_cpu=device.use_cpu, ddp_timeout=config.ddp_timeout, report_to="none")
+    log.info("ZeRO-3: loading %s partitioned over the %d processes", source, world_size())
+    try:
+        yield
+    finally:
+        del plan  # the stage's own config takes over
+
+
+def planned_strategy(config: TrainConfig, source: str, revision: str | None) -> str:
+    """strategy() before the model is loaded: auto on GPUs counts an empty (meta-device) copy of it."""
+    if config.distributed != "auto" or world_size() == 1 or not torch.cuda.is_available():
+        return strategy(config, None)
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=config.trust_remote_code)
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
+    return strategy(config, empty)
+
+
+def log_partition(model) -> None:
+    """What of the model this process holds, when ZeRO-3 partitioned it as it loaded."""
+    parts = [p.ds_tensor.numel() for p in model.parameters() if hasattr(p, "ds_tensor")]
+    if parts:
+        log.info("ZeRO-3: rank %s holds %d of the model's %d parameters", os.environ.get("RANK", "0"), sum(parts),
+                 sum(_numel(p) for p in model.parameters()))
+
+
+def _numel(parameter) -> int:
+    """A parameter's size, also when ZeRO-3 has partitioned it (its local tensor is then empty)."""
+    return getattr(parameter, "ds_numel", None) or parameter.numel()
 
 
 def distributed_args(config: TrainConfig, choice: str) -> dict:

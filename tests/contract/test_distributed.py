@@ -1,6 +1,7 @@
 """Many processes and many instances: the real `train` launching torchrun workers (gloo on the CPU)."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -27,6 +28,9 @@ def test_two_processes_on_one_host_train_a_model_that_generates(tmp_path, tiny_m
     result = run_train(root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "world size 2" in result.stdout
+    if strategy == "zero3":  # partitioned as it loaded: no process ever held the whole model
+        held = [int(n) for n in re.findall(r"ZeRO-3: rank \d holds (\d+) of the model's (\d+)", result.stdout)[0]]
+        assert held[0] < held[1], result.stdout[-3000:]
     sft = training_report(root)["stages"]["sft"]
     assert (sft["distributed"], sft["world_size"], sft["steps"]) == (strategy, 2, 3)
     loads_and_generates(root)  # served for real below, after full fine-tuning under ZeRO-3
