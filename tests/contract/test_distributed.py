@@ -113,7 +113,8 @@ def test_sft_then_dpo_across_processes_and_full_fine_tuning_under_zero3(tmp_path
     assert len(runs) == 1 and {"sft/train/loss", "dpo/train/loss"} <= set(runs[0].data.metrics)
 
     full = make_tree(tmp_path / "full", {**FAST, "adapter": "full", "distributed": "zero3", "processes_per_host": "2",
-                                         "master_port": str(free_port())}, {"train/d.jsonl": jsonl(TINY_ROWS)})
+                                         "method": "sft+dpo", "dpo_max_steps": "2", "master_port": str(free_port())},
+                     {"train/d.jsonl": jsonl(TINY_ROWS), "preference/p.jsonl": jsonl(preferences)})
     link_model_channel(full, tiny_model)
     result = run_train(full)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
