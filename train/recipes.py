@@ -22,6 +22,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
 from container.config import ConfigError
@@ -277,8 +278,8 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, rows: StageRo
                     if stage != "grpo" else grpo_datasets(config, tokenizer, train_rows, eval_rows))
         if stage == "sft":
             args = SFTConfig(**common, completion_only_loss=True, packing=packing, padding_free=packing)
-            trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=lora_config(config),
-                                 callbacks=callbacks, **datasets)
+            trainer = ReplayableSFTTrainer(model=model, args=args, processing_class=tokenizer,
+                                           peft_config=lora_config(config), callbacks=callbacks, **datasets)
         elif stage == "grpo":
             trainer = grpo_trainer(config, common, model, tokenizer, callbacks, datasets, lora_config(config))
         else:
@@ -327,6 +328,31 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, rows: StageRo
 
         unset_hf_deepspeed_config()
     return trained, report
+
+
+class SeededLengthSampler(LengthGroupedSampler):
+    """group_by_length's order drawn from seed + epoch. transformers' own draws from the global random state,
+    which a resumed job has not put back when the order of its epoch is drawn: the resumed epoch then repeated
+    some examples and missed others. With this, a restart's epoch has the interrupted run's order, on every rank."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:  # accelerate's data loader calls it at every epoch
+        self.generator = torch.Generator().manual_seed(self.seed + epoch)
+
+
+class ReplayableSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer with SeededLengthSampler for group_by_length."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return SeededLengthSampler(sampler.batch_size, sampler.lengths, seed)
+        return sampler
 
 
 def _data_losses(stage: str, trainer, rows: list[dict], config: TrainConfig, packing: bool) -> dict:

@@ -236,3 +236,19 @@ def test_a_job_resumes_only_checkpoints_of_its_own_training(tmp_path):
     (tmp_path / JOB_FILE).write_text("{cut")  # only a hand edit can do this: recorded anew
     claim(tmp_path, other, write=True)
     assert json.loads((tmp_path / JOB_FILE).read_text()) == other
+
+
+def test_a_resumed_epoch_groups_by_length_in_the_order_the_interrupted_run_had():
+    from train.recipes import SeededLengthSampler
+
+    lengths = [random.Random(i).randint(5, 200) for i in range(64)]
+    running = SeededLengthSampler(8, lengths, seed=42)
+    orders = []
+    for epoch in range(3):
+        running.set_epoch(epoch)
+        torch.manual_seed(1000 + epoch)  # whatever the global random state is then
+        orders.append(list(running))
+    restarted = SeededLengthSampler(8, lengths, seed=42)  # a new process, resuming in epoch 2
+    restarted.set_epoch(2)
+    assert list(restarted) == orders[2] and orders[0] != orders[1] != orders[2]
+    assert sorted(orders[2]) == list(range(64))  # every example once per epoch
