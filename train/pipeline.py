@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -58,10 +59,19 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
 
 
 def training_identity(config: TrainConfig, base: BaseModel, data: dict[str, tuple[list, list]]) -> dict:
-    """What checkpoints must have been trained on to be resumed (train/checkpoints.py claim)."""
-    return {"base_model": base.source, "base_model_revision": base.revision, "method": config.method,
+    """What checkpoints must have been trained on to be resumed (train/checkpoints.py claim). A base without a
+    reference (a folder, or a model.tar.gz extracted to a path that changes on a restart) is named by its
+    content: its config and the sizes of its files."""
+    named = base.reference or _folder_identity(Path(base.source))
+    return {"base_model": named, "base_model_revision": base.revision, "method": config.method,
             "adapter": config.adapter, "lora": [config.lora_r, config.lora_alpha, list(config.lora_target_modules)],
             "data": {stage: [rows_digest(train), rows_digest(held_out)] for stage, (train, held_out) in data.items()}}
+
+
+def _folder_identity(folder: Path) -> str:
+    config = (folder / "config.json").read_bytes() if (folder / "config.json").is_file() else b""
+    sizes = sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+    return "folder:" + hashlib.sha256(config + json.dumps(sizes).encode()).hexdigest()[:16]
 
 
 def start_report(config: TrainConfig, base: BaseModel, device) -> dict:

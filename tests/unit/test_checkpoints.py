@@ -252,3 +252,24 @@ def test_a_resumed_epoch_groups_by_length_in_the_order_the_interrupted_run_had()
     restarted.set_epoch(2)
     assert list(restarted) == orders[2] and orders[0] != orders[1] != orders[2]
     assert sorted(orders[2]) == list(range(64))  # every example once per epoch
+
+
+def test_a_restart_that_extracts_its_base_elsewhere_is_still_the_same_training(tmp_path):
+    """A model.tar.gz base is extracted to a folder named after the tarball's time, which a restart's fresh
+    download changes: the training is named by the base's content, not its path."""
+    from train.config import TrainConfig
+    from train.model import BaseModel
+    from train.pipeline import training_identity
+
+    first, restarted, other = (tmp_path / name for name in ("base-a", "base-b", "other"))
+    for folder, weights in ((first, b"w" * 10), (restarted, b"w" * 10), (other, b"w" * 11)):
+        folder.mkdir()
+        (folder / "config.json").write_text('{"model_type": "llama"}')
+        (folder / "model.safetensors").write_bytes(weights)
+    data = {"sft": ([{"prompt": "p", "completion": "c"}], [])}
+
+    def identity(folder):
+        return training_identity(TrainConfig(), BaseModel(str(folder), None), data)
+
+    assert identity(first) == identity(restarted) != identity(other)
+    assert training_identity(TrainConfig(), BaseModel("/image/smollm2", "embedded"), data)["base_model"] == "embedded"
