@@ -4,7 +4,7 @@
 #   ./build_and_push.sh [--dry-run] [--region REGION] [IMAGE_NAME] [TAG]
 #
 # IMAGE_NAME defaults to llm-twin-sagemaker, TAG to the current git commit (with -dirty when the tree has
-# uncommitted changes, so a tag never names two different builds). The region comes from
+# uncommitted changes: such a tag is not that commit's build). The region comes from
 # --region, then AWS_REGION / AWS_DEFAULT_REGION, then `aws configure get region`. The account comes
 # from STS. The ECR repository is created (scan on push) if it does not exist. --dry-run prints every
 # command instead of running it.

@@ -145,6 +145,10 @@ class VllmEngine:
         except FutureTimeout:
             future.cancel()
             raise Overloaded(f"could not {what} within {self.config.timeout} s") from None
+        except ServeError:
+            raise
+        except Exception as e:  # the engine itself failed (it died, or ran out of memory): the fault policy's
+            raise self.admission.fault(e, f"could not {what}") from None
 
     def _answer(self, plan: translate.Plan, outputs: list):
         """A plain request's answer from its vLLM outputs (in the decode thread)."""

@@ -25,7 +25,7 @@ from train.documents import read_documents, split_documents
 from train.instructions import Corpus, require_enough
 from train.errors import EXIT_FRAMEWORK_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR, TrainingInterrupted
 from train.launcher import BASE_REVISION_ENV, WORKER_ENV, launch, topology, write_rank_failure
-from train.model import check_answer_room, resolve_base_model
+from train.model import check_answer_room, recorded_commit, resolve_base_model
 from train.stop import Stop
 from train.tracking import check_environment
 
@@ -145,7 +145,8 @@ def run(config: TrainConfig, paths: OptML, worker: bool, stop: Stop) -> None:
         check_job_shape(paths)
         data, corpus = load_data(config, paths)
     with stop.phase("getting the base model (download or extraction)"):
-        base = resolve_base_model(config, paths, pinned=os.environ.get(BASE_REVISION_ENV) if worker else None)
+        pinned = os.environ.get(BASE_REVISION_ENV) if worker else recorded_commit(config, paths.checkpoints_dir)
+        base = resolve_base_model(config, paths, pinned=pinned)
     if config.export == "adapter" and base.reference is None:
         raise ConfigError("export=adapter needs a base model the endpoint can load by itself (a hub model_id or the "
                           "embedded model), not a local or channel model: use export=merged or export=both")

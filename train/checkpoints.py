@@ -51,6 +51,7 @@ import torch
 from transformers import TrainerCallback
 
 from container.config import ConfigError
+from train.config import JOB_FILE
 from train.stop import Stop
 
 log = logging.getLogger(__name__)
@@ -221,9 +222,6 @@ def is_complete(folder: Path, markers: Markers = Markers()) -> bool:
         log.warning("%s fails verification: %s; training that stage again (kept until it is replaced)", folder,
                     problem)
     return problem is None
-
-
-JOB_FILE = "job.json"
 
 
 def claim(checkpoints_dir: Path, training: dict, write: bool) -> None:

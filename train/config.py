@@ -12,6 +12,7 @@ from typing import Mapping
 
 from container.config import ConfigError, describe, from_strings
 
+JOB_FILE = "job.json"  # in the checkpoint folder: the training its checkpoints belong to (train/checkpoints.py)
 MIN_PASSAGE_TOKENS = 32  # a smaller passage_max_tokens leaves no room for a passage of documents.MIN_WORDS words
 SEED_RANGE = 2**32  # numpy's: transformers' set_seed seeds it too
 

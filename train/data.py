@@ -22,6 +22,7 @@ is an error naming file and line (or row); nothing is skipped silently. No torch
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import random
@@ -100,6 +101,14 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
     partial.parent.mkdir(parents=True, exist_ok=True)
     partial.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     partial.replace(path)
+
+
+def content_name(folder: Path) -> str:
+    """A model folder named by its content (its config and its files' sizes), for what must stay the same across
+    a restart: a model.tar.gz is extracted to a folder whose path changes when a restart downloads it again."""
+    config = (folder / "config.json").read_bytes() if (folder / "config.json").is_file() else b""
+    sizes = sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+    return "folder:" + hashlib.sha256(config + json.dumps(sizes).encode()).hexdigest()[:16]
 
 
 def read_jsonl(path: Path) -> list[dict]:

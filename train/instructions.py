@@ -28,8 +28,9 @@ import math
 import re
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 
-from train.data import DataError
+from train.data import DataError, content_name
 from train.documents import Document
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,11 @@ class Teacher:
     source: str
     revision: str | None
     trust_remote_code: bool = False
+
+    @property
+    def name(self) -> str:
+        """A hub id, or a folder's content: a model.tar.gz teacher is extracted where a restart's path differs."""
+        return content_name(Path(self.source)) if Path(self.source).is_dir() else self.source
 
 
 def ask(passage: str) -> list[dict]:
@@ -173,7 +179,7 @@ def digest(train: list[Document], held_out: list[Document], teacher: Teacher, ke
     """Names the rows made from these passages by this teacher: a restart on the same data reuses them."""
     what = {"train": [[p.source, p.text] for d in train for p in d.passages],
             "held_out": [[p.source, p.text] for d in held_out for p in d.passages],
-            "teacher": [teacher.source, teacher.revision], "keep": keep, "prompt": PROMPT_VERSION}
+            "teacher": [teacher.name, teacher.revision], "keep": keep, "prompt": PROMPT_VERSION}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -15,7 +16,7 @@ from pathlib import Path
 from container.config import ConfigError
 from container.model_dir import EMBEDDED_BASE, EMBEDDED_MODEL_ENV, embedded_model_dir
 from container.opt_ml import ContractError, OptML
-from train.config import TrainConfig
+from train.config import JOB_FILE, TrainConfig
 from train.instructions import Teacher
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,23 @@ def check_answer_room(config: TrainConfig, base: BaseModel) -> None:
     if config.max_new_tokens >= context:
         raise ConfigError(f"hyperparameter max_new_tokens={config.max_new_tokens} leaves no room for a prompt in the "
                           f"base model's context of {context} tokens: use at most {context // 2}, say")
+
+
+def recorded_commit(config: TrainConfig, checkpoints_dir: Path) -> str | None:
+    """The hub commit an earlier run of this training resolved model_id at model_revision to (recorded in its
+    checkpoints' job.json): a restart loads the base it trained on, even when the branch has moved since."""
+    try:
+        found = json.loads((checkpoints_dir / JOB_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(found, dict) or (found.get("base_model"), found.get("model_revision")) != (
+            config.model_id, config.model_revision):
+        return None
+    commit = found.get("base_model_revision")
+    if isinstance(commit, str) and COMMIT_SHA.fullmatch(commit):
+        log.info("base model %s: commit %s, as the earlier run of this training resolved it", config.model_id, commit)
+        return commit
+    return None
 
 
 def resolve_teacher(config: TrainConfig, paths: OptML, base: BaseModel) -> Teacher:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from container.model_dir import TRAINING_REPORT_FILE
 from container.opt_ml import OptML
 from train.checkpoints import Markers, claim, is_complete, mark_complete
 from train.config import TrainConfig
-from train.data import read_jsonl, to_sft_row, write_jsonl
+from train.data import content_name, read_jsonl, to_sft_row, write_jsonl
 from train.export import MODEL_CARD_FILE, export_model
 from train.instructions import INSTRUCTIONS_FILE, VALIDATION_FILE, Corpus, digest, max_model_len, require_enough, select
 from train.model import (TEACHER_CHANNEL, BaseModel, load_for_training, load_tokenizer, load_trained,
@@ -43,11 +42,11 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
               stop: Stop, corpus: Corpus | None = None) -> None:
     device = detect_device(config)
     report = start_report(config, base, device)
+    claim(paths.checkpoints_dir, training_identity(config, base, data, corpus), write=_rank("LOCAL_RANK") == 0)
     if corpus is not None:
         with stop.phase("writing the instructions (instructions=auto)"):
             rows, report["instructions"] = instruction_rows(config, paths, corpus, base)
         data = {**data, **{stage: rows for stage in config.stages if stage not in data}}
-    claim(paths.checkpoints_dir, training_identity(config, base, data), write=_rank("LOCAL_RANK") == 0)
     with stop.phase("loading the tokenizer"):
         tokenizer = load_tokenizer(base.source, config, base.revision)
     params = {**{k: ",".join(v) if isinstance(v, tuple) else v for k, v in report["config"].items()},
@@ -58,20 +57,18 @@ def fine_tune(config: TrainConfig, paths: OptML, data: dict[str, tuple[list, lis
         _train_stages(config, paths, data, base, stop, device, tokenizer, report, tracking)
 
 
-def training_identity(config: TrainConfig, base: BaseModel, data: dict[str, tuple[list, list]]) -> dict:
-    """What checkpoints must have been trained on to be resumed (train/checkpoints.py claim). A base without a
-    reference (a folder, or a model.tar.gz extracted to a path that changes on a restart) is named by its
-    content: its config and the sizes of its files."""
-    named = base.reference or _folder_identity(Path(base.source))
-    return {"base_model": named, "base_model_revision": base.revision, "method": config.method,
-            "adapter": config.adapter, "lora": [config.lora_r, config.lora_alpha, list(config.lora_target_modules)],
-            "data": {stage: [rows_digest(train), rows_digest(held_out)] for stage, (train, held_out) in data.items()}}
-
-
-def _folder_identity(folder: Path) -> str:
-    config = (folder / "config.json").read_bytes() if (folder / "config.json").is_file() else b""
-    sizes = sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
-    return "folder:" + hashlib.sha256(config + json.dumps(sizes).encode()).hexdigest()[:16]
+def training_identity(config: TrainConfig, base: BaseModel, data: dict[str, tuple[list, list]],
+                      corpus: Corpus | None = None) -> dict:
+    """What checkpoints must have been trained on to be resumed (train/checkpoints.py claim): the rows each stage
+    reads from its channels, or for instructions=auto the passages its rows are written from (written again on a
+    restart, they need not come out identical). A base without a hub reference is named by its content."""
+    named = base.reference or content_name(Path(base.source))
+    digests = {stage: [rows_digest(train), rows_digest(held_out)] for stage, (train, held_out) in data.items()}
+    if corpus is not None:
+        digests["documents"] = [rows_digest(corpus.passages()), rows_digest(corpus.validation_rows or [])]
+    return {"base_model": named, "model_revision": config.model_revision, "base_model_revision": base.revision,
+            "method": config.method, "adapter": config.adapter,
+            "lora": [config.lora_r, config.lora_alpha, list(config.lora_target_modules)], "data": digests}
 
 
 def start_report(config: TrainConfig, base: BaseModel, device) -> dict:

@@ -144,7 +144,10 @@ def sharded_loading(config: TrainConfig, device, output_dir: Path, source: str, 
 
 
 def planned_strategy(config: TrainConfig, source: str, revision: str | None) -> str:
-    """strategy() before the model is loaded: auto on GPUs counts an empty (meta-device) copy of it."""
+    """strategy() before the model is loaded: auto on GPUs counts an empty (meta-device) copy of it. QLoRA is
+    never loaded sharded (its 4-bit weights are frozen and placed on each process's GPU; ZeRO-3 is refused for it)."""
+    if config.adapter == "qlora":
+        return "unsharded"
     if config.distributed != "auto" or world_size() == 1 or not torch.cuda.is_available():
         return strategy(config, None)
     from accelerate import init_empty_weights
@@ -331,27 +334,30 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, rows: StageRo
 
 
 class SeededLengthSampler(LengthGroupedSampler):
-    """group_by_length's order drawn from seed + epoch. transformers' own draws from the global random state,
-    which a resumed job has not put back when the order of its epoch is drawn: the resumed epoch then repeated
-    some examples and missed others. With this, a restart's epoch has the interrupted run's order, on every rank."""
+    """group_by_length's order drawn from seed + the epoch being started. transformers' own draws from the global
+    random state, which a resumed job has not put back when the order of its epoch is drawn: the resumed epoch
+    then repeated some examples and missed others. With this, a restart's epoch has the interrupted run's order,
+    on every rank. `epoch()` is read when an epoch's iteration starts (the wrappers a resumed multi-process run
+    puts around a sampler do not pass set_epoch on)."""
 
-    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+    def __init__(self, batch_size: int, lengths: list[int], seed: int, epoch: Callable[[], int]):
         super().__init__(batch_size, lengths=lengths)
-        self.seed = seed
-        self.set_epoch(0)
+        self.seed, self.epoch = seed, epoch
 
-    def set_epoch(self, epoch: int) -> None:  # accelerate's data loader calls it at every epoch
-        self.generator = torch.Generator().manual_seed(self.seed + epoch)
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch())
+        return super().__iter__()
 
 
 class ReplayableSFTTrainer(SFTTrainer):
-    """TRL's SFTTrainer with SeededLengthSampler for group_by_length."""
+    """TRL's SFTTrainer with SeededLengthSampler for group_by_length, its epoch from the trainer's state (which
+    a resumed run restores from its checkpoint before the epoch starts)."""
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
         if type(sampler) is LengthGroupedSampler:
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return SeededLengthSampler(sampler.batch_size, sampler.lengths, seed)
+            return SeededLengthSampler(sampler.batch_size, sampler.lengths, seed, lambda: int(self.state.epoch or 0))
         return sampler
 
 

@@ -242,14 +242,15 @@ def test_a_resumed_epoch_groups_by_length_in_the_order_the_interrupted_run_had()
     from train.recipes import SeededLengthSampler
 
     lengths = [random.Random(i).randint(5, 200) for i in range(64)]
-    running = SeededLengthSampler(8, lengths, seed=42)
+    epoch = SimpleNamespace(now=0.0)  # the trainer's state.epoch: whole at an epoch's start, fractional within
+    running = SeededLengthSampler(8, lengths, seed=42, epoch=lambda: int(epoch.now))
     orders = []
-    for epoch in range(3):
-        running.set_epoch(epoch)
-        torch.manual_seed(1000 + epoch)  # whatever the global random state is then
+    for start in range(3):
+        epoch.now = float(start)
+        torch.manual_seed(1000 + start)  # whatever the global random state is then
         orders.append(list(running))
-    restarted = SeededLengthSampler(8, lengths, seed=42)  # a new process, resuming in epoch 2
-    restarted.set_epoch(2)
+    epoch.now = 2.375  # a new process resuming mid-epoch 2 (state.epoch restored from the checkpoint)
+    restarted = SeededLengthSampler(8, lengths, seed=42, epoch=lambda: int(epoch.now))
     assert list(restarted) == orders[2] and orders[0] != orders[1] != orders[2]
     assert sorted(orders[2]) == list(range(64))  # every example once per epoch
 
@@ -272,4 +273,12 @@ def test_a_restart_that_extracts_its_base_elsewhere_is_still_the_same_training(t
         return training_identity(TrainConfig(), BaseModel(str(folder), None), data)
 
     assert identity(first) == identity(restarted) != identity(other)
+    from train.instructions import Corpus, Teacher
+
+    assert Teacher(str(first), None).name == Teacher(str(restarted), None).name != Teacher(str(other), None).name
+    from train.documents import Document, Passage
+
+    documents = [Document("a.md", (Passage("a.md", 0, "words " * 30),))]
+    with_corpus = training_identity(TrainConfig(), BaseModel(str(first), None), {}, Corpus("documents", documents, []))
+    assert set(with_corpus["data"]) == {"documents"}  # instructions=auto: the passages, not the rows written from them
     assert training_identity(TrainConfig(), BaseModel("/image/smollm2", "embedded"), data)["base_model"] == "embedded"

@@ -19,6 +19,7 @@ from serve.config import ServeConfig
 from serve.engine import VllmEngine
 from serve.engine_args import engine_arguments, lora_slots
 from serve.errors import ValidationError
+from serve.faults import EngineFailed
 from serve.lora_cache import LoraCache, lora_request
 
 
@@ -251,3 +252,21 @@ def test_each_version_of_an_adapter_is_its_own_lora_for_vllm(tmp_path):
     old, new = (lora_request(Adapter("alice", number, tmp_path)) for number in (1 << 20, (1 << 20) + 7))
     assert old != new and len({old, new}) == 2 and old.lora_name != new.lora_name
     assert (old.lora_int_id, new.lora_int_id) == (1 << 20, (1 << 20) + 7) and old.lora_path == new.lora_path
+
+
+def test_a_registration_on_a_dead_engine_goes_through_the_fault_policy(tmp_path):
+    config = ServeConfig.from_env({"SAGEMAKER_BASE_DIR": str(tmp_path), "ENABLE_LORA": "true"})
+    (tmp_path / "registry").mkdir()
+    adapters = Adapters({}, tmp_path / "registry", max_rank=64, source_root=tmp_path)
+    engine = VllmEngine(config, ServingSpec(base_model="tiny", max_input_tokens=50, max_total_tokens=80), adapters,
+                        lora_rank=64)
+    engine.llm = engine.loras.llm = CacheLLM(4, dead=True)
+    engine.admission._exit_worker = lambda: None  # the worker would exit here
+    threading.Thread(target=engine._loop.run_forever, daemon=True).start()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"weights")
+    with pytest.raises(EngineFailed, match="could not load the adapter .*EngineDeadError"):
+        adapters.register("a", str(tmp_path / "a"), load=engine.load_adapter, preload=True)
+    assert engine.admission.failure is not None and adapters.find("a") is None  # /ping fails; nothing recorded
+    engine._loop.call_soon_threadsafe(engine._loop.stop)

@@ -140,3 +140,20 @@ def test_hf_model_id_prints_the_commit_it_downloaded(tmp_path, monkeypatch, caps
     out = capsys.readouterr().out
     assert f"serve: HF_MODEL_ID=org/twin at commit {SHA}" in out
     assert (f"set HF_MODEL_REVISION={SHA} to serve these weights on every instance" in out) == (not revision)
+
+
+def test_a_restart_loads_the_commit_its_training_was_resolved_to_even_when_the_branch_moved(tmp_path, hub):
+    from train.model import recorded_commit
+
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    earlier = "e" * 40  # what main was when the interrupted run started; the hub says SHA now
+    (checkpoints / "job.json").write_text(json.dumps({"base_model": "org/twin-base", "model_revision": "",
+                                                      "base_model_revision": earlier}))
+    config = TrainConfig(model_id="org/twin-base")
+    base = resolve_base_model(config, OptML(tmp_path), pinned=recorded_commit(config, checkpoints))
+    assert base.revision == earlier and hub == []  # not resolved again: the checkpoints were trained on it
+    for other in (TrainConfig(model_id="org/other"), TrainConfig(model_id="org/twin-base", model_revision="v2")):
+        assert recorded_commit(other, checkpoints) is None  # another training: resolved as usual (and refused later)
+    (checkpoints / "job.json").write_text("{cut")
+    assert recorded_commit(config, checkpoints) is None
