@@ -44,9 +44,13 @@ def check_s3(flag: str, uri: str | None) -> None:
                          "aws s3 cp --recursive)")
 
 
-def check_hosts(role: str, instance_type: str, instance_count: int = 1) -> None:
+def check_role(role: str) -> None:
     if not ROLE_ARN.fullmatch(role):
         raise ValueError(f"--role {role!r}: expected an IAM role's ARN, arn:aws:iam::ACCOUNT:role/NAME")
+
+
+def check_hosts(role: str, instance_type: str, instance_count: int = 1) -> None:
+    check_role(role)
     if not re.fullmatch(r"ml\.[a-z0-9-]+\.[a-z0-9]+", instance_type):
         raise ValueError(f"--instance-type {instance_type!r}: expected a SageMaker instance type, e.g. ml.g5.2xlarge")
     if instance_count < 1:
@@ -299,8 +303,7 @@ def model_request(*, name: str, image: str, role: str, model_data: str | None,
     container = {"Image": image, "Environment": dict(environment or {})}
     check_environment(container["Environment"])
     check_s3("--model-data", model_data)
-    if not ROLE_ARN.fullmatch(role):
-        raise ValueError(f"--role {role!r}: expected an IAM role's ARN, arn:aws:iam::ACCOUNT:role/NAME")
+    check_role(role)
     if model_data and model_data.endswith((".tar.gz", ".tgz")):
         container["ModelDataUrl"] = model_data
     elif model_data:

@@ -28,7 +28,8 @@ from train.instructions import INSTRUCTIONS_FILE, VALIDATION_FILE, Corpus, diges
 from train.model import (TEACHER_CHANNEL, BaseModel, load_for_training, load_tokenizer, load_trained,
                          resolve_teacher)
 from train.preferences import PAIRS_FILE, build_pairs, kto_rows, rows_digest
-from train.recipes import RunContext, StageRows, detect_device, log_partition, sharded_loading, train_stage
+from train.recipes import (RunContext, StageRows, detect_device, log_partition, sharded_loading, start_processes,
+                           train_stage)
 from train.stop import Stop
 from train.teacher import engine_name, write_instructions
 from train.tracking import Tracking, tracked
@@ -158,7 +159,7 @@ def _auto_pairs(stage: str, config: TrainConfig, model, tokenizer, train_rows: l
     data reuses them, a restart on changed data builds new ones."""
     from accelerate.utils import broadcast_object_list, gather_object
 
-    state = _processes(config)
+    state = start_processes(config)
     files = [stage_dir / f"{name}-{rows_digest(rows)}.jsonl"
              for name, rows in (("train", train_rows), ("eval", eval_rows))]
     found = [[read_jsonl(f) for f in files] if state.is_main_process and all(f.is_file() for f in files) else None]
@@ -190,7 +191,7 @@ def instruction_rows(config: TrainConfig, paths: OptML, corpus: Corpus, base: Ba
     on again (not with keep_writing_private)."""
     from accelerate.utils import broadcast_object_list
 
-    state = _processes(config)
+    state = start_processes(config)
     shared = [_make_instruction_rows(config, paths, corpus, base) if state.is_main_process else None]
     broadcast_object_list(shared)  # the first process's rows, for every process (and instance)
     train_rows, held_out_rows, counts = shared[0]
@@ -239,18 +240,6 @@ def _make_instruction_rows(config: TrainConfig, paths: OptML, corpus: Corpus, ba
     for path, rows in zip(files, (train_rows, held_out_rows, [counts])):
         write_jsonl(rows, path)
     return train_rows, held_out_rows, counts
-
-
-def _processes(config: TrainConfig):
-    """This job's processes as accelerate sees them, under torchrun the process group the Trainer would start
-    anyway, started now, with the Trainer's timeout (ddp_timeout): the first start sets it for the job, and the
-    other ranks wait in a collective while the first writes instructions. On the CPU accelerate joins them (over
-    gloo) only when told it is the CPU."""
-    from datetime import timedelta
-
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=config.ddp_timeout))
 
 
 def _rank(name: str) -> int:

@@ -15,6 +15,7 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -123,14 +124,10 @@ def sharded_loading(config: TrainConfig, device, output_dir: Path, source: str, 
     if planned_strategy(config, source, revision) != "zero3":
         yield
         return
-    from datetime import timedelta
-
-    from accelerate import PartialState
+    import deepspeed
     from transformers import TrainingArguments
 
-    import deepspeed
-
-    PartialState(cpu=device.use_cpu, timeout=timedelta(seconds=config.ddp_timeout))  # the process group, now,
+    start_processes(config)  # the process group, now,
     deepspeed.init_distributed(timeout=timedelta(seconds=config.ddp_timeout))  # and DeepSpeed's view of it
     plan = TrainingArguments(output_dir=str(output_dir), deepspeed=str(DEEPSPEED_CONFIGS / "zero3.json"),
                              per_device_train_batch_size=config.per_device_train_batch_size,
@@ -141,6 +138,16 @@ def sharded_loading(config: TrainConfig, device, output_dir: Path, source: str, 
         yield
     finally:
         del plan  # the stage's own config takes over
+
+
+def start_processes(config: TrainConfig):
+    """This job's processes as accelerate sees them, under torchrun the process group the Trainer would start
+    anyway, started now, with the Trainer's timeout (ddp_timeout): the first start sets it for the job, and the
+    other ranks wait in a collective while the first writes instructions. On the CPU accelerate joins them (over
+    gloo) only when told it is the CPU."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=config.ddp_timeout))
 
 
 def planned_strategy(config: TrainConfig, source: str, revision: str | None) -> str:
