@@ -28,8 +28,8 @@ from train.instructions import INSTRUCTIONS_FILE, VALIDATION_FILE, Corpus, diges
 from train.model import (TEACHER_CHANNEL, BaseModel, load_for_training, load_tokenizer, load_trained,
                          resolve_teacher)
 from train.preferences import PAIRS_FILE, build_pairs, kto_rows, rows_digest
-from train.recipes import (RunContext, StageRows, detect_device, log_partition, sharded_loading, start_processes,
-                           train_stage)
+from train.distributed import log_partition, sharded_loading, start_processes
+from train.recipes import RunContext, StageRows, detect_device, train_stage
 from train.stop import Stop
 from train.teacher import engine_name, write_instructions
 from train.tracking import Tracking, tracked

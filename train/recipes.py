@@ -13,9 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +28,7 @@ from container.config import ConfigError
 from train.checkpoints import (MarkComplete, Markers, StopAtNextMicroBatch, newest_saved, on_first_process,
                                resume_checkpoint)
 from train.config import TrainConfig
+from train.distributed import distributed_args, numel, strategy, world_size
 from train.errors import TrainingInterrupted
 from train.metrics import TokenRate, format_log_line
 from train.grpo import check_grpo, grpo_datasets, grpo_report, grpo_trainer
@@ -77,117 +76,15 @@ def use_gradient_checkpointing(config: TrainConfig, model) -> bool:
         return config.gradient_checkpointing == "true"
     if not torch.cuda.is_available():
         return False
-    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad) if config.adapter != "full" else None
-    weights = sum(_numel(p) * p.element_size() for p in model.parameters())
-    state = (trainable if trainable is not None else sum(_numel(p) for p in model.parameters())) * 16
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad) if config.adapter != "full" else None
+    weights = sum(numel(p) * p.element_size() for p in model.parameters())
+    state = (trainable if trainable is not None else sum(numel(p) for p in model.parameters())) * 16
     need = weights + state
     total = torch.cuda.get_device_properties(0).total_memory
     on = need > 0.5 * total
     log.info("gradient_checkpointing=auto: about %.1f GiB of weights and optimizer state on a %.1f GiB GPU -> %s",
              need / 2**30, total / 2**30, "on" if on else "off")
     return on
-
-
-DEEPSPEED_CONFIGS = Path(__file__).with_name("deepspeed")
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def strategy(config: TrainConfig, model) -> str:
-    """single, ddp, zero2, zero3 or fsdp. auto: DDP while a full replica (weights, gradients, optimizer
-    state) fits in most of one GPU, else ZeRO-3, which shards all three across every GPU of every host."""
-    if world_size() == 1 and config.distributed not in ("zero2", "zero3"):  # DeepSpeed runs alone when asked
-        return "single"
-    if config.distributed != "auto":
-        return config.distributed
-    if not torch.cuda.is_available():
-        log.info("distributed=auto: DDP over gloo on the CPU (%d processes)", world_size())
-        return "ddp"
-    params = sum(_numel(p) for p in model.parameters())
-    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad) if config.adapter != "full" else params
-    need = params * 2 + trainable * 16  # 16-bit weights; fp32 master weights, gradients and two Adam moments
-    total = torch.cuda.get_device_properties(0).total_memory
-    choice = "ddp" if need < 0.8 * total else "zero3"
-    log.info("distributed=auto: about %.1f GiB per replica on %.1f GiB GPUs -> %s", need / 2**30, total / 2**30,
-             "DDP (a replica fits one GPU)" if choice == "ddp"
-             else "ZeRO-3 (shard weights, gradients and optimizer state)")
-    return choice
-
-
-@contextmanager
-def sharded_loading(config: TrainConfig, device, output_dir: Path, source: str, revision: str | None):
-    """The model loads partitioned under ZeRO-3 (DeepSpeed's zero.Init, which transformers uses while a
-    ZeRO-3 config is alive): loaded whole, every process would hold all of it in host memory and DeepSpeed would
-    put all of it on each GPU before sharding, so a model that does not fit one GPU could not train at all."""
-    if planned_strategy(config, source, revision) != "zero3":
-        yield
-        return
-    import deepspeed
-    from transformers import TrainingArguments
-
-    start_processes(config)  # the process group, now,
-    deepspeed.init_distributed(timeout=timedelta(seconds=config.ddp_timeout))  # and DeepSpeed's view of it
-    plan = TrainingArguments(output_dir=str(output_dir), deepspeed=str(DEEPSPEED_CONFIGS / "zero3.json"),
-                             per_device_train_batch_size=config.per_device_train_batch_size,
-                             gradient_accumulation_steps=config.gradient_accumulation_steps, bf16=device.bf16,
-                             use_cpu=device.use_cpu, ddp_timeout=config.ddp_timeout, report_to="none")
-    log.info("ZeRO-3: loading %s partitioned over the %d processes", source, world_size())
-    try:
-        yield
-    finally:
-        del plan  # the stage's own config takes over
-
-
-def start_processes(config: TrainConfig):
-    """This job's processes as accelerate sees them, under torchrun the process group the Trainer would start
-    anyway, started now, with the Trainer's timeout (ddp_timeout): the first start sets it for the job, and the
-    other ranks wait in a collective while the first writes instructions. On the CPU accelerate joins them (over
-    gloo) only when told it is the CPU."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=config.ddp_timeout))
-
-
-def planned_strategy(config: TrainConfig, source: str, revision: str | None) -> str:
-    """strategy() before the model is loaded: auto on GPUs counts an empty (meta-device) copy of it. QLoRA is
-    never loaded sharded (its 4-bit weights are frozen and placed on each process's GPU; ZeRO-3 is refused for it)."""
-    if config.adapter == "qlora":
-        return "unsharded"
-    if config.distributed != "auto" or world_size() == 1 or not torch.cuda.is_available():
-        return strategy(config, None)
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    model_config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=config.trust_remote_code)
-    with init_empty_weights():
-        empty = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
-    return strategy(config, empty)
-
-
-def log_partition(model) -> None:
-    """What of the model this process holds, when ZeRO-3 partitioned it as it loaded."""
-    parts = [p.ds_tensor.numel() for p in model.parameters() if hasattr(p, "ds_tensor")]
-    if parts:
-        log.info("ZeRO-3: rank %s holds %d of the model's %d parameters", os.environ.get("RANK", "0"), sum(parts),
-                 sum(_numel(p) for p in model.parameters()))
-
-
-def _numel(parameter) -> int:
-    """A parameter's size, also when ZeRO-3 has partitioned it (its local tensor is then empty)."""
-    return getattr(parameter, "ds_numel", None) or parameter.numel()
-
-
-def distributed_args(config: TrainConfig, choice: str) -> dict:
-    args = {"ddp_timeout": config.ddp_timeout, "save_on_each_node": True}
-    if choice in ("zero2", "zero3"):
-        args["deepspeed"] = str(DEEPSPEED_CONFIGS / f"{choice}.json")
-    elif choice == "fsdp":
-        args.update(fsdp="full_shard auto_wrap", fsdp_config={"use_orig_params": True})
-    elif choice == "ddp":
-        args["ddp_find_unused_parameters"] = False
-    return args
 
 
 def lora_config(config: TrainConfig) -> LoraConfig | None:
