@@ -14,12 +14,11 @@ request without `parameters` decodes greedily like one with them (TGI samples in
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, field, replace
 
 from container.config import nearest
 from serve.errors import Forbidden, ValidationError
+from serve.grammars import Grammar, parse_grammar, parse_response_format
 
 MODEL_NAME = "llm-twin"  # the served model's name in OpenAI's answers and /v1/models
 ADAPTER_HEADER = "X-Amzn-SageMaker-Adapter-Identifier"  # inference components' adapter (LoRA) selection
@@ -29,13 +28,6 @@ NEUTRAL_MODELS = (MODEL_NAME, "tgi", "dummy")
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_N_TOKENS = 5  # TGI's default limit
 MAX_BEST_OF = 4  # TGI's default limit
-# Grammars are compiled by vLLM's structured-output backend before the first token; its compile timeout
-# leaves the native thread running, so what it is given is bounded here first.
-MAX_GRAMMAR_CHARS = 16_384  # a regex pattern, or a JSON schema as JSON text
-MAX_SCHEMA_DEPTH = 32
-MAX_REPEAT = 1_000  # a regex {n,m}, and a schema's minLength/maxLength/minItems/maxItems/...Properties
-_SCHEMA_COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
-_REGEX_COUNT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 _PARAMETERS = (
     "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty", "do_sample",
     "stop", "stop_sequences", "seed", "return_full_text", "details", "decoder_input_details", "truncate",
@@ -48,14 +40,6 @@ _COMPLETION_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "
                       "frequency_penalty", "presence_penalty", "stream_options", "user", "suffix", "logit_bias",
                       "logprobs", "echo")
 _CHAT_UNSUPPORTED = ("logit_bias", "tools", "tool_choice", "tool_prompt")
-
-
-@dataclass(frozen=True)
-class Grammar:
-    """TGI's `grammar` / OpenAI's `response_format`: constrained decoding through vLLM's structured outputs."""
-
-    kind: str  # "json" (value: a JSON schema, or None for any JSON object) | "regex" (value: a pattern)
-    value: object = None
 
 
 @dataclass(frozen=True)
@@ -219,7 +203,7 @@ def parse_chat(body: dict) -> GenerateRequest:
     params = _parse_params({k: v for k, v in raw.items() if v is not None})
     presence = _number(values, "presence_penalty", float, minimum=-2.0, maximum=2.0)
     params = _replace(params, best_of=n, logprobs=logprobs, presence_penalty=presence,
-                      grammar=_response_format(values.get("response_format")))
+                      grammar=parse_response_format(values.get("response_format")))
     messages = [{"role": m["role"], "content": _text(i, m["content"])} for i, m in enumerate(messages)]
     last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     model = values.get("model")
@@ -291,90 +275,10 @@ def _parse_params(raw: dict) -> GenerateParams:
         truncate=_number(values, "truncate", int, minimum=1),
         best_of=_number(values, "best_of", int, minimum=1, maximum=MAX_BEST_OF) or 1,
         top_n_tokens=_number(values, "top_n_tokens", int, minimum=0, maximum=MAX_TOP_N_TOKENS) or 0,
-        grammar=_grammar(values.get("grammar")),
+        grammar=parse_grammar(values.get("grammar")),
         adapter_id=_string(values, "adapter_id"),
     )
     return params
-
-
-def _grammar(raw: object) -> Grammar | None:
-    """TGI's grammar: {"type": "json", "value": <JSON schema>} or {"type": "regex", "value": "<pattern>"}."""
-    if raw is None:
-        return None
-    if (not isinstance(raw, dict) or raw.get("type") not in ("json", "json_object", "regex")
-            or set(raw) - {"type", "value"}):
-        raise ValidationError("parameter 'grammar' must be {\"type\": \"json\" | \"regex\", \"value\": ...}")
-    value = raw.get("value")
-    if raw["type"] == "regex":
-        if not isinstance(value, str) or not value:
-            raise ValidationError("a 'regex' grammar needs a non-empty pattern string as its 'value'")
-        return Grammar("regex", _pattern(value))
-    return Grammar("json", _schema(value))
-
-
-def _pattern(pattern: str) -> str:
-    if len(pattern) > MAX_GRAMMAR_CHARS:
-        raise ValidationError(f"a 'regex' grammar may have at most {MAX_GRAMMAR_CHARS} characters, got {len(pattern)}")
-    for match in _REGEX_COUNT.finditer(pattern):
-        counts = [int(n) for n in match.groups() if n]
-        if max(counts) > MAX_REPEAT:
-            raise ValidationError(f"a 'regex' grammar may repeat at most {MAX_REPEAT} times, got {match.group(0)}")
-    return pattern
-
-
-def _response_format(raw: object) -> Grammar | None:
-    """A chat's response_format, OpenAI's ({"type": "text" | "json_object"}, {"type": "json_schema",
-    "json_schema": {"name": ..., "schema": {...}}}) or TGI's (its grammar: {"type": "json" | "json_object" |
-    "regex", "value": ...})."""
-    if raw is None:
-        return None
-    kind = raw.get("type") if isinstance(raw, dict) else None
-    if kind == "text" and set(raw) == {"type"}:
-        return None
-    if kind in ("json", "json_object", "regex") and set(raw) <= {"type", "value"}:
-        return _grammar(raw) if "value" in raw or kind == "regex" else Grammar("json", None)  # any JSON object
-    if kind == "json_schema" and set(raw) == {"type", "json_schema"} and isinstance(raw["json_schema"], dict):
-        return Grammar("json", _schema(raw["json_schema"].get("schema")))
-    raise ValidationError("'response_format' must be {\"type\": \"text\" | \"json_object\"}, {\"type\": "
-                          "\"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}, or TGI's {\"type\": "
-                          "\"json\" | \"regex\", \"value\": ...}")
-
-
-def _schema(value: object):
-    if value is None or value == {}:
-        return None  # any JSON object
-    if isinstance(value, str):
-        if len(value) > MAX_GRAMMAR_CHARS:
-            raise ValidationError(f"a JSON schema may have at most {MAX_GRAMMAR_CHARS} characters, got {len(value)}")
-        try:
-            value = json.loads(value)
-        except (ValueError, RecursionError) as e:
-            raise ValidationError(f"the JSON schema of 'grammar' is not valid JSON: {type(e).__name__}: {e}") from None
-    if not isinstance(value, dict):
-        raise ValidationError("a 'json' grammar's value must be a JSON schema object")
-    _check_schema_size(value)
-    return value
-
-
-def _check_schema_size(schema: dict) -> None:
-    """Depth, total size and repetition counts, walked without recursion (a schema can nest deeply)."""
-    if len(json.dumps(schema)) > MAX_GRAMMAR_CHARS:
-        raise ValidationError(f"a JSON schema may have at most {MAX_GRAMMAR_CHARS} characters as JSON")
-    stack = [(schema, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_SCHEMA_DEPTH:
-            raise ValidationError(f"a JSON schema may nest at most {MAX_SCHEMA_DEPTH} levels deep")
-        if isinstance(node, dict):
-            for key in _SCHEMA_COUNTS:
-                count = node.get(key)
-                if isinstance(count, (int, float)) and not isinstance(count, bool) and count > MAX_REPEAT:
-                    raise ValidationError(f"a JSON schema's {key} may be at most {MAX_REPEAT}, got {count}")
-            if isinstance(node.get("pattern"), str):
-                _pattern(node["pattern"])
-            stack.extend((child, depth + 1) for child in node.values())
-        elif isinstance(node, list):
-            stack.extend((child, depth + 1) for child in node)
 
 
 def _replace(params: GenerateParams, **changes) -> GenerateParams:
