@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REAP_SECONDS, REPO, STOPPING, Server, build_tiny_model, make_tree, run_train
+from tests.helpers import REAP_SECONDS, REPO, STOPPING, Server, Training, build_tiny_model, make_tree, run_train
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -93,3 +93,17 @@ def serve_tree():
     yield start
     for server in servers:
         server.stop_soon()
+
+
+@pytest.fixture
+def start_train():
+    """Start `train` on a tree (helpers.Training); whatever of it is left when the test ends is killed."""
+    started: list[Training] = []
+
+    def start(root: Path, **env) -> Training:
+        started.append(Training(root, **env))
+        return started[-1]
+
+    yield start
+    for training in started:
+        training.kill()

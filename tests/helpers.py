@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -51,21 +53,77 @@ def run_train(root: Path, timeout: int = 600, **env) -> subprocess.CompletedProc
     )
 
 
+class Training:
+    """A real `train` in its own session, its output read line by line by a thread, so a test waits for a line
+    against a deadline. kill() SIGKILLs whatever of it is left; the `start_train` fixture calls it when the test
+    ends, so a test that fails midway leaves no training behind to load the machine."""
+
+    def __init__(self, root: Path, **env):
+        self.process = subprocess.Popen(
+            [str(BIN / "train")], env={**os.environ, "SAGEMAKER_BASE_DIR": str(root), **env},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.output: list[str] = []  # the lines read so far
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put(None)  # the end of its output
+
+    def _next(self, deadline: float) -> str | None:
+        line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        if line is None:
+            self._lines.put(None)  # ended for every later reader too
+        else:
+            self.output.append(line)
+        return line
+
+    def wait_for_line(self, prefix: str, timeout: float = 600) -> bool:
+        """Read until a line that starts with `prefix` (True), or its output ends or the deadline passes."""
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(queue.Empty):
+            while (line := self._next(deadline)) is not None:
+                if line.startswith(prefix):
+                    return True
+        return False
+
+    def finish(self, timeout: float = 120) -> tuple[int, str]:
+        """Its exit code, once it has exited, and its output after what was read before."""
+        read = len(self.output)
+        self.process.wait(timeout=timeout)
+        with contextlib.suppress(queue.Empty):  # a child that outlived it may hold the pipe: not waited for
+            while self._next(time.monotonic() + 30) is not None:
+                pass
+        return self.process.returncode, "".join(self.output[read:])
+
+    def kill(self) -> None:
+        for pid, _ in session_members(self.process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        self.process.wait()
+
+
 REAP_SECONDS = 90  # after SIGTERM, until a server and what it started are taken for stuck
 STOPPING: list["Server"] = []  # servers told to stop, still draining (conftest.py waits for them at the end)
 
 
 class Server:
-    """A real `serve` process (gunicorn + Flask) on a free port."""
+    """A real `serve` process (gunicorn + Flask) on a free port. Its output goes to a file, not a pipe: a
+    server that lives for the whole session writes more than a pipe holds, and nobody reads it until the end."""
 
     def __init__(self, root: Path, **env):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [str(BIN / "serve")],
-            env={**os.environ, "SAGEMAKER_BASE_DIR": str(root), "SAGEMAKER_BIND_TO_PORT": str(self.port), **env},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )
+        descriptor, self._log = tempfile.mkstemp(prefix="serve-", suffix=".log")
+        with open(descriptor, "a") as log:  # appended to: reading it meanwhile moves no offset of the server's
+            self.process = subprocess.Popen(
+                [str(BIN / "serve")],
+                env={**os.environ, "SAGEMAKER_BASE_DIR": str(root), "SAGEMAKER_BIND_TO_PORT": str(self.port), **env},
+                stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            )
         self.ping_codes: list[int] = []
         self.output: str | None = None
         self.leftovers: list[str] = []  # processes still there a while after SIGTERM (killed then)
@@ -73,8 +131,12 @@ class Server:
 
     def wait_ready(self, timeout: float = 180) -> None:
         """Until /ping answers 200. A refused connection or a slow answer (a worker still importing, a loaded
-        machine) is retried until the deadline; a server that exits fails at once with its output."""
-        self.ping_codes += wait_for_ping(self.url, 200, timeout, process=self.process)
+        machine) is retried until the deadline; a server that exits, or is not ready by then, fails with its
+        output, and nothing it started is left running."""
+        try:
+            self.ping_codes += wait_for_ping(self.url, 200, timeout, process=self.process)
+        except (RuntimeError, TimeoutError) as e:
+            raise type(e)(f"{e}\n{self.stop()}") from None
 
     def invoke(self, body, **kwargs) -> requests.Response:
         data = body if isinstance(body, (bytes, str)) else json.dumps(body)
@@ -108,25 +170,36 @@ class Server:
             STOPPING.append(self)
 
     def _reap(self) -> None:
-        """The output, once the server and every process it started have exited: all hold it open. What is
-        still there REAP_SECONDS after SIGTERM (gunicorn drains for 25 s) is SIGKILLed and kept in leftovers,
-        which fail the session (conftest.py): a server must not leave vLLM's engine processes behind."""
-        try:
-            self.output, _ = self.process.communicate(timeout=REAP_SECONDS)
-            return
-        except subprocess.TimeoutExpired:
-            pass
-        listed = subprocess.run(["ps", "-o", "pid=,args=", "-s", str(self.process.pid)], capture_output=True, text=True)
-        for line in listed.stdout.splitlines():
-            pid, _, args = line.strip().partition(" ")
-            if running(int(pid)):
-                self.leftovers.append(f"{pid} {args}")
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-        try:
-            self.output, _ = self.process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.output = "(its output was still held open 30 s after SIGKILL)"
+        """The output, once the server and every process it started (its session) have exited. What is still
+        there REAP_SECONDS after SIGTERM (gunicorn drains for 25 s) is SIGKILLed and kept in leftovers, which
+        fail the session (conftest.py): a server must not leave vLLM's engine processes behind."""
+        deadline = time.monotonic() + REAP_SECONDS
+        while time.monotonic() < deadline and (self.process.poll() is None or session_members(self.process.pid)):
+            time.sleep(0.2)
+        for pid, args in session_members(self.process.pid):
+            self.leftovers.append(f"{pid} {args}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=30)
+        self.output = self.log()
+        os.unlink(self._log)
+
+    def log(self) -> str:
+        """What the server has written so far."""
+        return Path(self._log).read_text(errors="replace")
+
+
+def session_members(session: int) -> list[tuple[int, str]]:
+    """The processes still running in session `session` (a process started with start_new_session=True and
+    everything it started): pid and command line."""
+    listed = subprocess.run(["ps", "-o", "pid=,args=", "-s", str(session)], capture_output=True, text=True)
+    members = []
+    for line in listed.stdout.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if running(int(pid)):
+            members.append((int(pid), args))
+    return members
 
 
 @contextlib.contextmanager
@@ -160,8 +233,7 @@ def wait_for_ping(url: str, wanted: int, timeout: float, process: subprocess.Pop
     codes: list = []
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            output = process.stdout.read() if process.stdout is not None else ""
-            raise RuntimeError(f"serve exited with {process.returncode}:\n{output}")
+            raise RuntimeError(f"serve exited with {process.returncode}")
         try:
             codes.append(requests.get(url + "/ping", timeout=min(5.0, max(0.1, deadline - time.monotonic())))
                          .status_code)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.helpers import (BIN, TINY_ROWS, free_port, jsonl, link_model_channel, loads_and_generates, make_tree,
+from tests.helpers import (TINY_ROWS, free_port, jsonl, link_model_channel, loads_and_generates, make_tree,
                            run_train, training_report)
 
 FAST = {"max_steps": "3", "per_device_train_batch_size": "2", "gradient_accumulation_steps": "1", "max_length": "64",
@@ -36,7 +36,7 @@ def test_two_processes_on_one_host_train_a_model_that_generates(tmp_path, tiny_m
     loads_and_generates(root)  # served for real below, after full fine-tuning under ZeRO-3
 
 
-def two_hosts(tmp_path, tiny_model, hyperparameters):
+def two_hosts(start_train, tmp_path, tiny_model, hyperparameters):
     """Two instance trees on loopback: '127.0.0.1' is the first host, 'localhost' the second."""
     port = str(free_port())
     roots = []
@@ -47,15 +47,13 @@ def two_hosts(tmp_path, tiny_model, hyperparameters):
             {"current_host": current, "hosts": ["127.0.0.1", "localhost"], "network_interface_name": "lo"}))
         link_model_channel(root, tiny_model)
         roots.append(root)
-    processes = [subprocess.Popen([str(BIN / "train")], env={**os.environ, "SAGEMAKER_BASE_DIR": str(root)},
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for root in roots]
-    return roots, processes
+    return roots, [start_train(root) for root in roots]
 
 
-def test_two_hosts_train_together_and_only_the_first_writes_the_model(tmp_path, tiny_model):
-    roots, processes = two_hosts(tmp_path, tiny_model, FAST)
-    outputs = [p.communicate(timeout=600)[0] for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+def test_two_hosts_train_together_and_only_the_first_writes_the_model(start_train, tmp_path, tiny_model):
+    roots, hosts = two_hosts(start_train, tmp_path, tiny_model, FAST)
+    codes, outputs = zip(*[host.finish(timeout=600) for host in hosts])
+    assert codes == (0, 0), outputs[0][-2000:] + outputs[1][-2000:]
     assert "host 127.0.0.1 (rank 0 of 2)" in outputs[0] and "host localhost (rank 1 of 2)" in outputs[1]
     assert training_report(roots[0])["stages"]["sft"]["world_size"] == 2
     assert (roots[0] / "model" / "serving.json").is_file()
@@ -68,21 +66,18 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in result.stdout.split()]
 
 
-def test_a_failing_rank_fails_every_host_fast_with_a_failure_file_on_each(tmp_path, tiny_model):
-    roots, processes = two_hosts(tmp_path, tiny_model, {**FAST, "max_steps": "100000"})
-    for line in processes[0].stdout:  # the first host logs the steps of the whole job
-        if line.startswith("stage=sft step=2 "):
-            break
-    else:
-        pytest.fail("training never started")
-    torchrun = children(processes[1].pid)[0]
-    worker = children(torchrun)[0]
-    os.kill(worker, signal.SIGKILL)  # as the kernel's OOM killer would
+def test_a_failing_rank_fails_every_host_fast_with_a_failure_file_on_each(start_train, tmp_path, tiny_model):
+    roots, hosts = two_hosts(start_train, tmp_path, tiny_model, {**FAST, "max_steps": "100000"})
+    # the first host logs the steps of the whole job
+    assert hosts[0].wait_for_line("stage=sft step=2 "), "training never started:\n" + "".join(hosts[0].output)
+    torchrun = children(hosts[1].process.pid)
+    worker = children(torchrun[0]) if torchrun else []
+    assert worker, f"the second host's training worker was not found: {torchrun}"
+    os.kill(worker[0], signal.SIGKILL)  # as the kernel's OOM killer would
     started = time.monotonic()
-    for process in processes:
-        process.communicate(timeout=600)
+    codes = [host.finish(timeout=600)[0] for host in hosts]
     assert time.monotonic() - started < 300, "the job must not hang until the collective timeout (1800 s)"
-    assert all(p.returncode not in (0, 143) for p in processes)  # failed, not interrupted
+    assert all(code not in (0, 143) for code in codes), codes  # failed, not interrupted
     second = (roots[1] / "output" / "failure").read_text()
     assert second.startswith("training worker exited with code") and "host localhost" in second
     first = (roots[0] / "output" / "failure").read_text()
@@ -122,18 +117,15 @@ def test_sft_then_dpo_across_processes_and_full_fine_tuning_under_zero3(tmp_path
 
 
 @pytest.mark.scenario  # make test-scenarios
-def test_sigterm_to_the_launcher_checkpoints_every_rank_and_the_job_resumes(tmp_path, tiny_model):
+def test_sigterm_to_the_launcher_checkpoints_every_rank_and_the_job_resumes(start_train, tmp_path, tiny_model):
     root = make_tree(tmp_path, {**FAST, "max_steps": "300", "save_steps": "1000", "processes_per_host": "2",
                                 "master_port": str(free_port())}, {"train/d.jsonl": jsonl(TINY_ROWS)})
     link_model_channel(root, tiny_model)
-    process = subprocess.Popen([str(BIN / "train")], env={**os.environ, "SAGEMAKER_BASE_DIR": str(root)},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        if line.startswith("stage=sft step=3 "):
-            process.send_signal(signal.SIGTERM)  # SageMaker signals the container's main process only
-            break
-    process.communicate(timeout=120)
-    assert process.returncode == 143  # every rank reported an interruption: stopped, not failed
+    training = start_train(root)
+    assert training.wait_for_line("stage=sft step=3 "), "".join(training.output)[-3000:]
+    training.process.send_signal(signal.SIGTERM)  # SageMaker signals the container's main process only
+    code, rest = training.finish()
+    assert code == 143, rest[-3000:]  # every rank reported an interruption: stopped, not failed
     failure = (root / "output" / "failure").read_text()
     assert "training stopped by SIGTERM during sft at step " in failure.splitlines()[0]
     step = int(failure.split(" at step ")[1].split()[0])

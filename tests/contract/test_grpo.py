@@ -3,14 +3,12 @@
 a step that would split a prompt's group of answers before any training, resumes after a SIGTERM, and trains
 across two processes."""
 
-import os
 import signal
-import subprocess
 
 import pytest
 
 from tests.contract.test_train import fails_with
-from tests.helpers import (BIN, TINY_ROWS, free_port, jsonl, link_model_channel, loads_and_generates, make_tree,
+from tests.helpers import (TINY_ROWS, free_port, jsonl, link_model_channel, loads_and_generates, make_tree,
                            run_train, training_report)
 
 # 8 rows: 6 to train on (3 prompts of 4 answers per epoch), 2 held out; SFT 2 steps, then GRPO 3 steps of one
@@ -101,7 +99,8 @@ def test_sft_then_grpo_with_a_step_of_split_groups_fails_before_sft_trains(tmp_p
 
 
 @pytest.mark.scenario  # make test-scenarios, with the other spot restarts
-def test_grpo_stopped_by_sigterm_mid_stage_resumes_from_its_checkpoint_and_trains_the_same_model(tmp_path, tiny_model):
+def test_grpo_stopped_by_sigterm_mid_stage_resumes_from_its_checkpoint_and_trains_the_same_model(
+        start_train, tmp_path, tiny_model):
     """The rerun skips the finished SFT stage, resumes GRPO from the checkpoint the stop left, and ends with the
     weights of a run never stopped, bit for bit: the same prompts, the same sampled answers (the random state
     comes back with the checkpoint), the same updates."""
@@ -109,14 +108,11 @@ def test_grpo_stopped_by_sigterm_mid_stage_resumes_from_its_checkpoint_and_train
     reference = job(tmp_path / "reference", tiny_model, **spot)
     trained(reference)
     root = job(tmp_path / "stopped", tiny_model, **spot)
-    process = subprocess.Popen([str(BIN / "train")], env={**os.environ, "SAGEMAKER_BASE_DIR": str(root)},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        if line.startswith("stage=grpo step=2 "):
-            process.send_signal(signal.SIGTERM)  # as SageMaker does when it reclaims a spot instance
-            break
-    rest = process.stdout.read()
-    assert process.wait(timeout=120) == 143, rest[-3000:]
+    training = start_train(root)
+    assert training.wait_for_line("stage=grpo step=2 "), "".join(training.output)[-3000:]
+    training.process.send_signal(signal.SIGTERM)  # as SageMaker does when it reclaims a spot instance
+    code, rest = training.finish()
+    assert code == 143, rest[-3000:]
     failure = (root / "output" / "failure").read_text()
     assert failure.startswith("training stopped by SIGTERM during grpo at step "), failure
     step = int(failure.split(" at step ")[1].split()[0])

@@ -2,16 +2,14 @@
 generate, and the kind `serve` treats differently (an adapter-only export on its base) is served for real."""
 
 import json
-import os
 import signal
-import subprocess
 import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import (BIN, TINY_ROWS, jsonl, link_model_channel, loads_and_generates, make_tree, run_train,
+from tests.helpers import (TINY_ROWS, jsonl, link_model_channel, loads_and_generates, make_tree, run_train,
                            training_report)
 
 FAST = {"max_steps": "3", "dpo_max_steps": "2", "per_device_train_batch_size": "2", "gradient_accumulation_steps": "1",
@@ -144,20 +142,15 @@ def test_an_adapter_export_is_served_on_its_base(tmp_path, tiny_model, serve_tre
 
 
 @pytest.mark.scenario  # make test-scenarios
-def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes_to_the_planned_end(tmp_path, tiny_model):
+def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes_to_the_planned_end(start_train, tmp_path, tiny_model):
     root = make_tree(tmp_path, {**FAST, "max_steps": "400", "save_steps": "1000", "logging_steps": "1"},
                      {"train/d.jsonl": jsonl(TINY_ROWS)})
     link_model_channel(root, tiny_model)
-    process = subprocess.Popen([str(BIN / "train")], env={**os.environ, "SAGEMAKER_BASE_DIR": str(root)},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = []
-    for line in process.stdout:
-        output.append(line)
-        if line.startswith("stage=sft step=5 "):
-            process.send_signal(signal.SIGTERM)  # what SageMaker sends on a spot interruption
-            break
-    output.append(process.stdout.read())
-    assert process.wait(timeout=120) == 143  # 128 + SIGTERM: stopped, not failed
+    training = start_train(root)
+    assert training.wait_for_line("stage=sft step=5 "), "".join(training.output)[-3000:]
+    training.process.send_signal(signal.SIGTERM)  # what SageMaker sends on a spot interruption
+    code, rest = training.finish()
+    assert code == 143, rest[-3000:]  # 128 + SIGTERM: stopped, not failed
     failure = (root / "output" / "failure").read_text()
     assert failure.startswith("training stopped by SIGTERM during sft at step ")
     stopped_at = int(failure.split(" at step ")[1].split()[0])

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.helpers import BIN, Server, frozen
+from tests.helpers import BIN, REAP_SECONDS, Server, frozen
 
 LLM_TWIN_BODY = {"inputs": "\nYou are a content creator. Write what the user asked you to while using the provided "
                            "context as the primary source of information for the content.\n"
@@ -134,7 +134,7 @@ def test_the_books_deployment_by_hf_model_id_keeps_tgis_limits_refuses_overload_
         server.process.send_signal(signal.SIGTERM)  # SageMaker scaling in: finish what was accepted
         lasts = [json.loads([line for line in lines if line][-1].removeprefix("data:")) for lines in events]
         assert all(last["generated_text"] for last in lasts), lasts
-        assert server.process.wait(timeout=60) == 0
+        assert server.process.wait(timeout=REAP_SECONDS) == 0  # gunicorn drains, then vLLM exits
     finally:
         output = server.stop()
     assert "EngineDeadError" not in output and "output_handler failed" not in output  # a normal stop, said as one

@@ -47,7 +47,8 @@ bodies = st.one_of(
 )
 
 
-@settings(max_examples=120, deadline=None,
+# The same 120 bodies every run (derandomized): a landing is not blocked by a body no change of its made fail.
+@settings(max_examples=120, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(body=bodies)
 def test_fuzzed_bodies_get_2xx_or_4xx_json_and_the_server_keeps_serving(server, body):

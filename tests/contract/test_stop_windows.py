@@ -4,9 +4,7 @@ failure file, and the rerun finishes with the model an uninterrupted run writes.
 many micro-batches does not hold the stop back: the job saves the last completed step and exits at once, and
 its rerun trains the model an uninterrupted run trains."""
 
-import os
 import signal
-import subprocess
 import tarfile
 import time
 
@@ -14,7 +12,7 @@ import pytest
 
 from bench.chaos_train import make_job, model_summary, run
 from local_test.tiny_model import build_tiny_model
-from tests.helpers import BIN, jsonl, link_model_channel, make_tree, run_train
+from tests.helpers import jsonl, link_model_channel, make_tree, run_train
 from train.checkpoints import verify
 
 pytestmark = pytest.mark.scenario  # make test-scenarios (CI runs it after make test)
@@ -65,7 +63,7 @@ def long_steps_job(root, tiny_model):
 
 
 def test_sigterm_mid_accumulation_exits_at_once_with_the_last_step_and_the_rerun_trains_the_same_model(
-        tmp_path, tiny_model):
+        start_train, tmp_path, tiny_model):
     """SIGTERM as step 2's 200 micro-batches begin: the job stops after the current micro-batch, saves step 1
     (weights, optimizer and random state as they were when step 2 began) and exits 143. The rerun redoes step 2
     whole, on the same samples with the same dropout, and ends with an uninterrupted run's weights, bit for bit."""
@@ -73,15 +71,12 @@ def test_sigterm_mid_accumulation_exits_at_once_with_the_last_step_and_the_rerun
     assert run_train(reference).returncode == 0
 
     root = long_steps_job(tmp_path / "stopped", tiny_model)
-    process = subprocess.Popen([str(BIN / "train")], env={**os.environ, "SAGEMAKER_BASE_DIR": str(root)},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        if line.startswith("stage=sft step=1 "):
-            process.send_signal(signal.SIGTERM)
-            sent = time.monotonic()
-            break
-    rest = process.stdout.read()
-    assert process.wait(timeout=120) == 143, rest[-3000:]
+    training = start_train(root)
+    assert training.wait_for_line("stage=sft step=1 "), "".join(training.output)[-3000:]
+    training.process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    code, rest = training.finish()
+    assert code == 143, rest[-3000:]
     seconds = time.monotonic() - sent
     assert seconds < 60, f"{seconds:.1f} s from SIGTERM to exit"
     assert "stage=sft step=2 " not in rest  # it did not wait for the step to end

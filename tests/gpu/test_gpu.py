@@ -1,8 +1,9 @@
 """GPU paths: training in bf16 on CUDA and serving on CUDA (vLLM), FP8 too. Skipped cleanly without a GPU."""
 
 import pytest
+import requests
 
-from tests.helpers import TINY_ROWS, jsonl, link_model_channel, make_tree, run_train
+from tests.helpers import TINY_ROWS, jsonl, link_model_channel, make_tree, run_train, training_report
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -16,11 +17,14 @@ def test_train_in_bf16_on_cuda_then_serve_on_cuda(tmp_path, tiny_model, serve_tr
     link_model_channel(root, tiny_model)
     result = run_train(root)
     assert result.returncode == 0, result.stdout + result.stderr
+    report = training_report(root)
+    assert (report["device"] != "cpu", report["precision"]) == (True, "bf16"), report  # trained on the GPU, bf16
 
     server = serve_tree(root)
     response = server.invoke({"inputs": "Hello", "parameters": {"max_new_tokens": 4, "details": True}})
     assert response.status_code == 200, response.text
     assert response.json()[0]["details"]["generated_tokens"] >= 1
+    assert requests.get(server.url + "/info", timeout=30).json()["model_device_type"] == "cuda"
     assert "model ready: vLLM engine" in server.stop()
 
 
@@ -42,6 +46,7 @@ def test_qlora_4bit_on_cuda(tmp_path, tiny_model):
     result = run_train(root)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Linear4bit layers" in result.stdout
+    assert training_report(root)["device"] != "cpu"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

@@ -52,6 +52,8 @@ def test_only_the_server_measured_runs_and_none_lets_both_go_on():
         assert settled(sides["vllm_serve"][1], {"T"}) and settled(sides["ours"][1], {"S", "R"})
         only(sides, "vllm_serve")
         assert settled(sides["ours"][1], {"T"}) and settled(sides["vllm_serve"][1], {"S", "R"})
+        only(sides, "ours")  # the stopped one goes on
+        assert settled(sides["vllm_serve"][1], {"T"}) and settled(sides["ours"][1], {"S", "R"})
         only(sides, None)
         assert all(settled(pid, {"S", "R"}) for _, pid in sides.values())
     finally:
