@@ -11,6 +11,11 @@ the component calls `DELETE /adapters/{name}`. Invocations of the adapter compon
 model-hosting-container-standards library and DJL-Serving implement; SageMaker's guide does not document
 the container side.)
 
+A registered adapter is an inference component of its own, which IAM lets some callers invoke and not
+others: only SageMaker's adapter header reaches it. A body naming it (adapter_id, an OpenAI `model`) on a
+request without the header, which is an invocation of the base component, gets the error an unknown name
+gets, so the base component's callers can neither use nor discover the twins registered beside it.
+
 Registration is a privileged route (SageMaker's front end never forwards a caller's request to it), but a
 container run locally has it on an open port: `src` is taken only under ADAPTER_SOURCE_ROOT (/opt/ml
 unless set), symlinks resolved first, with one error for every path outside it, whether it exists or not;
@@ -33,13 +38,12 @@ adapter up there when a request names it, and vLLM loads it on first use. Nothin
 
 from __future__ import annotations
 
-import hashlib
+import fcntl
 import json
 import logging
 import os
 import re
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Mapping
@@ -51,7 +55,8 @@ from serve.schemas import MODEL_NAME, NEUTRAL_MODELS, GenerateRequest
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # matched whole (fullmatch)
-FIRST_REGISTERED_ID = 1 << 20  # vLLM's adapter ids: fixed adapters take 1..N, registered ones are above
+FIRST_REGISTERED_ID = 1 << 20  # vLLM's adapter ids: fixed adapters take 1..N, registered ones count up from here
+NEXT_ID_FILE = ".next-id"  # in the registry: the next registration's id, never handed out twice
 MODEL_ADAPTER = "model"  # the name of an adapter-only model directory's own adapter
 RESERVED_NAMES = (*NEUTRAL_MODELS, MODEL_ADAPTER)  # the served model's names: no adapter may take them
 DEFAULT_RANK = 16  # peft's LoraConfig default, for an adapter_config.json that names no rank
@@ -93,7 +98,9 @@ def parse_registration(body: dict) -> dict:
 def adapter_folder(src: str, root: Path) -> Path:
     """The peft adapter in `src`: the folder itself, or the adapter/ of a model directory `train` wrote
     (so a twin's own model.tar.gz can be an adapter component as it is). `src` must resolve, symlinks
-    followed, to a folder under `root`; the refusal says the same whether or not the path exists."""
+    followed, to a folder under `root`; the refusal says the same whether or not the path exists. What is
+    loaded from it must be inside it too: a symlink in the component's archive could otherwise point at
+    another component's weights."""
     if not Path(src).is_absolute():
         raise ValidationError(f"adapter src must be a local absolute path (SageMaker unpacks the component's "
                               f"model.tar.gz and passes its folder), got {src!r}")
@@ -106,6 +113,10 @@ def adapter_folder(src: str, root: Path) -> Path:
             if not (candidate / "adapter_model.safetensors").is_file():
                 raise ValidationError(f"adapter {src}: {candidate}/adapter_model.safetensors is missing "
                                       "(adapters load from safetensors only, never pickles)")
+            for path in (candidate, candidate / "adapter_config.json", candidate / "adapter_model.safetensors"):
+                if os.path.realpath(path) != str(path):
+                    raise ValidationError(f"adapter {src}: {path.relative_to(folder) if path != folder else '.'} "
+                                          "is a symlink: an adapter's files must be in its own folder")
             return candidate
     raise ValidationError(f"adapter {src} holds no adapter_config.json (neither at its top nor in {ADAPTER_DIR}/)")
 
@@ -145,6 +156,8 @@ class Adapters:
         if name is None:
             return self.fixed.get(MODEL_ADAPTER)
         adapter = self.find(name)
+        if adapter is not None and name not in self.fixed and not request.by_header:
+            adapter = None  # a registered component: only SageMaker's header reaches it (module docstring)
         if adapter is None:  # the other adapters' names are not this caller's to know
             if request.params.adapter_id is None:
                 raise ValidationError(f"unknown model {name!r}: name an adapter this endpoint serves, or "
@@ -231,13 +244,11 @@ class Adapters:
         if rank > self.max_rank:
             raise ValidationError(f"adapter {name!r} has LoRA rank {rank}, above this endpoint's MAX_LORA_RANK="
                                   f"{self.max_rank}: redeploy the base with MAX_LORA_RANK={rank} or more")
-        digest = hashlib.sha256(f"{name}\0{folder}\0{time.time_ns()}".encode()).digest()
-        number = FIRST_REGISTERED_ID + int.from_bytes(digest[:4], "big") % (2**31 - FIRST_REGISTERED_ID)
-        adapter = Adapter(name, number, folder, pin=pin, preload=preload or pin, alias=alias)
+        adapter = Adapter(name, self._next_id(), folder, pin=pin, preload=preload or pin, alias=alias)
         with load(adapter):  # loaded here first: other workers only ever see an adapter that loaded
             descriptor, staging = tempfile.mkstemp(dir=self.registry, prefix=f".{name}.", suffix=".tmp")
             with os.fdopen(descriptor, "w", encoding="utf-8") as f:  # its own file: registrations may race
-                json.dump({"name": name, "src": str(folder), "id": number, "pin": adapter.pin,
+                json.dump({"name": name, "src": str(folder), "id": adapter.number, "pin": adapter.pin,
                            "preload": adapter.preload, "alias": alias}, f)
             os.replace(staging, self.registry / f"{name}.json")
         log.info("adapter %s registered from %s (pin %s, preload %s)", name, folder, adapter.pin, adapter.preload)
@@ -256,6 +267,18 @@ class Adapters:
         unload(adapter)
         log.info("adapter %s unregistered", name)
         return {"name": name, "message": f"Adapter {alias or name} unregistered"}
+
+    def _next_id(self) -> int:
+        """A vLLM id no registration on this instance had before, in any worker: vLLM keys its loaded
+        adapters and its prefix cache by it, so two versions sharing one would answer from each other's weights."""
+        with open(self.registry / NEXT_ID_FILE, "a+", encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # the workers register concurrently; let go when the file closes
+            f.seek(0)
+            number = int(f.read().strip() or FIRST_REGISTERED_ID)
+            f.seek(0)
+            f.truncate()
+            f.write(str(number + 1))
+        return number
 
     @staticmethod
     def _read(path: Path) -> Adapter | None:

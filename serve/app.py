@@ -201,9 +201,10 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
         return json_response(200, openai.models(visible_adapters()))
 
     def visible_adapters() -> list[str]:
-        """Every adapter's name, or with SageMaker's adapter header only that one's (as GET /adapters)."""
+        """The adapters this caller may name: with SageMaker's adapter header only that one (as GET /adapters);
+        without it, LORA_ADAPTERS' (registered components answer only to their own header)."""
         only = request.headers.get(ADAPTER_HEADER)
-        return [name for name in adapters.names() if only is None or name == only]
+        return sorted(adapters.fixed) if only is None else [name for name in adapters.names() if name == only]
 
     @app.post("/adapters")
     def register_adapter():

@@ -84,6 +84,7 @@ class GenerateRequest:
     model: str | None = None  # OpenAI's `model`: an adapter name, or the served model's own name
     completion: bool = False  # OpenAI's /v1/completions: the prompt is used as it is, with no chat template
     history: tuple[dict, ...] | None = None  # a session turn's earlier messages (serve/sessions.py); None: no session
+    by_header: bool = False  # the adapter was named by SageMaker's adapter header, not by the body
 
     @property
     def conversation(self) -> list[dict] | None:
@@ -109,9 +110,9 @@ def parse_request(body: object, adapter_header: str | None = None) -> GenerateRe
 def bind_to_adapter_header(request: GenerateRequest, adapter_header: str | None) -> GenerateRequest:
     """On an inference-component endpoint SageMaker sets the adapter header from the component the caller
     was allowed to invoke: it is the authority, and a body naming another adapter (TGI's adapter_id,
-    OpenAI's model) is refused, never obeyed. Without the header (a plain multi-LoRA endpoint, `docker
-    run`), the body chooses. The refusal names no other adapter, and says the same whether or not the
-    named one exists."""
+    OpenAI's model) is refused, never obeyed. Without the header the body chooses among LORA_ADAPTERS (a
+    plain multi-LoRA endpoint, `docker run`), never a registered component (serve/adapters.py). The refusal
+    names no other adapter, and says the same whether or not the named one exists."""
     if not adapter_header:
         return request
     named = request.params.adapter_id
@@ -121,7 +122,8 @@ def bind_to_adapter_header(request: GenerateRequest, adapter_header: str | None)
     if request.model not in (None, adapter_header, *NEUTRAL_MODELS):
         raise Forbidden(f"this request's adapter is set by SageMaker's {ADAPTER_HEADER} header: leave 'model' "
                         f"unset, or give the same name or {MODEL_NAME!r}")
-    return replace(request, params=replace(request.params, adapter_id=adapter_header), model=adapter_header)
+    return replace(request, params=replace(request.params, adapter_id=adapter_header), model=adapter_header,
+                   by_header=True)
 
 
 def parse_generate(body: object) -> GenerateRequest:

@@ -8,7 +8,7 @@ import pytest
 
 from serve.adapters import Adapter, Adapters, adapter_folder, parse_registration
 from serve.errors import BadRequest, NotFound, ValidationError
-from serve.schemas import GenerateParams, GenerateRequest
+from serve.schemas import GenerateParams, GenerateRequest, bind_to_adapter_header
 
 
 def adapter(folder, rank=8):
@@ -52,7 +52,26 @@ def test_a_registration_is_seen_by_every_worker_and_a_new_one_gets_a_new_id(tmp_
     assert [a.number for a in unloaded] == [again] and second.find("alice") is None
     with pytest.raises(NotFound, match="adapter 'alice' is not registered"):
         second.unregister("alice", unload=unloaded.append)
-    assert not list(registry.iterdir())  # nothing half-written left behind
+    assert [p.name for p in registry.iterdir()] == [".next-id"]  # nothing half-written left behind
+    assert register(first, "bob", str(adapter(tmp_path / "bob"))).number == again + 1  # no id is handed out twice
+
+
+def test_registrations_in_many_workers_at_once_each_get_their_own_id(tmp_path):
+    """Each worker process registers at once: vLLM keys loaded adapters and cached prefixes by the id, so two
+    adapters sharing one would answer from each other's weights."""
+    import multiprocessing
+
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    folders = [str(adapter(tmp_path / f"twin{i}")) for i in range(8)]
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        numbers = pool.starmap(register_in_a_worker, [(registry, tmp_path, f"twin{i}", folder)
+                                                      for i, folder in enumerate(folders)])
+    assert sorted(numbers) == list(range(numbers and min(numbers), min(numbers) + 8))
+
+
+def register_in_a_worker(registry, root, name, folder) -> int:
+    return register(Adapters({}, registry, max_rank=64, source_root=root), name, folder).number
 
 
 def test_an_adapter_that_does_not_load_is_not_recorded(tmp_path):
@@ -145,7 +164,7 @@ def test_two_registrations_of_one_name_at_once_each_write_their_own_file(tmp_pat
     threads = [threading.Thread(target=register_once) for _ in range(2)]
     [t.start() for t in threads]
     [t.join(timeout=30) for t in threads]
-    assert errors == [] and [p.name for p in registry.iterdir()] == ["alice.json"]
+    assert errors == [] and sorted(p.name for p in registry.iterdir()) == [".next-id", "alice.json"]
 
 
 def test_preload_and_pin_are_recorded_for_every_worker_and_pin_implies_preload(tmp_path):
@@ -189,13 +208,13 @@ def test_the_alias_header_names_the_adapter_in_the_answers_as_awss_library_does(
 
 
 def test_an_unknown_adapter_never_falls_back_to_the_base_model(tmp_path):
-    """adapter_id, OpenAI's model (SageMaker's header arrives as both) and an adapter unregistered between
-    its registration and the request: each a 422 naming only what the request named."""
+    """SageMaker's header (which arrives as adapter_id and as OpenAI's model) and an adapter unregistered
+    between its registration and the request: each a 422 naming only what the request named."""
     adapters = Adapters({}, tmp_path / "registry", max_rank=64, source_root=tmp_path)
     (tmp_path / "registry").mkdir()
     register(adapters, "alice", str(adapter(tmp_path / "alice")))
-    ask = {"by adapter_id": GenerateRequest("Hi", GenerateParams(adapter_id="alice")),
-           "by model": GenerateRequest("Hi", GenerateParams(), messages=[], model="alice")}
+    ask = {"by adapter_id": bind_to_adapter_header(GenerateRequest("Hi", GenerateParams()), "alice"),
+           "by model": bind_to_adapter_header(GenerateRequest("Hi", GenerateParams(), messages=[]), "alice")}
     assert {how: adapters.for_request(r).name for how, r in ask.items()} == dict.fromkeys(ask, "alice")
     adapters.unregister("alice", unload=lambda a: None)
     for request in ask.values():
@@ -209,6 +228,39 @@ def test_an_unknown_adapter_never_falls_back_to_the_base_model(tmp_path):
         assert adapters.for_request(GenerateRequest("Hi", GenerateParams(), model=served)) is None
     # an endpoint without adapters ignores `model`, as TGI does: no adapter could be meant
     assert Adapters({}).for_request(GenerateRequest("Hi", GenerateParams(), model="gpt-4o")) is None
+
+
+def test_a_registered_component_answers_only_to_its_header_and_its_files_stay_in_its_folder(tmp_path):
+    """A request without SageMaker's adapter header is an invocation of the base component: its body may name
+    LORA_ADAPTERS' adapters, but a registered component (another person's twin) only as an unknown name."""
+    adapters = Adapters({"dana": str(adapter(tmp_path / "dana"))}, tmp_path / "registry", max_rank=64,
+                        source_root=tmp_path)
+    (tmp_path / "registry").mkdir()
+    register(adapters, "alice", str(adapter(tmp_path / "alice")))
+    errors = []
+    for named in ("alice", "carol"):  # registered, and no adapter at all: the same answer
+        for request in (GenerateRequest("Hi", GenerateParams(adapter_id=named)),
+                        GenerateRequest("Hi", GenerateParams(), messages=[], model=named)):
+            with pytest.raises(ValidationError) as refused:
+                adapters.for_request(request)
+            errors.append(refused.value.message.replace(named, "NAME"))
+    assert errors[:2] == errors[2:]
+    assert adapters.for_request(GenerateRequest("Hi", GenerateParams(adapter_id="dana"))).name == "dana"
+    header = bind_to_adapter_header(GenerateRequest("Hi", GenerateParams()), "alice")
+    assert adapters.for_request(header).name == "alice"
+
+    # a component archive whose files are symlinks to another component's: refused, naming the link
+    bob = adapter(tmp_path / "bob")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "adapter_config.json").write_text((bob / "adapter_config.json").read_text())
+    (linked / "adapter_model.safetensors").symlink_to(bob / "adapter_model.safetensors")
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    (nested / "adapter").symlink_to(bob, target_is_directory=True)
+    for src, link in ((linked, "adapter_model.safetensors"), (nested, "adapter")):
+        with pytest.raises(ValidationError, match=f"{link} is a symlink: an adapter's files must be in its own"):
+            register(adapters, "mallory", str(src))
 
 
 def test_the_listing_shows_what_this_workers_engine_holds_and_pages(tmp_path):
