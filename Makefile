@@ -49,6 +49,7 @@ lock: ## regenerate requirements-cpu.lock and requirements-cuda.lock from requir
 venv: $(STAMP)
 
 $(STAMP): requirements.txt requirements-cpu.txt requirements-cpu.lock requirements-dev.txt requirements-model.txt requirements-clients.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and "the lock pins CPython 3.11 wheels, and $(PYTHON) is " + sys.version.split()[0] + ": run with PYTHON=python3.11")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	grep -E '^(pip|setuptools)==' requirements-cpu.lock > $(VENV)/bootstrap.txt  # older pips ignore hashes in -c files
 	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r $(VENV)/bootstrap.txt

@@ -59,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeatable)")
     train.add_argument("--instance-type", default="ml.g5.2xlarge")
     train.add_argument("--instance-count", type=int, default=1)
+    train.add_argument("--volume-size", type=int, default=100, metavar="GB",
+                       help="each instance's storage volume (VolumeSizeInGB): the model, its checkpoints and the "
+                            "merged export must fit")
     train.add_argument("--max-run", type=int, default=86400)
     train.add_argument("--spot", action="store_true")
     train.add_argument("--max-wait", type=int)
@@ -172,7 +175,7 @@ def run_train(args, clients) -> int:
         request = training_job_request(
             name=args.name, image=args.image, role=args.role, channels=channels, output=args.output,
             hyperparameters=hyperparameters, instance_type=args.instance_type, instance_count=args.instance_count,
-            max_run=args.max_run, spot=args.spot, max_wait=args.max_wait, checkpoint_s3=args.checkpoints,
+            volume_gb=args.volume_size, max_run=args.max_run, spot=args.spot, max_wait=args.max_wait, checkpoint_s3=args.checkpoints,
             environment=environment, uncompressed_output=args.uncompressed_output, tensorboard_s3=args.tensorboard,
             mlflow=args.mlflow, mlflow_experiment=args.mlflow_experiment, wandb=args.wandb)
     except ValueError as e:

@@ -86,6 +86,8 @@ def training_job_request(*, name: str, image: str, role: str, channels: dict[str
         raise ValueError(f"--max-wait {max_wait} is below --max-run {max_run}: SageMaker's MaxWaitTimeInSeconds "
                          "counts the run and the waiting for spot capacity, so it must be at least --max-run")
     check_hosts(role, instance_type, instance_count)
+    if not 1 <= volume_gb <= 16384:  # CreateTrainingJob's range
+        raise ValueError(f"--volume-size {volume_gb}: expected 1 to 16384 (GB)")
     for flag, uri in (*((f"--{channel.replace('_', '-')}", uri) for channel, uri in channels.items()),
                       ("--output", output), ("--checkpoints", checkpoint_s3), ("--tensorboard", tensorboard_s3)):
         check_s3(flag, uri)

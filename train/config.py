@@ -55,7 +55,8 @@ class TrainConfig:
                                    "the job (instruction backtranslation); the rows are written to "
                                    "/opt/ml/output/data/instructions.jsonl.", choices=("rows", "auto"))
     teacher_model_id: str = _f("", "instructions=auto: hub id or local path of the model that writes the "
-                                   "instructions. Empty: the `teacher` channel (a model folder), else the base model.")
+                                   "instructions. A `teacher` channel (a model folder), when given, comes first; "
+                                   "empty and no channel: the base model.")
     passage_max_tokens: int = _f(384, "instructions=auto: longest passage, in estimated tokens (4/3 per word); "
                                       "documents are split on paragraph boundaries within it.")
     instructions_keep: float = _f(0.8, "instructions=auto: share of the passages that pass the length and language "

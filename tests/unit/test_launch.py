@@ -400,6 +400,7 @@ def test_a_deploy_that_failed_half_way_is_deleted_and_aws_refusals_are_one_line(
     (["--role", "SageMakerRole"], "--role 'SageMakerRole': expected an IAM role's ARN"),
     (["--instance-type", "g5.2xlarge"], "expected a SageMaker instance type, e.g. ml.g5.2xlarge"),
     (["--instance-count", "0"], "--instance-count 0: expected 1 or more"),
+    (["--volume-size", "0"], "--volume-size 0: expected 1 to 16384 (GB)"),
     (["--spot", "--checkpoints", "s3://b/c/", "--max-run", "7200", "--max-wait", "3600"],
      "--max-wait 3600 is below --max-run 7200"),
     (["--max-wait", "3600"], "give --spot too"),

@@ -28,7 +28,7 @@ def test_train_sends_the_exact_request_with_spot_metrics_and_hf_token_by_referen
                                                                   "S3DataDistributionType": "FullyReplicated"}}}
             for name, uri in [("preference", "s3://b/pref/"), ("train", "s3://b/train/")]],
         "OutputDataConfig": {"S3OutputPath": "s3://b/out/"},
-        "ResourceConfig": {"InstanceType": "ml.g5.2xlarge", "InstanceCount": 1, "VolumeSizeInGB": 100},
+        "ResourceConfig": {"InstanceType": "ml.g5.2xlarge", "InstanceCount": 1, "VolumeSizeInGB": 300},
         "StoppingCondition": {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 7200},
         "Environment": {"HF_TOKEN_SECRET_ARN": HF_ARN},
         "EnableManagedSpotTraining": True,
@@ -40,7 +40,7 @@ def test_train_sends_the_exact_request_with_spot_metrics_and_hf_token_by_referen
         code = main(["train", "--image", IMAGE, "--role", ROLE, "--train", "s3://b/train/", "--preference", "s3://b/pref/",
                      "--output", "s3://b/out/", "--hyperparameters", str(hp),
                      "--hp", "model_id=meta-llama/Llama-3.1-8B",
-                     "--max-run", "3600", "--spot", "--max-wait", "7200", "--checkpoints", "s3://b/ckpt/",
+                     "--max-run", "3600", "--volume-size", "300", "--spot", "--max-wait", "7200", "--checkpoints", "s3://b/ckpt/",
                      "--name", "twin-1", "--secret", f"HF_TOKEN={HF_ARN}"],
                     clients={"sagemaker": sm})
         stub.assert_no_pending_responses()
