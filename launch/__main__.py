@@ -175,7 +175,8 @@ def run_train(args, clients) -> int:
         request = training_job_request(
             name=args.name, image=args.image, role=args.role, channels=channels, output=args.output,
             hyperparameters=hyperparameters, instance_type=args.instance_type, instance_count=args.instance_count,
-            volume_gb=args.volume_size, max_run=args.max_run, spot=args.spot, max_wait=args.max_wait, checkpoint_s3=args.checkpoints,
+            volume_gb=args.volume_size, max_run=args.max_run, spot=args.spot, max_wait=args.max_wait,
+            checkpoint_s3=args.checkpoints,
             environment=environment, uncompressed_output=args.uncompressed_output, tensorboard_s3=args.tensorboard,
             mlflow=args.mlflow, mlflow_experiment=args.mlflow_experiment, wandb=args.wandb)
     except ValueError as e:
