@@ -28,8 +28,10 @@ COPY requirements.txt requirements-cuda.txt requirements-cpu.txt requirements-cu
 # Declared here, not above, so that changing them does not re-run apt.
 # Empty: torch from PyPI, the CUDA 13.0 build (the one vllm==X on PyPI is built against).
 ARG TORCH_PIP_ARGS=""
-# Not named DS_BUILD_OPS: an ARG is in the environment of RUN, and DeepSpeed reads DS_BUILD_OPS as 0/1.
-ARG DEEPSPEED_OPS="DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1"
+# Not named DS_BUILD_OPS: an ARG is in the environment of RUN, and DeepSpeed reads DS_BUILD_OPS as 0/1. The CUDA
+# image's ZeRO configs keep the optimizer on the GPU (FusedAdam); its CPU Adam is not built, because DeepSpeed
+# compiles that for the build machine's CPU (-march=native), which an AVX2-only instance could not run.
+ARG DEEPSPEED_OPS="DS_BUILD_FUSED_ADAM=1"
 # The serving engine: vLLM for CUDA (requirements-cuda.txt), or its CPU build (requirements-cpu.txt), whose
 # CUDA-built torchvision/torchaudio/torchcodec are removed (unused by text models; they fail beside a CPU torch).
 ARG ENGINE=cuda
@@ -61,9 +63,12 @@ RUN python prepare_default_model.py /build/SmolLM2-135M-Instruct
 FROM ${RUNTIME_BASE} AS runtime
 # Telemetry off (container/telemetry.py sets the same for runs outside the image): vLLM's usage stats, the
 # Hugging Face Hub's (transformers, TRL, datasets), MLflow's (which reads DO_NOT_TRACK only as "true"), W&B's
-# crash reports; DO_NOT_TRACK=1 for any other library that honours it.
+# crash reports; DO_NOT_TRACK=1 for any other library that honours it. PYTORCH_NVML_BASED_CUDA_CHECK: a custom
+# code/inference.py that asks torch.cuda.is_available() at import (in gunicorn's master, before the workers
+# fork) asks NVML, which leaves CUDA uninitialised for the workers, instead of CUDA itself.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    PYTORCH_NVML_BASED_CUDA_CHECK=1 \
     PATH=/opt/venv/bin:$PATH \
     VLLM_NO_USAGE_STATS=1 \
     DO_NOT_TRACK=1 \
@@ -71,10 +76,12 @@ ENV PYTHONUNBUFFERED=1 \
     MLFLOW_DISABLE_TELEMETRY=true \
     WANDB_ERROR_REPORTING=false \
     LLM_TWIN_EMBEDDED_MODEL_DIR=/opt/models/SmolLM2-135M-Instruct
-# libnuma1: vLLM's CPU kernels link against it (the CUDA build does not mind it).
+# libnuma1: vLLM's CPU kernels link against it (the CUDA build does not mind it). gcc, libc6-dev and
+# python3-dev: Triton compiles its small C launcher against Python.h the first time a kernel runs (vLLM's
+# compiled graphs and LoRA kernels on GPUs), and stops with "Failed to find C compiler" without them.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 ca-certificates libnuma1 \
+ && apt-get install -y --no-install-recommends python3 python3-dev gcc libc6-dev ca-certificates libnuma1 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=python-env /opt/venv /opt/venv
 COPY --from=default-model /build/SmolLM2-135M-Instruct /opt/models/SmolLM2-135M-Instruct

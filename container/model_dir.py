@@ -89,9 +89,10 @@ def missing_files(model_dir: Path, spec: ServingSpec | None = None) -> list[str]
     if weights not in REQUIRED_FILES:
         raise ModelDirError(f"{model_dir / SERVING_SPEC_FILE}: unknown weights {weights!r}")
     missing = [name for name in REQUIRED_FILES[weights] if not (model_dir / name).is_file()]
-    weights_dir = model_dir if weights == "merged" else model_dir / ADAPTER_DIR
-    if not any(weights_dir.glob("*.safetensors")):
-        missing.append(f"{'' if weights == 'merged' else ADAPTER_DIR + '/'}*.safetensors")
+    if weights == "merged" and not any(model_dir.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if weights == "adapter" and not (model_dir / ADAPTER_DIR / "adapter_model.safetensors").is_file():
+        missing.append(f"{ADAPTER_DIR}/adapter_model.safetensors")  # what vLLM loads before any pickle
     return missing
 
 

@@ -185,6 +185,9 @@ class ServeConfig:
             if not Path(path).is_dir():
                 raise ConfigError(f"LORA_ADAPTERS: adapter {name!r} is not a folder: {path} (hub ids are not "
                                   "downloaded at serve time; put the adapter in the model directory or the image)")
+            if not (Path(path) / "adapter_model.safetensors").is_file():  # else vLLM would unpickle a .bin
+                raise ConfigError(f"LORA_ADAPTERS: adapter {name!r} has no adapter_model.safetensors in {path} "
+                                  "(adapters load from safetensors only, never pickles)")
         return config.with_engine_copies(1)
 
     def with_engine_copies(self, copies: int) -> "ServeConfig":

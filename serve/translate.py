@@ -104,7 +104,11 @@ def check_prompt_size(request: GenerateRequest, limits: Limits) -> None:
     if messages is not None and len(messages) > limits.max_input_tokens:
         raise ValidationError(f"'messages' has {len(messages)} messages: at most {limits.max_input_tokens} "
                               f"fit in this model's {limits.max_input_tokens} input tokens")
-    if not limits.max_token_chars or (request.params.truncate is not None and messages is None):
+    truncate = request.params.truncate
+    if truncate is not None and truncate > limits.max_input_tokens:  # as TGI: else it bounds nothing it is read for
+        raise ValidationError(f"parameter 'truncate' must be <= {limits.max_input_tokens} (this model's input "
+                              f"tokens), got {truncate}")
+    if not limits.max_token_chars or (truncate is not None and messages is None):
         return
     chars = sum(len(m["content"]) for m in messages) if messages is not None else len(request.inputs)
     if chars > limits.max_prompt_chars:

@@ -127,6 +127,9 @@ def test_enable_lora_readies_the_engine_for_adapters_registered_later(served, tm
     wide = tmp_path / "wide"
     wide.mkdir()
     (wide / "adapter_config.json").write_text(json.dumps({"r": 32}))
+    with pytest.raises(ConfigError, match="adapter 'wide' has no adapter_model.safetensors in .*wide \\(adapters"):
+        arguments(served, LORA_ADAPTERS=f"wide={wide}", MAX_LORA_RANK="16")
+    (wide / "adapter_model.safetensors").write_bytes(b"weights")
     with pytest.raises(ConfigError, match="MAX_LORA_RANK=16 is below the rank of .*wide \\(32\\)"):
         arguments(served, LORA_ADAPTERS=f"wide={wide}", MAX_LORA_RANK="16")
 
