@@ -34,16 +34,11 @@ def main(argv: list[str] | None = None) -> None:
         args = ["train"]
     verb = args[0]
     if verb not in VERBS and shutil.which(verb) is None:
-        sys.exit(f"llm-twin: unknown verb '{verb}': did you mean '{nearest(verb, VERBS)}'? "
-                 f"(expected train, serve, or a command on PATH)")
+        _fail(f"unknown verb '{verb}': did you mean '{nearest(verb, VERBS)}'? (expected train, serve, or a command "
+              "on PATH)", training=OptML.from_env().hyperparameters_file.is_file())  # a job's ContainerArguments
     refusal = use_cuda_compat(verb) or secrets.resolve_into(os.environ)
     if refusal and verb in VERBS:
-        if verb == "train":
-            try:
-                OptML.from_env().write_failure(refusal)  # DescribeTrainingJob's FailureReason
-            except OSError:
-                pass
-        sys.exit(f"llm-twin: {refusal}")
+        _fail(refusal, training=verb == "train")
     if refusal:  # a debugging command (bash, nvidia-smi) still runs: it is how one looks at such a host
         print(f"llm-twin: {refusal}", file=sys.stderr, flush=True)
     if verb in VERBS:  # the same code as the `train`/`serve` executables, found without relying on PATH
@@ -56,7 +51,18 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _stopped(signum, frame) -> None:
-    sys.exit(f"llm-twin: stopped by SIGTERM before {' '.join(sys.argv[1:2]) or 'train'} started")
+    verb = " ".join(sys.argv[1:2]) or "train"
+    _fail(f"stopped by SIGTERM before {verb} started", training=verb == "train")
+
+
+def _fail(message: str, training: bool) -> None:
+    """Exit 1 saying why; in a training job also as DescribeTrainingJob's FailureReason (the failure file)."""
+    if training:
+        try:
+            OptML.from_env().write_failure(message)
+        except OSError:
+            pass
+    sys.exit(f"llm-twin: {message}")
 
 
 def use_cuda_compat(verb: str) -> str | None:

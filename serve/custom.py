@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+log = logging.getLogger(__name__)
 
 HANDLERS = ("model_fn", "input_fn", "predict_fn", "output_fn")
 POSITIONAL = {"model_fn": 1, "input_fn": 2, "predict_fn": 2, "output_fn": 2}
@@ -54,6 +58,12 @@ def load_custom_handlers(model_dir: Path) -> CustomHandlers | None:
     path = model_dir / "code" / "inference.py"
     if not path.is_file():
         return None
+    if (path.parent / "requirements.txt").is_file():  # the toolkits pip-install it at start; nothing is, here
+        log.warning("%s/requirements.txt is not installed: the image installs nothing at start, so inference.py "
+                    "runs on the image's versions; build an image FROM this one with them", path.parent)
+    # Imported here, in gunicorn's master before the workers fork: torch.cuda.is_available() at import time must
+    # ask NVML, not initialise CUDA, or no forked worker could use the GPU (the image sets it too).
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     sys.path.insert(0, str(path.parent))  # the toolkit puts code/ on sys.path for the module's own imports
     spec = importlib.util.spec_from_file_location("inference", path)
     module = importlib.util.module_from_spec(spec)

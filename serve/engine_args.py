@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 from container.config import ConfigError
 from container.cpu_features import cpu_dtype
@@ -61,7 +62,8 @@ def engine_arguments(config: ServeConfig, spec: ServingSpec, lora_rank: int) -> 
     if (config.max_batch_total_tokens or cpu) and os.path.isfile(model_config):  # else vLLM sizes it from GPU memory
         arguments["kv_cache_memory_bytes"] = kv_cache_bytes(model_config, config.max_batch_total_tokens, max_total,
                                                             config.max_batch_size, 4 if dtype == "float32" else 2,
-                                                            shards=arguments.get("tensor_parallel_size", 1))
+                                                            shards=arguments.get("tensor_parallel_size", 1),
+                                                            copies=config.engine_copies)
     elif config.max_batch_total_tokens:  # a hub base (an adapter-only twin): its config is not here before vLLM's
         log.warning("MAX_BATCH_TOTAL_TOKENS=%d is not applied: the base model %s is not a local folder, so its "
                     "per-token KV size is unknown before vLLM loads it; vLLM sizes the cache from memory",
@@ -115,12 +117,13 @@ def max_lora_rank(config: ServeConfig, spec: ServingSpec) -> int:
 
 
 def kv_cache_bytes(model_config: str, total_tokens: int, max_total: int, max_seqs: int, element_bytes: int,
-                   shards: int = 1) -> int:
+                   shards: int = 1, copies: int = 1) -> int:
     """KV cache size per GPU (vLLM's kv_cache_memory_bytes): MAX_BATCH_TOTAL_TOKENS when set (TGI's meaning:
     tokens the whole batch may hold); else, on the CPU, what a full batch of full-length sequences needs,
     capped at a share of the host's available memory. `element_bytes`: the cache holds the model's dtype, 2
     bytes or float32's 4. `shards`: tensor parallelism splits the KV heads over the GPUs (each keeps one at
-    least)."""
+    least). `copies`: the workers, each with its own engine, that share the host's memory (they load at once,
+    each seeing the same free memory)."""
     with open(model_config, encoding="utf-8") as f:
         model_config = json.load(f)
     layers = model_config.get("num_hidden_layers", 32)
@@ -131,8 +134,22 @@ def kv_cache_bytes(model_config: str, total_tokens: int, max_total: int, max_seq
     if total_tokens:
         return total_tokens * bytes_per_token
     wanted = (max_total or 4096) * (max_seqs or 256) * bytes_per_token
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return max(2**28, int(min(wanted, available * CPU_KV_CACHE_SHARE)))
+    return max(2**28, int(min(wanted, available_memory() * CPU_KV_CACHE_SHARE / max(1, copies))))
+
+
+def available_memory() -> int:
+    """Free memory, within the container's cgroup limit when it has one (an inference component's memory)."""
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",  # v1
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit, used = (Path(name).read_text().strip() for name in (limit_file, usage_file))
+        except OSError:
+            continue
+        if limit.isdigit() and used.isdigit():  # v2 says "max" when there is no limit
+            return min(free, max(0, int(limit) - int(used)))
+    return free
 
 
 def _cuda_available() -> bool:

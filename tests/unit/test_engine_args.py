@@ -143,3 +143,15 @@ def test_the_kv_cache_is_sized_per_gpu_when_tensor_parallelism_splits_its_heads(
     assert whole == 1000 * 2 * 4 * 8 * 64 * 2  # tokens x (keys, values) x layers x heads x head_dim x bytes
     assert kv_cache_bytes(str(tmp_path / "config.json"), 1000, 512, 8, 2, shards=2) == whole // 2
     assert kv_cache_bytes(str(tmp_path / "config.json"), 1000, 512, 8, 2, shards=16) == whole // 8  # one head each
+
+
+def test_on_the_cpu_each_workers_engine_takes_its_share_of_the_memory_they_all_see_free(tmp_path, monkeypatch):
+    from serve import engine_args
+
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 32, "num_attention_heads": 32,
+                                                      "hidden_size": 4096}))
+    monkeypatch.setattr(engine_args, "available_memory", lambda: 8 << 30)
+    one = engine_args.kv_cache_bytes(str(tmp_path / "config.json"), 0, 32768, 256, 2)
+    assert one == 2 << 30  # a quarter of what is free
+    assert engine_args.kv_cache_bytes(str(tmp_path / "config.json"), 0, 32768, 256, 2, copies=4) == one // 4
+    assert engine_args.available_memory() > 0

@@ -17,10 +17,15 @@ def run(*args, env=None):
                           env={**os.environ, **(env or {})})
 
 
-def test_unknown_verb_suggests_the_nearest():
+def test_unknown_verb_suggests_the_nearest_and_in_a_training_job_says_it_as_the_failure(tmp_path):
     result = run("trian")
     assert result.returncode != 0
     assert "unknown verb 'trian': did you mean 'train'?" in result.stderr
+    (tmp_path / "input" / "config").mkdir(parents=True)  # a training job whose ContainerArguments replaced `train`
+    (tmp_path / "input" / "config" / "hyperparameters.json").write_text("{}")
+    result = run("--epochs", "3", env={"SAGEMAKER_BASE_DIR": str(tmp_path)})
+    assert result.returncode != 0
+    assert (tmp_path / "output" / "failure").read_text().startswith("unknown verb '--epochs': did you mean")
 
 
 def test_other_commands_run_for_debugging():
