@@ -90,7 +90,7 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
     app = Flask("serve")
     config = startup.config
     # A batch transform mini-batch is up to MaxPayloadInMB (at most 100 MB); a real-time body up to 6 MB.
-    batch_bytes = config.execution_parameters["MaxPayloadInMB"] * 2**20 if config.batch else 0
+    batch_bytes = config.batch_body_bytes if config.batch else 0
     app.config["MAX_CONTENT_LENGTH"] = max(MAX_BODY_BYTES, batch_bytes)
     app.extensions["engine"] = engine  # gunicorn's worker_exit hook shuts it down
     metrics = Metrics()

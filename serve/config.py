@@ -35,6 +35,8 @@ BATCH_PAYLOAD_MB = 1
 BATCH_REQUESTS_PER_ENGINE = 2
 BATCH_STRATEGIES = ("MULTI_RECORD", "SINGLE_RECORD")
 BATCH_TIMEOUT = 540  # under SageMaker's default InvocationsTimeoutInSeconds for batch (600 s)
+# The inference toolkit's second spelling, in seconds (its first was read in minutes by MMS): either is taken.
+TIMEOUT_NAMES = (MODEL_SERVER_TIMEOUT_ENV, MODEL_SERVER_TIMEOUT_ENV + "_SECONDS")
 # SAGEMAKER_MODEL_SERVER_TIMEOUT, when set, is every request's limit (async endpoints allow up to 3600 s).
 # Unset, a plain answer must come inside InvokeEndpoint's 60 s, or SageMaker has already answered the
 # client with an error while the generation runs on; a stream keeps the longer default it had.
@@ -69,7 +71,8 @@ class ServeConfig:
     # 0 = as many as LORA_ADAPTERS, or REGISTERED_LORAS (serve/engine_args.py lora_slots)
     max_lora_rank: int = 0  # 0 = the largest of LORA_ADAPTERS', or REGISTERED_LORA_RANK
     batch: bool = False  # SAGEMAKER_BATCH: a batch transform job's container
-    max_payload_mb: int = 0  # SAGEMAKER_MAX_PAYLOAD_IN_MB; 0 = BATCH_PAYLOAD_MB
+    # SAGEMAKER_MAX_PAYLOAD_IN_MB; None (unset): BATCH_PAYLOAD_MB; 0: SageMaker's "no limit" (sent chunked)
+    max_payload_mb: int | None = None
     max_concurrent_transforms: int = 0  # SAGEMAKER_MAX_CONCURRENT_TRANSFORMS; 0 = from the engine copies
     batch_strategy: str = "MULTI_RECORD"  # SAGEMAKER_BATCH_STRATEGY
     engine_copies: int = 1  # gunicorn workers, each with its own engine (serve/startup.py sets it)
@@ -91,10 +94,16 @@ class ServeConfig:
     @property
     def execution_parameters(self) -> dict:
         """What GET /execution-parameters tells a batch transform job that left them unset."""
-        payload = self.max_payload_mb or BATCH_PAYLOAD_MB
+        payload = BATCH_PAYLOAD_MB if self.max_payload_mb is None else self.max_payload_mb
         concurrency = self.max_concurrent_transforms or min(BATCH_REQUESTS_PER_ENGINE * self.engine_copies,
-                                                            BATCH_PAYLOAD_LIMIT_MB // payload)
+                                                            BATCH_PAYLOAD_LIMIT_MB // max(1, payload))
         return {"MaxConcurrentTransforms": concurrency, "BatchStrategy": self.batch_strategy, "MaxPayloadInMB": payload}
+
+    @property
+    def batch_body_bytes(self) -> int:
+        """The largest mini-batch body a transform job sends: MaxPayloadInMB, or with 0 (no limit, chunked)
+        the most any transform job may send, SageMaker's 100 MB."""
+        return (self.execution_parameters["MaxPayloadInMB"] or BATCH_PAYLOAD_LIMIT_MB) * 2**20
 
     @property
     def adapters(self) -> dict[str, str]:
@@ -119,8 +128,8 @@ class ServeConfig:
             model_dir=OptML.from_env(environ).model_dir,
             port=serving_port(environ),
             workers=get((MODEL_SERVER_WORKERS_ENV,), int, cls.workers),
-            timeout=get((MODEL_SERVER_TIMEOUT_ENV,), int, BATCH_TIMEOUT if batch else cls.timeout),
-            stream_timeout=get((MODEL_SERVER_TIMEOUT_ENV,), int, BATCH_TIMEOUT if batch else cls.stream_timeout),
+            timeout=get(TIMEOUT_NAMES, int, BATCH_TIMEOUT if batch else cls.timeout),
+            stream_timeout=get(TIMEOUT_NAMES, int, BATCH_TIMEOUT if batch else cls.stream_timeout),
             dtype=get(("DTYPE",), str, cls.dtype).lower(),
             quantize=get(("QUANTIZE", "HF_MODEL_QUANTIZE"), str, cls.quantize).lower(),
             max_input_tokens=get(("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), int, cls.max_input_tokens),
@@ -139,7 +148,7 @@ class ServeConfig:
             max_loras=get(("MAX_LORAS", "SM_VLLM_MAX_LORAS"), int, cls.max_loras),
             max_lora_rank=get(("MAX_LORA_RANK", "SM_VLLM_MAX_LORA_RANK"), int, cls.max_lora_rank),
             batch=batch,
-            max_payload_mb=get(("SAGEMAKER_MAX_PAYLOAD_IN_MB",), int, cls.max_payload_mb),
+            max_payload_mb=get(("SAGEMAKER_MAX_PAYLOAD_IN_MB",), int, None),
             max_concurrent_transforms=get(("SAGEMAKER_MAX_CONCURRENT_TRANSFORMS",), int, cls.max_concurrent_transforms),
             batch_strategy=_batch_strategy(get(("SAGEMAKER_BATCH_STRATEGY",), str, cls.batch_strategy)),
             hf_model_id=get(("HF_MODEL_ID",), str, cls.hf_model_id),
@@ -171,7 +180,7 @@ class ServeConfig:
         for name in ("workers", "max_input_tokens", "max_total_tokens", "max_batch_size", "max_batch_prefill_tokens",
                      "max_batch_total_tokens", "num_shard", "max_payload_mb", "max_concurrent_transforms", "max_loras",
                      "max_bidirectional_streams"):
-            if getattr(config, name) < 0:
+            if (getattr(config, name) or 0) < 0:
                 raise ConfigError(f"{name.upper()} must not be negative, got {getattr(config, name)}")
         if not 0.05 <= config.cuda_memory_fraction <= 1.0:
             raise ConfigError(f"CUDA_MEMORY_FRACTION must be between 0.05 and 1.0, got {config.cuda_memory_fraction}")

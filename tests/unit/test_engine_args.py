@@ -86,6 +86,10 @@ def test_batch_transform_parameters_stay_within_sagemakers_100_mb_and_honour_its
                                            "MaxPayloadInMB": 4}
     assert chosen.timeout == 3500
     assert batch(SAGEMAKER_MAX_PAYLOAD_IN_MB="60").execution_parameters["MaxConcurrentTransforms"] == 1
+    assert batch().batch_body_bytes == 2**20 and chosen.batch_body_bytes == 4 * 2**20
+    unlimited = batch(SAGEMAKER_MAX_PAYLOAD_IN_MB="0")  # SageMaker's "no limit": mini-batches sent chunked
+    assert unlimited.execution_parameters["MaxPayloadInMB"] == 0 and unlimited.batch_body_bytes == 100 * 2**20
+    assert batch(SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS="3000").timeout == 3000  # the toolkit's other spelling
     with pytest.raises(ConfigError, match="must be at most 100 .* got 32 x 6"):
         batch(SAGEMAKER_MAX_PAYLOAD_IN_MB="6", SAGEMAKER_MAX_CONCURRENT_TRANSFORMS="32")
     with pytest.raises(ConfigError, match="SAGEMAKER_BATCH_STRATEGY='ALL' is not valid"):
