@@ -18,7 +18,7 @@ import time
 import weakref
 from typing import Callable, Iterator
 
-from serve.errors import ClientGone, Overloaded, ServeError, not_finished
+from serve.errors import ClientGone, Overloaded, ServeError, Unavailable, not_finished
 from serve.faults import FATAL, MEMORY, EngineFailed, classify, request_error
 from serve.schemas import GenerateRequest, GenerateResult
 
@@ -88,6 +88,7 @@ class Admission:
         self.start_limit = limit
         self._successes = 0  # in a row since the limit last changed (or the last out-of-memory)
         self.failure: str | None = None  # set once by a fatal fault
+        self.stopped: str | None = None  # set once when the worker stops with requests still running
         self._slots = threading.BoundedSemaphore(limit)
         self._owed = 0  # slots to keep when they come back, until the limit is down to its new value
         self.admitted = 0  # requests holding a slot now (/metrics' in-flight gauge)
@@ -105,6 +106,8 @@ class Admission:
         """One slot; EngineFailed after a fatal fault, Overloaded when none frees up within `wait` seconds."""
         if self.failure is not None:
             raise EngineFailed(f"{self.failure} (this worker restarts)")
+        if self.stopped is not None:
+            raise Unavailable(self.stopped)
         if not (self._slots.acquire(timeout=wait) if wait > 0 else self._slots.acquire(blocking=False)):
             raise Overloaded(f"Model is overloaded: more than {self.limit} requests in flight")
         with self._lock:
@@ -167,6 +170,17 @@ class Admission:
         log.error("fatal fault, this worker restarts: %s", reason)
         for ticket in tickets:
             ticket.emit("error", EngineFailed(f"{reason} (this worker restarts)"))
+
+    def stop(self, reason: str) -> None:
+        """The worker is stopping and will be killed soon: answer every request still in flight (a stream gets
+        a last event saying why, rather than a connection cut mid-answer) and refuse new ones."""
+        with self._lock:
+            self.stopped = reason
+            tickets = list(self._in_flight)
+        if tickets:
+            log.warning("stopping: %d requests still running are answered 503", len(tickets))
+        for ticket in tickets:
+            ticket.emit("error", Unavailable(reason))
 
     def _lower(self) -> None:
         """Halve the limit (at least one): free slots are taken at once, the others kept as they come back."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from typing import ContextManager, Protocol
 
 from flask import Flask, Response, request
@@ -24,7 +25,7 @@ from werkzeug.exceptions import HTTPException
 
 from serve import bidirectional, openai
 from serve.adapters import ALIAS_HEADER, Adapter, Adapters, parse_registration
-from serve.admission import Ticket
+from serve.admission import Admission, Ticket
 from serve.answers import answer, error_response, json_response, parse_json, response_payload, send_answer
 from serve.custom import CustomHandlers
 from serve.errors import (BadRequest, GenerationError, NotAcceptable, NotReady, ServeError,
@@ -46,6 +47,9 @@ JSON_TYPES = ("application/json", "")
 JSONLINES_TYPES = ("application/jsonlines", "application/x-jsonlines", "application/jsonl")
 _TOKEN = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,63}"
 MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(\s*;\s*{_TOKEN}={_TOKEN})*")  # one type/subtype, with parameters
+STOP_MARGIN_SECONDS = 5.0  # before gunicorn's kill: time for the last events to be written
+STOPPED = ("the server is stopping (SageMaker is replacing or removing this instance) and could not finish this "
+           "answer in time: send the request again")
 REALTIME_JSONLINES_SHARE = 4  # on a real-time endpoint a jsonlines body holds at most 1/4 of the slots at once
 
 
@@ -85,6 +89,8 @@ class Engine(Protocol):
 
     def shutdown(self) -> None: ...
 
+    admission: Admission  # its slots and tickets: stopping answers the tickets still running
+
 
 def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
     app = Flask("serve")
@@ -97,6 +103,18 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
     sessions = (Sessions(startup.session_folder, config.sessions_expiration, config.max_sessions,
                          config.max_session_bytes) if startup.session_folder is not None else None)
     connections = bidirectional.Connections(config.max_bidirectional_streams)
+
+    def stopping(graceful_seconds: float) -> None:
+        """The worker stops (serve/worker.py, on SIGTERM), and gunicorn kills it `graceful_seconds` later: idle
+        WebSockets close now (1001), and what still runs STOP_MARGIN_SECONDS before the kill is answered 503,
+        so no client's answer is cut off without a word."""
+        connections.going_away()
+        timer = threading.Timer(max(0.0, graceful_seconds - STOP_MARGIN_SECONDS), engine.admission.stop,
+                                args=(STOPPED,))
+        timer.daemon = True
+        timer.start()
+
+    app.extensions["stopping"] = stopping
 
     def check_ready() -> None:
         if engine.state == "loading":
@@ -266,7 +284,7 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
             headers, connection = request.headers, {}  # the upgrade's, for the connection's life
             return bidirectional.serve(request.environ, MAX_BODY_BYTES,
                                        lambda data, send: message(data, send, headers, connection),
-                                       client_left=lambda: metrics.count(499))
+                                       client_left=lambda: metrics.count(499), connections=connections)
         finally:
             connections.give_back()
 

@@ -52,6 +52,8 @@ class Connections:
     def __init__(self, limit: int):
         self.limit, self.open = limit, 0
         self._lock = threading.Lock()
+        self._live: set[Connection] = set()
+        self._going_away = False
 
     def take(self) -> None:
         with self._lock:
@@ -64,12 +66,32 @@ class Connections:
         with self._lock:
             self.open -= 1
 
+    def add(self, connection: "Connection") -> None:
+        with self._lock:
+            self._live.add(connection)
+            going_away = self._going_away
+        if going_away:
+            connection.go_away()
+
+    def remove(self, connection: "Connection") -> None:
+        with self._lock:
+            self._live.discard(connection)
+
+    def going_away(self) -> None:
+        """The worker stops: each connection ends with a going-away close (1001) once its current answer is
+        sent, or now when it is waiting for a message; SageMaker's client opens a new one elsewhere."""
+        with self._lock:
+            self._going_away = True
+            live = list(self._live)
+        for connection in live:
+            connection.go_away()
+
 
 def serve(environ: dict, max_message_bytes: int, answer: Callable[[str | bytes, Send], None],
-          client_left: Callable[[], None]) -> Response:
+          client_left: Callable[[], None], connections: Connections | None = None) -> Response:
     """Accept the upgrade request in `environ` and answer each message with `answer(message, send)` until the
-    client closes; `client_left` is called when it closed during an answer. A request that is not a WebSocket
-    upgrade is a 400 that says what it lacks."""
+    client closes, or the worker stops (`connections.going_away`); `client_left` is called when the client
+    closed during an answer. A request that is not a WebSocket upgrade is a 400 that says what it lacks."""
     sock = environ.get("gunicorn.socket")
     if sock is None:
         raise BadRequest(f"{ROUTE} takes a WebSocket (served under gunicorn)")
@@ -82,9 +104,11 @@ def serve(environ: dict, max_message_bytes: int, answer: Callable[[str | bytes, 
         raise BadRequest(f"{ROUTE} takes a WebSocket upgrade: {why}")
     protocol.send_response(handshake)
     connection = Connection(sock, protocol)
+    if connections is not None:
+        connections.add(connection)
     try:
         connection.flush()  # the 101
-        while (message := connection.receive()) is not None:
+        while not connection.leaving and (message := connection.receive()) is not None:
             try:
                 answer(message, connection.sender(binary=isinstance(message, bytes)))
             except ClientGone:  # the client left mid-answer: `answer` has given its generation up
@@ -94,6 +118,8 @@ def serve(environ: dict, max_message_bytes: int, answer: Callable[[str | bytes, 
     except ClientGone:  # before its 101
         pass
     finally:
+        if connections is not None:
+            connections.remove(connection)
         connection.close()
     return UpgradedResponse()
 
@@ -109,6 +135,15 @@ class Connection:
         self._frames: deque = deque()  # received, not yet taken
         self._parts: list[bytes] = []  # a fragmented message so far
         self._binary = False
+        self.leaving = False  # the worker stops: no message is read after the current answer
+
+    def go_away(self) -> None:
+        """From another thread: read no further message; one waiting for it stops waiting now."""
+        self.leaving = True
+        try:
+            self.sock.shutdown(socket.SHUT_RD)  # a recv() in progress returns at once
+        except OSError:
+            pass
 
     def receive(self) -> str | bytes | None:
         """The next whole message; None once the client closed, went quiet past IDLE_SECONDS, or broke the
@@ -132,6 +167,8 @@ class Connection:
             try:
                 data = self.sock.recv(RECV_BYTES)
             except (TimeoutError, OSError):
+                return None
+            if self.leaving:
                 return None
             if data:
                 self.protocol.receive_data(data)
@@ -170,7 +207,7 @@ class Connection:
     def close(self) -> None:
         """A closing handshake when the client did not start one (gunicorn closes the socket after)."""
         if self.protocol.state is State.OPEN:
-            self.protocol.send_close(CloseCode.NORMAL_CLOSURE)
+            self.protocol.send_close(CloseCode.GOING_AWAY if self.leaving else CloseCode.NORMAL_CLOSURE)
             try:
                 self.flush()
             except ClientGone:

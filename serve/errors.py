@@ -46,6 +46,10 @@ class NotReady(ServeError):
     status, error_type = 503, "healthcheck"
 
 
+class Unavailable(ServeError):
+    status, error_type = 503, "unavailable"
+
+
 class Overloaded(ServeError):
     status, error_type = 429, "overloaded"
 

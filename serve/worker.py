@@ -220,6 +220,16 @@ class BufferingWorker(ThreadWorker):
         if unsupported:
             raise ConfigError(f"{cls.__name__} serves plain HTTP/1.1 only; not {', '.join(unsupported)}")
 
+    def handle_exit(self, sig, frame) -> None:
+        """SIGTERM (SageMaker scaling in, or replacing the instance): gthread stops accepting and waits up to
+        the graceful timeout for its connections; the app is told, so that what would outlast that ends with
+        an answer saying so (serve/app.py's `stopping`)."""
+        first = self.alive
+        super().handle_exit(sig, frame)
+        stopping = getattr(self.wsgi, "extensions", {}).get("stopping")
+        if first and stopping is not None:
+            stopping(self.cfg.graceful_timeout)
+
     def load_wsgi(self) -> None:
         """The app's body cap (Flask's MAX_CONTENT_LENGTH) is where buffering a body stops."""
         super().load_wsgi()

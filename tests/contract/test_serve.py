@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.helpers import BIN, REAP_SECONDS, Server, frozen
+from tests.helpers import BIN, REAP_SECONDS, Server, frozen, sse_events
 
 LLM_TWIN_BODY = {"inputs": "\nYou are a content creator. Write what the user asked you to while using the provided "
                            "context as the primary source of information for the content.\n"
@@ -141,6 +141,35 @@ def test_the_books_deployment_by_hf_model_id_keeps_tgis_limits_refuses_overload_
     assert f"serving HF_MODEL_ID={tiny_model}" in output and "hf_book_secret" not in output
     frozen_objects = int(re.search(r"model ready: .*; (\d+) objects frozen", output).group(1))
     assert frozen_objects > 100_000  # the startup heap (vLLM, torch, the model) is out of the collector's reach
+
+
+@pytest.mark.scenario  # make test-scenarios: it waits out most of the stop's 25 s
+def test_sigterm_closes_idle_websockets_at_once_and_answers_what_cannot_finish_before_the_kill(
+        tiny_served_model, serve_tree):
+    """SageMaker scaling in: gunicorn kills a worker 25 s after SIGTERM. An idle bidirectional stream is closed
+    at once with 1001 (it would wait up to 330 s for a message), and a stream that cannot finish (its engine
+    frozen here) ends 5 s before the kill with a 503 saying so, instead of being cut off without a word."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    server = serve_tree(tiny_served_model, DTYPE="float32", MAX_CONCURRENT_REQUESTS="2")
+    idle = connect(f"ws://127.0.0.1:{server.port}/invocations-bidirectional-stream", open_timeout=60)
+    slow = {"inputs": "Write a long post", "parameters": {"max_new_tokens": 480}, "stream": True}
+    with frozen(server.engines()), ThreadPoolExecutor(1) as pool:
+        post = pool.submit(requests.post, server.url + "/invocations", json=slow, stream=True, timeout=120)
+        assert in_flight(server, 1) == 1
+        server.process.send_signal(signal.SIGTERM)
+        began = time.monotonic()
+        with pytest.raises(ConnectionClosed) as closed:
+            idle.recv(timeout=60)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001  # going away
+        response = post.result(timeout=120)
+        body = response.text  # to its end
+        ended = time.monotonic() - began
+    last = sse_events(body)[-1] if response.status_code == 200 else response.json()
+    assert response.status_code in (200, 503) and last["error_type"] == "unavailable", body
+    assert "send the request again" in last["error"] and ended < 25  # before gunicorn's kill
+    assert server.process.wait(timeout=REAP_SECONDS) == 0
 
 
 def in_flight(server: Server, wanted: int, timeout: float = 60) -> int:

@@ -62,3 +62,38 @@ def test_messages_that_arrive_in_one_read_are_each_answered_in_turn():
         assert [connection.receive() for _ in range(4)] == ["one", "two", "three", b"four"]
         theirs.close()
         assert connection.receive() is None  # then the client is gone
+
+
+def test_a_stopping_worker_closes_a_waiting_connection_with_going_away_at_once():
+    """SIGTERM: a connection waiting for its next message (for up to 330 s) is closed now with 1001, so
+    gunicorn's graceful stop does not wait for it and SageMaker's client reconnects elsewhere."""
+    import threading
+
+    from websockets.frames import Close, CloseCode, Opcode
+
+    client, server = ClientProtocol(parse_uri("ws://127.0.0.1" + ROUTE)), ServerProtocol()
+    client.send_request(client.connect())
+    server.receive_data(b"".join(client.data_to_send()))
+    server.send_response(server.accept(server.events_received()[0]))
+    client.receive_data(b"".join(server.data_to_send()))
+    connections = Connections(limit=2)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        connection = Connection(ours, server)
+        connections.add(connection)
+        received = []
+        waiting = threading.Thread(target=lambda: received.append(connection.receive()))
+        waiting.start()
+        connections.going_away()
+        waiting.join(timeout=30)
+        assert not waiting.is_alive() and received == [None]
+        connection.close()
+        theirs.settimeout(30)
+        client.receive_data(theirs.recv(1024))
+        closes = [event for event in client.events_received() if getattr(event, "opcode", None) is Opcode.CLOSE]
+        assert [Close.parse(close.data).code for close in closes] == [CloseCode.GOING_AWAY]
+    first, second = socket.socketpair()
+    with first, second:
+        late = Connection(first, ServerProtocol())
+        connections.add(late)  # opened while the worker goes away: it leaves at once
+        assert late.leaving

@@ -90,3 +90,19 @@ def test_admission_halved_by_an_out_of_memory_climbs_back_as_requests_succeed():
     with pytest.raises(Overloaded):
         admission.ticket(request)
     assert admission.admitted == 8  # a refusal takes no slot
+
+
+def test_a_stopping_worker_answers_the_requests_still_running_and_refuses_new_ones():
+    from serve.admission import Ticket
+    from serve.errors import Unavailable
+
+    admission = Admission(4, exit_worker=lambda: None)
+    ticket = admission.ticket(GenerateRequest("Hi", GenerateParams()))
+    admission.track(ticket)
+    admission.stop("the server is stopping")
+    with pytest.raises(Unavailable, match="the server is stopping"):
+        ticket.result(timeout=30)
+    assert admission.admitted == 0  # its slot is free
+    with pytest.raises(Unavailable) as refused:
+        admission.ticket(GenerateRequest("Hi", GenerateParams()))
+    assert refused.value.status == 503 and isinstance(ticket, Ticket)
