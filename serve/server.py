@@ -18,6 +18,10 @@ from serve.worker import BufferingWorker
 
 GRACEFUL_SECONDS = 25  # SageMaker sends SIGKILL 30 s after SIGTERM
 KEEPALIVE_SECONDS = 75
+# gthread's timeout is its main loop's heartbeat, not a request's limit (requests run in the thread pool): the
+# loop that answers /ping, silent this long, is stuck, and the master replaces the worker. It was the longest
+# request timeout plus 30 s, which left a stuck worker up to an hour on an async or batch endpoint.
+HEARTBEAT_TIMEOUT_SECONDS = 120
 # A worker's heartbeat to the master is a file whose time it sets at each turn of its loop: in memory, not on
 # the container's disk (a metadata write each time; the worker's main thread spent a quarter of its time there).
 HEARTBEAT_DIR = "/dev/shm"
@@ -37,7 +41,7 @@ class Server(BaseApplication):
             "workers": self.startup.placement.workers,
             "worker_class": BufferingWorker,  # a half-sent request holds no thread (issue #21)
             "threads": config.threads,  # max_concurrent_requests + a few kept free for /ping
-            "timeout": max(config.timeout, config.stream_timeout) + 30,  # only after its requests could have
+            "timeout": HEARTBEAT_TIMEOUT_SECONDS,
             "graceful_timeout": GRACEFUL_SECONDS,
             "keepalive": KEEPALIVE_SECONDS,
             "worker_tmp_dir": HEARTBEAT_DIR if os.path.isdir(HEARTBEAT_DIR) else None,
