@@ -29,9 +29,10 @@ COPY requirements.txt requirements-cuda.txt requirements-cpu.txt requirements-cu
 # Empty: torch from PyPI, the CUDA 13.0 build (the one vllm==X on PyPI is built against).
 ARG TORCH_PIP_ARGS=""
 # Not named DS_BUILD_OPS: an ARG is in the environment of RUN, and DeepSpeed reads DS_BUILD_OPS as 0/1. The CUDA
-# image's ZeRO configs keep the optimizer on the GPU (FusedAdam); its CPU Adam is not built, because DeepSpeed
-# compiles that for the build machine's CPU (-march=native), which an AVX2-only instance could not run.
-ARG DEEPSPEED_OPS="DS_BUILD_FUSED_ADAM=1"
+# image builds none: its ZeRO configs name no optimizer, so the trainer's own AdamW runs on the GPU under
+# DeepSpeed, and nothing offloads to DeepSpeed's CPU Adam (which it would compile for the build machine's CPU,
+# -march=native, and an AVX2-only instance could not run). The CPU image builds what DeepSpeed uses there.
+ARG DEEPSPEED_OPS=""
 # The serving engine: vLLM for CUDA (requirements-cuda.txt), or its CPU build (requirements-cpu.txt), whose
 # CUDA-built torchvision/torchaudio/torchcodec are removed (unused by text models; they fail beside a CPU torch).
 ARG ENGINE=cuda

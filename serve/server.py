@@ -7,12 +7,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import tempfile
 
 from gunicorn.app.base import BaseApplication
 
 from serve.adapters import Adapters
 from serve.app import create_app
 from serve.placement import free_gpu
+from serve.readiness import ReadyBoard
 from serve.startup import Startup
 from serve.worker import BufferingWorker
 
@@ -35,6 +37,8 @@ class Server(BaseApplication):
 
     def load_config(self) -> None:
         config = self.startup.config
+        BufferingWorker.ready_board = ReadyBoard.create(HEARTBEAT_DIR if os.path.isdir(HEARTBEAT_DIR)
+                                                        else tempfile.gettempdir())
         settings = {
             "proc_name": "llm-twin-serve",
             "bind": f"0.0.0.0:{config.port}",
@@ -96,12 +100,15 @@ class Server(BaseApplication):
         the memory the next worker needs. They are in the worker's process group (post_fork)."""
         kill_group(worker.pid)
         self.forked.remove(worker)
+        if isinstance(worker.pid, int):
+            BufferingWorker.ready_board.mark(worker.pid, False)  # killed, it could not say so itself
 
     def on_exit(self, server) -> None:
         """gunicorn stops: it SIGKILLs the workers still there after GRACEFUL_SECONDS and may exit before it
         reaps them, so their engine processes are killed here."""
         for worker in self.forked:
             kill_group(worker.pid)
+        BufferingWorker.ready_board.remove()
 
 
 def kill_group(pgid: int | str) -> None:
@@ -115,6 +122,8 @@ def kill_group(pgid: int | str) -> None:
 
 def worker_exit(server, worker) -> None:
     """Stop vLLM's engine processes with the worker (SIGTERM drain, or a worker gunicorn replaces)."""
+    if worker.ready_board is not None:
+        worker.ready_board.mark(worker.pid, False)
     engine = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("engine")
     if engine is not None:
         engine.shutdown()

@@ -41,6 +41,8 @@ from functools import partial
 from gunicorn.errors import ConfigError
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
+from serve.readiness import ReadyBoard
+
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; gunicorn's own limits (a 4094-byte line, 8190-byte fields)
 REQUEST_DEADLINE_SECONDS = 30.0  # for a whole request: from the connection's opening, or its next first byte
 STOP_LINGER_SECONDS = 5.0  # a stopping worker still waits this long for requests that are arriving
@@ -201,6 +203,7 @@ class BufferingWorker(ThreadWorker):
     request_deadline = REQUEST_DEADLINE_SECONDS  # class attributes: the tests shorten them
     stop_linger = STOP_LINGER_SECONDS
     max_head_bytes = MAX_HEAD_BYTES
+    ready_board: ReadyBoard | None = None  # set in the master before the workers fork (serve/server.py)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -209,6 +212,7 @@ class BufferingWorker(ThreadWorker):
         self.max_body_bytes = DEFAULT_MAX_BODY_BYTES
         self.stop_deadline: float | None = None
         self.ping_answer = None  # () -> (status, JSON body or b""): the app's /ping, answered on this loop
+        self.marked_ready = False
 
     @classmethod
     def check_config(cls, cfg, log) -> None:
@@ -229,6 +233,27 @@ class BufferingWorker(ThreadWorker):
         stopping = getattr(self.wsgi, "extensions", {}).get("stopping")
         if first and stopping is not None:
             stopping(self.cfg.graceful_timeout)
+
+    def notify(self) -> None:
+        """Each turn of the loop: the heartbeat, and this worker's place on the ready board. Loading while
+        another worker is ready, it takes no connection (serve/readiness.py)."""
+        super().notify()
+        if self.ready_board is None or not self.alive:
+            return
+        engine = getattr(self.wsgi, "extensions", {}).get("engine")
+        ready = engine is not None and engine.state == "ready"
+        if ready != self.marked_ready:
+            self.ready_board.mark(self.pid, ready)
+            self.marked_ready = ready
+        wanted = self.takes_connections()
+        if wanted != self._accepting and (not wanted or self.nr_conns < self.worker_connections):
+            ThreadWorker.set_accept_enabled(self, wanted)
+
+    def takes_connections(self) -> bool:
+        return self.ready_board is None or self.marked_ready or not self.ready_board.others_ready(self.pid)
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        super().set_accept_enabled(enabled and self.takes_connections())
 
     def load_wsgi(self) -> None:
         """The app's body cap (Flask's MAX_CONTENT_LENGTH) is where buffering a body stops."""

@@ -33,8 +33,7 @@ def strategy(config: TrainConfig, model) -> str:
         log.info("distributed=auto: DDP over gloo on the CPU (%d processes)", world_size())
         return "ddp"
     params = sum(numel(p) for p in model.parameters())
-    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad) if config.adapter != "full" else params
-    need = params * 2 + trainable * 16  # 16-bit weights; fp32 master weights, gradients and two Adam moments
+    need = params * 2 + trainable_count(config, model) * 16  # 16-bit weights; fp32 master, gradients, Adam moments
     total = torch.cuda.get_device_properties(0).total_memory
     choice = "ddp" if need < 0.8 * total else "zero3"
     log.info("distributed=auto: about %.1f GiB per replica on %.1f GiB GPUs -> %s", need / 2**30, total / 2**30,
@@ -99,6 +98,26 @@ def log_partition(model) -> None:
     if parts:
         log.info("ZeRO-3: rank %s holds %d of the model's %d parameters", os.environ.get("RANK", "0"), sum(parts),
                  sum(numel(p) for p in model.parameters()))
+
+
+def trainable_count(config: TrainConfig, model) -> int:
+    """The parameters the optimizer keeps state for: all of them in full fine-tuning; with LoRA and QLoRA the
+    adapter's, r x (in + out) for each linear layer it adapts (peft's all-linear: every one but the output
+    layer). Counted from the layers, not from requires_grad: before peft wraps the model every base weight
+    still says it trains, which made an 8B LoRA look like 144 GB to train."""
+    if config.adapter == "full":
+        return sum(numel(p) for p in model.parameters())
+    targets = config.lora_target_modules
+    output = model.get_output_embeddings()
+    count = 0
+    for name, module in model.named_modules():
+        if not (hasattr(module, "in_features") and hasattr(module, "out_features")) or module is output:
+            continue
+        if "lora_" in name or name.endswith(".base_layer"):  # a peft-wrapped layer counts once, as itself
+            continue
+        if targets == ("all-linear",) or any(name == t or name.endswith("." + t) for t in targets):
+            count += config.lora_r * (module.in_features + module.out_features)
+    return count
 
 
 def numel(parameter) -> int:

@@ -16,6 +16,7 @@ from datasets import Dataset
 
 from container.config import ConfigError
 from train.config import TrainConfig
+from train.distributed import numel
 from train.rewards import grpo_rows, reward_functions
 
 log = logging.getLogger(__name__)
@@ -75,17 +76,28 @@ def grpo_datasets(config: TrainConfig, tokenizer, train_rows: list[dict], eval_r
             "eval_dataset": Dataset.from_list(kept[1]) if kept[1] else None}
 
 
-def sampling_engine() -> tuple[str, str]:
-    """Where GRPO samples its answers, and why: vLLM in colocate mode (in this process, on its GPU; TRL loads the
-    trained weights into it before each step's sampling) where CUDA is and vLLM imports, else transformers'
-    generate (the CPU)."""
+VLLM_HEADROOM_BYTES = 2 * 2**30  # colocate: vLLM's KV cache and its own buffers, beyond its copy of the weights
+
+
+def sampling_engine(config: TrainConfig, model) -> tuple[str, str, float]:
+    """Where GRPO samples its answers, why, and vLLM's share of the GPU: vLLM in colocate mode (in this process,
+    on its GPU, with its own copy of the weights; TRL loads the trained ones into it before each step's sampling)
+    where CUDA is, vLLM imports and both copies fit the GPU; else transformers' generate, slower but in place."""
     if not torch.cuda.is_available():
-        return "transformers", "no CUDA device"
+        return "transformers", "no CUDA device", 0.0
+    if config.adapter == "qlora":  # TRL would hand vLLM the 4-bit layers, and vLLM 0.32 has no bitsandbytes
+        return "transformers", "QLoRA's 4-bit weights: vLLM 0.32 cannot load bitsandbytes", 0.0
     try:
         import vllm  # noqa: F401
     except ImportError as e:
-        return "transformers", f"vLLM does not import ({e})"
-    return "vllm", "CUDA and vLLM are here; colocate mode"
+        return "transformers", f"vLLM does not import ({e})", 0.0
+    weights = sum(numel(p) * p.element_size() for p in model.parameters())  # ZeRO-3's partitioned ones too
+    total = torch.cuda.get_device_properties(0).total_memory
+    share = (weights + VLLM_HEADROOM_BYTES) / total
+    if weights + share * total > 0.9 * total:  # the model training, and vLLM's copy beside it
+        return ("transformers", f"vLLM's copy of the {weights / 2**30:.1f} GiB of weights and its cache do not fit "
+                f"beside the trained ones on a {total / 2**30:.0f} GiB GPU", 0.0)
+    return "vllm", f"colocate mode, {share:.0%} of the GPU", share
 
 
 # common's arguments GRPOConfig lacks (its prompts are not truncated: grpo_datasets drops those too long), or that
@@ -101,9 +113,10 @@ def grpo_trainer(config: TrainConfig, common: dict, model, tokenizer, callbacks,
     from trl import GRPOConfig, GRPOTrainer
 
     functions, weights = reward_functions(config, datasets["train_dataset"]["reference"])
-    engine, why = sampling_engine()
-    vllm = ({"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": config.max_length}
-            if engine == "vllm" else {})
+    engine, why, share = sampling_engine(config, model)
+    # sleep mode: vLLM lets go of its weights and cache during each optimizer step, the training's peak
+    vllm = ({"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": config.max_length,
+             "vllm_gpu_memory_utilization": share, "vllm_enable_sleep_mode": True} if engine == "vllm" else {})
     log.info("grpo: %d answers per prompt of at most %d tokens, sampled with %s (%s); rewards %s",
              config.num_generations, config.max_completion_length, engine, why,
              ", ".join(f"{getattr(f, 'func', f).__name__} x{w:g}" for f, w in zip(functions, weights)))

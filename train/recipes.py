@@ -28,7 +28,7 @@ from container.config import ConfigError
 from train.checkpoints import (MarkComplete, Markers, StopAtNextMicroBatch, newest_saved, on_first_process,
                                resume_checkpoint)
 from train.config import TrainConfig
-from train.distributed import distributed_args, numel, strategy, world_size
+from train.distributed import distributed_args, numel, strategy, trainable_count, world_size
 from train.errors import TrainingInterrupted
 from train.metrics import TokenRate, format_log_line
 from train.grpo import check_grpo, grpo_datasets, grpo_report, grpo_trainer
@@ -52,7 +52,9 @@ class Device:
 
 def detect_device(config: TrainConfig) -> Device:
     cuda = torch.cuda.is_available()
-    bf16_supported = cuda and torch.cuda.is_bf16_supported()
+    # Native bf16 only (Ampere, compute 8.0, and newer): torch's default also says yes where it is emulated (a
+    # T4), which trains slowly on the math attention kernel.
+    bf16_supported = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
     if config.bf16 == "true" and not bf16_supported:
         raise ConfigError("hyperparameter bf16=true needs a GPU with bfloat16 support (Ampere or newer); use bf16=auto")
     bf16 = bf16_supported if config.bf16 == "auto" else config.bf16 == "true"
@@ -76,10 +78,8 @@ def use_gradient_checkpointing(config: TrainConfig, model) -> bool:
         return config.gradient_checkpointing == "true"
     if not torch.cuda.is_available():
         return False
-    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad) if config.adapter != "full" else None
     weights = sum(numel(p) * p.element_size() for p in model.parameters())
-    state = (trainable if trainable is not None else sum(numel(p) for p in model.parameters())) * 16
-    need = weights + state
+    need = weights + trainable_count(config, model) * 16
     total = torch.cuda.get_device_properties(0).total_memory
     on = need > 0.5 * total
     log.info("gradient_checkpointing=auto: about %.1f GiB of weights and optimizer state on a %.1f GiB GPU -> %s",

@@ -1,6 +1,7 @@
 """The real `serve` entrypoint (gunicorn + Flask) over real HTTP."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -170,6 +171,28 @@ def test_sigterm_closes_idle_websockets_at_once_and_answers_what_cannot_finish_b
     assert response.status_code in (200, 503) and last["error_type"] == "unavailable", body
     assert "send the request again" in last["error"] and ended < 25  # before gunicorn's kill
     assert server.process.wait(timeout=REAP_SECONDS) == 0
+
+
+@pytest.mark.scenario  # make test-scenarios: two engines, and one loading again
+def test_a_worker_loading_again_leaves_the_traffic_to_the_ready_one(tiny_served_model, serve_tree):
+    """Two workers (as an instance with a GPU each has): one's engine dies (a CUDA fault, the OOM killer) and
+    gunicorn starts a fresh worker, which loads the model again. Meanwhile it takes no connection, so neither
+    SageMaker's /ping nor a request gets its 503 "model is loading": the ready worker answers them all."""
+    server = serve_tree(tiny_served_model, DTYPE="float32", SAGEMAKER_MODEL_SERVER_WORKERS="2")
+    deadline = time.monotonic() + 180
+    while server.log().count("model ready:") < 2:  # both engines warm: the first /ping 200 needs only one
+        assert time.monotonic() < deadline, server.log()[-3000:]
+        time.sleep(0.5)
+    os.kill(server.engines()[0], signal.SIGKILL)
+    answers, deadline = [], time.monotonic() + 240
+    while server.log().count("model ready:") < 3:  # until the fresh worker's engine is warm
+        assert time.monotonic() < deadline, "the fresh worker never loaded:\n" + server.log()[-3000:]
+        ping = requests.get(server.url + "/ping", timeout=30)
+        answer = server.invoke({"inputs": "Hi", "parameters": {"max_new_tokens": 2}}, timeout=60)
+        answers.append((ping.status_code, answer.status_code, answer.text[:200]))
+    loading = [a for a in answers if 503 in a[:2]]
+    assert not loading, f"{len(loading)} of {len(answers)} answered while loading: {loading[:3]}"
+    assert answers and answers[-1][:2] == (200, 200)
 
 
 def in_flight(server: Server, wanted: int, timeout: float = 60) -> int:
