@@ -97,7 +97,12 @@ def test_adapter_components_register_answer_on_every_worker_and_unregister(adapt
         alices, bobs = {ask("alice") for _ in range(8)}, {ask("bob") for _ in range(8)}
         assert len(alices) == 1 and len(bobs) == 1 and len({base, *alices, *bobs}) == 3, (base, alices, bobs)
         info = requests.get(server.url + "/info", timeout=30).json()
-        assert info["adapters"] == ["alice", "bob", "dana", "sam"]
+        assert info["adapters"] == ["dana", "sam"]  # the base component's callers see LORA_ADAPTERS' only
+        alices_info = requests.get(server.url + "/info", headers={ADAPTER_HEADER: "alice"}, timeout=30).json()
+        assert alices_info["adapters"] == ["alice"]
+        # the base component's callers cannot reach a registered component through the body
+        by_body = server.invoke({"inputs": "x", "parameters": {"adapter_id": "alice"}})
+        assert by_body.status_code == 422 and by_body.json()["error"] == "unknown adapter 'alice'"
         assert info["model_dtype"] == f"torch.{cpu_dtype()}"  # DTYPE=auto as vLLM resolved it on this CPU
         assert info["model_device_type"] == "cpu"  # vLLM's platform, as TGI says it
         assert requests.delete(server.url + "/adapters/alice", timeout=60).status_code == 200
