@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 COMPAT_DIR = Path(os.environ.get("LLM_TWIN_CUDA_COMPAT_DIR", "/usr/local/cuda/compat"))
@@ -85,6 +87,28 @@ def too_old(host: Version | None, compat: Version | None, verb: str) -> str | No
     return (f"the host's NVIDIA driver {describe(host)} is too old for this image's CUDA (driver "
             f"{compat[0]}, or {describe(OLDEST_FORWARD_COMPATIBLE_DRIVER)}+ with forward compatibility): "
             f"{NEWER_DRIVER.get(verb, NEWER_DRIVER['serve'])}")
+
+
+OLDEST_COMPUTE_CAPABILITY = (7, 5)  # CUDA 13 builds no kernels for Volta (V100, p3) or older
+
+
+def gpu_too_old(device: Path = GPU_DEVICE) -> str | None:
+    """Why this image's CUDA cannot run on the host's GPUs (a p3's V100), or None (no GPU, or nvidia-smi cannot
+    say): refused here, not by the first kernel's "no kernel image is available" deep in a job."""
+    if not device.exists() or shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+    for line in out.splitlines():
+        name, _, capability = line.rpartition(",")
+        major, _, minor = capability.strip().partition(".")
+        if major.isdigit() and minor.isdigit() and (int(major), int(minor)) < OLDEST_COMPUTE_CAPABILITY:
+            return (f"the host's GPU {name.strip()} (compute capability {major}.{minor}) is older than this image's "
+                    f"CUDA 13 supports (7.5: T4 and newer): use a g4dn, g5, g6, p4d, p5 or newer instance")
+    return None
 
 
 def describe(version: Version) -> str:

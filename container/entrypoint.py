@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     if verb not in VERBS and shutil.which(verb) is None:
         _fail(f"unknown verb '{verb}': did you mean '{nearest(verb, VERBS)}'? (expected train, serve, or a command "
               "on PATH)", training=OptML.from_env().hyperparameters_file.is_file())  # a job's ContainerArguments
-    refusal = use_cuda_compat(verb) or secrets.resolve_into(os.environ)
+    refusal = use_cuda_compat(verb) or cuda_compat.gpu_too_old() or secrets.resolve_into(os.environ)
     if refusal and verb in VERBS:
         _fail(refusal, training=verb == "train")
     if refusal:  # a debugging command (bash, nvidia-smi) still runs: it is how one looks at such a host

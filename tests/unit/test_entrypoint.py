@@ -86,6 +86,21 @@ def test_a_driver_too_old_for_forward_compatibility_is_refused_naming_the_settin
     assert message not in no_gpu.stderr
 
 
+def test_a_gpu_older_than_the_images_cuda_is_refused_naming_the_instances_that_run_it(tmp_path):
+    """A p3's V100 (compute capability 7.0): CUDA 13 has no kernels for it."""
+    env = {**fake_gpu_host(tmp_path, OPEN_MODULE), "SAGEMAKER_BASE_DIR": str(tmp_path / "ml")}
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "nvidia-smi").write_text("#!/bin/sh\necho 'Tesla V100-SXM2-16GB, 7.0'\n")
+    (tools / "nvidia-smi").chmod(0o755)
+    env["PATH"] = f"{tools}:{os.environ['PATH']}"
+    trained = run("train", env=env)
+    assert trained.returncode == 1 and "GPU Tesla V100-SXM2-16GB (compute capability 7.0) is older" in trained.stderr
+    assert "compute capability 7.0" in (tmp_path / "ml" / "output" / "failure").read_text()
+    (tools / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA A10G, 8.6'\n")
+    assert "is older than" not in run("echo", env=env).stderr
+
+
 def test_the_same_driver_branch_needs_no_compatibility_libraries(tmp_path):
     """580.65 and the image's 580.95 are one branch: minor version compatibility, no compat libcuda."""
     env = fake_gpu_host(tmp_path, OPEN_MODULE.replace("580.95.05", "580.65.06"))
