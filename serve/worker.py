@@ -49,6 +49,10 @@ STOP_LINGER_SECONDS = 5.0  # a stopping worker still waits this long for request
 CLOSE_LINGER_SECONDS = 2.0  # after the last answer, what the client still sends is read and dropped this long
 CLOSE_DRAIN_BYTES = 64 * 1024  # ... and up to this much (as gunicorn's close_graceful)
 DEFAULT_MAX_BODY_BYTES = 6 * 2**20  # when the app sets no MAX_CONTENT_LENGTH: InvokeEndpoint's payload limit
+# All requests still arriving hold at most this much at once: the larger of a floor and this many whole bodies
+# (each may be up to the body cap, and up to worker_connections of them arrive at once: 6 GB unbounded).
+MIN_BUFFER_BYTES = 256 * 2**20
+BUFFER_BODIES = 8
 RECV_BYTES = 256 * 1024
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 PING_LINES = (b"GET /ping HTTP/1.1", b"GET /ping HTTP/1.0")
@@ -203,6 +207,7 @@ class BufferingWorker(ThreadWorker):
     request_deadline = REQUEST_DEADLINE_SECONDS  # class attributes: the tests shorten them
     stop_linger = STOP_LINGER_SECONDS
     max_head_bytes = MAX_HEAD_BYTES
+    min_buffer_bytes, buffer_bodies = MIN_BUFFER_BYTES, BUFFER_BODIES
     ready_board: ReadyBoard | None = None  # set in the master before the workers fork (serve/server.py)
 
     def __init__(self, *args, **kwargs):
@@ -210,6 +215,7 @@ class BufferingWorker(ThreadWorker):
         self.arriving: deque[Connection] = deque()  # requests being buffered, oldest deadline first
         self.closing: deque[Connection] = deque()  # answered for the last time, half-closed, oldest first
         self.max_body_bytes = DEFAULT_MAX_BODY_BYTES
+        self.buffered = 0  # bytes held by the requests still arriving
         self.stop_deadline: float | None = None
         self.ping_answer = None  # () -> (status, JSON body or b""): the app's /ping, answered on this loop
         self.marked_ready = False
@@ -307,11 +313,18 @@ class BufferingWorker(ThreadWorker):
     def add_bytes(self, conn: Connection, data: bytes) -> None:
         request = conn.incoming
         had_head = request.head_end >= 0
+        self.buffered += len(data)
         try:
             request.add(data)
         except Refused as refusal:
             self.stop_arriving(conn)
             self.refuse(conn, refusal)
+            return
+        budget = max(self.min_buffer_bytes, self.buffer_bodies * self.max_body_bytes)
+        if request.head_end >= 0 and not request.ready and self.buffered > budget:  # (heads have their own cap)
+            self.stop_arriving(conn)  # many large bodies arriving at once: this one is sent again later
+            self.refuse(conn, Refused(503, "Service Unavailable", f"this worker is receiving {budget} bytes of "
+                                      "request bodies at once, its most: send the request again"))
             return
         if request.ready:
             self.stop_arriving(conn)
@@ -434,6 +447,7 @@ class BufferingWorker(ThreadWorker):
             self.close_now(conn)
 
     def stop_arriving(self, conn: Connection) -> None:
+        self.buffered -= len(conn.incoming.data)
         self.arriving.remove(conn)
         self.poller.unregister(conn.sock)
 

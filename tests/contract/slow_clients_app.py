@@ -42,3 +42,4 @@ def echo():
 class QuickWorker(BufferingWorker):
     request_deadline = 5.0  # seconds, not the real 60: yet room for a loaded machine's round trips
     stop_linger = 1.0
+    min_buffer_bytes, buffer_bodies = 0, 2  # requests arriving hold at most two bodies' bytes (2000) at once

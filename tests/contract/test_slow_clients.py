@@ -179,6 +179,21 @@ def test_a_body_over_the_apps_cap_is_refused_413_without_waiting_for_it(quick):
     assert status == 413 and b"request_entity_too_large" in body
 
 
+def test_requests_arriving_at_once_hold_a_bounded_number_of_bytes(quick):
+    """Each half-sent body holds its bytes in the worker: past the worker's budget (two bodies here), the request
+    that would go over is answered 503 and closed, and the others go on."""
+    head = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+    with quick.connect() as first, quick.connect() as second, quick.connect() as third:
+        for sock in (first, second):
+            sock.sendall(head + b"a" * 700)  # 2 x 760 bytes held
+        third.sendall(head + b"a" * 700)  # 3 x 760 > 2000
+        status, body = response(third.makefile("rb"))
+        assert status == 503 and b"send the request again" in body
+        for sock in (first, second):
+            sock.sendall(b"a" * 300)
+            assert response(sock.makefile("rb")) == (200, b"a" * 1000)
+
+
 def test_a_request_not_whole_by_its_deadline_is_answered_408_and_closed(quick):
     began = time.monotonic()  # before the server's accept, where the deadline starts
     with quick.connect() as started, quick.connect() as silent:
