@@ -193,6 +193,7 @@ class VllmEngine:
     async def _load(self) -> None:
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.model_dir,
@@ -202,7 +203,10 @@ class VllmEngine:
         arguments, environment = engine_arguments(self.config, self.spec, self.lora_rank)
         os.environ.update(environment)  # read by vLLM's engine processes, which inherit it
         log.info("starting vLLM: %s", json.dumps(arguments, default=str))
-        self.llm = self.loras.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**arguments))
+        # As `vllm serve` builds its engine: vLLM picks the batch limits an API server gets (on an H100 1024
+        # sequences and 8192 batched tokens; its engine default is 128 and 2048), unless MAX_BATCH_* set them.
+        self.llm = self.loras.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**arguments),
+                                                              usage_context=UsageContext.OPENAI_API_SERVER)
         self.dtype = str(self.llm.model_config.dtype)
         self.device_type = self.llm.vllm_config.device_config.device_type  # "cuda" or "cpu", TGI's /info values
         warmup = GenerateRequest("Hello", GenerateParams(max_new_tokens=2))
@@ -215,8 +219,11 @@ class VllmEngine:
         # /ping too, for 334 ms under 32 clients (0.9 ms frozen); vLLM's own server freezes its heap as well.
         gc.collect()
         gc.freeze()
-        log.info("model ready: vLLM engine on %s, max length %d, adapters: %s; %d objects frozen", arguments["model"],
-                 self.limits.max_total_tokens, ", ".join(self.adapters.fixed) or "none", gc.get_freeze_count())
+        scheduler = self.llm.vllm_config.scheduler_config
+        log.info("model ready: vLLM engine on %s, max length %d, batches of up to %d sequences and %d tokens, "
+                 "adapters: %s; %d objects frozen", arguments["model"], self.limits.max_total_tokens,
+                 scheduler.max_num_seqs, scheduler.max_num_batched_tokens, ", ".join(self.adapters.fixed) or "none",
+                 gc.get_freeze_count())
 
     async def _generate(self, ticket: Ticket, plan: translate.Plan, adapter: Adapter | None) -> None:
         from vllm.exceptions import VLLMClientError

@@ -140,6 +140,7 @@ def test_the_books_deployment_by_hf_model_id_keeps_tgis_limits_refuses_overload_
         output = server.stop()
     assert "EngineDeadError" not in output and "output_handler failed" not in output  # a normal stop, said as one
     assert f"serving HF_MODEL_ID={tiny_model}" in output and "hf_book_secret" not in output
+    assert "batches of up to 2 sequences" in output  # TGI's MAX_BATCH_SIZE, as vLLM's scheduler took it
     frozen_objects = int(re.search(r"model ready: .*; (\d+) objects frozen", output).group(1))
     assert frozen_objects > 100_000  # the startup heap (vLLM, torch, the model) is out of the collector's reach
 
