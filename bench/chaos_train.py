@@ -2,11 +2,12 @@
 steps) SIGTERMed or SIGKILLed at random moments in every phase, K times, each run followed by a rerun on
 the same /opt/ml tree, as SageMaker restarts an interrupted spot job.
 
-    .venv/bin/python bench/chaos_train.py [--runs 8] [--seed 0] [--signals TERM,KILL]
+    .venv/bin/python bench/chaos_train.py [--runs 16] [--seed 0] [--signals TERM,KILL]
 
-A run is stopped a random 0-0.5 s after a randomly chosen phase begins (its log line shows): start-up,
-extracting the base, loading it, SFT steps, the SFT stage's merge and save, DPO steps, the export, and
-after. Prints a line per run, then the totals, and exits 1 when a check failed:
+Run i sends signal i mod 2 in phase (i div 2) mod 8, a random 0-0.5 s after the phase begins (its log line
+shows): start-up, extracting the base, loading it, SFT steps, the SFT stage's merge and save, DPO steps, the
+export, and after. 16 runs give every phase each signal once; only the delay is drawn. Prints a line per run,
+then the totals, and exits 1 when a check failed:
 
 - a SIGTERMed run exits 143 with output/failure saying it was stopped (unless its work was done: a
   SIGTERM after "training complete" changes nothing, and the run exits 0);
@@ -176,9 +177,9 @@ def weight_difference(root: Path, reference: Path) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--signals", default="TERM,KILL", help="which to send, chosen at random per run")
+    parser.add_argument("--runs", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0, help="for the delays")
+    parser.add_argument("--signals", default="TERM,KILL", help="which to send, in turn")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     signals = [getattr(signal, f"SIG{name.strip().upper()}") for name in args.signals.split(",")]
@@ -198,7 +199,7 @@ def main() -> int:
     problems, resumed, repeated, stops, differences = [], 0, 0, {}, []
     phases = list(PHASES)
     for index in range(args.runs):
-        number, phase = rng.choice(signals), phases[index % len(phases)] if index < len(phases) else rng.choice(phases)
+        number, phase = signals[index % len(signals)], phases[(index // len(signals)) % len(phases)]
         delay = rng.uniform(0, 0.5)
         root = make_job(work / f"run-{index}", tarball)
         first = run(root, (number, phase, delay))

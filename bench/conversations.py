@@ -8,7 +8,10 @@ over --repeats runs.
 1. Sessions: a session of --turns turns, each a ~120-word user turn and a 48-token answer; then the last turn's
    whole conversation is sent cold as OpenAI messages, with one word changed at its very start (so no block
    of it is in vLLM's prefix cache) and the same length. Time to first token (streamed) of the session's
-   last turn against the cold request: the ratio says what reusing the session's KV saved.
+   last turn against the cold request: the ratio says what reusing the conversation's KV saved. A session
+   keeps the messages, not the KV: vLLM's prefix cache reuses it, as it does for a stateless client that sends
+   the whole conversation each turn, which is measured too (its own conversation, warmed by its own turns).
+   What a session saves over that client is the resending, not the prefill.
 2. Bidirectional streaming: the same TGI request (48 new tokens, greedy), time to first token and to the
    last, over SSE (`/invocations`, stream) and over the WebSocket (`/invocations-bidirectional-stream`, one
    connection kept open as SageMaker keeps it). Target: the WebSocket within 10% of SSE.
@@ -86,8 +89,9 @@ def first_token_seconds(url: str, body: dict, headers: dict | None = None) -> tu
     return first, "".join(text)
 
 
-def session_versus_cold(url: str, turns: int) -> tuple[float, float]:
-    """One session of `turns` turns; the last turn's first-token time, and the same conversation's sent cold."""
+def session_versus_cold(url: str, turns: int) -> tuple[float, float, float]:
+    """One session of `turns` turns: the last turn's first-token time; the same conversation's sent cold; and a
+    stateless client's last turn, which resent its whole conversation each turn."""
     opened = requests.post(url + "/invocations", data=json.dumps({"requestType": "NEW_SESSION"}), headers=JSON,
                            timeout=60)
     session_id = opened.headers[NEW_SESSION_HEADER].split(";")[0]
@@ -104,7 +108,13 @@ def session_versus_cold(url: str, turns: int) -> tuple[float, float]:
                   headers={**JSON, SESSION_HEADER: session_id}, timeout=60)
     cold = [{"role": "system", "content": f"Walk {nonce}. You help a writer."}, *messages[1:-1]]
     cold_seconds, _ = first_token_seconds(url, {"messages": cold, "max_tokens": NEW_TOKENS, "stream": True})
-    return seconds, cold_seconds
+    history = [{"role": "system", "content": f"Jump {nonce}. You help a writer."}]
+    for i in range(turns):
+        history.append({"role": "user", "content": user_turn(i)})
+        stateless_seconds, said = first_token_seconds(url, {"messages": history, "max_tokens": NEW_TOKENS,
+                                                            "stream": True})
+        history.append({"role": "assistant", "content": said})
+    return seconds, cold_seconds, stateless_seconds
 
 
 def websocket_answer(websocket, body: dict) -> tuple[float, float]:
@@ -113,9 +123,11 @@ def websocket_answer(websocket, body: dict) -> tuple[float, float]:
     first = None
     while True:
         event = json.loads(websocket.recv(timeout=600))
-        if first is None:
+        if "error" in event:  # a failed answer is no fast one
+            raise RuntimeError(f"the WebSocket answer failed: {event}")
+        if first is None and event.get("token", {}).get("text"):  # the first token with text, as for SSE
             first = time.perf_counter() - started
-        if event.get("generated_text") is not None or "error" in event:
+        if event.get("generated_text") is not None:
             return first, time.perf_counter() - started
 
 
@@ -152,9 +164,12 @@ def main() -> None:
             server.wait(timeout=60)
     session = statistics.median(p[0] for p in pairs)
     cold = statistics.median(p[1] for p in pairs)
+    stateless = statistics.median(p[2] for p in pairs)
     print(f"load average at the end: {os.getloadavg()[0]:.2f} (2 cores)")
     print(f"\nsession turn {options.turns}, time to first token: {session * 1000:.0f} ms; the same conversation "
           f"cold: {cold * 1000:.0f} ms; ratio cold/session {cold / session:.2f}x  (median of {options.repeats})")
+    print(f"a stateless client's turn {options.turns} (the whole conversation resent, its earlier turns cached): "
+          f"{stateless * 1000:.0f} ms; ratio stateless/session {stateless / session:.2f}x")
     print("\n| transport | first token (ms) | whole answer (ms) |\n|---|---|---|")
     for name, runs in (("SSE, /invocations", sse), ("WebSocket, /invocations-bidirectional-stream", ws)):
         print(f"| {name} | {statistics.median(r[0] for r in runs) * 1000:.0f} | "
