@@ -13,7 +13,7 @@ is checked against what that kind must get (200 with the right shape, or the rig
 open file descriptors, threads.
 
 Prints the counts by kind, and exits 1 when a check fails: a 5xx or a wrong answer, /ping p99 over
-100 ms (--ping-p99-ms; the scenario suite's short run allows 5000 on a shared 2-core machine), resident memory
+100 ms (--ping-p99-ms; the scenario suite's short run allows 12000 on a loaded 2-core machine), resident memory
 grown by more than 10% + 64 MiB, file descriptors or threads grown by more than 16 (a leak per request
 would grow them by thousands).
 """
