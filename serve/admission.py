@@ -145,9 +145,15 @@ class Admission:
         return Ticket(request, self.release)
 
     def track(self, ticket: Ticket) -> None:
-        """A ticket the engine is working on: a fatal fault answers it."""
+        """A ticket the engine is working on: a fatal fault or the worker stopping answers it, also when that
+        came between its admission and now."""
         with self._lock:
             self._in_flight.add(ticket)
+            failure, stopped = self.failure, self.stopped
+        if failure is not None:
+            ticket.emit("error", EngineFailed(f"{failure} (this worker restarts)"))
+        elif stopped is not None:
+            ticket.emit("error", Unavailable(stopped))
 
     def fault(self, error: BaseException, what: str) -> ServeError:
         """Apply the policy to a failure during generation; returns the failing request's error."""

@@ -136,14 +136,21 @@ class Connection:
         self._parts: list[bytes] = []  # a fragmented message so far
         self._binary = False
         self.leaving = False  # the worker stops: no message is read after the current answer
+        self._waiting = False  # in recv(), for the next message (not answering one)
+        self._state = threading.Lock()
 
     def go_away(self) -> None:
-        """From another thread: read no further message; one waiting for it stops waiting now."""
-        self.leaving = True
-        try:
-            self.sock.shutdown(socket.SHUT_RD)  # a recv() in progress returns at once
-        except OSError:
-            pass
+        """From another thread: read no further message; one waiting for it stops waiting now. An answer being
+        written goes on: its socket is left alone (shutting its reading side would look, to the hang-up watch,
+        like the client leaving)."""
+        with self._state:
+            self.leaving = True
+            waiting = self._waiting
+        if waiting:
+            try:
+                self.sock.shutdown(socket.SHUT_RD)  # the recv() in progress returns at once
+            except OSError:
+                pass
 
     def receive(self) -> str | bytes | None:
         """The next whole message; None once the client closed, went quiet past IDLE_SECONDS, or broke the
@@ -164,10 +171,17 @@ class Connection:
                     return data if self._binary else data.decode()  # the protocol checked the UTF-8
             if self.protocol.state is not State.OPEN:
                 return None
+            with self._state:
+                if self.leaving:
+                    return None
+                self._waiting = True
             try:
                 data = self.sock.recv(RECV_BYTES)
             except (TimeoutError, OSError):
                 return None
+            finally:
+                with self._state:
+                    self._waiting = False
             if self.leaving:
                 return None
             if data:

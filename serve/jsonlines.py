@@ -9,7 +9,7 @@ from collections import deque
 from flask import Response
 
 from serve.answers import parse_json, response_payload
-from serve.errors import Overloaded, ServeError, ValidationError, not_finished
+from serve.errors import Overloaded, ServeError, Unavailable, ValidationError, not_finished
 from serve.schemas import parse_request
 def answer_lines(engine, data: bytes, adapter_header: str | None, timeout: float, in_flight: int) -> Response:
     """Batch transform: one request per line, one JSON line per answer, in order, all within one timeout.
@@ -18,7 +18,8 @@ def answer_lines(engine, data: bytes, adapter_header: str | None, timeout: float
     A line that is itself invalid gets an error line; every other line is answered. Lines wait for engine
     capacity instead of being refused: when no admission slot is free, this request first finishes its own
     oldest line, and only with none of its own in flight waits for another request's (a line frees its slot
-    when the engine finishes it, read or not). Past the deadline nothing more is started."""
+    when the engine finishes it, read or not). Past the deadline nothing more is started. A worker stopping
+    before the body is answered answers it all 503 (Unavailable), which SageMaker sends again."""
     lines = [line for line in data.splitlines() if line.strip()]
     if not lines:
         raise ValidationError("the jsonlines body has no lines")
@@ -31,6 +32,8 @@ def answer_lines(engine, data: bytes, adapter_header: str | None, timeout: float
         try:
             answer = response_payload(generate, ticket.result(max(0.0, deadline - time.monotonic())))
             answers[number] = answer[0] if isinstance(answer, list) else answer
+        except Unavailable:
+            raise
         except ServeError as e:
             answers[number] = _line_error(number, e.message, e.error_type)
         except TimeoutError as e:
@@ -56,6 +59,8 @@ def answer_lines(engine, data: bytes, adapter_header: str | None, timeout: float
                         if not pending:
                             raise
                         finish_oldest()
+            except Unavailable:
+                raise
             except ServeError as e:
                 answers[number] = _line_error(number, e.message, e.error_type)
         while pending:

@@ -51,6 +51,9 @@ CLOSE_DRAIN_BYTES = 64 * 1024  # ... and up to this much (as gunicorn's close_gr
 DEFAULT_MAX_BODY_BYTES = 6 * 2**20  # when the app sets no MAX_CONTENT_LENGTH: InvokeEndpoint's payload limit
 # All requests still arriving hold at most this much at once: the larger of a floor and this many whole bodies
 # (each may be up to the body cap, and up to worker_connections of them arrive at once: 6 GB unbounded).
+# A worker loading while another is ready takes no connection (serve/readiness.py), for at most this long: a
+# load that hangs (a stuck GPU) then answers 503 again, and /ping shows it.
+MAX_HIDDEN_LOAD_SECONDS = 900
 MIN_BUFFER_BYTES = 256 * 2**20
 BUFFER_BODIES = 8
 RECV_BYTES = 256 * 1024
@@ -219,6 +222,7 @@ class BufferingWorker(ThreadWorker):
         self.stop_deadline: float | None = None
         self.ping_answer = None  # () -> (status, JSON body or b""): the app's /ping, answered on this loop
         self.marked_ready = False
+        self.started = time.monotonic()
 
     @classmethod
     def check_config(cls, cfg, log) -> None:
@@ -236,8 +240,15 @@ class BufferingWorker(ThreadWorker):
         an answer saying so (serve/app.py's `stopping`)."""
         first = self.alive
         super().handle_exit(sig, frame)
-        stopping = getattr(self.wsgi, "extensions", {}).get("stopping")
-        if first and stopping is not None:
+        if first:  # on the main loop, not in this signal handler (it starts a thread)
+            self.method_queue.defer(self.stopping)
+
+    def stopping(self) -> None:
+        if self.ready_board is not None and self.marked_ready:  # no longer takes connections: not ready to others
+            self.ready_board.mark(self.pid, False)
+            self.marked_ready = False
+        stopping = getattr(getattr(self, "wsgi", None), "extensions", {}).get("stopping")
+        if stopping is not None:
             stopping(self.cfg.graceful_timeout)
 
     def notify(self) -> None:
@@ -246,7 +257,7 @@ class BufferingWorker(ThreadWorker):
         super().notify()
         if self.ready_board is None or not self.alive:
             return
-        engine = getattr(self.wsgi, "extensions", {}).get("engine")
+        engine = getattr(getattr(self, "wsgi", None), "extensions", {}).get("engine")
         ready = engine is not None and engine.state == "ready"
         if ready != self.marked_ready:
             self.ready_board.mark(self.pid, ready)
@@ -256,7 +267,9 @@ class BufferingWorker(ThreadWorker):
             ThreadWorker.set_accept_enabled(self, wanted)
 
     def takes_connections(self) -> bool:
-        return self.ready_board is None or self.marked_ready or not self.ready_board.others_ready(self.pid)
+        """Ready, or nobody else is, or loading so long that hiding it would hide a hang (its 503s then show)."""
+        return (self.ready_board is None or self.marked_ready or not self.ready_board.others_ready(self.pid)
+                or time.monotonic() - self.started > MAX_HIDDEN_LOAD_SECONDS)
 
     def set_accept_enabled(self, enabled: bool) -> None:
         super().set_accept_enabled(enabled and self.takes_connections())

@@ -154,20 +154,26 @@ def test_sigterm_closes_idle_websockets_at_once_and_answers_what_cannot_finish_b
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
 
-    server = serve_tree(tiny_served_model, DTYPE="float32", MAX_CONCURRENT_REQUESTS="2")
-    idle = connect(f"ws://127.0.0.1:{server.port}/invocations-bidirectional-stream", open_timeout=60)
+    server = serve_tree(tiny_served_model, DTYPE="float32", MAX_CONCURRENT_REQUESTS="3")
+    route = f"ws://127.0.0.1:{server.port}/invocations-bidirectional-stream"
+    idle, busy = connect(route, open_timeout=60), connect(route, open_timeout=60)
     slow = {"inputs": "Write a long post", "parameters": {"max_new_tokens": 480}, "stream": True}
     with frozen(server.engines()), ThreadPoolExecutor(1) as pool:
         post = pool.submit(requests.post, server.url + "/invocations", json=slow, stream=True, timeout=120)
-        assert in_flight(server, 1) == 1
+        busy.send(json.dumps(slow))
+        assert in_flight(server, 2) == 2
         server.process.send_signal(signal.SIGTERM)
         began = time.monotonic()
         with pytest.raises(ConnectionClosed) as closed:
             idle.recv(timeout=60)
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001  # going away
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001  # going away, at once
+        answered = json.loads(busy.recv(timeout=60))  # the answer in progress goes on, then says why it ended
+        with pytest.raises(ConnectionClosed) as closed_after:
+            busy.recv(timeout=60)
         response = post.result(timeout=120)
         body = response.text  # to its end
         ended = time.monotonic() - began
+    assert answered["error_type"] == "unavailable" and closed_after.value.rcvd.code == 1001, answered
     last = sse_events(body)[-1] if response.status_code == 200 else response.json()
     assert response.status_code in (200, 503) and last["error_type"] == "unavailable", body
     assert "send the request again" in last["error"] and ended < 25  # before gunicorn's kill

@@ -268,6 +268,9 @@ def test_a_jsonlines_batch_waits_for_slots_instead_of_refusing_and_answers_line_
     assert answers[2]["error_type"] == "validation" and answers[2]["error"].startswith("line 3:")
     empty = client.post("/invocations", data="\n\n", headers=JSONLINES)
     assert empty.status_code == 422 and "no lines" in empty.json["error"]
+    engine.admission.stop("the server is stopping: send the request again")  # SIGTERM's last seconds
+    stopped = client.post("/invocations", data="\n".join(lines) + "\n", headers=JSONLINES)
+    assert stopped.status_code == 503 and stopped.json["error_type"] == "unavailable"  # the body is sent again
 
 
 def test_on_a_real_time_endpoint_a_jsonlines_body_holds_a_quarter_of_the_slots(tmp_path):

@@ -106,3 +106,9 @@ def test_a_stopping_worker_answers_the_requests_still_running_and_refuses_new_on
     with pytest.raises(Unavailable) as refused:
         admission.ticket(GenerateRequest("Hi", GenerateParams()))
     assert refused.value.status == 503 and isinstance(ticket, Ticket)
+    between = Admission(4, exit_worker=lambda: None)  # admitted, then the stop, then tracked: answered too
+    late = between.ticket(GenerateRequest("Hi", GenerateParams()))
+    between.stop("the server is stopping")
+    between.track(late)
+    with pytest.raises(Unavailable):
+        late.result(timeout=30)
