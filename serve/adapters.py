@@ -270,14 +270,18 @@ class Adapters:
 
     def _next_id(self) -> int:
         """A vLLM id no registration on this instance had before, in any worker: vLLM keys its loaded
-        adapters and its prefix cache by it, so two versions sharing one would answer from each other's weights."""
-        with open(self.registry / NEXT_ID_FILE, "a+", encoding="utf-8") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)  # the workers register concurrently; let go when the file closes
-            f.seek(0)
-            number = int(f.read().strip() or FIRST_REGISTERED_ID)
-            f.seek(0)
-            f.truncate()
-            f.write(str(number + 1))
+        adapters and its prefix cache by it, so two versions sharing one would answer from each other's weights.
+        The counter is replaced whole under a lock, and never below the registry's own ids: a worker killed
+        mid-write leaves the old count, not an empty file that would start again from the first id."""
+        with open(self.registry / f"{NEXT_ID_FILE}.lock", "a", encoding="utf-8") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the workers register concurrently; let go when the file closes
+            counter = self.registry / NEXT_ID_FILE
+            recorded = counter.read_text(encoding="utf-8").strip() if counter.is_file() else ""
+            highest = max((adapter.number for adapter in self.registered()), default=FIRST_REGISTERED_ID - 1)
+            number = max(int(recorded) if recorded.isdigit() else FIRST_REGISTERED_ID, highest + 1)
+            staging = counter.with_name(f"{NEXT_ID_FILE}.tmp")
+            staging.write_text(str(number + 1), encoding="utf-8")
+            os.replace(staging, counter)
         return number
 
     @staticmethod

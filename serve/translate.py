@@ -15,7 +15,7 @@ every rule of TGI's semantics here is unit-tested with a tokenizer alone:
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from serve.errors import GenerationError, ServeError, ValidationError
 from serve.schemas import GenerateRequest, GenerateResult, Sequence
@@ -73,6 +73,13 @@ def plan(request: GenerateRequest, tokenizer, limits: Limits, template_for_input
     check_prompt_size(request, limits)
     try:
         ids = prompt_ids(request, tokenizer, template_for_inputs, limits.max_token_chars)
+        for _ in range(3):  # `truncate` keeps the inputs' last tokens; the template's own then must fit too
+            over = len(ids) - limits.max_input_tokens
+            if p.truncate is None or over <= 0 or p.truncate <= over:
+                break
+            request = replace(request, params=replace(p, truncate=p.truncate - over))
+            p = request.params
+            ids = prompt_ids(request, tokenizer, template_for_inputs, limits.max_token_chars)
     except ServeError:
         raise
     except Exception as e:  # e.g. jinja's TemplateError: "roles must alternate"

@@ -41,6 +41,9 @@ def test_truncate_keeps_the_last_tokens_of_the_inputs_inside_the_template(tokeni
     text = tokenizer.decode(cut.prompt_ids)
     kept = text.removeprefix("<|im_start|>user\n").split("<|im_end|>")[0]
     assert text.startswith("<|im_start|>user\n") and long.endswith(kept) and len(kept) < len(long)
+    # truncate at the limit: the inputs are cut further, so that the template's own tokens fit too
+    full = plan(tokenizer, {"inputs": "word " * 200, "parameters": {"truncate": 40}})
+    assert 30 < len(full.prompt_ids) <= 40
     # a truncate beyond the input tokens would let any prompt size reach the tokenizer: refused, as TGI does
     with pytest.raises(ValidationError, match="'truncate' must be <= 40 \\(this model's input tokens\\), got 41"):
         plan(tokenizer, {"inputs": long, "parameters": {"truncate": 41}})
