@@ -16,7 +16,7 @@ from datasets import Dataset
 
 from container.config import ConfigError
 from train.config import TrainConfig
-from train.distributed import numel
+from train.distributed import numel, trainable_count
 from train.rewards import grpo_rows, reward_functions
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def grpo_datasets(config: TrainConfig, tokenizer, train_rows: list[dict], eval_r
             "eval_dataset": Dataset.from_list(kept[1]) if kept[1] else None}
 
 
-VLLM_HEADROOM_BYTES = 2 * 2**30  # colocate: vLLM's KV cache and its own buffers, beyond its copy of the weights
+VLLM_HEADROOM_BYTES = 2 * 2**30  # colocate: vLLM's activations (4096 batched tokens), CUDA graphs, non-torch memory
 
 
 def sampling_engine(config: TrainConfig, model) -> tuple[str, str, float]:
@@ -93,11 +93,23 @@ def sampling_engine(config: TrainConfig, model) -> tuple[str, str, float]:
         return "transformers", f"vLLM does not import ({e})", 0.0
     weights = sum(numel(p) * p.element_size() for p in model.parameters())  # ZeRO-3's partitioned ones too
     total = torch.cuda.get_device_properties(0).total_memory
-    share = (weights + VLLM_HEADROOM_BYTES) / total
-    if weights + share * total > 0.9 * total:  # the model training, and vLLM's copy beside it
-        return ("transformers", f"vLLM's copy of the {weights / 2**30:.1f} GiB of weights and its cache do not fit "
-                f"beside the trained ones on a {total / 2**30:.0f} GiB GPU", 0.0)
-    return "vllm", f"colocate mode, {share:.0%} of the GPU", share
+    vllm = weights + kv_cache_bytes(config, model.config) + VLLM_HEADROOM_BYTES
+    training = weights + trainable_count(config, model) * 16  # what stays on the GPU while vLLM samples
+    if training + vllm > 0.9 * total:
+        return ("transformers", f"vLLM's copy of the {weights / 2**30:.1f} GiB of weights and its cache "
+                f"({vllm / 2**30:.1f} GiB) do not fit beside the training ({training / 2**30:.1f} GiB) on a "
+                f"{total / 2**30:.0f} GiB GPU", 0.0)
+    return "vllm", f"colocate mode, {vllm / total:.0%} of the GPU", vllm / total
+
+
+def kv_cache_bytes(config: TrainConfig, model_config) -> int:
+    """What vLLM's cache holds when one generation batch is sampled: TRL gives it a step's prompts
+    (per_device_train_batch_size x gradient_accumulation_steps sequences) of up to max_length tokens, 16-bit."""
+    heads = model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    per_token = 2 * model_config.num_hidden_layers * kv_heads * head_dim * 2  # keys and values
+    return config.per_device_train_batch_size * config.gradient_accumulation_steps * config.max_length * per_token
 
 
 # common's arguments GRPOConfig lacks (its prompts are not truncated: grpo_datasets drops those too long), or that

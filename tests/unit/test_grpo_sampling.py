@@ -7,13 +7,20 @@ import pytest
 import torch
 
 from train.config import TrainConfig
-from train.grpo import sampling_engine
+from train.grpo import VLLM_HEADROOM_BYTES, kv_cache_bytes, sampling_engine
 
 
 class Weights(torch.nn.Module):
+    """An 8B model's bf16 weights (on the meta device: no memory) and its attention's shape."""
+
     def __init__(self, count: int):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.empty(count, dtype=torch.bfloat16, device="meta"))
+        self.config = SimpleNamespace(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                      hidden_size=4096)
+
+    def get_output_embeddings(self):
+        return None
 
 
 @pytest.fixture
@@ -27,10 +34,15 @@ def gpu_of(monkeypatch):
 def test_vllm_samples_beside_the_trained_model_only_where_both_fit_and_never_for_qlora(gpu_of):
     gpu_of(80)
     small = Weights(8 << 30)  # 16 GiB of bf16 weights, an 8B model
-    engine, why, share = sampling_engine(TrainConfig(), small)
-    assert engine == "vllm" and share == pytest.approx(18 / 80) and why == "colocate mode, 22% of the GPU"
+    engine, why, share = sampling_engine(TrainConfig(), small)  # LoRA
+    kv = kv_cache_bytes(TrainConfig(), small.config)
+    assert kv == (2 * 8) * 2048 * (2 * 32 * 8 * 128 * 2)  # a step's prompts x max_length x bytes per token (1 GiB)
+    assert engine == "vllm" and share == pytest.approx(((16 << 30) + kv + VLLM_HEADROOM_BYTES) / (80 << 30))
+    assert why == f"colocate mode, {share:.0%} of the GPU"
+    full = sampling_engine(TrainConfig(adapter="full"), small)  # 8B x 16 bytes of optimizer state: no room
+    assert full[0] == "transformers" and "do not fit beside the training" in full[1]
     assert sampling_engine(TrainConfig(adapter="qlora"), small)[:2] == (
         "transformers", "QLoRA's 4-bit weights: vLLM 0.32 cannot load bitsandbytes")
     gpu_of(24)  # an A10G: two copies of 16 GiB do not fit
     engine, why, _ = sampling_engine(TrainConfig(), small)
-    assert engine == "transformers" and "do not fit beside the trained ones on a 24 GiB GPU" in why
+    assert engine == "transformers" and "do not fit beside the training (16.0 GiB) on a 24 GiB GPU" in why
