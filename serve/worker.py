@@ -49,11 +49,11 @@ STOP_LINGER_SECONDS = 5.0  # a stopping worker still waits this long for request
 CLOSE_LINGER_SECONDS = 2.0  # after the last answer, what the client still sends is read and dropped this long
 CLOSE_DRAIN_BYTES = 64 * 1024  # ... and up to this much (as gunicorn's close_graceful)
 DEFAULT_MAX_BODY_BYTES = 6 * 2**20  # when the app sets no MAX_CONTENT_LENGTH: InvokeEndpoint's payload limit
-# All requests still arriving hold at most this much at once: the larger of a floor and this many whole bodies
-# (each may be up to the body cap, and up to worker_connections of them arrive at once: 6 GB unbounded).
 # A worker loading while another is ready takes no connection (serve/readiness.py), for at most this long: a
 # load that hangs (a stuck GPU) then answers 503 again, and /ping shows it.
 MAX_HIDDEN_LOAD_SECONDS = 900
+# All requests still arriving hold at most this much at once: the larger of a floor and this many whole bodies
+# (each may be up to the body cap, and up to worker_connections of them arrive at once: 6 GB unbounded).
 MIN_BUFFER_BYTES = 256 * 2**20
 BUFFER_BODIES = 8
 RECV_BYTES = 256 * 1024
