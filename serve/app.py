@@ -101,7 +101,8 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
     app.extensions["engine"] = engine  # gunicorn's worker_exit hook shuts it down
     metrics = Metrics()
     sessions = (Sessions(startup.session_folder, config.sessions_expiration, config.max_sessions,
-                         config.max_session_bytes) if startup.session_folder is not None else None)
+                         config.max_session_bytes, max_per_adapter=config.max_sessions_per_adapter)
+                if startup.session_folder is not None else None)
     connections = bidirectional.Connections(config.max_bidirectional_streams)
 
     def stopping(graceful_seconds: float) -> None:

@@ -83,6 +83,7 @@ class ServeConfig:
     sessions_expiration: int = 1200  # SAGEMAKER_SESSIONS_EXPIRATION: seconds from a session's opening
     sessions_path: str = ""  # SAGEMAKER_SESSIONS_PATH: the folder the workers share; "" = a new one in /dev/shm
     max_sessions: int = 1000  # MAX_SESSIONS open at once on the instance
+    max_sessions_per_adapter: int = 0  # MAX_SESSIONS_PER_ADAPTER: of those, one twin's at most (0: no limit)
     max_session_bytes: int = 1 << 20  # MAX_SESSION_BYTES: one session's conversation, as JSON
     max_bidirectional_streams: int = 16  # MAX_BIDIRECTIONAL_STREAMS: WebSocket connections per worker, each a thread
 
@@ -158,6 +159,7 @@ class ServeConfig:
             sessions_expiration=get((SESSIONS_EXPIRATION_ENV,), int, cls.sessions_expiration),
             sessions_path=get((SESSIONS_PATH_ENV,), str, cls.sessions_path),
             max_sessions=get(("MAX_SESSIONS",), int, cls.max_sessions),
+            max_sessions_per_adapter=get(("MAX_SESSIONS_PER_ADAPTER",), int, cls.max_sessions_per_adapter),
             max_session_bytes=get(("MAX_SESSION_BYTES",), int, cls.max_session_bytes),
             max_bidirectional_streams=get(("MAX_BIDIRECTIONAL_STREAMS",), int, cls.max_bidirectional_streams),
         )
@@ -179,7 +181,7 @@ class ServeConfig:
                               "SINGLE_RECORD")
         for name in ("workers", "max_input_tokens", "max_total_tokens", "max_batch_size", "max_batch_prefill_tokens",
                      "max_batch_total_tokens", "num_shard", "max_payload_mb", "max_concurrent_transforms", "max_loras",
-                     "max_bidirectional_streams"):
+                     "max_bidirectional_streams", "max_sessions_per_adapter"):
             if (getattr(config, name) or 0) < 0:
                 raise ConfigError(f"{name.upper()} must not be negative, got {getattr(config, name)}")
         if not 0.05 <= config.cuda_memory_fraction <= 1.0:

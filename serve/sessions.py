@@ -90,9 +90,11 @@ class Turn:
 
 
 class Sessions:
-    def __init__(self, folder: Path, ttl: float, max_sessions: int, max_bytes: int, clock=time.time):
+    def __init__(self, folder: Path, ttl: float, max_sessions: int, max_bytes: int, clock=time.time,
+                 max_per_adapter: int = 0):
         self.folder, self.ttl, self.clock = folder, ttl, clock
         self.max_sessions, self.max_bytes = max_sessions, max_bytes
+        self.max_per_adapter = max_per_adapter  # 0: no share of MAX_SESSIONS is kept for the other twins
 
     @staticmethod
     def create_folder(path: str) -> Path:
@@ -122,10 +124,13 @@ class Sessions:
             if self._sweep() >= self.max_sessions:
                 raise Overloaded(f"this instance holds its maximum of {self.max_sessions} open sessions "
                                  "(MAX_SESSIONS): close one, or try again after sessions expire")
+            if self.max_per_adapter and self._held_by(adapter) >= self.max_per_adapter:
+                raise Overloaded(f"this twin holds its maximum of {self.max_per_adapter} open sessions on this "
+                                 "instance (MAX_SESSIONS_PER_ADAPTER): close one, or try again after sessions expire")
             session = Session(str(uuid.uuid4()), adapter, self.clock() + self.ttl)
             lock = self.folder / f"{session.id}.lock"
             try:
-                lock.touch()
+                lock.write_text(adapter, encoding="utf-8")  # whose it is, for MAX_SESSIONS_PER_ADAPTER
                 os.utime(lock, (session.expires, session.expires))  # what _sweep reads
                 self.write(session)
             except BaseException as e:
@@ -236,6 +241,17 @@ class Sessions:
             except FileNotFoundError:  # renamed meanwhile
                 continue
         return open_now
+
+    def _held_by(self, adapter: str) -> int:
+        """The open sessions of `adapter` ("" for the served model), from their lock files' contents (under the
+        folder lock, after a sweep); no conversation is read."""
+        held = 0
+        for lock in self.folder.glob("*.lock"):
+            try:
+                held += lock.read_text(encoding="utf-8") == adapter
+            except (FileNotFoundError, UnicodeDecodeError):
+                continue
+        return held
 
     def _remove(self, session_id: str) -> None:
         self.path(session_id).unlink(missing_ok=True)

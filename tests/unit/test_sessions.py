@@ -244,3 +244,20 @@ def test_without_sessions_enabled_a_session_request_is_refused(tmp_path, engine)
                           ({"inputs": "hi"}, {SESSION_HEADER: "00000000-0000-4000-8000-000000000000"})):
         refused = post(plain, body, headers=headers)
         assert refused.status_code == 400 and "SAGEMAKER_ENABLE_STATEFUL_SESSIONS=true" in refused.json["error"]
+
+
+def test_one_twin_cannot_take_every_session_of_an_instance_others_share(tmp_path, clock):
+    """MAX_SESSIONS_PER_ADAPTER: one twin's callers fill their own share, not the instance's MAX_SESSIONS; the
+    refusal speaks of the caller's twin only."""
+    shared = Sessions(tmp_path, ttl=60, max_sessions=5, max_bytes=2000, clock=clock, max_per_adapter=2)
+    alices = [shared.open("alice") for _ in range(2)]
+    with pytest.raises(Overloaded) as refused:
+        shared.open("alice")
+    assert "this twin holds its maximum of 2 open sessions" in refused.value.message
+    assert "bob" not in refused.value.message
+    assert shared.open("bob").adapter == "bob" and shared.open("").adapter == ""  # the others still open theirs
+    shared.close(alices[0].id, "alice")
+    assert shared.open("alice").adapter == "alice"  # a closed one frees its place
+    unlimited = Sessions(tmp_path / "other", ttl=60, max_sessions=5, max_bytes=2000, clock=clock)
+    (tmp_path / "other").mkdir()
+    assert len({unlimited.open("alice").id for _ in range(5)}) == 5  # unset: only MAX_SESSIONS
