@@ -182,3 +182,12 @@ def load_spec(model_dir: Path) -> ServingSpec:
         max_total_tokens=max_total,
         chat_template_for_inputs=False,
     )
+
+
+def kv_bytes_per_token(model_config: Mapping, element_bytes: int, shards: int = 1) -> int:
+    """What one token takes in a KV cache (keys and values, every layer), from a model's config.json; with
+    tensor parallelism, on each of `shards` GPUs (each keeps one KV head at least)."""
+    heads = model_config.get("num_attention_heads", 32)
+    kv_heads = max(1, (model_config.get("num_key_value_heads") or heads) // shards)
+    head_dim = model_config.get("head_dim") or model_config.get("hidden_size", 4096) // heads
+    return 2 * model_config.get("num_hidden_layers", 32) * kv_heads * head_dim * element_bytes

@@ -223,7 +223,7 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
         """The adapters this caller may name: with SageMaker's adapter header only that one (as GET /adapters);
         without it, LORA_ADAPTERS' (registered components answer only to their own header)."""
         only = request.headers.get(ADAPTER_HEADER)
-        return sorted(adapters.fixed) if only is None else [name for name in adapters.names() if name == only]
+        return sorted(adapters.fixed) if only is None else [only] if adapters.find(only) is not None else []
 
     @app.post("/adapters")
     def register_adapter():

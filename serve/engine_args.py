@@ -14,7 +14,7 @@ from pathlib import Path
 
 from container.config import ConfigError
 from container.cpu_features import cpu_dtype
-from container.model_dir import ADAPTER_DIR, ServingSpec, resolve_base
+from container.model_dir import ADAPTER_DIR, ServingSpec, kv_bytes_per_token, resolve_base
 from serve.adapters import MODEL_ADAPTER, adapter_rank
 from serve.config import LORA_RANKS, REGISTERED_LORA_RANK, REGISTERED_LORAS, ServeConfig
 
@@ -125,12 +125,7 @@ def kv_cache_bytes(model_config: str, total_tokens: int, max_total: int, max_seq
     least). `copies`: the workers, each with its own engine, that share the host's memory (they load at once,
     each seeing the same free memory)."""
     with open(model_config, encoding="utf-8") as f:
-        model_config = json.load(f)
-    layers = model_config.get("num_hidden_layers", 32)
-    heads = model_config.get("num_attention_heads", 32)
-    kv_heads = max(1, (model_config.get("num_key_value_heads") or heads) // shards)
-    head_dim = model_config.get("head_dim") or model_config.get("hidden_size", 4096) // heads
-    bytes_per_token = 2 * layers * kv_heads * head_dim * element_bytes  # keys and values
+        bytes_per_token = kv_bytes_per_token(json.load(f), element_bytes, shards)
     if total_tokens:
         return total_tokens * bytes_per_token
     wanted = (max_total or 4096) * (max_seqs or 256) * bytes_per_token

@@ -15,6 +15,7 @@ import torch
 from datasets import Dataset
 
 from container.config import ConfigError
+from container.model_dir import kv_bytes_per_token
 from train.config import TrainConfig
 from train.distributed import numel, trainable_count
 from train.rewards import grpo_rows, reward_functions
@@ -105,10 +106,7 @@ def sampling_engine(config: TrainConfig, model) -> tuple[str, str, float]:
 def kv_cache_bytes(config: TrainConfig, model_config) -> int:
     """What vLLM's cache holds when one generation batch is sampled: TRL gives it a step's prompts
     (per_device_train_batch_size x gradient_accumulation_steps sequences) of up to max_length tokens, 16-bit."""
-    heads = model_config.num_attention_heads
-    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-    per_token = 2 * model_config.num_hidden_layers * kv_heads * head_dim * 2  # keys and values
+    per_token = kv_bytes_per_token(model_config.to_dict(), 2)
     return config.per_device_train_batch_size * config.gradient_accumulation_steps * config.max_length * per_token
 
 

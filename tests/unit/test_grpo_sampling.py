@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
 from train.config import TrainConfig
 from train.grpo import VLLM_HEADROOM_BYTES, kv_cache_bytes, sampling_engine
@@ -16,8 +17,8 @@ class Weights(torch.nn.Module):
     def __init__(self, count: int):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.empty(count, dtype=torch.bfloat16, device="meta"))
-        self.config = SimpleNamespace(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                                      hidden_size=4096)
+        self.config = LlamaConfig(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                  hidden_size=4096)
 
     def get_output_embeddings(self):
         return None

@@ -5,7 +5,8 @@ import pytest
 from gunicorn.config import Config
 from gunicorn.errors import ConfigError
 
-from serve.worker import BufferingWorker, IncomingRequest, Refused
+from serve.incoming import IncomingRequest, Refused
+from serve.worker import BufferingWorker
 
 HEAD_CAP, BODY_CAP = 1024, 100
 
