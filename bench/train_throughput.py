@@ -34,7 +34,7 @@ from container.model_dir import embedded_model_dir  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import load_sft_rows  # noqa: E402
 from train.model import load_for_training, load_tokenizer  # noqa: E402
-from train.recipes import RunContext, StageRows, detect_device, train_stage  # noqa: E402
+from train.recipes import RunContext, StageRows, detect_device, train_stage, weights_dtype  # noqa: E402
 from train.stop import Stop  # noqa: E402
 
 
@@ -109,7 +109,7 @@ SIDES = (("plain TRL defaults", plain_trl), ("plain TRL, gradient checkpointing 
 def compare(source: str, rows: list[dict], steps: int, batch_size: int, adapter: str = "lora") -> dict:
     """Both sides on the same model, rows, steps and batch size: real tokens/s and padding of each."""
     config = TrainConfig(adapter=adapter)
-    dtype = detect_device(config).dtype
+    dtype = weights_dtype(config, detect_device(config), "single")  # fp32 for full fine-tuning, as TRL loads it
     results = {}
     rows = rows[:steps * batch_size]  # one epoch of the same rows for every side
     for name, run in SIDES:

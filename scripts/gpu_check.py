@@ -6,7 +6,8 @@ For a machine with one CUDA GPU and no network (vLLM's CUDA wheel is too large t
 covers training and the model the server would load; serving on a GPU is tests/gpu's with vLLM present):
 
 1. the `gpu`-marked tests;
-2. bf16 LoRA SFT through the real `train` entrypoint → the merged model → reloaded on the GPU, generating;
+2. bf16 LoRA SFT through the real `train` entrypoint → the merged model → reloaded on the GPU, generating; full
+   fine-tuning the same way, its weights in fp32 (the master copy) and computing in bf16;
 3. QLoRA (bitsandbytes 4-bit nf4) training and the merge onto the 16-bit base;
 4. DeepSpeed ZeRO-3 on one GPU;
 5. padding-free packing (flash-attention's path where it is installed, else SDPA's);
@@ -81,7 +82,8 @@ def reload_and_generate(root: Path) -> str:
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     stage = json.loads((model_dir / "training_report.json").read_text())["stages"]["sft"]
-    path = {key: stage.get(key) for key in ("distributed", "packing", "gradient_checkpointing", "tokens_per_second")}
+    keys = ("distributed", "weights_dtype", "bf16", "packing", "gradient_checkpointing", "tokens_per_second")
+    path = {key: stage.get(key) for key in keys}
     return (f"{model.dtype} on {device}, generated {out.shape[1] - inputs['input_ids'].shape[1]} tokens; "
             f"{json.dumps(path)}")
 
@@ -156,7 +158,11 @@ def main() -> int:
         tmp = Path(tmp_name)
         tiny = build_tiny_model(tmp / "tiny")
         check("gpu-marked tests", lambda: _pytest_gpu(options.dry_run))
-        check("bf16 LoRA SFT → merged → reload + generate", lambda: trained_and_served(tmp, "lora", tiny, {}, {}))
+        bf16 = {} if options.dry_run else {"bf16": True}
+        check("bf16 LoRA SFT → merged → reload + generate", lambda: trained_and_served(
+            tmp, "lora", tiny, {}, {**bf16, "weights_dtype": "bfloat16" if bf16 else "float32"}))
+        check("full fine-tuning, fp32 master weights, bf16 compute", lambda: trained_and_served(
+            tmp, "full", tiny, {"adapter": "full"}, {**bf16, "weights_dtype": "float32"}))
         check("QLoRA 4-bit nf4 train + merge", lambda: trained_and_served(tmp, "qlora", tiny, {"adapter": "qlora"}, {}))
         check("DeepSpeed ZeRO-3 on one device", lambda: trained_and_served(
             tmp, "zero3", tiny, {"distributed": "zero3", "processes_per_host": "1"}, {"distributed": "zero3"}))

@@ -43,11 +43,12 @@ def strategy(config: TrainConfig, model) -> str:
 
 
 @contextmanager
-def sharded_loading(config: TrainConfig, device, output_dir: Path, source: str, revision: str | None):
+def sharded_loading(config: TrainConfig, device, output_dir: Path, source: str, planned: str):
     """The model loads partitioned under ZeRO-3 (DeepSpeed's zero.Init, which transformers uses while a
     ZeRO-3 config is alive): loaded whole, every process would hold all of it in host memory and DeepSpeed would
-    put all of it on each GPU before sharding, so a model that does not fit one GPU could not train at all."""
-    if planned_strategy(config, source, revision) != "zero3":
+    put all of it on each GPU before sharding, so a model that does not fit one GPU could not train at all.
+    `planned`: planned_strategy()'s choice."""
+    if planned != "zero3":
         yield
         return
     import deepspeed
@@ -118,6 +119,14 @@ def trainable_count(config: TrainConfig, model) -> int:
         if targets == ("all-linear",) or any(name == t or name.endswith("." + t) for t in targets):
             count += config.lora_r * (module.in_features + module.out_features)
     return count
+
+
+def training_bytes(config: TrainConfig, model) -> int:
+    """What training holds on the GPU besides activations: 16 bytes for each trained parameter (its fp32 weight,
+    the master copy that mixed precision updates, its gradient and AdamW's two moments) and, with LoRA and QLoRA,
+    the frozen base weights as loaded."""
+    frozen = 0 if config.adapter == "full" else sum(numel(p) * p.element_size() for p in model.parameters())
+    return frozen + trainable_count(config, model) * 16
 
 
 def numel(parameter) -> int:

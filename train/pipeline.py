@@ -28,11 +28,12 @@ from train.instructions import INSTRUCTIONS_FILE, VALIDATION_FILE, Corpus, diges
 from train.model import (TEACHER_CHANNEL, BaseModel, load_for_training, load_tokenizer, load_trained,
                          resolve_teacher)
 from train.preferences import PAIRS_FILE, build_pairs, kto_rows, rows_digest
-from train.distributed import log_partition, sharded_loading, start_processes
-from train.recipes import RunContext, StageRows, detect_device, train_stage
+from train.distributed import log_partition, planned_strategy, sharded_loading, start_processes
+from train.recipes import RunContext, StageRows, detect_device, train_stage, weights_dtype
 from train.stop import Stop
 from train.teacher import engine_name, write_instructions
 from train.tracking import Tracking, tracked
+from train.voice import bf16_compute
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +103,15 @@ def _train_stages(config: TrainConfig, paths: OptML, data: dict[str, tuple[list,
             continue
         train_rows, eval_rows = data[stage]
         generates = stage != "sft" and config.preference == "auto"  # before training: a whole model, unsharded
+        revision = base.revision_of(source)
+        planned = planned_strategy(config, source, revision)
         with (stop.phase(f"loading the model for {stage}"),
-              nullcontext() if generates else sharded_loading(config, device, stage_dir, source,
-                                                               base.revision_of(source))):
-            model = load_for_training(source, config, device.dtype, device.attn_implementation,
-                                      base.revision_of(source))
+              nullcontext() if generates else sharded_loading(config, device, stage_dir, source, planned)):
+            model = load_for_training(source, config, weights_dtype(config, device, planned),
+                                      device.attn_implementation, revision)
         log_partition(model)
         if stage != "sft" and config.preference == "auto":
-            with stop.phase(f"building {stage}'s preference pairs (preference=auto)"):
+            with stop.phase(f"building {stage}'s preference pairs (preference=auto)"), bf16_compute(device.bf16):
                 train_rows, eval_rows = _auto_pairs(stage, config, model, tokenizer, train_rows, eval_rows, stage_dir)
             extras[PAIRS_FILE] = stage_dir / PAIRS_FILE
         rows = StageRows(train_rows, eval_rows)

@@ -187,6 +187,15 @@ def onto_gpu(model):
     return model
 
 
+def bf16_compute(bf16: bool):
+    """Generation computes as training does: in bf16 under autocast where training uses bf16. Full fine-tuning's
+    weights are fp32 there (the master copy, recipes.weights_dtype), and decoding from them in fp32 reads twice
+    the bytes per token."""
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and torch.cuda.is_available())
+
+
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 8,
              sampling: Sampling = GREEDY) -> list[str]:
     """Answers through the chat template, as `serve` prompts the model: greedy unless `sampling` samples; the

@@ -18,10 +18,12 @@ def test_gpu_check_dry_run_passes_every_row(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [row["check"].split(",")[0] for row in rows] == [
-        "gpu-marked tests", "bf16 LoRA SFT → merged → reload + generate", "QLoRA 4-bit nf4 train + merge",
+        "gpu-marked tests", "bf16 LoRA SFT → merged → reload + generate",
+        "full fine-tuning", "QLoRA 4-bit nf4 train + merge",
         "DeepSpeed ZeRO-3 on one device", "padding-free packing", "throughput", "throughput"]
     # On the CPU the gpu-marked tests skip, and the row says so; every other row ran.
     assert rows[0]["status"] == "skipped" and " skipped" in rows[0]["result"] and " passed" not in rows[0]["result"]
     assert all(row["status"] == "ok" for row in rows[1:]), rows
-    assert '"distributed": "zero3"' in rows[3]["result"] and '"packing": true' in rows[4]["result"]
+    assert '"weights_dtype": "float32"' in rows[2]["result"]  # full fine-tuning's master copy (fp32 on the CPU too)
+    assert '"distributed": "zero3"' in rows[4]["result"] and '"packing": true' in rows[5]["result"]
     assert "| check | status | seconds | result |" in result.stdout

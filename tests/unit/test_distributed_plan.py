@@ -1,12 +1,20 @@
-"""train/distributed.py's plan: what a LoRA job trains is counted as peft will make it, before peft wraps the
-model (while every base weight still says requires_grad)."""
+"""The training plan: what a LoRA job trains is counted as peft will make it, before peft wraps the model (while
+every base weight still says requires_grad); the dtype the weights load in, and what that means for the updates;
+the GPU memory that gradient checkpointing is decided from. A GPU is faked where the plan asks for one."""
+
+from types import SimpleNamespace
 
 import pytest
+import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from train.config import TrainConfig
-from train.distributed import trainable_count
+from train.distributed import trainable_count, training_bytes
+from train.model import load_for_training
+from train.recipes import Device, use_gradient_checkpointing, weights_dtype
+
+A_BF16_GPU = Device(use_cpu=False, bf16=True, dtype=torch.bfloat16, attn_implementation=None, liger=False)
 
 
 @pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj"])
@@ -21,3 +29,57 @@ def test_a_lora_jobs_trainable_parameters_are_the_adapters_as_peft_counts_them(t
     assert trainable_count(config, wrapped) == counted  # and the same once wrapped
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert trainable_count(TrainConfig(adapter="full"), base) == sum(p.numel() for p in base.parameters())
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("planned", ["single", "ddp", "fsdp", "zero2", "zero3", "unsharded"])
+def test_only_full_fine_tuning_outside_deepspeed_keeps_fp32_weights_on_a_bf16_gpu(adapter, planned):
+    chosen = weights_dtype(TrainConfig(adapter=adapter), A_BF16_GPU, planned)
+    master_copy_is_ours = adapter == "full" and planned not in ("zero2", "zero3")  # DeepSpeed keeps its own
+    assert chosen == (torch.float32 if master_copy_is_ours else torch.bfloat16)
+    cpu = Device(use_cpu=True, bf16=False, dtype=torch.float32, attn_implementation=None, liger=False)
+    assert weights_dtype(TrainConfig(adapter=adapter), cpu, planned) == torch.float32
+
+
+def moved_by_adamw(model, steps: int, learning_rate: float) -> float:
+    """The share of the model's weights that `steps` AdamW steps change, computing in bf16 under autocast as the
+    Trainer does with bf16 on."""
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    vocab = model.config.vocab_size
+    ids = (torch.arange(4 * -(-vocab // 4)) % vocab).reshape(4, -1)  # every token, so every embedding row learns
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    moved = sum((p.detach() != b).sum().item() for p, b in zip(model.parameters(), before))
+    return moved / sum(b.numel() for b in before)
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_full_fine_tuning_in_the_chosen_dtype_updates_every_weight_where_bf16_weights_lose_most_steps(
+        tiny_model, stage):
+    config = TrainConfig(adapter="full")
+    learning_rate = config.stage_learning_rate(stage)  # full fine-tuning's: 2e-5 for SFT, 5e-7 for DPO
+    chosen = load_for_training(str(tiny_model), config, weights_dtype(config, A_BF16_GPU, "single"), None)
+    assert moved_by_adamw(chosen, 3, learning_rate) > 0.99
+    in_bf16 = load_for_training(str(tiny_model), config, torch.bfloat16, None)
+    assert moved_by_adamw(in_bf16, 3, learning_rate) < 0.5  # why: most of these steps round away in bf16
+
+
+def test_gradient_checkpointing_counts_16_bytes_per_trained_parameter_and_the_frozen_weights(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = {}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=gpu["bytes"]))
+    model = torch.nn.Module()
+    model.weight = torch.nn.Parameter(torch.empty(1 << 30, device="meta"))  # 1B parameters in fp32
+    model.get_output_embeddings = lambda: None
+    full = TrainConfig(adapter="full")
+    assert training_bytes(full, model) == 16 << 30  # fp32 weights, gradients, two AdamW moments: no more
+    gpu["bytes"] = 40 << 30
+    assert use_gradient_checkpointing(full, model) is False  # 16 GiB of 40: under half
+    gpu["bytes"] = 24 << 30
+    assert use_gradient_checkpointing(full, model) is True
+    assert training_bytes(TrainConfig(), model) == 4 << 30  # LoRA: the frozen weights as loaded, no layers to adapt
+    assert use_gradient_checkpointing(TrainConfig(), model) is False

@@ -14,9 +14,9 @@ from train.grpo import VLLM_HEADROOM_BYTES, kv_cache_bytes, sampling_engine
 class Weights(torch.nn.Module):
     """An 8B model's bf16 weights (on the meta device: no memory) and its attention's shape."""
 
-    def __init__(self, count: int):
+    def __init__(self, count: int, dtype=torch.bfloat16):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.empty(count, dtype=torch.bfloat16, device="meta"))
+        self.weight = torch.nn.Parameter(torch.empty(count, dtype=dtype, device="meta"))
         self.config = LlamaConfig(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                                   hidden_size=4096)
 
@@ -47,3 +47,13 @@ def test_vllm_samples_beside_the_trained_model_only_where_both_fit_and_never_for
     gpu_of(24)  # an A10G: two copies of 16 GiB do not fit
     engine, why, _ = sampling_engine(TrainConfig(), small)
     assert engine == "transformers" and "do not fit beside the training (16.0 GiB) on a 24 GiB GPU" in why
+
+
+def test_full_fine_tunings_fp32_weights_get_a_16_bit_vllm_copy(gpu_of):
+    gpu_of(80)
+    one_b = Weights(1 << 30, dtype=torch.float32)  # full fine-tuning's fp32 master weights (recipes.weights_dtype)
+    engine, _, share = sampling_engine(TrainConfig(adapter="full"), one_b)
+    vllm = (2 << 30) + kv_cache_bytes(TrainConfig(), one_b.config) + VLLM_HEADROOM_BYTES  # vLLM loads 16-bit
+    assert engine == "vllm" and share == pytest.approx(vllm / (80 << 30))
+    gpu_of(24)  # 16 GiB of weights, gradients and AdamW state leave no room for vLLM
+    assert sampling_engine(TrainConfig(adapter="full"), one_b)[0] == "transformers"
