@@ -154,13 +154,15 @@ class VllmEngine:
         """A plain request's answer from its vLLM outputs (in the decode thread)."""
         sequences: dict[int, translate.SequenceOutput] = {}
         prefill: list = []
+        cached = 0
         for out in outputs:
+            cached = out.num_cached_tokens or cached
             if out.prompt_logprobs is not None and not prefill:
                 prefill = translate.prefill(plan.prompt_ids, out.prompt_logprobs, self.tokenizer.decode)
             for output in out.outputs:
                 sequence = sequences.setdefault(output.index, translate.SequenceOutput())
                 translate.add_output(sequence, output, plan, self.special_ids, self.tokenizer.decode)
-        return translate.result(plan, sequences, prefill)
+        return translate.result(plan, sequences, prefill, cached)
 
     # --- the engine loop ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -231,10 +233,15 @@ class VllmEngine:
 
         sequences: dict[int, translate.SequenceOutput] = {}
         outputs = []  # a plain request's: its final output, turned into the answer off this loop
+        prompt = TokensPrompt(prompt_token_ids=plan.prompt_ids)
+        if plan.cache_salt:
+            prompt["cache_salt"] = plan.cache_salt
+        cached = 0
         try:
             async with self.loras.use(adapter):  # its slot, held to the end; a version that cannot load is a 422
-                async for out in self.llm.generate(TokensPrompt(prompt_token_ids=plan.prompt_ids), plan.sampling,
-                                                   uuid.uuid4().hex, lora_request=lora_request(adapter)):
+                async for out in self.llm.generate(prompt, plan.sampling, uuid.uuid4().hex,
+                                                   lora_request=lora_request(adapter)):
+                    cached = out.num_cached_tokens or cached
                     if not plan.stream:
                         outputs.append(out)
                         continue
@@ -244,7 +251,7 @@ class VllmEngine:
                                                           self.tokenizer.decode):
                             ticket.emit("token", event)
             if plan.stream:
-                answer = translate.result(plan, sequences, [])
+                answer = translate.result(plan, sequences, [], cached)
             elif plan.wants_tokens or plan.sampling.prompt_logprobs is not None:  # every token decoded: not on
                 answer = await self._loop.run_in_executor(self._decoder, self._answer, plan, outputs)  # this loop
             else:  # vLLM's text as it is: built here, without the two thread hand-offs of the decode thread

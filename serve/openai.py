@@ -20,7 +20,8 @@ FINGERPRINT = "llm-twin-vllm"
 def usage(result: GenerateResult) -> dict:
     completion = sum(s.generated_tokens for s in [result.best, *result.others])
     return {"prompt_tokens": result.input_tokens, "completion_tokens": completion,
-            "total_tokens": result.input_tokens + completion}
+            "total_tokens": result.input_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": result.cached_tokens}}
 
 
 def response(request: GenerateRequest, result: GenerateResult) -> dict:

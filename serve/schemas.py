@@ -35,11 +35,13 @@ _PARAMETERS = (
 )
 _CHAT_FIELDS = ("messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
                 "stream", "n", "frequency_penalty", "presence_penalty", "repetition_penalty", "stream_options", "user",
-                "response_format", "logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice", "tool_prompt")
+                "response_format", "logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice", "tool_prompt",
+                "cache_salt")
 _COMPLETION_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "n",
                       "frequency_penalty", "presence_penalty", "stream_options", "user", "suffix", "logit_bias",
-                      "logprobs", "echo")
+                      "logprobs", "echo", "cache_salt")
 _CHAT_UNSUPPORTED = ("logit_bias", "tools", "tool_choice", "tool_prompt")
+MAX_CACHE_SALT_CHARS = 1024
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,9 @@ class GenerateRequest:
     completion: bool = False  # OpenAI's /v1/completions: the prompt is used as it is, with no chat template
     history: tuple[dict, ...] | None = None  # a session turn's earlier messages (serve/sessions.py); None: no session
     by_header: bool = False  # the adapter was named by SageMaker's adapter header, not by the body
+    # vLLM's prefix-cache salt (its OpenAI server's `cache_salt`): prompts share cached blocks only with prompts
+    # of the same salt. A session's turns are salted with the session (serve/sessions.py).
+    cache_salt: str | None = None
 
     @property
     def conversation(self) -> list[dict] | None:
@@ -211,7 +216,13 @@ def parse_chat(body: dict) -> GenerateRequest:
     model = values.get("model")
     if model is not None and not isinstance(model, str):
         raise ValidationError(f"'model' must be a string, got {_json_type(model)}")
-    return GenerateRequest(inputs=last_user, params=params, stream=stream, messages=messages, model=model)
+    salt = values.get("cache_salt")
+    if salt is not None and not isinstance(salt, str):
+        raise ValidationError(f"'cache_salt' must be a string, got {_json_type(salt)}")
+    if salt is not None and not 0 < len(salt) <= MAX_CACHE_SALT_CHARS:
+        raise ValidationError(f"'cache_salt' must be 1 to {MAX_CACHE_SALT_CHARS} characters, got {len(salt)}")
+    return GenerateRequest(inputs=last_user, params=params, stream=stream, messages=messages, model=model,
+                           cache_salt=salt)
 
 
 def _text(index: int, content: str | list) -> str:
@@ -246,7 +257,8 @@ def parse_completion(body: object) -> GenerateRequest:
         raise ValidationError("'echo' is not supported by this server")
     chat_like = {k: v for k, v in body.items() if k in _CHAT_FIELDS and k != "logprobs"}  # a number here: 0
     request = parse_chat({**chat_like, "messages": [{"role": "user", "content": prompt}]})
-    return GenerateRequest(prompt, request.params, request.stream, None, request.model, completion=True)
+    return GenerateRequest(prompt, request.params, request.stream, None, request.model, completion=True,
+                           cache_salt=request.cache_salt)
 
 
 def _parse_params(raw: dict) -> GenerateParams:
@@ -367,6 +379,7 @@ class GenerateResult:
     seed: int | None
     prefill: list = field(default_factory=list)  # [{"id", "text", "logprob"}] for decoder_input_details
     others: list[Sequence] = field(default_factory=list)
+    cached_tokens: int = 0  # the prompt's tokens that vLLM's prefix cache held (OpenAI's usage reports them)
 
     @property
     def text(self) -> str:

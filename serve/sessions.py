@@ -21,12 +21,16 @@ the turn or the opening (429), leaving nothing half-written.
 
 Isolation: an id is 122 random bits, checked against its exact shape before it names a file; a session is
 bound to the adapter (inference component) that opened it, and asked for from another one it is as
-unknown as an id that never existed. No error names another session or its content.
+unknown as an id that never existed. No error names another session or its content. A session's prompts
+are salted in vLLM's prefix cache with a hash of its id (`cache_salt`): its turns reuse each other's blocks,
+and no other caller can time whether a conversation's text is cached. The price is the system prompt's few
+blocks, computed once per session rather than once per instance.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -161,7 +165,8 @@ class Sessions:
             os.close(lock)
             raise
         turn.new_messages = new_messages
-        turn.request = replace(request, history=turn.session.messages)
+        turn.request = replace(request, history=turn.session.messages,
+                               cache_salt=session_salt(session_id, request.cache_salt))
         return turn
 
     def close(self, session_id: str, adapter: str) -> None:
@@ -292,3 +297,10 @@ def _not_found(session_id: str) -> BadRequest:
 
 def _valid_id(session_id: str) -> bool:
     return len(session_id) == 36 and set(session_id) <= SESSION_ID_CHARS
+
+
+def session_salt(session_id: str, client_salt: str | None) -> str:
+    """The vLLM cache salt of a session's turns: a hash of the id (which then appears in no engine structure),
+    and of the client's own `cache_salt` when it sent one."""
+    text = f"session {session_id}" if client_salt is None else f"session {session_id} salt {client_salt}"
+    return hashlib.sha256(text.encode()).hexdigest()

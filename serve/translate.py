@@ -52,6 +52,7 @@ class Plan:
     pick_best: bool  # TGI best_of: answer the most likely of n; OpenAI n: answer all
     wants_tokens: bool  # per-token texts are computed only when the answer shows them
     stream: bool
+    cache_salt: str | None = None  # GenerateRequest.cache_salt
 
 
 @dataclass
@@ -100,7 +101,7 @@ def plan(request: GenerateRequest, tokenizer, limits: Limits, template_for_input
         raise ValidationError(str(e)) from None
     return Plan(ids, sampling, seed if p.best_of == 1 else None,
                 pick_best=p.best_of > 1 and request.messages is None and not request.completion,
-                wants_tokens=p.details or p.logprobs, stream=request.stream)
+                wants_tokens=p.details or p.logprobs, stream=request.stream, cache_salt=request.cache_salt)
 
 
 def check_prompt_size(request: GenerateRequest, limits: Limits) -> None:
@@ -213,15 +214,16 @@ def _top_tokens(entry: dict, top_n: int, special_ids: set[int]) -> list[dict]:
             for _, i, lp in ranked]
 
 
-def result(plan: Plan, sequences: dict[int, SequenceOutput], prefill: list) -> GenerateResult:
-    """The whole answer, once every sequence has finished (GenerationError if the engine dropped one)."""
+def result(plan: Plan, sequences: dict[int, SequenceOutput], prefill: list, cached_tokens: int = 0) -> GenerateResult:
+    """The whole answer, once every sequence has finished (GenerationError if the engine dropped one).
+    `cached_tokens`: vLLM's num_cached_tokens, the prompt's tokens its prefix cache held."""
     done = [sequences[i] for i in sorted(sequences)]
     if not done or any(s.finish_reason is None for s in done):
         raise GenerationError("the engine aborted the request")
     if plan.pick_best:
         done.sort(key=lambda s: s.cumulative_logprob, reverse=True)
     answers = [Sequence(s.text, s.finish_reason, len(s.tokens), s.tokens, s.top_tokens or None) for s in done]
-    return GenerateResult(answers[0], len(plan.prompt_ids), plan.seed, prefill, answers[1:])
+    return GenerateResult(answers[0], len(plan.prompt_ids), plan.seed, prefill, answers[1:], cached_tokens)
 
 
 def prefill(prompt_ids: list[int], prompt_logprobs, decode) -> list[dict]:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from datetime import datetime, timezone
 
 import pytest
@@ -87,6 +88,29 @@ def test_session_requests_that_cannot_be_served_are_4xx(server):
     session_id = open_session(server)
     several = turn(server, session_id, {"inputs": "Hi", "parameters": {"best_of": 2, "do_sample": True}})
     assert several.status_code == 422 and "one answer" in several.json()["error"]
+
+
+def cached_tokens(answer: requests.Response) -> int:
+    assert answer.status_code == 200, answer.text
+    return answer.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_a_sessions_cached_prefixes_are_its_own_and_a_cache_salt_keeps_a_callers_apart(server):
+    """vLLM's prefix cache (128-token blocks on the CPU) as OpenAI's usage reports it: a repeated prompt is
+    served from the cache, unless a different salt is given; a session salts its turns with itself, so its
+    next turn reuses its blocks and nobody else's request does."""
+    words = " ".join(f"note {i} about the garden and the river" for i in range(15))
+    chat = {"messages": [{"role": "user", "content": f"{uuid.uuid4().hex} {words}"}], "max_tokens": 1,
+            "temperature": 0}
+    first = server.invoke(chat)
+    assert 130 < first.json()["usage"]["prompt_tokens"] < 256, first.text  # one full block: a turn more fits
+    assert cached_tokens(first) == 0 and cached_tokens(server.invoke(chat)) >= 128  # caching works here
+    assert cached_tokens(server.invoke({**chat, "cache_salt": "ada"})) == 0  # another salt: not the blocks above
+    assert cached_tokens(server.invoke({**chat, "cache_salt": "ada"})) >= 128  # but its own
+    mine, theirs = open_session(server), open_session(server)
+    assert cached_tokens(turn(server, mine, chat)) == 0  # the same prompt, in a session: salted with it
+    assert cached_tokens(turn(server, theirs, chat)) == 0  # nor does another session see this one's blocks
+    assert cached_tokens(turn(server, mine, {**chat, "messages": [{"role": "user", "content": "And?"}]})) >= 128
 
 
 def bidirectional(server, **headers):

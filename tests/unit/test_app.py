@@ -180,7 +180,8 @@ def test_openai_chat_and_completions_whole_and_streamed(client):
         answer = post(client, chat, route).json
         assert answer["object"] == "chat.completion" and answer["model"] == "llm-twin"
         assert answer["choices"][0]["message"] == {"role": "assistant", "content": " HELLO THERE"}
-        assert answer["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+        assert answer["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4,
+                                   "prompt_tokens_details": {"cached_tokens": 0}}
     events = sse_events(post(client, {**chat, "stream": True}).get_data(as_text=True))
     assert events[-1] == "[DONE]"
     chunks = events[:-1]

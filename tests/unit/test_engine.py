@@ -37,7 +37,8 @@ class FinalOutputLLM:
         completion = SimpleNamespace(index=0, token_ids=[7, 8, 9], text=" t7 t8 t9",
                                      logprobs=[{7: chosen}, {8: chosen}, {9: chosen}], cumulative_logprob=-1.5,
                                      finish_reason="length", stop_reason=None)
-        yield SimpleNamespace(outputs=[completion], prompt_logprobs=[None, {2: chosen}, {3: chosen}])
+        yield SimpleNamespace(outputs=[completion], prompt_logprobs=[None, {2: chosen}, {3: chosen}],
+                              num_cached_tokens=0)
 
 
 def test_a_plain_requests_details_are_decoded_off_the_engine_loop(tmp_path):

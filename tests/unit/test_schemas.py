@@ -74,6 +74,10 @@ def test_stop_sequences_is_an_alias_of_stop():
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object", "schema": {}}},
      "'response_format' must be"),  # OpenAI's json_object has no schema; TGI's says `value`
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "regex"}}, "non-empty pattern"),
+    ({"messages": [{"role": "user", "content": "x"}], "cache_salt": 7}, "'cache_salt' must be a string, got a number"),
+    ({"messages": [{"role": "user", "content": "x"}], "cache_salt": ""}, "'cache_salt' must be 1 to 1024 characters"),
+    ({"messages": [{"role": "user", "content": "x"}], "cache_salt": "s" * 1025}, "1 to 1024 characters, got 1025"),
+    ({"inputs": "x", "cache_salt": "s"}, "unknown field 'cache_salt'"),  # TGI's payload has none: OpenAI's only
 ])
 def test_invalid_requests_are_validation_errors_naming_the_field(body, message):
     with pytest.raises(ValidationError, match=message):
@@ -146,3 +150,10 @@ def test_completions_use_the_raw_prompt_and_the_adapter_header_picks_an_adapter(
     for served in ("llm-twin", "tgi", "dummy"):  # the served model's names (huggingface_hub sends "dummy")
         chat = {"messages": [{"role": "user", "content": "x"}], "model": served}
         assert parse_request(chat, adapter_header="dana").params.adapter_id == "dana"
+
+
+def test_openai_requests_carry_vllms_cache_salt():
+    chat = parse_request({"messages": [{"role": "user", "content": "x"}], "cache_salt": "mine"})
+    assert chat.cache_salt == "mine"
+    assert parse_completion({"prompt": "x", "cache_salt": "mine"}).cache_salt == "mine"
+    assert parse_request({"messages": [{"role": "user", "content": "x"}]}).cache_salt is None

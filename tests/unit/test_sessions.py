@@ -56,6 +56,21 @@ def test_a_turn_sees_the_conversation_so_far_and_records_its_answer(sessions):
                                                       {"role": "assistant", "content": "Hi there"})
 
 
+def test_a_sessions_turns_share_a_cache_salt_no_other_session_or_stateless_request_has(sessions):
+    first, second = sessions.open(""), sessions.open("")
+    salts = []
+    for session in (first, first, second):
+        turn = sessions.turn(session.id, ask("Hello"), "")
+        salts.append(turn.request.cache_salt)
+        turn.answered("Hi")
+    assert salts[0] == salts[1] and salts[0] != salts[2]  # one session's turns share cached prefixes, only theirs
+    assert first.id not in salts[0] and len(salts[0]) == 64  # a hash: the id itself reaches no engine structure
+    assert ask("Hello").cache_salt is None  # a request outside a session is not salted
+    salted = sessions.turn(first.id, replace(ask("Hello"), cache_salt="client's"), "")
+    assert salted.request.cache_salt not in (salts[0], "client's")  # the client's salt narrows it further
+    salted.release()
+
+
 def test_one_turn_at_a_time_and_a_second_store_sees_the_same_sessions(sessions, tmp_path, clock):
     session = sessions.open("")
     running = sessions.turn(session.id, ask("Hello"), "")
