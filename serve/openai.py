@@ -17,11 +17,17 @@ FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 FINGERPRINT = "llm-twin-vllm"
 
 
-def usage(result: GenerateResult) -> dict:
+def usage(request: GenerateRequest, result: GenerateResult) -> dict:
+    """OpenAI's counts. The prompt's cached tokens only for a salted request (a session's turn, or one with a
+    cache_salt): it shares cached blocks with its own salt's requests alone, while an unsalted count would tell
+    any caller, to the block, whether another's prompt began as its own did (vLLM's server too leaves them out
+    unless told)."""
     completion = sum(s.generated_tokens for s in [result.best, *result.others])
-    return {"prompt_tokens": result.input_tokens, "completion_tokens": completion,
-            "total_tokens": result.input_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": result.cached_tokens}}
+    counts = {"prompt_tokens": result.input_tokens, "completion_tokens": completion,
+              "total_tokens": result.input_tokens + completion}
+    if request.cache_salt:
+        counts["prompt_tokens_details"] = {"cached_tokens": result.cached_tokens}
+    return counts
 
 
 def response(request: GenerateRequest, result: GenerateResult) -> dict:
@@ -30,11 +36,11 @@ def response(request: GenerateRequest, result: GenerateResult) -> dict:
     if request.completion:
         choices = [{"index": i, "text": s.text, "logprobs": None, "finish_reason": FINISH[s.finish_reason]}
                    for i, s in enumerate(sequences)]
-        return _envelope("cmpl", "text_completion", request, choices, usage=usage(result))
+        return _envelope("cmpl", "text_completion", request, choices, usage=usage(request, result))
     choices = [{"index": i, "message": {"role": "assistant", "content": s.text},
                 "logprobs": _logprobs(s) if request.params.logprobs else None,
                 "finish_reason": FINISH[s.finish_reason]} for i, s in enumerate(sequences)]
-    return _envelope("chatcmpl", "chat.completion", request, choices, usage=usage(result))
+    return _envelope("chatcmpl", "chat.completion", request, choices, usage=usage(request, result))
 
 
 def stream(request: GenerateRequest, events: Iterable[tuple[str, object]]) -> Iterator[dict]:
@@ -79,7 +85,7 @@ class Chunks:
         finish = FINISH[result.finish_reason]
         body = self._chunk({"text": ""} if self.request.completion else {"role": "assistant"}, finish,
                            logprobs=self._logprobs() if self._entries else None)
-        body["usage"] = usage(result)
+        body["usage"] = usage(self.request, result)
         return body
 
     def _logprobs(self) -> dict | None:

@@ -41,7 +41,7 @@ _COMPLETION_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "
                       "frequency_penalty", "presence_penalty", "stream_options", "user", "suffix", "logit_bias",
                       "logprobs", "echo", "cache_salt")
 _CHAT_UNSUPPORTED = ("logit_bias", "tools", "tool_choice", "tool_prompt")
-MAX_CACHE_SALT_CHARS = 1024
+MAX_CACHE_SALT_CHARS, CACHE_SALT_FORBIDDEN = 128, frozenset("@/\\\x00")  # vLLM's OpenAI server's rules
 
 
 @dataclass(frozen=True)
@@ -219,8 +219,9 @@ def parse_chat(body: dict) -> GenerateRequest:
     salt = values.get("cache_salt")
     if salt is not None and not isinstance(salt, str):
         raise ValidationError(f"'cache_salt' must be a string, got {_json_type(salt)}")
-    if salt is not None and not 0 < len(salt) <= MAX_CACHE_SALT_CHARS:
-        raise ValidationError(f"'cache_salt' must be 1 to {MAX_CACHE_SALT_CHARS} characters, got {len(salt)}")
+    if salt is not None and (not 0 < len(salt) <= MAX_CACHE_SALT_CHARS or CACHE_SALT_FORBIDDEN & set(salt)):
+        raise ValidationError(f"'cache_salt' must be 1 to {MAX_CACHE_SALT_CHARS} characters, none of them '@', "
+                              f"'/', '\\' or NUL (got {len(salt)} characters)")
     return GenerateRequest(inputs=last_user, params=params, stream=stream, messages=messages, model=model,
                            cache_salt=salt)
 

@@ -161,12 +161,12 @@ class Sessions:
         try:
             turn = Turn(self, self.find(session_id, adapter), lock)  # read again, under the lock
             self._check_size(turn.session, new_messages)
+            turn.request = replace(request, history=turn.session.messages,
+                                   cache_salt=session_salt(session_id, request.cache_salt))
         except BaseException:
             os.close(lock)
             raise
         turn.new_messages = new_messages
-        turn.request = replace(request, history=turn.session.messages,
-                               cache_salt=session_salt(session_id, request.cache_salt))
         return turn
 
     def close(self, session_id: str, adapter: str) -> None:

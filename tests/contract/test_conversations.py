@@ -96,17 +96,18 @@ def cached_tokens(answer: requests.Response) -> int:
 
 
 def test_a_sessions_cached_prefixes_are_its_own_and_a_cache_salt_keeps_a_callers_apart(server):
-    """vLLM's prefix cache (128-token blocks on the CPU) as OpenAI's usage reports it: a repeated prompt is
-    served from the cache, unless a different salt is given; a session salts its turns with itself, so its
-    next turn reuses its blocks and nobody else's request does."""
+    """vLLM's prefix cache (128-token blocks on the CPU) as OpenAI's usage reports it for a salted request: a
+    repeated prompt is served from the cache with its own salt only; a session salts its turns with itself, so
+    its next turn reuses its blocks and no other request's, salted or not."""
     words = " ".join(f"note {i} about the garden and the river" for i in range(15))
     chat = {"messages": [{"role": "user", "content": f"{uuid.uuid4().hex} {words}"}], "max_tokens": 1,
             "temperature": 0}
-    first = server.invoke(chat)
-    assert 130 < first.json()["usage"]["prompt_tokens"] < 256, first.text  # one full block: a turn more fits
-    assert cached_tokens(first) == 0 and cached_tokens(server.invoke(chat)) >= 128  # caching works here
-    assert cached_tokens(server.invoke({**chat, "cache_salt": "ada"})) == 0  # another salt: not the blocks above
-    assert cached_tokens(server.invoke({**chat, "cache_salt": "ada"})) >= 128  # but its own
+    plain = server.invoke(chat)  # unsalted: its blocks are cached for unsalted prompts, and no count is told
+    assert 130 < plain.json()["usage"]["prompt_tokens"] < 256, plain.text  # one full block: a turn more fits
+    assert "prompt_tokens_details" not in plain.json()["usage"]
+    salted = {**chat, "cache_salt": uuid.uuid4().hex}
+    assert cached_tokens(server.invoke(salted)) == 0  # not the unsalted blocks
+    assert cached_tokens(server.invoke(salted)) >= 128  # but its own: caching works here
     mine, theirs = open_session(server), open_session(server)
     assert cached_tokens(turn(server, mine, chat)) == 0  # the same prompt, in a session: salted with it
     assert cached_tokens(turn(server, theirs, chat)) == 0  # nor does another session see this one's blocks

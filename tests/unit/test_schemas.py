@@ -75,8 +75,9 @@ def test_stop_sequences_is_an_alias_of_stop():
      "'response_format' must be"),  # OpenAI's json_object has no schema; TGI's says `value`
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "regex"}}, "non-empty pattern"),
     ({"messages": [{"role": "user", "content": "x"}], "cache_salt": 7}, "'cache_salt' must be a string, got a number"),
-    ({"messages": [{"role": "user", "content": "x"}], "cache_salt": ""}, "'cache_salt' must be 1 to 1024 characters"),
-    ({"messages": [{"role": "user", "content": "x"}], "cache_salt": "s" * 1025}, "1 to 1024 characters, got 1025"),
+    ({"messages": [{"role": "user", "content": "x"}], "cache_salt": ""}, "'cache_salt' must be 1 to 128 characters"),
+    ({"messages": [{"role": "user", "content": "x"}], "cache_salt": "s" * 129}, "got 129 characters"),
+    ({"messages": [{"role": "user", "content": "x"}], "cache_salt": "a/b"}, "none of them '@', '/'"),
     ({"inputs": "x", "cache_salt": "s"}, "unknown field 'cache_salt'"),  # TGI's payload has none: OpenAI's only
 ])
 def test_invalid_requests_are_validation_errors_naming_the_field(body, message):
