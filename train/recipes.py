@@ -98,6 +98,20 @@ def use_gradient_checkpointing(config: TrainConfig, model) -> bool:
     return on
 
 
+def check_fits(config: TrainConfig, model, choice: str) -> None:
+    """Refuse a job whose weights, gradients and optimizer state alone exceed each GPU's memory, where every GPU
+    holds all of them (one GPU, or DDP): it would fail with CUDA out of memory at its first step."""
+    if not torch.cuda.is_available() or choice not in ("single", "ddp"):
+        return
+    need, total = training_bytes(config, model), torch.cuda.get_device_properties(0).total_memory
+    if need <= total:
+        return
+    raise ConfigError(
+        f"adapter={config.adapter} holds about {need / 2**30:.0f} GiB of weights, gradients and optimizer state on "
+        f"each GPU ({choice}), more than a GPU's {total / 2**30:.0f} GiB: use adapter=lora or adapter=qlora, or "
+        f"shard it with distributed=zero3 over enough GPUs (an instance with more of them, or more instances)")
+
+
 def lora_config(config: TrainConfig) -> LoraConfig | None:
     if config.adapter == "full":
         return None
@@ -137,8 +151,9 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, rows: StageRo
     device, stop, markers, tracking = run.device, run.stop, run.markers, run.tracking
     packing = stage == "sft" and use_packing(config, device)
     comparing = bool(config.early_stopping_patience or config.load_best_model_at_end)
-    checkpointing = use_gradient_checkpointing(config, model)
     choice = strategy(config, model)
+    check_fits(config, model, choice)
+    checkpointing = use_gradient_checkpointing(config, model)
     loaded_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # weights_dtype's, before peft wraps
     common = dict(
         output_dir=str(stage_dir),

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 from train.config import TrainConfig
 from train.distributed import trainable_count, training_bytes
 from train.model import load_for_training
-from train.recipes import Device, use_gradient_checkpointing, weights_dtype
+from container.config import ConfigError
+from train.recipes import Device, check_fits, use_gradient_checkpointing, weights_dtype
 
 A_BF16_GPU = Device(use_cpu=False, bf16=True, dtype=torch.bfloat16, attn_implementation=None, liger=False)
 
@@ -83,3 +84,19 @@ def test_gradient_checkpointing_counts_16_bytes_per_trained_parameter_and_the_fr
     assert use_gradient_checkpointing(full, model) is True
     assert training_bytes(TrainConfig(), model) == 4 << 30  # LoRA: the frozen weights as loaded, no layers to adapt
     assert use_gradient_checkpointing(TrainConfig(), model) is False
+
+
+def test_a_job_whose_optimizer_state_cannot_fit_a_gpu_is_refused_before_it_starts(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=80 << 30))
+    model = torch.nn.Module()
+    model.weight = torch.nn.Parameter(torch.empty(8 << 30, device="meta"))  # an 8B model, fp32 for full
+    model.get_output_embeddings = lambda: None
+    full = TrainConfig(adapter="full")
+    with pytest.raises(ConfigError, match=r"adapter=full holds about 128 GiB .* \(single\), more than a GPU's 80 GiB: "
+                                          r"use adapter=lora or adapter=qlora, or shard it with distributed=zero3"):
+        check_fits(full, model, "single")
+    with pytest.raises(ConfigError, match=r"\(ddp\)"):
+        check_fits(full, model, "ddp")
+    check_fits(full, model, "zero3")  # sharded: the plan's own business
+    check_fits(TrainConfig(), model, "single")  # LoRA: the frozen weights (32 GiB here) and the adapter fit
