@@ -103,7 +103,8 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
     sessions = (Sessions(startup.session_folder, config.sessions_expiration, config.max_sessions,
                          config.max_session_bytes, max_per_adapter=config.max_sessions_per_adapter)
                 if startup.session_folder is not None else None)
-    connections = bidirectional.Connections(config.max_bidirectional_streams)
+    connections = bidirectional.Connections(config.max_bidirectional_streams,
+                                            config.max_bidirectional_streams_per_adapter)
 
     def stopping(graceful_seconds: float) -> None:
         """The worker stops (serve/worker.py, on SIGTERM), and gunicorn kills it `graceful_seconds` later: idle
@@ -280,14 +281,15 @@ def create_app(engine: Engine, adapters: Adapters, startup: Startup) -> Flask:
     def bidirectional_stream():
         """SageMaker's InvokeEndpointWithBidirectionalStream (serve/bidirectional.py)."""
         check_ready()
-        connections.take()
+        adapter = request.headers.get(ADAPTER_HEADER) or ""
+        connections.take(adapter)
         try:
             headers, connection = request.headers, {}  # the upgrade's, for the connection's life
             return bidirectional.serve(request.environ, MAX_BODY_BYTES,
                                        lambda data, send: message(data, send, headers, connection),
                                        client_left=lambda: metrics.count(499), connections=connections)
         finally:
-            connections.give_back()
+            connections.give_back(adapter)
 
     @app.post("/generate")
     def tgi_generate():

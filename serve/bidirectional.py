@@ -17,7 +17,7 @@ import json
 import logging
 import socket
 import threading
-from collections import deque
+from collections import Counter, deque
 from typing import Callable
 
 from flask import Response
@@ -47,24 +47,35 @@ class UpgradedResponse(Response):
 
 class Connections:
     """The WebSocket connections a worker holds at once, each with a thread of its own: at most `limit`
-    (serve/config.py adds them to the threads, so /ping's stay free)."""
+    (serve/config.py adds them to the threads, so /ping's stay free), and at most `per_adapter` of one twin's
+    (its adapter header's; 0: no such limit), so that on an endpoint of several people's twins one twin's
+    callers, whose connections SageMaker keeps open with pings, cannot hold every thread."""
 
-    def __init__(self, limit: int):
-        self.limit, self.open = limit, 0
+    def __init__(self, limit: int, per_adapter: int = 0):
+        self.limit, self.per_adapter, self.open = limit, per_adapter, 0
+        self._by_adapter: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._live: set[Connection] = set()
         self._going_away = False
 
-    def take(self) -> None:
+    def take(self, adapter: str = "") -> None:
+        """One connection for `adapter` (its header's value, "" for none); Overloaded past either limit."""
         with self._lock:
             if self.open >= self.limit:
                 raise Overloaded(f"this worker holds its maximum of {self.limit} bidirectional streams "
                                  "(MAX_BIDIRECTIONAL_STREAMS): try again later")
+            if self.per_adapter and self._by_adapter[adapter] >= self.per_adapter:
+                raise Overloaded(f"this twin holds its maximum of {self.per_adapter} bidirectional streams on this "
+                                 "worker (MAX_BIDIRECTIONAL_STREAMS_PER_ADAPTER): close one, or try again later")
             self.open += 1
+            self._by_adapter[adapter] += 1
 
-    def give_back(self) -> None:
+    def give_back(self, adapter: str = "") -> None:
         with self._lock:
             self.open -= 1
+            self._by_adapter[adapter] -= 1
+            if not self._by_adapter[adapter]:
+                del self._by_adapter[adapter]
 
     def add(self, connection: "Connection") -> None:
         with self._lock:

@@ -86,6 +86,7 @@ class ServeConfig:
     max_sessions_per_adapter: int = 0  # MAX_SESSIONS_PER_ADAPTER: of those, one twin's at most (0: no limit)
     max_session_bytes: int = 1 << 20  # MAX_SESSION_BYTES: one session's conversation, as JSON
     max_bidirectional_streams: int = 16  # MAX_BIDIRECTIONAL_STREAMS: WebSocket connections per worker, each a thread
+    max_bidirectional_streams_per_adapter: int = 0  # of those, one twin's at most (0: no limit)
 
     @property
     def threads(self) -> int:
@@ -162,6 +163,8 @@ class ServeConfig:
             max_sessions_per_adapter=get(("MAX_SESSIONS_PER_ADAPTER",), int, cls.max_sessions_per_adapter),
             max_session_bytes=get(("MAX_SESSION_BYTES",), int, cls.max_session_bytes),
             max_bidirectional_streams=get(("MAX_BIDIRECTIONAL_STREAMS",), int, cls.max_bidirectional_streams),
+            max_bidirectional_streams_per_adapter=get(("MAX_BIDIRECTIONAL_STREAMS_PER_ADAPTER",), int,
+                                                      cls.max_bidirectional_streams_per_adapter),
         )
         if config.dtype not in DTYPES:
             raise ConfigError(f"DTYPE={config.dtype!r} is not valid: use one of {', '.join(DTYPES)}")
@@ -181,7 +184,7 @@ class ServeConfig:
                               "SINGLE_RECORD")
         for name in ("workers", "max_input_tokens", "max_total_tokens", "max_batch_size", "max_batch_prefill_tokens",
                      "max_batch_total_tokens", "num_shard", "max_payload_mb", "max_concurrent_transforms", "max_loras",
-                     "max_bidirectional_streams", "max_sessions_per_adapter"):
+                     "max_bidirectional_streams", "max_sessions_per_adapter", "max_bidirectional_streams_per_adapter"):
             if (getattr(config, name) or 0) < 0:
                 raise ConfigError(f"{name.upper()} must not be negative, got {getattr(config, name)}")
         if not 0.05 <= config.cuda_memory_fraction <= 1.0:

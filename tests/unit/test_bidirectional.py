@@ -43,6 +43,22 @@ def test_connections_are_bounded_per_worker():
     connections.take()
 
 
+def test_one_twin_cannot_hold_every_connection_of_a_worker_others_share():
+    connections = Connections(limit=4, per_adapter=2)
+    connections.take("alice")
+    connections.take("alice")
+    with pytest.raises(Overloaded, match="this twin holds its maximum of 2 bidirectional streams") as refused:
+        connections.take("alice")
+    assert "alice" not in str(refused.value) and "bob" not in str(refused.value)
+    connections.take("bob")  # another twin, and the base model, still connect
+    connections.take("")
+    with pytest.raises(Overloaded, match="maximum of 4 bidirectional streams"):
+        connections.take("carol")  # the worker's own limit still holds
+    connections.give_back("alice")
+    connections.give_back("bob")
+    connections.take("alice")  # a place of hers freed
+
+
 def test_messages_that_arrive_in_one_read_are_each_answered_in_turn():
     """A client may send its next messages before the answer to the first: one read then holds several, and
     none may be lost (they were, before: each read gave only its first message)."""
