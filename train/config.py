@@ -257,6 +257,12 @@ class TrainConfig:
     def stage_beta(self, stage: str) -> float:
         return self.beta or AUTO_BETAS[stage]
 
+    def reference_copy(self, stage: str) -> bool:
+        """Whether `stage` compares with a frozen copy of the model, which TRL loads itself: in full fine-tuning,
+        DPO, KTO and GRPO with a KL term (beta > 0). With LoRA and QLoRA the reference is the base with the
+        adapter switched off; ORPO and SimPO have none."""
+        return self.adapter == "full" and (stage in ("dpo", "kto") or (stage == "grpo" and self.stage_beta(stage) > 0))
+
     @classmethod
     def from_hyperparameters(cls, raw: Mapping[str, str]) -> "TrainConfig":
         return from_strings(cls, raw, "hyperparameter")

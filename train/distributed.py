@@ -22,9 +22,13 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def strategy(config: TrainConfig, model) -> str:
+SHARDED = ("zero2", "zero3", "fsdp")  # each GPU holds a share of the optimizer state, and the fp32 master copy
+
+
+def strategy(config: TrainConfig, model, stage: str) -> str:
     """single, ddp, zero2, zero3 or fsdp. auto: DDP while a full replica (weights, gradients, optimizer
-    state) fits in most of one GPU, else ZeRO-3, which shards all three across every GPU of every host."""
+    state: training_bytes) fits in most of one GPU, else ZeRO-3, which shards all three across every GPU of
+    every host."""
     if world_size() == 1 and config.distributed not in ("zero2", "zero3"):  # DeepSpeed runs alone when asked
         return "single"
     if config.distributed != "auto":
@@ -32,8 +36,7 @@ def strategy(config: TrainConfig, model) -> str:
     if not torch.cuda.is_available():
         log.info("distributed=auto: DDP over gloo on the CPU (%d processes)", world_size())
         return "ddp"
-    params = sum(numel(p) for p in model.parameters())
-    need = params * 2 + trainable_count(config, model) * 16  # 16-bit weights; fp32 master, gradients, Adam moments
+    need = training_bytes(config, model, "ddp", stage)
     total = torch.cuda.get_device_properties(0).total_memory
     choice = "ddp" if need < 0.8 * total else "zero3"
     log.info("distributed=auto: about %.1f GiB per replica on %.1f GiB GPUs -> %s", need / 2**30, total / 2**30,
@@ -77,20 +80,20 @@ def start_processes(config: TrainConfig):
     return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=config.ddp_timeout))
 
 
-def planned_strategy(config: TrainConfig, source: str, revision: str | None) -> str:
+def planned_strategy(config: TrainConfig, source: str, revision: str | None, stage: str) -> str:
     """strategy() before the model is loaded: auto on GPUs counts an empty (meta-device) copy of it. QLoRA is
     never loaded sharded (its 4-bit weights are frozen and placed on each process's GPU; ZeRO-3 is refused for it)."""
     if config.adapter == "qlora":
         return "unsharded"
     if config.distributed != "auto" or world_size() == 1 or not torch.cuda.is_available():
-        return strategy(config, None)
+        return strategy(config, None, stage)
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=config.trust_remote_code)
     with init_empty_weights():
         empty = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
-    return strategy(config, empty)
+    return strategy(config, empty, stage)
 
 
 def log_partition(model) -> None:
@@ -121,12 +124,21 @@ def trainable_count(config: TrainConfig, model) -> int:
     return count
 
 
-def training_bytes(config: TrainConfig, model) -> int:
-    """What training holds on the GPU besides activations: 16 bytes for each trained parameter (its fp32 weight,
-    the master copy that mixed precision updates, its gradient and AdamW's two moments) and, with LoRA and QLoRA,
-    the frozen base weights as loaded."""
-    frozen = 0 if config.adapter == "full" else sum(numel(p) * p.element_size() for p in model.parameters())
-    return frozen + trainable_count(config, model) * 16
+def training_bytes(config: TrainConfig, model, choice: str, stage: str) -> int:
+    """What training holds on a GPU besides activations where that GPU holds all of it (one GPU, or DDP):
+    - 16 bytes for each trained parameter: its fp32 weight (the master copy that mixed precision updates), its
+      gradient and AdamW's two moments; DDP adds its gradient buckets (4), and full fine-tuning autocast's bf16
+      copy of each weight, kept from the forward pass to the backward (2);
+    - the frozen weights: LoRA's 16-bit base (counted from the parameters' number, so that an empty model
+      counts as the loaded one), QLoRA's 4-bit base as loaded;
+    - full fine-tuning's frozen reference (TrainConfig.reference_copy), loaded as the model is: fp32."""
+    params = sum(numel(p) for p in model.parameters())
+    per_trained = 16 + (4 if choice == "ddp" else 0)
+    if config.adapter == "full":
+        return params * (per_trained + 2) + (params * 4 if config.reference_copy(stage) else 0)
+    frozen = (sum(numel(p) * p.element_size() for p in model.parameters()) if config.adapter == "qlora"
+              else params * 2)
+    return frozen + trainable_count(config, model) * per_trained
 
 
 def numel(parameter) -> int:

@@ -17,7 +17,7 @@ from datasets import Dataset
 from container.config import ConfigError
 from container.model_dir import kv_bytes_per_token
 from train.config import TrainConfig
-from train.distributed import numel, training_bytes
+from train.distributed import numel, training_bytes, world_size
 from train.rewards import grpo_rows, reward_functions
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,8 @@ def sampling_engine(config: TrainConfig, model) -> tuple[str, str, float]:
     weights = sum(numel(p) for p in model.parameters()) * 2  # vLLM's copy, 16-bit (ZeRO-3's partitioned ones too)
     total = torch.cuda.get_device_properties(0).total_memory
     vllm = weights + kv_cache_bytes(config, model.config) + VLLM_HEADROOM_BYTES
-    training = training_bytes(config, model)  # what stays on the GPU while vLLM samples
+    choice = "ddp" if world_size() > 1 else "single"
+    training = training_bytes(config, model, choice, "grpo")  # what stays on the GPU while vLLM samples
     if training + vllm > 0.9 * total:
         return ("transformers", f"vLLM's copy of the {weights / 2**30:.1f} GiB of weights and its cache "
                 f"({vllm / 2**30:.1f} GiB) do not fit beside the training ({training / 2**30:.1f} GiB) on a "

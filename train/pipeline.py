@@ -104,7 +104,7 @@ def _train_stages(config: TrainConfig, paths: OptML, data: dict[str, tuple[list,
         train_rows, eval_rows = data[stage]
         generates = stage != "sft" and config.preference == "auto"  # before training: a whole model, unsharded
         revision = base.revision_of(source)
-        planned = planned_strategy(config, source, revision)
+        planned = planned_strategy(config, source, revision, stage)
         with (stop.phase(f"loading the model for {stage}"),
               nullcontext() if generates else sharded_loading(config, device, stage_dir, source, planned)):
             model = load_for_training(source, config, weights_dtype(config, device, planned),

@@ -28,7 +28,7 @@ from container.config import ConfigError
 from train.checkpoints import (MarkComplete, Markers, StopAtNextMicroBatch, newest_saved, on_first_process,
                                resume_checkpoint)
 from train.config import TrainConfig
-from train.distributed import distributed_args, strategy, training_bytes, world_size
+from train.distributed import SHARDED, distributed_args, strategy, training_bytes, world_size
 from train.errors import TrainingInterrupted
 from train.metrics import TokenRate, format_log_line
 from train.grpo import check_grpo, grpo_datasets, grpo_report, grpo_trainer
@@ -69,9 +69,10 @@ def weights_dtype(config: TrainConfig, device: Device, planned: str) -> torch.dt
     precision updates while bf16 computes under the Trainer's autocast: stored in bf16, a weight keeps 8 bits of
     mantissa, and an AdamW step under half its last bit rounds away. At full fine-tuning's learning rates that is
     most steps (3 steps moved 3.8% of SmolLM2's bf16 weights at 2e-5, 0.3% at DPO's 5e-7; 100% in fp32), and
-    TRL loads a model it is given by name in fp32 for this reason. DeepSpeed keeps its own fp32 master copy, so
-    under ZeRO (`planned`, planned_strategy()'s choice) the weights load in bf16, as LoRA's frozen base does."""
-    if config.adapter == "full" and device.bf16 and planned not in ("zero2", "zero3"):
+    TRL loads a model it is given by name in fp32 for this reason. Sharded (`planned`, planned_strategy()'s
+    choice), DeepSpeed keeps its own fp32 master copy and accelerate's FSDP casts what trains to fp32 itself, so
+    the weights load in bf16 there, as LoRA's frozen base does, and every process's host copy stays small."""
+    if config.adapter == "full" and device.bf16 and planned not in SHARDED:
         return torch.float32
     return device.dtype
 
@@ -84,13 +85,14 @@ def use_packing(config: TrainConfig, device: Device) -> bool:
     return config.packing == "true"
 
 
-def use_gradient_checkpointing(config: TrainConfig, model) -> bool:
-    """auto: on when weights, gradients and optimizer state would take over half the GPU's memory."""
+def use_gradient_checkpointing(config: TrainConfig, model, choice: str, stage: str) -> bool:
+    """auto: on when weights, gradients and optimizer state would take over half the GPU's memory (sharded: each
+    GPU's share of them, about)."""
     if config.gradient_checkpointing != "auto":
         return config.gradient_checkpointing == "true"
     if not torch.cuda.is_available():
         return False
-    need = training_bytes(config, model)
+    need = training_bytes(config, model, choice, stage) // (world_size() if choice in SHARDED else 1)
     total = torch.cuda.get_device_properties(0).total_memory
     on = need > 0.5 * total
     log.info("gradient_checkpointing=auto: about %.1f GiB of weights and optimizer state on a %.1f GiB GPU -> %s",
@@ -98,12 +100,12 @@ def use_gradient_checkpointing(config: TrainConfig, model) -> bool:
     return on
 
 
-def check_fits(config: TrainConfig, model, choice: str) -> None:
+def check_fits(config: TrainConfig, model, choice: str, stage: str) -> None:
     """Refuse a job whose weights, gradients and optimizer state alone exceed each GPU's memory, where every GPU
     holds all of them (one GPU, or DDP): it would fail with CUDA out of memory at its first step."""
     if not torch.cuda.is_available() or choice not in ("single", "ddp"):
         return
-    need, total = training_bytes(config, model), torch.cuda.get_device_properties(0).total_memory
+    need, total = training_bytes(config, model, choice, stage), torch.cuda.get_device_properties(0).total_memory
     if need <= total:
         return
     raise ConfigError(
@@ -151,10 +153,10 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, rows: StageRo
     device, stop, markers, tracking = run.device, run.stop, run.markers, run.tracking
     packing = stage == "sft" and use_packing(config, device)
     comparing = bool(config.early_stopping_patience or config.load_best_model_at_end)
-    choice = strategy(config, model)
-    check_fits(config, model, choice)
-    checkpointing = use_gradient_checkpointing(config, model)
-    loaded_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # weights_dtype's, before peft wraps
+    choice = strategy(config, model, stage)
+    check_fits(config, model, choice, stage)
+    checkpointing = use_gradient_checkpointing(config, model, choice, stage)
+    loaded_dtype = "nf4" if config.adapter == "qlora" else str(weights_dtype(config, device, choice)).split(".")[-1]
     common = dict(
         output_dir=str(stage_dir),
         learning_rate=config.stage_learning_rate(stage),
@@ -189,11 +191,13 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, rows: StageRo
         disable_tqdm=True,
         **distributed_args(config, choice),
     )
-    if config.adapter == "full" and stage != "sft":
-        # TRL loads the frozen reference itself, with these: 16-bit on a GPU, as it is never updated
+    if config.reference_copy(stage):
+        # TRL loads the frozen reference itself, with these, in the model's own dtype: the same weights computing
+        # the same way, so that both agree exactly before the first step (a bf16 reference beside fp32 weights
+        # differed by up to 0.47 nats a sequence on SmolLM2). ORPO and SimPO refuse model_init_kwargs.
         source = model.config._name_or_path
         revision = {"revision": run.revision(source)} if run.revision(source) else {}
-        common["model_init_kwargs"] = {"use_safetensors": True, "dtype": device.dtype, **revision}
+        common["model_init_kwargs"] = {"use_safetensors": True, **revision}
     voice = VoiceCallback(stage, tokenizer, eval_rows, config, enabled=choice in ("single", "ddp"), tracking=tracking,
                           bf16=device.bf16)
     if comparing and config.metric_for_best_model.startswith("voice_") and not voice.prompts:

@@ -197,14 +197,17 @@ UNPAIRED = [{"prompt": f"Write about lesson {i}.", "completion": f"Lesson {i}: m
             for i in range(6)]
 
 
-@pytest.mark.parametrize("method, files", [
-    ("orpo", {"preference/p.jsonl": jsonl(PREFERENCES)}),
-    ("simpo", {"preference/p.jsonl": jsonl(PREFERENCES)}),
-    ("kto", {"preference/u.jsonl": jsonl(UNPAIRED)}),
-    ("sft+kto", {"train/d.jsonl": jsonl(TINY_ROWS), "preference/p.jsonl": jsonl(PREFERENCES)}),  # pairs, unpaired
+@pytest.mark.parametrize("method, files, adapter", [
+    ("orpo", {"preference/p.jsonl": jsonl(PREFERENCES)}, "lora"),
+    ("simpo", {"preference/p.jsonl": jsonl(PREFERENCES)}, "lora"),
+    ("kto", {"preference/u.jsonl": jsonl(UNPAIRED)}, "lora"),
+    ("sft+kto", {"train/d.jsonl": jsonl(TINY_ROWS), "preference/p.jsonl": jsonl(PREFERENCES)}, "lora"),  # unpaired
+    # ORPO and SimPO compare with no reference: TRL refuses the reference's loading arguments for them
+    ("orpo", {"preference/p.jsonl": jsonl(PREFERENCES)}, "full"),
 ])
-def test_orpo_simpo_and_kto_train_a_few_steps_into_a_model_that_generates(tmp_path, tiny_model, method, files):
-    root = make_tree(tmp_path, {**FAST, "method": method}, files)
+def test_orpo_simpo_and_kto_train_a_few_steps_into_a_model_that_generates(tmp_path, tiny_model, method, files,
+                                                                         adapter):
+    root = make_tree(tmp_path, {**FAST, "method": method, "adapter": adapter}, files)
     link_model_channel(root, tiny_model)
     trained(root)
     stage = method.split("+")[-1]

@@ -36,7 +36,7 @@ def test_a_lora_jobs_trainable_parameters_are_the_adapters_as_peft_counts_them(t
 @pytest.mark.parametrize("planned", ["single", "ddp", "fsdp", "zero2", "zero3", "unsharded"])
 def test_only_full_fine_tuning_outside_deepspeed_keeps_fp32_weights_on_a_bf16_gpu(adapter, planned):
     chosen = weights_dtype(TrainConfig(adapter=adapter), A_BF16_GPU, planned)
-    master_copy_is_ours = adapter == "full" and planned not in ("zero2", "zero3")  # DeepSpeed keeps its own
+    master_copy_is_ours = adapter == "full" and planned not in ("zero2", "zero3", "fsdp")  # sharding keeps one
     assert chosen == (torch.float32 if master_copy_is_ours else torch.bfloat16)
     cpu = Device(use_cpu=True, bf16=False, dtype=torch.float32, attn_implementation=None, liger=False)
     assert weights_dtype(TrainConfig(adapter=adapter), cpu, planned) == torch.float32
@@ -69,7 +69,7 @@ def test_full_fine_tuning_in_the_chosen_dtype_updates_every_weight_where_bf16_we
     assert moved_by_adamw(in_bf16, 3, learning_rate) < 0.5  # why: most of these steps round away in bf16
 
 
-def test_gradient_checkpointing_counts_16_bytes_per_trained_parameter_and_the_frozen_weights(monkeypatch):
+def test_gradient_checkpointing_counts_what_training_holds_on_the_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     gpu = {}
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=gpu["bytes"]))
@@ -77,26 +77,32 @@ def test_gradient_checkpointing_counts_16_bytes_per_trained_parameter_and_the_fr
     model.weight = torch.nn.Parameter(torch.empty(1 << 30, device="meta"))  # 1B parameters in fp32
     model.get_output_embeddings = lambda: None
     full = TrainConfig(adapter="full")
-    assert training_bytes(full, model) == 16 << 30  # fp32 weights, gradients, two AdamW moments: no more
+    # fp32 weights, gradients, two AdamW moments (16) and autocast's bf16 copies (2); DDP's buckets (4); DPO's
+    # frozen reference, a copy as loaded (4); ORPO needs none
+    assert training_bytes(full, model, "single", "sft") == 18 << 30
+    assert training_bytes(full, model, "ddp", "sft") == 22 << 30
+    assert training_bytes(full, model, "single", "dpo") == training_bytes(full, model, "single", "kto") == 22 << 30
+    assert training_bytes(full, model, "single", "orpo") == 18 << 30
     gpu["bytes"] = 40 << 30
-    assert use_gradient_checkpointing(full, model) is False  # 16 GiB of 40: under half
+    assert use_gradient_checkpointing(full, model, "single", "sft") is False  # 18 GiB of 40: under half
+    assert use_gradient_checkpointing(full, model, "single", "dpo") is True  # 22: over
     gpu["bytes"] = 24 << 30
-    assert use_gradient_checkpointing(full, model) is True
-    assert training_bytes(TrainConfig(), model) == 4 << 30  # LoRA: the frozen weights as loaded, no layers to adapt
-    assert use_gradient_checkpointing(TrainConfig(), model) is False
+    assert use_gradient_checkpointing(full, model, "single", "sft") is True
+    assert training_bytes(TrainConfig(), model, "single", "dpo") == 2 << 30  # LoRA: the 16-bit base, no layers here
+    assert use_gradient_checkpointing(TrainConfig(), model, "single", "sft") is False
 
 
 def test_a_job_whose_optimizer_state_cannot_fit_a_gpu_is_refused_before_it_starts(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=80 << 30))
     model = torch.nn.Module()
-    model.weight = torch.nn.Parameter(torch.empty(8 << 30, device="meta"))  # an 8B model, fp32 for full
+    model.weight = torch.nn.Parameter(torch.empty(8 << 30, device="meta"))  # an 8B model
     model.get_output_embeddings = lambda: None
     full = TrainConfig(adapter="full")
-    with pytest.raises(ConfigError, match=r"adapter=full holds about 128 GiB .* \(single\), more than a GPU's 80 GiB: "
+    with pytest.raises(ConfigError, match=r"adapter=full holds about 144 GiB .* \(single\), more than a GPU's 80 GiB: "
                                           r"use adapter=lora or adapter=qlora, or shard it with distributed=zero3"):
-        check_fits(full, model, "single")
-    with pytest.raises(ConfigError, match=r"\(ddp\)"):
-        check_fits(full, model, "ddp")
-    check_fits(full, model, "zero3")  # sharded: the plan's own business
-    check_fits(TrainConfig(), model, "single")  # LoRA: the frozen weights (32 GiB here) and the adapter fit
+        check_fits(full, model, "single", "sft")
+    with pytest.raises(ConfigError, match=r"about 176 GiB .* \(ddp\)"):
+        check_fits(full, model, "ddp", "sft")
+    check_fits(full, model, "zero3", "sft")  # sharded: the plan's own business
+    check_fits(TrainConfig(), model, "single", "dpo")  # LoRA: the 16-bit base (16 GiB) and the adapter fit
