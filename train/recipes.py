@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,7 +29,7 @@ from container.config import ConfigError
 from train.checkpoints import (MarkComplete, Markers, StopAtNextMicroBatch, newest_saved, on_first_process,
                                resume_checkpoint)
 from train.config import TrainConfig
-from train.distributed import SHARDED, distributed_args, strategy, training_bytes, world_size
+from train.distributed import SHARDED, distributed_args, strategy, trainable_count, training_bytes, world_size
 from train.errors import TrainingInterrupted
 from train.metrics import TokenRate, format_log_line
 from train.grpo import check_grpo, grpo_datasets, grpo_report, grpo_trainer
@@ -114,6 +115,26 @@ def check_fits(config: TrainConfig, model, choice: str, stage: str) -> None:
         f"shard it with distributed=zero3 over enough GPUs (an instance with more of them, or more instances)")
 
 
+def check_checkpoint_space(config: TrainConfig, model, choice: str, stage_dir: Path) -> None:
+    """Refuse, before the first step, a volume that cannot hold the stage's checkpoints: each holds the trained
+    weights and AdamW's moments (12 bytes a trained parameter in fp32, 14 under ZeRO with its bf16 copy), and
+    up to save_total_limit of them stay, one more while the next is written. Only full fine-tuning's are large;
+    a job that runs out of space at its third save has trained for hours."""
+    per_checkpoint = trainable_count(config, model) * (14 if choice in SHARDED else 12)
+    kept = len(list(stage_dir.glob("checkpoint-*"))) if stage_dir.is_dir() else 0  # already on the volume
+    needed = max(config.save_total_limit + 1 - kept, 1) * per_checkpoint
+    folder = stage_dir
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise ConfigError(
+            f"not enough disk space for {stage_dir.name}'s checkpoints: each takes about {per_checkpoint / 1e9:.0f} GB "
+            f"and save_total_limit={config.save_total_limit} keeps up to {config.save_total_limit + 1} while one is "
+            f"written, {needed / 1e9:.0f} GB more than {folder} has now ({free / 1e9:.0f} GB free): give the job a "
+            "larger volume (launch train --volume-size GB; SageMaker's VolumeSizeInGB) or a lower save_total_limit")
+
+
 def lora_config(config: TrainConfig) -> LoraConfig | None:
     if config.adapter == "full":
         return None
@@ -155,6 +176,7 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, rows: StageRo
     comparing = bool(config.early_stopping_patience or config.load_best_model_at_end)
     choice = strategy(config, model, stage)
     check_fits(config, model, choice, stage)
+    check_checkpoint_space(config, model, choice, stage_dir)
     checkpointing = use_gradient_checkpointing(config, model, choice, stage)
     loaded_dtype = "nf4" if config.adapter == "qlora" else str(weights_dtype(config, device, choice)).split(".")[-1]
     common = dict(

@@ -13,7 +13,7 @@ from train.config import TrainConfig
 from train.distributed import trainable_count, training_bytes
 from train.model import load_for_training
 from container.config import ConfigError
-from train.recipes import Device, check_fits, use_gradient_checkpointing, weights_dtype
+from train.recipes import Device, check_checkpoint_space, check_fits, use_gradient_checkpointing, weights_dtype
 
 A_BF16_GPU = Device(use_cpu=False, bf16=True, dtype=torch.bfloat16, attn_implementation=None, liger=False)
 
@@ -106,3 +106,22 @@ def test_a_job_whose_optimizer_state_cannot_fit_a_gpu_is_refused_before_it_start
         check_fits(full, model, "ddp", "sft")
     check_fits(full, model, "zero3", "sft")  # sharded: the plan's own business
     check_fits(TrainConfig(), model, "single", "dpo")  # LoRA: the 16-bit base (16 GiB) and the adapter fit
+
+
+def test_a_volume_that_cannot_hold_the_checkpoints_is_refused_before_the_first_step(monkeypatch, tmp_path):
+    model = torch.nn.Module()
+    model.weight = torch.nn.Parameter(torch.empty(3 * 10**9, device="meta"))  # a 3B model: 36 GB a checkpoint
+    model.get_output_embeddings = lambda: None
+    free = {"bytes": 100 * 10**9}
+    monkeypatch.setattr("train.recipes.shutil.disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
+    full, stage_dir = TrainConfig(adapter="full"), tmp_path / "checkpoints" / "sft"
+    with pytest.raises(ConfigError, match=r"sft's checkpoints: each takes about 36 GB and save_total_limit=2 keeps up "
+                                          r"to 3 while one is written, 108 GB more than .* \(100 GB free\): give "
+                                          r"the job a larger volume \(launch train --volume-size GB"):
+        check_checkpoint_space(full, model, "single", stage_dir)
+    check_checkpoint_space(TrainConfig(adapter="full", save_total_limit=1), model, "single", stage_dir)  # 72 GB
+    check_checkpoint_space(TrainConfig(), model, "single", stage_dir)  # LoRA's checkpoints hold the adapter only
+    for step in (10, 20):  # a resumed job's checkpoints are already on the volume
+        (stage_dir / f"checkpoint-{step}").mkdir(parents=True)
+    free["bytes"] = 40 * 10**9
+    check_checkpoint_space(full, model, "single", stage_dir)  # one more at a time: 36 GB
