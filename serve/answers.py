@@ -9,7 +9,6 @@ given up (its lock released, nothing recorded) when the answer fails or its clie
 from __future__ import annotations
 
 import json
-import re
 import logging
 from typing import Callable, Iterator
 
@@ -92,26 +91,11 @@ def response_payload(generate: GenerateRequest, result: GenerateResult):
     return openai.response(generate, result) if _openai_shaped(generate) else tgi.response(generate, result)
 
 
-ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
-
-
 def parse_json(data: bytes):
     try:
-        value = json.loads(data)
+        return json.loads(data)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, too many digits, too deep
         raise BadRequest(f"request body is not valid JSON: {type(e).__name__}: {e}") from None
-    if ESCAPED_SURROGATE.search(data) and not _unicode(value):  # an escaped pair (an emoji) is fine; one alone
-        raise BadRequest("request body is not valid JSON: a \\u escape names half of a UTF-16 surrogate pair "
-                         "without its other half, which is no character")  # would fail deep in the engine
-    return value
-
-
-def _unicode(value) -> bool:
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def json_response(status: int, payload, headers: dict | None = None) -> Response:

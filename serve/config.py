@@ -86,7 +86,7 @@ class ServeConfig:
     max_sessions_per_adapter: int = 0  # MAX_SESSIONS_PER_ADAPTER: of those, one twin's at most (0: no limit)
     max_session_bytes: int = 1 << 20  # MAX_SESSION_BYTES: one session's conversation, as JSON
     max_bidirectional_streams: int = 16  # MAX_BIDIRECTIONAL_STREAMS: WebSocket connections per worker, each a thread
-    max_bidirectional_streams_per_adapter: int = 0  # of those, one twin's at most (0: no limit)
+    max_bidirectional_streams_per_adapter: int = 0  # MAX_BIDIRECTIONAL_STREAMS_PER_ADAPTER: one twin's (0: no limit)
 
     @property
     def threads(self) -> int:

@@ -14,6 +14,7 @@ every rule of TGI's semantics here is unit-tested with a tokenizer alone:
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field, replace
 
@@ -72,6 +73,7 @@ def plan(request: GenerateRequest, tokenizer, limits: Limits, template_for_input
 
     p = request.params
     check_prompt_size(request, limits)
+    check_unicode(request)
     try:
         ids = prompt_ids(request, tokenizer, template_for_inputs, limits.max_token_chars)
         for _ in range(3):  # `truncate` keeps the inputs' last tokens; the template's own then must fit too
@@ -102,6 +104,23 @@ def plan(request: GenerateRequest, tokenizer, limits: Limits, template_for_input
     return Plan(ids, sampling, seed if p.best_of == 1 else None,
                 pick_best=p.best_of > 1 and request.messages is None and not request.completion,
                 wants_tokens=p.details or p.logprobs, stream=request.stream, cache_salt=request.cache_salt)
+
+
+def check_unicode(request: GenerateRequest) -> None:
+    """The texts that reach vLLM as they are must be Unicode. JSON can spell half of a UTF-16 surrogate pair
+    (`\\udc00`, in the body or in a grammar given as a string, or in a UTF-16 body), which no character is:
+    vLLM's msgpack fails on it after the request is registered, and the request stays there; the tokenizer
+    fails on it in the prompt with a TypeError that says nothing."""
+    p = request.params
+    grammar = p.grammar.value if p.grammar else None
+    texts = (("inputs", request.inputs), ("messages", request.messages), ("stop", p.stop), ("grammar", grammar),
+             ("cache_salt", request.cache_salt))
+    for name, value in texts:
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError(f"'{name}' holds half of a UTF-16 surrogate pair (\\ud800-\\udfff) without "
+                                  "its other half, which is no character") from None
 
 
 def check_prompt_size(request: GenerateRequest, limits: Limits) -> None:

@@ -175,7 +175,7 @@ def _sha256_all(paths: Iterable[Path]) -> list[str]:
 
 # ---- choosing what to resume from ----
 
-def _checkpoints(stage_dir: Path) -> list[tuple[int, Path]]:
+def saved_checkpoints(stage_dir: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every checkpoint-N folder, newest first."""
     found = [(int(match.group(1)), folder) for folder in stage_dir.glob("checkpoint-*")
              if (match := _CHECKPOINT.match(folder.name)) and folder.is_dir()]
@@ -187,7 +187,7 @@ def resume_checkpoint(stage_dir: Path, markers: Markers = Markers()) -> Path | N
     each one passed over and why. One missing a marker is removed when it is this instance's alone (a
     one-instance job); one that fails verification is kept and passed over."""
     passed_over = []
-    for _, folder in _checkpoints(stage_dir):
+    for _, folder in saved_checkpoints(stage_dir):
         if not markers.complete(folder):
             if len(markers.every) == 1:
                 log.warning("removing incomplete checkpoint %s (the job stopped while writing it)", folder)
@@ -211,7 +211,7 @@ def resume_checkpoint(stage_dir: Path, markers: Markers = Markers()) -> Path | N
 def newest_saved(stage_dir: Path, markers: Markers = Markers()) -> Path | None:
     """The newest checkpoint this instance finished writing (its own marker), not verified: what a stopped job
     names in its failure file, at no cost inside SageMaker's 120 s."""
-    return next((folder for _, folder in _checkpoints(stage_dir) if (folder / markers.own).is_file()), None)
+    return next((folder for _, folder in saved_checkpoints(stage_dir) if (folder / markers.own).is_file()), None)
 
 
 def is_complete(folder: Path, markers: Markers = Markers()) -> bool:

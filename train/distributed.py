@@ -22,6 +22,12 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def native_bf16() -> bool:
+    """A GPU that computes in bf16 natively (Ampere, compute 8.0, and newer): torch's default also says yes where
+    it is emulated (a T4), which trains slowly on the math attention kernel."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 SHARDED = ("zero2", "zero3", "fsdp")  # each GPU holds a share of the optimizer state, and the fp32 master copy
 
 
@@ -129,15 +135,15 @@ def training_bytes(config: TrainConfig, model, choice: str, stage: str) -> int:
     - 16 bytes for each trained parameter: its fp32 weight (the master copy that mixed precision updates), its
       gradient and AdamW's two moments; DDP adds its gradient buckets (4), and full fine-tuning autocast's bf16
       copy of each weight, kept from the forward pass to the backward (2);
-    - the frozen weights: LoRA's 16-bit base (counted from the parameters' number, so that an empty model
-      counts as the loaded one), QLoRA's 4-bit base as loaded;
+    - the frozen weights: LoRA's base, 16-bit where bf16 is on, else fp32 (counted from the parameters' number, so
+      that an empty model counts as the loaded one), QLoRA's 4-bit base as loaded;
     - full fine-tuning's frozen reference (TrainConfig.reference_copy), loaded as the model is: fp32."""
     params = sum(numel(p) for p in model.parameters())
     per_trained = 16 + (4 if choice == "ddp" else 0)
     if config.adapter == "full":
         return params * (per_trained + 2) + (params * 4 if config.reference_copy(stage) else 0)
     frozen = (sum(numel(p) * p.element_size() for p in model.parameters()) if config.adapter == "qlora"
-              else params * 2)
+              else params * (2 if config.bf16 != "false" and native_bf16() else 4))
     return frozen + trainable_count(config, model) * per_trained
 
 

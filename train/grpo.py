@@ -17,7 +17,7 @@ from datasets import Dataset
 from container.config import ConfigError
 from container.model_dir import kv_bytes_per_token
 from train.config import TrainConfig
-from train.distributed import numel, training_bytes, world_size
+from train.distributed import SHARDED, numel, training_bytes, world_size
 from train.rewards import grpo_rows, reward_functions
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,11 @@ def grpo_datasets(config: TrainConfig, tokenizer, train_rows: list[dict], eval_r
 VLLM_HEADROOM_BYTES = 2 * 2**30  # colocate: vLLM's activations (4096 batched tokens), CUDA graphs, non-torch memory
 
 
-def sampling_engine(config: TrainConfig, model) -> tuple[str, str, float]:
+def sampling_engine(config: TrainConfig, model, choice: str) -> tuple[str, str, float]:
     """Where GRPO samples its answers, why, and vLLM's share of the GPU: vLLM in colocate mode (in this process,
     on its GPU, with its own copy of the weights; TRL loads the trained ones into it before each step's sampling)
-    where CUDA is, vLLM imports and both copies fit the GPU; else transformers' generate, slower but in place."""
+    where CUDA is, vLLM imports and both copies fit the GPU; else transformers' generate, slower but in place.
+    `choice`: the training's strategy (sharded, each GPU holds about its share of the training)."""
     if not torch.cuda.is_available():
         return "transformers", "no CUDA device", 0.0
     if config.adapter == "qlora":  # TRL would hand vLLM the 4-bit layers, and vLLM 0.32 has no bitsandbytes
@@ -95,8 +96,7 @@ def sampling_engine(config: TrainConfig, model) -> tuple[str, str, float]:
     weights = sum(numel(p) for p in model.parameters()) * 2  # vLLM's copy, 16-bit (ZeRO-3's partitioned ones too)
     total = torch.cuda.get_device_properties(0).total_memory
     vllm = weights + kv_cache_bytes(config, model.config) + VLLM_HEADROOM_BYTES
-    choice = "ddp" if world_size() > 1 else "single"
-    training = training_bytes(config, model, choice, "grpo")  # what stays on the GPU while vLLM samples
+    training = training_bytes(config, model, choice, "grpo") // (world_size() if choice in SHARDED else 1)
     if training + vllm > 0.9 * total:
         return ("transformers", f"vLLM's copy of the {weights / 2**30:.1f} GiB of weights and its cache "
                 f"({vllm / 2**30:.1f} GiB) do not fit beside the training ({training / 2**30:.1f} GiB) on a "
@@ -116,7 +116,8 @@ def kv_cache_bytes(config: TrainConfig, model_config) -> int:
 GRPO_LEAVES_OUT = ("max_length", "use_liger_kernel")
 
 
-def grpo_trainer(config: TrainConfig, common: dict, model, tokenizer, callbacks, datasets, peft_config):
+def grpo_trainer(config: TrainConfig, common: dict, model, tokenizer, callbacks, datasets, peft_config,
+                 choice: str):
     """TRL's GRPOTrainer: num_generations answers sampled to each prompt, scored by train/rewards.py against the
     person's writing, the model moved towards the answers that beat their group. beta (auto 0: none) weighs a KL
     term against the stage's starting model (the adapter switched off, or a frozen copy for full fine-tuning).
@@ -124,7 +125,7 @@ def grpo_trainer(config: TrainConfig, common: dict, model, tokenizer, callbacks,
     from trl import GRPOConfig, GRPOTrainer
 
     functions, weights = reward_functions(config, datasets["train_dataset"]["reference"])
-    engine, why, share = sampling_engine(config, model)
+    engine, why, share = sampling_engine(config, model, choice)
     # sleep mode: vLLM lets go of its weights and cache during each optimizer step, the training's peak
     vllm = ({"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": config.max_length,
              "vllm_gpu_memory_utilization": share, "vllm_enable_sleep_mode": True} if engine == "vllm" else {})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -26,10 +27,11 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
 from container.config import ConfigError
-from train.checkpoints import (MarkComplete, Markers, StopAtNextMicroBatch, newest_saved, on_first_process,
-                               resume_checkpoint)
+from train.checkpoints import (MarkComplete, Markers, StopAtNextMicroBatch, newest_saved,
+                               on_first_process, resume_checkpoint, saved_checkpoints)
 from train.config import TrainConfig
-from train.distributed import SHARDED, distributed_args, strategy, trainable_count, training_bytes, world_size
+from train.distributed import (SHARDED, distributed_args, native_bf16, strategy, trainable_count, training_bytes,
+                               world_size)
 from train.errors import TrainingInterrupted
 from train.metrics import TokenRate, format_log_line
 from train.grpo import check_grpo, grpo_datasets, grpo_report, grpo_trainer
@@ -53,9 +55,7 @@ class Device:
 
 def detect_device(config: TrainConfig) -> Device:
     cuda = torch.cuda.is_available()
-    # Native bf16 only (Ampere, compute 8.0, and newer): torch's default also says yes where it is emulated (a
-    # T4), which trains slowly on the math attention kernel.
-    bf16_supported = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    bf16_supported = native_bf16()
     if config.bf16 == "true" and not bf16_supported:
         raise ConfigError("hyperparameter bf16=true needs a GPU with bfloat16 support (Ampere or newer); use bf16=auto")
     bf16 = bf16_supported if config.bf16 == "auto" else config.bf16 == "true"
@@ -101,38 +101,63 @@ def use_gradient_checkpointing(config: TrainConfig, model, choice: str, stage: s
     return on
 
 
-def check_fits(config: TrainConfig, model, choice: str, stage: str) -> None:
-    """Refuse a job whose weights, gradients and optimizer state alone exceed each GPU's memory, where every GPU
-    holds all of them (one GPU, or DDP): it would fail with CUDA out of memory at its first step."""
-    if not torch.cuda.is_available() or choice not in ("single", "ddp"):
+def check_fits(config: TrainConfig, model, stage: str) -> None:
+    """Refuse a job whose weights, gradients and optimizer state alone exceed a GPU's memory, where that GPU holds
+    all of them (one GPU, or DDP): it would fail with CUDA out of memory at its first step. The stages still to
+    run are checked too, so that a DPO stage with its frozen reference is not refused after hours of SFT."""
+    if not torch.cuda.is_available():
         return
-    need, total = training_bytes(config, model, choice, stage), torch.cuda.get_device_properties(0).total_memory
-    if need <= total:
-        return
-    raise ConfigError(
-        f"adapter={config.adapter} holds about {need / 2**30:.0f} GiB of weights, gradients and optimizer state on "
-        f"each GPU ({choice}), more than a GPU's {total / 2**30:.0f} GiB: use adapter=lora or adapter=qlora, or "
-        f"shard it with distributed=zero3 over enough GPUs (an instance with more of them, or more instances)")
+    total = torch.cuda.get_device_properties(0).total_memory
+    stages = config.stages[config.stages.index(stage):] if stage in config.stages else (stage,)
+    for later in stages:
+        choice = strategy(config, model, later)
+        need = training_bytes(config, model, choice, later)
+        if choice not in ("single", "ddp") or need <= total:
+            continue
+        instead = {"full": "use adapter=lora or adapter=qlora, or shard it with distributed=zero3 over enough GPUs",
+                   "lora": "use adapter=qlora, or shard it with distributed=zero3 over enough GPUs",
+                   "qlora": "use a GPU with more memory (QLoRA's 4-bit weights are not sharded here)"}[config.adapter]
+        raise ConfigError(
+            f"adapter={config.adapter} holds about {need / 2**30:.0f} GiB of weights, gradients and optimizer state "
+            f"on each GPU in {later} ({choice}), more than a GPU's {total / 2**30:.0f} GiB: {instead}")
 
 
-def check_checkpoint_space(config: TrainConfig, model, choice: str, stage_dir: Path) -> None:
-    """Refuse, before the first step, a volume that cannot hold the stage's checkpoints: each holds the trained
-    weights and AdamW's moments (12 bytes a trained parameter in fp32, 14 under ZeRO with its bf16 copy), and
-    up to save_total_limit of them stay, one more while the next is written. Only full fine-tuning's are large;
-    a job that runs out of space at its third save has trained for hours."""
-    per_checkpoint = trainable_count(config, model) * (14 if choice in SHARDED else 12)
-    kept = len(list(stage_dir.glob("checkpoint-*"))) if stage_dir.is_dir() else 0  # already on the volume
-    needed = max(config.save_total_limit + 1 - kept, 1) * per_checkpoint
+def check_checkpoint_space(config: TrainConfig, model, choice: str, stage_dir: Path, steps: int | None) -> None:
+    """Refuse, before the first step, a volume that cannot hold the stage's checkpoints and its trained model.
+    A checkpoint holds the trained weights and AdamW's moments (12 bytes a trained parameter in fp32, 14 under ZeRO
+    with its bf16 copy); up to save_total_limit of them stay, one more while the next is written, and fewer when
+    the stage's `steps` (None: not known) make fewer saves. The trained model follows (4 bytes a parameter in fp32,
+    and the next stage's bf16 copy). Only full fine-tuning's are large; a job that runs out of space at its third
+    save has trained for hours."""
+    trained = trainable_count(config, model)
+    per_checkpoint = trained * (14 if choice in SHARDED else 12)
+    saves = config.save_total_limit + 1 if steps is None else min(config.save_total_limit + 1,
+                                                                   steps // config.save_steps + 1)
+    kept = len(saved_checkpoints(stage_dir))  # a resumed job's are on the volume already
+    needed = max(saves - kept, 1) * per_checkpoint + trained * (2 if choice in SHARDED else 4) + trained * 2
     folder = stage_dir
     while not folder.exists():
         folder = folder.parent
     free = shutil.disk_usage(folder).free
     if needed > free:
         raise ConfigError(
-            f"not enough disk space for {stage_dir.name}'s checkpoints: each takes about {per_checkpoint / 1e9:.0f} GB "
-            f"and save_total_limit={config.save_total_limit} keeps up to {config.save_total_limit + 1} while one is "
-            f"written, {needed / 1e9:.0f} GB more than {folder} has now ({free / 1e9:.0f} GB free): give the job a "
-            "larger volume (launch train --volume-size GB; SageMaker's VolumeSizeInGB) or a lower save_total_limit")
+            f"not enough disk space for {stage_dir.name}: its checkpoints take about {per_checkpoint / 1e9:.0f} GB "
+            f"each, up to {saves} at once (save_total_limit={config.save_total_limit}, one more while one is "
+            f"written), and its trained model follows: {needed / 1e9:.0f} GB, more than {folder} has now "
+            f"({free / 1e9:.0f} GB free): give the job a larger volume (launch train --volume-size GB; SageMaker's "
+            "VolumeSizeInGB) or a lower save_total_limit")
+
+
+def planned_steps(config: TrainConfig, stage: str, rows: int) -> int | None:
+    """The optimizer steps the Trainer will take over `rows` (None for GRPO, whose batches are answers)."""
+    if stage == "grpo":
+        return None
+    max_steps = config.max_steps if stage == "sft" else config.dpo_max_steps
+    if max_steps > 0:
+        return max_steps
+    epochs = config.num_train_epochs if stage == "sft" else config.dpo_num_train_epochs
+    batches = math.ceil(rows / (config.per_device_train_batch_size * world_size()))
+    return math.ceil(epochs * math.ceil(batches / config.gradient_accumulation_steps))
 
 
 def lora_config(config: TrainConfig) -> LoraConfig | None:
@@ -175,10 +200,10 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, rows: StageRo
     packing = stage == "sft" and use_packing(config, device)
     comparing = bool(config.early_stopping_patience or config.load_best_model_at_end)
     choice = strategy(config, model, stage)
-    check_fits(config, model, choice, stage)
-    check_checkpoint_space(config, model, choice, stage_dir)
+    check_fits(config, model, stage)
+    check_checkpoint_space(config, model, choice, stage_dir, planned_steps(config, stage, len(train_rows)))
     checkpointing = use_gradient_checkpointing(config, model, choice, stage)
-    loaded_dtype = "nf4" if config.adapter == "qlora" else str(weights_dtype(config, device, choice)).split(".")[-1]
+    loaded_dtype = "nf4" if config.adapter == "qlora" else str(next(model.parameters()).dtype).split(".")[-1]
     common = dict(
         output_dir=str(stage_dir),
         learning_rate=config.stage_learning_rate(stage),
@@ -243,7 +268,7 @@ def train_stage(stage: str, config: TrainConfig, model, tokenizer, rows: StageRo
             trainer = ReplayableSFTTrainer(model=model, args=args, processing_class=tokenizer,
                                            peft_config=lora_config(config), callbacks=callbacks, **datasets)
         elif stage == "grpo":
-            trainer = grpo_trainer(config, common, model, tokenizer, callbacks, datasets, lora_config(config))
+            trainer = grpo_trainer(config, common, model, tokenizer, callbacks, datasets, lora_config(config), choice)
         else:
             trainer = preference_trainer(stage, config, common, model, tokenizer, callbacks, datasets)
         trainer.remove_callback(PrinterCallback)  # MetricsLogCallback prints the same numbers, regex-friendly

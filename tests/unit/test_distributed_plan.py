@@ -71,6 +71,7 @@ def test_full_fine_tuning_in_the_chosen_dtype_updates_every_weight_where_bf16_we
 
 def test_gradient_checkpointing_counts_what_training_holds_on_the_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     gpu = {}
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=gpu["bytes"]))
     model = torch.nn.Module()
@@ -94,34 +95,57 @@ def test_gradient_checkpointing_counts_what_training_holds_on_the_gpu(monkeypatc
 
 def test_a_job_whose_optimizer_state_cannot_fit_a_gpu_is_refused_before_it_starts(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=80 << 30))
     model = torch.nn.Module()
     model.weight = torch.nn.Parameter(torch.empty(8 << 30, device="meta"))  # an 8B model
     model.get_output_embeddings = lambda: None
     full = TrainConfig(adapter="full")
-    with pytest.raises(ConfigError, match=r"adapter=full holds about 144 GiB .* \(single\), more than a GPU's 80 GiB: "
-                                          r"use adapter=lora or adapter=qlora, or shard it with distributed=zero3"):
-        check_fits(full, model, "single", "sft")
-    with pytest.raises(ConfigError, match=r"about 176 GiB .* \(ddp\)"):
-        check_fits(full, model, "ddp", "sft")
-    check_fits(full, model, "zero3", "sft")  # sharded: the plan's own business
-    check_fits(TrainConfig(), model, "single", "dpo")  # LoRA: the 16-bit base (16 GiB) and the adapter fit
+    with pytest.raises(ConfigError, match=r"adapter=full holds about 144 GiB .* in sft \(single\), more than a GPU's "
+                                          r"80 GiB: use adapter=lora or adapter=qlora, or shard it with distributed"):
+        check_fits(full, model, "sft")
+    check_fits(TrainConfig(), model, "dpo")  # LoRA: the 16-bit base (16 GiB) and the adapter fit
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    check_fits(TrainConfig(adapter="full", distributed="zero3"), model, "sft")  # sharded: the plan's own business
+    with pytest.raises(ConfigError, match=r"about 176 GiB .* in sft \(ddp\)"):
+        check_fits(TrainConfig(adapter="full", distributed="ddp"), model, "sft")
+    small = torch.nn.Module()
+    small.weight = torch.nn.Parameter(torch.empty(4 << 30, device="meta"))  # 4B: SFT's 72 GiB fits, DPO's 88 not
+    small.get_output_embeddings = lambda: None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    sft_dpo = TrainConfig(adapter="full", method="sft+dpo")
+    with pytest.raises(ConfigError, match=r"about 88 GiB .* in dpo \(single\)"):
+        check_fits(sft_dpo, small, "sft")  # refused before SFT trains, not after
+    with pytest.raises(ConfigError, match=r"use adapter=qlora, or shard it"):  # LoRA is not told to use LoRA
+        check_fits(TrainConfig(), Weights(40 << 30), "sft")
+
+
+class Weights(torch.nn.Module):
+    """`count` frozen parameters and one 4096 x 4096 linear layer for LoRA to adapt, on the meta device."""
+
+    def __init__(self, count: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(count, device="meta"))
+        self.q_proj = torch.nn.Linear(4096, 4096, bias=False, device="meta")
+
+    def get_output_embeddings(self):
+        return None
 
 
 def test_a_volume_that_cannot_hold_the_checkpoints_is_refused_before_the_first_step(monkeypatch, tmp_path):
-    model = torch.nn.Module()
-    model.weight = torch.nn.Parameter(torch.empty(3 * 10**9, device="meta"))  # a 3B model: 36 GB a checkpoint
-    model.get_output_embeddings = lambda: None
+    model = Weights(3 * 10**9)  # a 3B model: 36 GB a checkpoint in full fine-tuning
     free = {"bytes": 100 * 10**9}
     monkeypatch.setattr("train.recipes.shutil.disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
     full, stage_dir = TrainConfig(adapter="full"), tmp_path / "checkpoints" / "sft"
-    with pytest.raises(ConfigError, match=r"sft's checkpoints: each takes about 36 GB and save_total_limit=2 keeps up "
-                                          r"to 3 while one is written, 108 GB more than .* \(100 GB free\): give "
+    with pytest.raises(ConfigError, match=r"not enough disk space for sft: its checkpoints take about 36 GB each, up "
+                                          r"to 3 at once \(save_total_limit=2, one more while one is written\), and "
+                                          r"its trained model follows: 127 GB, more than .* \(100 GB free\): give "
                                           r"the job a larger volume \(launch train --volume-size GB"):
-        check_checkpoint_space(full, model, "single", stage_dir)
-    check_checkpoint_space(TrainConfig(adapter="full", save_total_limit=1), model, "single", stage_dir)  # 72 GB
-    check_checkpoint_space(TrainConfig(), model, "single", stage_dir)  # LoRA's checkpoints hold the adapter only
+        check_checkpoint_space(full, model, "single", stage_dir, None)
+    check_checkpoint_space(full, model, "single", stage_dir, 60)  # 60 steps: one save (every 50), one at a stop
+    check_checkpoint_space(TrainConfig(adapter="full", save_total_limit=1), model, "single", stage_dir, None)  # 90 GB
+    check_checkpoint_space(TrainConfig(), model, "single", stage_dir, None)  # LoRA's hold the adapter only (q_proj)
     for step in (10, 20):  # a resumed job's checkpoints are already on the volume
         (stage_dir / f"checkpoint-{step}").mkdir(parents=True)
-    free["bytes"] = 40 * 10**9
-    check_checkpoint_space(full, model, "single", stage_dir)  # one more at a time: 36 GB
+    free["bytes"] = 60 * 10**9
+    check_checkpoint_space(full, model, "single", stage_dir, None)  # one more at a time: 36 GB, and 18 after

@@ -3,6 +3,7 @@ outputs to the answer's texts and TGI's finish reasons. No engine, no threads.""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,7 @@ from transformers import AutoTokenizer
 
 from serve import translate
 from serve.errors import GenerationError, ValidationError
-from serve.schemas import parse_chat, parse_completion, parse_generate
+from serve.schemas import parse_chat, parse_completion, parse_generate, parse_request
 
 LIMITS = translate.Limits(max_input_tokens=40, max_total_tokens=64, default_max_new_tokens=16)
 
@@ -176,3 +177,25 @@ def test_a_streamed_chat_carries_every_tokens_logprob_and_top_logprobs_as_the_wh
     assert [e["logprob"] for e in entries] == [-0.5, -0.7, -0.1] == [t["logprob"] for t in result.best.tokens]
     assert [[t["token"] for t in e["top_logprobs"]] for e in entries[:2]] == [["a", "b"], ["c", ""]]
     assert [c["choices"][0]["delta"].get("content") for c in chunks] == ["", "ab", "c", None]  # role, texts, last
+
+
+@pytest.mark.parametrize("body, name", [
+    ('{"inputs": "x", "parameters": {"stop": ["\\udc00"]}}', "stop"),
+    ('{"inputs": "x", "parameters": {"grammar": {"type": "json", "value": "{\\"pattern\\": \\"\\\\udc00\\"}"}}}',
+     "grammar"),  # a schema given as a string: its own escapes are read after the body's
+    ('{"messages": [{"role": "user", "content": "x"}], "cache_salt": "\\ud800"}', "cache_salt"),
+    ('{"inputs": "a\\ud800b"}', "inputs"),
+])
+def test_half_of_a_surrogate_pair_is_refused_before_vllm_sees_it(tokenizer, body, name):
+    with pytest.raises(ValidationError, match=f"'{name}' holds half of a UTF-16 surrogate pair"):
+        translate.plan(parse_request(json.loads(body)), tokenizer, LIMITS, True)
+    for encoding in ("utf-16", "utf-32"):  # a body in UTF-16 or 32, which json.loads reads as well
+        with pytest.raises(ValidationError, match=f"'{name}'"):
+            translate.plan(parse_request(json.loads(body.encode(encoding))), tokenizer, LIMITS, True)
+
+
+def test_a_surrogate_pair_is_one_character():
+    smile = "\\ud83d\\ude00"  # as Python's json.dumps writes an emoji
+    request = parse_request(json.loads(f'{{"inputs": "smile {smile}", "parameters": {{"stop": ["{smile}"]}}}}'))
+    translate.check_unicode(request)
+    assert request.params.stop == ("\U0001F600",)
