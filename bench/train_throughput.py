@@ -34,7 +34,8 @@ from container.model_dir import embedded_model_dir  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import load_sft_rows  # noqa: E402
 from train.model import load_for_training, load_tokenizer  # noqa: E402
-from train.recipes import RunContext, StageRows, detect_device, train_stage, weights_dtype  # noqa: E402
+from train.plan import detect_device, weights_dtype  # noqa: E402
+from train.recipes import RunContext, StageRows, train_stage  # noqa: E402
 from train.stop import Stop  # noqa: E402
 
 

@@ -94,7 +94,7 @@ def parameter_count(model_config, trust_remote_code: bool) -> int:
 def check_free_space(paths: OptML, needed: int) -> None:
     """Refuse a volume that cannot hold the model. It is written to the staging folder, then moved into the
     model directory: renamed on one filesystem, copied when the model directory is a mount of another."""
-    for folder in _volumes(paths.model_staging_dir, paths.model_dir):
+    for folder in volumes_of(paths.model_staging_dir, paths.model_dir):
         free = shutil.disk_usage(folder).free
         if free < needed:
             raise ConfigError(
@@ -103,7 +103,7 @@ def check_free_space(paths: OptML, needed: int) -> None:
                 "(SageMaker ResourceConfig.VolumeSizeInGB: launch/api.py's volume_gb)")
 
 
-def _volumes(*paths: Path) -> list[Path]:
+def volumes_of(*paths: Path) -> list[Path]:
     """The nearest existing folder of each path, one per filesystem."""
     by_device: dict[int, Path] = {}
     for path in paths:

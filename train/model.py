@@ -199,7 +199,7 @@ def load_tokenizer(source: str, config: TrainConfig, revision: str | None = None
 
 def load_for_training(source: str, config: TrainConfig, dtype, attn_implementation: str | None,
                       revision: str | None = None):
-    """The model as the adapter method needs it: in `dtype` (recipes.weights_dtype: fp32 for full fine-tuning
+    """The model as the adapter method needs it: in `dtype` (plan.weights_dtype: fp32 for full fine-tuning
     outside DeepSpeed and on the CPU, else 16-bit), or 4-bit nf4 for QLoRA.
     `revision`: the hub commit to load (BaseModel.revision_of), None for a folder."""
     import torch

@@ -29,7 +29,8 @@ from train.model import (TEACHER_CHANNEL, BaseModel, load_for_training, load_tok
                          resolve_teacher)
 from train.preferences import PAIRS_FILE, build_pairs, kto_rows, rows_digest
 from train.distributed import log_partition, planned_strategy, sharded_loading, start_processes
-from train.recipes import RunContext, StageRows, detect_device, train_stage, weights_dtype
+from train.plan import detect_device, weights_dtype
+from train.recipes import RunContext, StageRows, train_stage
 from train.stop import Stop
 from train.teacher import engine_name, write_instructions
 from train.tracking import Tracking, tracked

@@ -189,7 +189,7 @@ def onto_gpu(model):
 
 def bf16_compute(bf16: bool):
     """Generation computes as training does: in bf16 under autocast where training uses bf16. Full fine-tuning's
-    weights are fp32 there (the master copy, recipes.weights_dtype), and decoding from them in fp32 reads twice
+    weights are fp32 there (the master copy, plan.weights_dtype), and decoding from them in fp32 reads twice
     the bytes per token."""
     import torch
 

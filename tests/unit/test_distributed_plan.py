@@ -13,7 +13,7 @@ from train.config import TrainConfig
 from train.distributed import trainable_count, training_bytes
 from train.model import load_for_training
 from container.config import ConfigError
-from train.recipes import Device, check_checkpoint_space, check_fits, use_gradient_checkpointing, weights_dtype
+from train.plan import Device, check_checkpoint_space, check_fits, use_gradient_checkpointing, weights_dtype
 
 A_BF16_GPU = Device(use_cpu=False, bf16=True, dtype=torch.bfloat16, attn_implementation=None, liger=False)
 
@@ -135,7 +135,7 @@ class Weights(torch.nn.Module):
 def test_a_volume_that_cannot_hold_the_checkpoints_is_refused_before_the_first_step(monkeypatch, tmp_path):
     model = Weights(3 * 10**9)  # a 3B model: 36 GB a checkpoint in full fine-tuning
     free = {"bytes": 100 * 10**9}
-    monkeypatch.setattr("train.recipes.shutil.disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
+    monkeypatch.setattr("train.plan.shutil.disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
     full, stage_dir = TrainConfig(adapter="full"), tmp_path / "checkpoints" / "sft"
     with pytest.raises(ConfigError, match=r"not enough disk space for sft: its checkpoints take about 36 GB each, up "
                                           r"to 3 at once \(save_total_limit=2, one more while one is written\), and "

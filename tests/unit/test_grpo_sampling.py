@@ -52,7 +52,7 @@ def test_vllm_samples_beside_the_trained_model_only_where_both_fit_and_never_for
 
 def test_full_fine_tunings_fp32_weights_get_a_16_bit_vllm_copy(gpu_of):
     gpu_of(80)
-    one_b = Weights(1 << 30, dtype=torch.float32)  # full fine-tuning's fp32 master weights (recipes.weights_dtype)
+    one_b = Weights(1 << 30, dtype=torch.float32)  # full fine-tuning's fp32 master weights (plan.weights_dtype)
     engine, _, share = sampling_engine(TrainConfig(adapter="full"), one_b, "single")
     vllm = (2 << 30) + kv_cache_bytes(TrainConfig(), one_b.config) + VLLM_HEADROOM_BYTES  # vLLM loads 16-bit
     assert engine == "vllm" and share == pytest.approx(vllm / (80 << 30))

@@ -1,6 +1,6 @@
 """Full fine-tuning's mixed precision through the real train_stage (TRL's trainers, the Trainer, accelerate), on
 the CPU with bf16 on as a GPU with native bf16 has it: accelerate then computes under the CPU's bf16 autocast.
-The weights load as train/recipes.weights_dtype says; what trains stays fp32, and DPO's frozen reference (TRL's
+The weights load as train/plan.weights_dtype says; what trains stays fp32, and DPO's frozen reference (TRL's
 own load, from train_stage's model_init_kwargs) computes exactly as the model does before the first step."""
 
 import json
@@ -12,7 +12,8 @@ from local_test.tiny_model import TINY_ROWS
 from train.config import TrainConfig
 from train.data import to_preference_row, to_sft_row
 from train.model import load_for_training, load_tokenizer
-from train.recipes import Device, RunContext, StageRows, train_stage, weights_dtype
+from train.plan import Device, weights_dtype
+from train.recipes import RunContext, StageRows, train_stage
 from train.stop import Stop
 
 BF16 = Device(use_cpu=True, bf16=True, dtype=torch.bfloat16, attn_implementation=None, liger=False)
